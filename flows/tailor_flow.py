@@ -1,0 +1,130 @@
+"""The tailoring DAG: evaluate, prune, distil, compare, register.
+
+    materialize ─┬─ evaluate(original) ───────────────────────────┐
+                 └─ prune ─┬─ evaluate(pruned) ───────────────────┤
+                           └─ distill ─ evaluate(distilled) ──────┼─ measure-speed ─ compare ─ register
+No maths here: the flow reads the config, opens the MLflow parent run and wires tasks.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.context import get_run_context
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from tailor import tracking
+from tailor.compare import build_report, render_markdown, write_report
+from tailor.config import load_config
+from tailor.preflight import preflight
+from tasks.measure import evaluate_model, measure_speed
+from tasks.models import distill_model, materialize_model, prune_model
+from tasks.tracking import log_stage, register_model
+
+
+class StageFailed(RuntimeError):
+    """A stage raised; the message names it. Earlier stages stay cached."""
+
+
+@flow(name="llm-tailor", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=False)
+def tailor_flow(profile: str = "quick", overrides: list[str] | None = None, out_dir: str | None = None) -> dict:
+    """Run the whole cycle for a profile (+ ``section.key=value`` overrides); returns report paths."""
+    start = time.perf_counter()
+    cfg = load_config(profile, overrides or [])
+    preflight(cfg)
+    logger = get_run_logger()
+    uri = cfg.tracking_uri
+    client = tracking.client_for(uri)
+    artifact_root = Path(cfg.work_dir) / "mlartifacts" if uri.startswith("sqlite:") else None
+    exp_id = tracking.ensure_experiment(client, cfg.tracking.experiment, artifact_root)
+    flow_run_name = get_run_context().flow_run.name
+    parent = tracking.start_run(client, exp_id, f"{cfg.profile}-{flow_run_name}",
+                                tags={"tailor.profile": cfg.profile, "prefect.flow_run": flow_run_name})
+    tracking.log_params(client, parent, cfg.model_dump())
+    log = lambda stage, **kw: log_stage(uri, exp_id, parent, stage, **kw)  # noqa: E731
+    create_link_artifact(key="mlflow-parent-run", link=_run_link(uri, exp_id, parent),
+                         description="MLflow parent run of this flow run")
+
+    stage = "materialize"
+    try:
+        materialized = materialize_model(cfg.model, cfg.work_dir)
+        base = materialized["ref"]
+        log("materialize", params=cfg.model.model_dump(), metrics={"seconds": materialized["seconds"]})
+        evals = {"original": evaluate_model.with_options(task_run_name="evaluate-original")
+                 .submit(base, cfg.eval, cfg.data, cfg.work_dir)}
+        stage = "prune"
+        pruned = prune_model(base, cfg.prune, cfg.work_dir)
+        log("prune", params=cfg.prune.model_dump(), metrics={"params_before": pruned["params_before"],
+            "params_after": pruned["params_after"], "layers_removed": len(pruned["removed_layers"])})
+        evals["pruned"] = (evaluate_model.with_options(task_run_name="evaluate-pruned")
+                           .submit(pruned["ref"], cfg.eval, cfg.data, cfg.work_dir))
+        stage = "distill"
+        distilled = distill_model(base, pruned["ref"], cfg.distill, cfg.data, cfg.work_dir)
+        kd = distilled["record"]
+        log("distill", params=cfg.distill.model_dump(), series={"kd_loss": kd["losses"]},
+            metrics={k: v for k, v in kd.items() if k != "losses"})
+        evals["distilled"] = (evaluate_model.with_options(task_run_name="evaluate-distilled")
+                              .submit(distilled["ref"], cfg.eval, cfg.data, cfg.work_dir))
+        results = {}
+        for name, future in evals.items():
+            stage = f"evaluate-{name}"
+            results[name] = future.result()
+            log(stage, params=cfg.eval.model_dump(), metrics=_metric_values(results[name]["metrics"]),
+                artifacts=[results[name]["items_file"]])
+        stage = "measure-speed"
+        refs = {"original": base, "pruned": pruned["ref"], "distilled": distilled["ref"]}
+        profiles = measure_speed(refs, cfg.speed)
+        log("measure-speed", params=cfg.speed.model_dump(),
+            metrics={name: {k: v for k, v in p.items() if isinstance(v, (int, float))} for name, p in profiles.items()})
+        stage = "compare"
+        report = build_report(profiles, results, {
+            "profile": cfg.profile, "config": cfg.model_dump(), "eval_limit": cfg.eval.limit,
+            "pruning": {k: v for k, v in pruned.items() if k != "ref"},
+            "distillation": kd,
+            # Compute time of each stage when it ran (a cached stage keeps its original figure).
+            "stage_seconds": {"materialize": materialized["seconds"], "prune": pruned["seconds"],
+                              "distill": distilled["seconds"],
+                              **{f"evaluate-{n}": r["seconds"] for n, r in results.items()},
+                              **{f"measure-speed-{n}": p["seconds"] for n, p in profiles.items()}},
+            "checkpoints": {k: {"path": r.path, "fingerprint": r.fingerprint} for k, r in refs.items()},
+            "mlflow": {"tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent},
+        })
+        out = Path(out_dir).expanduser().resolve() if out_dir else Path(cfg.work_dir) / "reports" / flow_run_name
+        report["flow_seconds_before_report"] = time.perf_counter() - start
+        json_path, md_path = write_report(report, out)
+        create_markdown_artifact(key="tailor-report", markdown=render_markdown(report),
+                                 description=f"llm-tailor comparison, profile {cfg.profile}")
+        log("compare", params={"out_dir": str(out)}, artifacts=[str(json_path), str(md_path)],
+            metrics={name: {"mean_acc_retention_pct": c["mean_acc_retention_pct"], "speedup": c["speedup"]}
+                     for name, c in report["vs_original"].items()})
+        stage = "register"
+        version = register_model(uri, exp_id, parent, distilled["ref"], cfg.tracking.registered_model,
+                                 cfg.tracking.alias, {"profile": cfg.profile})
+    except Exception as exc:
+        logger.error(f"stage {stage} failed: {exc}")
+        client.set_tag(parent, "tailor.failed_stage", stage)
+        log_stage(uri, exp_id, parent, stage, params={}, metrics={}, failed=True)
+        tracking.end_run(client, parent, failed=True)
+        raise StageFailed(f"stage {stage!r} failed: {exc}") from exc
+    tracking.log_metrics(client, parent, {"flow_seconds": time.perf_counter() - start})
+    tracking.end_run(client, parent)
+    return {"report_json": str(json_path), "report_md": str(md_path), "registered_model": cfg.tracking.registered_model,
+            "version": version, "alias": cfg.tracking.alias, "parent_run_id": parent}
+
+
+def _metric_values(metrics: dict) -> dict[str, float]:
+    flat = {}
+    for task, per_metric in metrics.items():
+        for metric, score in per_metric.items():
+            flat[f"{task}.{metric}"] = score["value"]
+            if score.get("stderr") is not None:
+                flat[f"{task}.{metric}_stderr"] = score["stderr"]
+    return flat
+
+
+def _run_link(uri: str, exp_id: str, run_id: str) -> str:
+    base = uri if uri.startswith("http") else "http://127.0.0.1:5000"
+    return f"{base.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}"

@@ -1,0 +1,115 @@
+"""Checkpoint folders identified by content fingerprints.
+
+A stage writes its checkpoint into a temporary sibling folder, records the
+fingerprint in ``FINGERPRINT`` and renames the folder into place, so a folder at
+its final path is always complete. Stages exchange ``CheckpointRef`` (path +
+fingerprint), never model objects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+FINGERPRINT_FILE = "FINGERPRINT"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# transformers initialises models under process-global patches (meta device), which
+# breaks when two threads load at once; stages run in a thread pool.
+_LOAD_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """A saved model + tokenizer folder and the sha256 of its contents."""
+
+    path: str
+    fingerprint: str
+
+    def verify(self) -> "CheckpointRef":
+        """Fail loudly if the folder is gone or changed since the fingerprint was taken."""
+        stored = Path(self.path) / FINGERPRINT_FILE
+        if not stored.exists():
+            raise FileNotFoundError(f"checkpoint {self.path} is missing (was the work folder deleted?)")
+        if stored.read_text().strip() != self.fingerprint:
+            raise RuntimeError(f"checkpoint {self.path} does not match fingerprint {self.fingerprint[:12]}")
+        return self
+
+
+def fingerprint_dir(folder: Path) -> str:
+    """sha256 over every file's relative name and bytes, in sorted order."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.name != FINGERPRINT_FILE):
+        h.update(str(f.relative_to(folder)).encode())
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def stable_hash(*parts: object) -> str:
+    """Short deterministic hash of JSON-able parts, for naming derived artefacts."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def existing_checkpoint(folder: Path) -> CheckpointRef | None:
+    stored = Path(folder) / FINGERPRINT_FILE
+    if stored.exists():
+        return CheckpointRef(str(folder), stored.read_text().strip())
+    return None
+
+
+def write_checkpoint(folder: Path, writer: Callable[[Path], None]) -> CheckpointRef:
+    """Run ``writer(tmp_folder)``, fingerprint the result and move it to ``folder`` atomically.
+
+    If ``folder`` is already complete it is reused (a re-run continues from what exists).
+    """
+    folder = Path(folder)
+    if (ref := existing_checkpoint(folder)) is not None:
+        return ref
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    writer(tmp)
+    fp = fingerprint_dir(tmp)
+    (tmp / FINGERPRINT_FILE).write_text(fp + "\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return CheckpointRef(str(folder), fp)
+
+
+def save_model(model, tokenizer, folder: Path) -> None:
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+
+
+def load_model(ref: CheckpointRef, dtype: str = "float32", device: str = "cpu"):
+    """(model in eval mode, tokenizer) from a verified checkpoint folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ref.verify()
+    with _LOAD_LOCK:
+        model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=_DTYPES[dtype]).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(ref.path)
+    model.eval()
+    return model, tokenizer
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return _DTYPES[name]
+
+
+def count_parameters(model) -> int:
+    """Unique parameters (tied embeddings counted once), as ``model.num_parameters()``."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def folder_size_bytes(folder: str | Path) -> int:
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())

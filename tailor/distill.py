@@ -1,0 +1,147 @@
+"""Heal a pruned student by logit distillation from the original (teacher)."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+from .checkpoint import CheckpointRef, existing_checkpoint, load_model, save_model, write_checkpoint
+from .config import DataConfig, DistillConfig
+from .kd_loss import kd_loss_chunked
+
+
+TRAINING_RECORD = "distill_record.json"
+
+
+class DistillError(RuntimeError):
+    """Distillation cannot start or cannot go on."""
+
+
+def corpus_texts(cfg: DistillConfig, data: DataConfig) -> Iterator[str]:
+    """Documents' text: local JSONL files offline, a streamed hub dataset in hub mode."""
+    if data.mode == "hub":
+        import datasets
+
+        for row in datasets.load_dataset(cfg.corpus, split="train", streaming=True):
+            yield row["text"]
+        return
+    for rel in cfg.corpus_files:
+        path = Path(data.data_dir) / rel
+        if not path.exists():
+            raise DistillError(f"distill.corpus_files: {path} does not exist")
+        with path.open(encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    yield json.loads(line)["text"]
+
+
+def check_corpus(cfg: DistillConfig, data: DataConfig) -> None:
+    """Fail fast when an offline corpus file is missing or holds no text."""
+    if data.mode == "hub":
+        return
+    for rel in cfg.corpus_files:
+        path = Path(data.data_dir) / rel
+        if not path.exists():
+            raise DistillError(f"distill.corpus_files: {path} does not exist")
+    if next(iter(t for t in corpus_texts(cfg, data) if t.strip()), None) is None:
+        raise DistillError(f"distill.corpus_files {list(cfg.corpus_files)} hold no text")
+
+
+def build_samples(tokenizer, texts: Iterable[str], seq_len: int, num_samples: int) -> dict[str, torch.Tensor]:
+    """Fixed-length samples: each document cut into ``seq_len`` windows, the last one padded."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids_rows, mask_rows = [], []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        for start in range(0, len(ids), seq_len):
+            window = ids[start:start + seq_len]
+            if len(window) < 2:
+                continue
+            n = len(window)
+            ids_rows.append(window + [pad] * (seq_len - n))
+            mask_rows.append([1] * n + [0] * (seq_len - n))
+            if len(ids_rows) == num_samples:
+                return {"input_ids": torch.tensor(ids_rows), "attention_mask": torch.tensor(mask_rows)}
+    if not ids_rows:
+        raise DistillError("the distillation corpus produced no samples (empty corpus?)")
+    return {"input_ids": torch.tensor(ids_rows), "attention_mask": torch.tensor(mask_rows)}
+
+
+def _final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    return model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                               use_cache=False).last_hidden_state
+
+
+def distill(teacher, student, samples: dict[str, torch.Tensor], cfg: DistillConfig,
+            on_step: Callable[[int, float], None] | None = None) -> dict:
+    """Train ``student`` in place; returns losses per optimiser step and throughput."""
+    if teacher.config.vocab_size != student.config.vocab_size:
+        raise DistillError(f"student vocabulary ({student.config.vocab_size}) differs from the "
+                           f"teacher's ({teacher.config.vocab_size}); logit distillation needs the same one")
+    torch.manual_seed(cfg.seed)
+    teacher.eval().requires_grad_(False)
+    student.train()
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    n = samples["input_ids"].shape[0]
+    losses: list[float] = []
+    micro, tokens = 0, 0
+    window: list[float] = []  # losses of the micro-batches since the last optimiser step
+    start = time.perf_counter()
+    for epoch in range(cfg.epochs):
+        order = list(range(n))
+        random.Random(cfg.seed + epoch).shuffle(order)
+        for b in range(0, n, cfg.batch_size):
+            idx = order[b:b + cfg.batch_size]
+            ids = samples["input_ids"][idx].to(student.device)
+            mask = samples["attention_mask"][idx].to(student.device)
+            with torch.no_grad():
+                t_hidden = _final_hidden(teacher, ids, mask)
+            s_hidden = _final_hidden(student, ids, mask)
+            loss = kd_loss_chunked(student, teacher, s_hidden, t_hidden, mask, cfg.temperature,
+                                   cfg.loss_chunk_tokens)
+            if not math.isfinite(loss.item()):
+                raise DistillError(f"non-finite distillation loss at optimiser step {len(losses) + 1} "
+                                   f"(epoch {epoch + 1}); lower distill.learning_rate")
+            (loss / cfg.grad_accum).backward()
+            window.append(loss.item())
+            tokens += int(mask.sum())
+            micro += 1
+            last_batch = epoch == cfg.epochs - 1 and b + cfg.batch_size >= n
+            if len(window) == cfg.grad_accum or last_batch:
+                torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(sum(window) / len(window))
+                window = []
+                if on_step is not None:
+                    on_step(len(losses), losses[-1])
+    elapsed = time.perf_counter() - start
+    student.eval()
+    return {"losses": losses, "optimizer_steps": len(losses), "micro_batches": micro,
+            "train_tokens": tokens, "train_seconds": elapsed, "train_tokens_per_s": tokens / elapsed,
+            "num_samples": n}
+
+
+def distill_checkpoint(teacher_ref: CheckpointRef, student_ref: CheckpointRef, cfg: DistillConfig,
+                       data: DataConfig, out_dir: Path,
+                       on_step: Callable[[int, float], None] | None = None) -> tuple[CheckpointRef, dict]:
+    """Distil the student checkpoint from the teacher checkpoint and save the result."""
+    if (done := existing_checkpoint(out_dir)) is not None:
+        return done, json.loads((Path(done.path) / TRAINING_RECORD).read_text())
+    teacher, _ = load_model(teacher_ref)
+    student, tokenizer = load_model(student_ref)
+    samples = build_samples(tokenizer, corpus_texts(cfg, data), cfg.seq_len, cfg.num_samples)
+
+    def train_and_save(tmp: Path) -> None:
+        record = distill(teacher, student, samples, cfg, on_step)
+        save_model(student, tokenizer, tmp)
+        (tmp / TRAINING_RECORD).write_text(json.dumps(record))
+
+    ref = write_checkpoint(out_dir, train_and_save)
+    return ref, json.loads((Path(ref.path) / TRAINING_RECORD).read_text())

@@ -1,0 +1,180 @@
+"""Zero-shot evaluation with EleutherAI's lm-evaluation-harness.
+
+``hub`` mode runs lm-eval's stock tasks. ``offline`` mode runs the very same task
+definitions (prompts, choices, metrics) with only the dataset source swapped for
+local JSONL files in the Hugging Face schema.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import CheckpointRef, load_model
+from .config import DataConfig, EvalConfig
+
+# Offline file and the split name the stock task reads it as.
+OFFLINE_SPLITS: dict[str, tuple[str, str]] = {
+    "arc_easy": ("benchmarks/arc_easy/test.jsonl", "test"),
+    "hellaswag": ("benchmarks/hellaswag/validation.jsonl", "validation"),
+    "winogrande": ("benchmarks/winogrande/validation.jsonl", "validation"),
+    "lambada_openai": ("benchmarks/lambada_openai/test.jsonl", "test"),
+}
+# Fields each task's prompt functions read; checked before evaluation starts.
+REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
+    "arc_easy": ("question", "choices", "answerKey"),
+    "hellaswag": ("activity_label", "ctx_a", "ctx_b", "endings", "label"),
+    "winogrande": ("sentence", "option1", "option2", "answer"),
+    "lambada_openai": ("text",),
+}
+REPORTED_METRICS = ("acc", "acc_norm", "perplexity")
+
+
+class EvalSetupError(ValueError):
+    """The evaluation cannot start: unknown task, missing or malformed data."""
+
+
+@dataclass(frozen=True)
+class TaskScore:
+    value: float
+    stderr: float | None
+
+
+def _task_manager():
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
+def check_tasks(tasks: tuple[str, ...], data: DataConfig) -> None:
+    """Fail fast on unknown task names and missing or malformed offline files."""
+    known = set(_task_manager().all_tasks)
+    for task in tasks:
+        if task not in known:
+            close = difflib.get_close_matches(task, sorted(known), n=5)
+            raise EvalSetupError(f"eval.tasks: unknown lm-eval task {task!r}"
+                                 + (f"; close matches: {', '.join(close)}" if close else ""))
+        if data.mode == "offline":
+            if task not in OFFLINE_SPLITS:
+                raise EvalSetupError(f"eval.tasks: {task!r} has no offline data; offline mode supports "
+                                     f"{', '.join(OFFLINE_SPLITS)} (or use data.mode=hub)")
+            _check_offline_file(task, Path(data.data_dir) / OFFLINE_SPLITS[task][0])
+
+
+def _check_offline_file(task: str, path: Path) -> None:
+    if not path.exists():
+        raise EvalSetupError(f"data.data_dir: {path} is missing for task {task!r}; "
+                             "run `tailor data pull` or point data.data_dir at an offline data folder")
+    rows = 0
+    with path.open(encoding="utf-8") as fh:
+        for line_no, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            rows += 1
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise EvalSetupError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
+            missing = [f for f in REQUIRED_FIELDS[task] if f not in row]
+            if missing:
+                raise EvalSetupError(f"{path}:{line_no}: missing field(s) {missing} required by task {task!r}")
+    if rows == 0:
+        raise EvalSetupError(f"{path}: no rows; task {task!r} cannot be scored on an empty file")
+
+
+def task_specs(tasks: tuple[str, ...], data: DataConfig, manager=None) -> list[Any]:
+    """lm-eval task specs: names in hub mode, stock configs with a local dataset offline."""
+    if data.mode == "hub":
+        return list(tasks)
+    manager = manager or _task_manager()
+    specs = []
+    for task in tasks:
+        rel, split = OFFLINE_SPLITS[task]
+        spec = _stock_config(manager, task)
+        # Zero-shot on one local split: every other split the stock task names is absent.
+        for key in ("training_split", "validation_split", "test_split", "fewshot_split"):
+            if spec.get(key) != split:
+                spec[key] = None
+        spec.update({
+            "dataset_path": "json",
+            "dataset_name": None,
+            "dataset_kwargs": {"data_files": {split: str(Path(data.data_dir) / rel)}},
+        })
+        specs.append(spec)
+    return specs
+
+
+def _stock_config(manager, task: str) -> dict[str, Any]:
+    """The stock task's full YAML config, with its !function references resolved."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    entry = manager.task_index[task]
+    if entry.yaml_path is None:
+        raise EvalSetupError(f"eval.tasks: {task!r} is a Python task; offline mode needs a YAML task")
+    return dict(load_yaml(entry.yaml_path, resolve_func=True))
+
+
+def evaluate_checkpoint(ref: CheckpointRef, cfg: EvalConfig, data: DataConfig, out_file: Path) -> dict:
+    """Evaluate a checkpoint; write and return {"metrics", "items", "limit", ...}."""
+    model, tokenizer = load_model(ref)
+    result = evaluate_model(model, tokenizer, cfg, data)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_file.with_suffix(".partial")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(out_file)
+    return result
+
+
+def evaluate_model(model, tokenizer, cfg: EvalConfig, data: DataConfig) -> dict:
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    check_tasks(cfg.tasks, data)
+    # lm-eval's bootstrap forks a process pool; forking a threaded process (a Prefect
+    # task runner) can deadlock, so bootstrap in-process.
+    os.environ["DISABLE_MULTIPROC"] = "1"
+    manager = _task_manager()
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size)
+    out = lm_eval.simple_evaluate(
+        model=lm, tasks=task_specs(cfg.tasks, data, manager), task_manager=manager, num_fewshot=0,
+        limit=cfg.limit, log_samples=True, bootstrap_iters=cfg.bootstrap_iters, random_seed=0,
+        numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0,
+    )
+    return {
+        "metrics": {task: _task_metrics(out["results"][task]) for task in cfg.tasks},
+        "items": {task: _item_scores(out["samples"][task]) for task in cfg.tasks},
+        "n_samples": {task: len(out["samples"][task]) for task in cfg.tasks},
+        "limit": cfg.limit,
+        "data_mode": data.mode,
+        "lm_eval_version": _lm_eval_version(),
+    }
+
+
+def _task_metrics(raw: dict) -> dict[str, TaskScore | dict]:
+    scores = {}
+    for metric in REPORTED_METRICS:
+        key = f"{metric},none"
+        if key in raw:
+            err = raw.get(f"{metric}_stderr,none")
+            scores[metric] = {"value": float(raw[key]),
+                              "stderr": float(err) if isinstance(err, (int, float)) and math.isfinite(err) else None}
+    return scores
+
+
+def _item_scores(samples: list[dict]) -> dict[str, dict[str, float]]:
+    """Per-document scores keyed by doc_id, for paired comparisons between models."""
+    items = {}
+    for s in samples:
+        items[str(s["doc_id"])] = {m: float(s[m]) for m in ("acc", "acc_norm") if m in s}
+    return items
+
+
+def _lm_eval_version() -> str:
+    from importlib.metadata import version
+
+    return version("lm_eval")

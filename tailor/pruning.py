@@ -1,0 +1,77 @@
+"""Depth pruning: remove whole decoder layers and keep the config consistent."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch.nn as nn
+
+# Attribute paths under which known architectures keep their decoder layer list.
+_LAYER_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "model.language_model.layers")
+
+
+class PruneError(ValueError):
+    """The requested layers cannot be removed from this model."""
+
+
+def find_layers(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
+    """(parent module, attribute name, layer list) of the decoder stack."""
+    for path in _LAYER_PATHS:
+        parent, *rest = path.rsplit(".", 1)
+        node = model
+        try:
+            for attr in parent.split("."):
+                node = getattr(node, attr)
+            layers = getattr(node, rest[0])
+        except AttributeError:
+            continue
+        if isinstance(layers, nn.ModuleList):
+            return node, rest[0], layers
+    raise PruneError(f"cannot find the decoder layer list of {type(model).__name__}; "
+                     f"supported attribute paths: {', '.join(_LAYER_PATHS)}")
+
+
+def resolve_indices(num_layers: int, remove_last: int, indices: Sequence[int] | None) -> list[int]:
+    """Validated, sorted layer indices to remove (explicit ``indices`` win over ``remove_last``)."""
+    if indices is not None:
+        bad = [i for i in indices if not 0 <= i < num_layers]
+        if bad:
+            raise PruneError(f"prune.indices {bad} out of range; allowed: 0..{num_layers - 1}")
+        if len(set(indices)) != len(indices):
+            raise PruneError(f"prune.indices has duplicates: {list(indices)}")
+        if len(indices) >= num_layers:
+            raise PruneError(f"prune.indices would remove all {num_layers} layers; keep at least one")
+        return sorted(indices)
+    if not 1 <= remove_last < num_layers:
+        raise PruneError(f"prune.num_layers={remove_last} not allowed for a {num_layers}-layer model; "
+                         f"allowed: 1..{num_layers - 1}")
+    return list(range(num_layers - remove_last, num_layers))
+
+
+def prune_layers(model: nn.Module, remove: Sequence[int]) -> nn.Module:
+    """Remove decoder layers in place and return the model.
+
+    Keeps ``num_hidden_layers``, every per-layer config list (Gemma3's
+    ``layer_types`` and the like) and each attention module's ``layer_idx``
+    consistent, so the KV cache indexes the right slots and the model saves and
+    reloads with ``AutoModelForCausalLM``.
+    """
+    parent, attr, layers = find_layers(model)
+    n = len(layers)
+    remove_set = set(resolve_indices(n, 1, list(remove)))
+    keep = [i for i in range(n) if i not in remove_set]
+    setattr(parent, attr, nn.ModuleList([layers[i] for i in keep]))
+
+    config = model.config
+    for key, value in list(vars(config).items()):
+        if isinstance(value, (list, tuple)) and len(value) == n and key != "architectures":
+            setattr(config, key, type(value)(value[i] for i in keep))
+    config.num_hidden_layers = len(keep)
+
+    for new_idx, layer in enumerate(getattr(parent, attr)):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_idx
+        if hasattr(layer, "layer_idx"):
+            layer.layer_idx = new_idx
+    return model

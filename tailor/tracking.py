@@ -1,0 +1,158 @@
+"""MLflow helpers: explicit run ids through ``MlflowClient`` (thread-safe, no fluent state).
+
+One parent run per flow run, one child run per stage, the distilled model in the
+Model Registry with an alias.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterable
+
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.tracking import MlflowClient
+
+PARAM_MAX_LEN = 6000
+
+
+class TrackingError(RuntimeError):
+    """The MLflow tracking server or registry cannot be used."""
+
+
+def client_for(tracking_uri: str) -> MlflowClient:
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def check_reachable(tracking_uri: str) -> None:
+    """Clear error before any stage runs when the tracking store cannot be reached."""
+    if tracking_uri.startswith("sqlite:///"):
+        Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        client_for(tracking_uri).search_experiments(max_results=1)
+    except Exception as exc:  # MLflow raises many types for an unreachable store
+        raise TrackingError(f"MLflow tracking store {tracking_uri!r} is not reachable "
+                            f"(tracking.tracking_uri / MLFLOW_TRACKING_URI): {exc}") from None
+
+
+def ensure_experiment(client: MlflowClient, name: str, artifact_root: Path | None) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = artifact_root.resolve().as_uri() if artifact_root else None
+    return client.create_experiment(name, artifact_location=location)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def start_run(client: MlflowClient, experiment_id: str, name: str, parent_id: str | None = None,
+              tags: dict[str, str] | None = None) -> str:
+    all_tags = dict(tags or {})
+    if parent_id:
+        all_tags["mlflow.parentRunId"] = parent_id
+    return client.create_run(experiment_id, run_name=name, tags=all_tags).info.run_id
+
+
+def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
+    items = [Param(k, _param_value(v)) for k, v in flatten(params).items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i:i + 100])
+
+
+def _param_value(v: Any) -> str:
+    text = json.dumps(v) if isinstance(v, (list, tuple, dict)) else str(v)
+    return text[:PARAM_MAX_LEN]
+
+
+def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step) for k, v in flatten(metrics).items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    for i in range(0, len(items), 500):
+        client.log_batch(run_id, metrics=items[i:i + 500])
+
+
+def log_series(client: MlflowClient, run_id: str, key: str, values: Iterable[float]) -> None:
+    now = int(time.time() * 1000)
+    items = [Metric(key, float(v), now, step) for step, v in enumerate(values, 1)]
+    for i in range(0, len(items), 500):
+        client.log_batch(run_id, metrics=items[i:i + 500])
+
+
+def end_run(client: MlflowClient, run_id: str, failed: bool = False) -> None:
+    client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED if failed else RunStatus.FINISHED))
+
+
+def register_checkpoint(tracking_uri: str, run_id: str, checkpoint_path: str, fingerprint: str,
+                        model_name: str, alias: str, tags: dict[str, str]) -> str:
+    """Log the checkpoint with the transformers flavour, register it, set the alias.
+
+    Idempotent: a version already holding this checkpoint fingerprint is reused.
+    Returns the version number.
+    """
+    import mlflow
+
+    from .checkpoint import CheckpointRef, load_model
+
+    client = client_for(tracking_uri)
+    existing = _version_with_fingerprint(client, model_name, fingerprint)
+    if existing is None:
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(tracking_uri)
+        model, tokenizer = load_model(CheckpointRef(checkpoint_path, fingerprint))
+        with mlflow.start_run(run_id=run_id), _requirements_without_torchvision():
+            info = mlflow.transformers.log_model(
+                transformers_model={"model": model, "tokenizer": tokenizer}, name="model",
+                task="text-generation", registered_model_name=model_name,
+                input_example="The capital of France is",
+            )
+        existing = str(info.registered_model_version)
+        client.set_model_version_tag(model_name, existing, "checkpoint_fingerprint", fingerprint)
+    for key, value in tags.items():
+        client.set_model_version_tag(model_name, existing, key, value)
+    client.set_registered_model_alias(model_name, alias, existing)
+    return existing
+
+
+@contextmanager
+def _requirements_without_torchvision():
+    """MLflow's transformers flavour pins torchvision for every torch model and fails when
+    it is not installed; a text-generation model never imports it."""
+    import mlflow.transformers as flavour
+
+    if importlib.util.find_spec("torchvision") is not None:
+        yield
+        return
+    from mlflow.utils.requirements_utils import _get_pinned_requirement
+
+    original = flavour.get_default_pip_requirements
+    flavour.get_default_pip_requirements = lambda model: [
+        _get_pinned_requirement(p) for p in ("transformers", "torch", "accelerate") if importlib.util.find_spec(p)]
+    try:
+        yield
+    finally:
+        flavour.get_default_pip_requirements = original
+
+
+def _version_with_fingerprint(client: MlflowClient, model_name: str, fingerprint: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name='{model_name}'")
+    except MlflowException:
+        return None
+    for v in versions:
+        if v.tags.get("checkpoint_fingerprint") == fingerprint:
+            return str(v.version)
+    return None

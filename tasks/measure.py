@@ -1,0 +1,37 @@
+"""Tasks that measure checkpoints: lm-eval accuracy and generation speed."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from prefect import task
+
+from tailor.checkpoint import CheckpointRef, stable_hash
+from tailor.config import DataConfig, EvalConfig, SpeedConfig
+from tailor.evaluation import evaluate_checkpoint
+from tailor.speed import profile_checkpoint
+
+from ._common import CACHED
+
+
+@task(name="evaluate-model", cache_policy=CACHED, persist_result=True)
+def evaluate_model(ref: CheckpointRef, eval_cfg: EvalConfig, data: DataConfig, work_dir: str) -> dict:
+    """lm-eval metrics of one checkpoint; per-item scores are kept in the work folder."""
+    out = Path(work_dir) / "evals" / f"{stable_hash(ref.fingerprint, eval_cfg.model_dump(), data.model_dump())}.json"
+    start = time.perf_counter()
+    result = evaluate_checkpoint(ref.verify(), eval_cfg, data, out)
+    return {"metrics": result["metrics"], "n_samples": result["n_samples"], "items_file": str(out),
+            "seconds": time.perf_counter() - start}
+
+
+@task(name="measure-speed", cache_policy=CACHED, persist_result=True)
+def measure_speed(refs: dict[str, CheckpointRef], speed: SpeedConfig) -> dict[str, dict]:
+    """Profile every checkpoint in one task, one after another, so no other stage competes
+    for the CPU while a model is being timed."""
+    profiles = {}
+    for name, ref in refs.items():
+        start = time.perf_counter()
+        profiles[name] = profile_checkpoint(ref.verify(), speed)
+        profiles[name]["seconds"] = time.perf_counter() - start
+    return profiles

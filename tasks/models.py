@@ -1,0 +1,64 @@
+"""Tasks that produce checkpoints: materialise the base model, prune it, distil it."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+from tailor.checkpoint import CheckpointRef, count_parameters, load_model, save_model, stable_hash, write_checkpoint
+from tailor.config import DataConfig, DistillConfig, ModelConfig, PruneConfig
+from tailor.distill import distill_checkpoint
+from tailor.pruning import prune_layers, resolve_indices
+from tailor.sources import materialize
+
+from ._common import CACHED
+
+
+@task(name="materialize-model", cache_policy=CACHED, persist_result=True)
+def materialize_model(model: ModelConfig, work_dir: str) -> dict:
+    """Base checkpoint; returns {"ref", "seconds"}."""
+    start = time.perf_counter()
+    ref = materialize(model, work_dir)
+    return {"ref": ref, "seconds": time.perf_counter() - start}
+
+
+@task(name="prune-model", cache_policy=CACHED, persist_result=True)
+def prune_model(base: CheckpointRef, prune: PruneConfig, work_dir: str) -> dict:
+    """Remove decoder layers; returns {"ref", "removed_layers", "params_before", "params_after"}."""
+    start = time.perf_counter()
+    model, tokenizer = load_model(base.verify())
+    removed = resolve_indices(model.config.num_hidden_layers, prune.num_layers, prune.indices)
+    before = count_parameters(model)
+    prune_layers(model, removed)
+    out = Path(work_dir) / "checkpoints" / f"pruned-{stable_hash(base.fingerprint, removed)}"
+    ref = write_checkpoint(out, lambda tmp: save_model(model, tokenizer, tmp))
+    return {"ref": ref, "removed_layers": removed, "params_before": before,
+            "params_after": count_parameters(model), "seconds": time.perf_counter() - start}
+
+
+@task(name="distill-model", cache_policy=CACHED, persist_result=True)
+def distill_model(teacher: CheckpointRef, student: CheckpointRef, distill: DistillConfig,
+                  data: DataConfig, work_dir: str) -> dict:
+    """Distil the student from the teacher; returns {"ref", "record"} (losses, throughput)."""
+    out = Path(work_dir) / "checkpoints" / (
+        f"distilled-{stable_hash(teacher.fingerprint, student.fingerprint, distill.model_dump(), data.model_dump())}")
+    progress = create_progress_artifact(progress=0.0, key="distillation-progress",
+                                        description="Distillation: share of optimiser steps done")
+    total = _planned_steps(distill)
+
+    def on_step(step: int, loss: float) -> None:
+        if step % distill.log_every == 0:
+            get_run_logger().info(f"distill step {step}/{total}: loss {loss:.4f}")
+        update_progress_artifact(progress, progress=min(100.0, 100.0 * step / total))
+
+    start = time.perf_counter()
+    ref, record = distill_checkpoint(teacher.verify(), student.verify(), distill, data, out, on_step)
+    return {"ref": ref, "record": record, "seconds": time.perf_counter() - start}
+
+
+def _planned_steps(cfg: DistillConfig) -> int:
+    micro_per_epoch = -(-cfg.num_samples // cfg.batch_size)
+    return max(1, cfg.epochs * -(-micro_per_epoch // cfg.grad_accum))
