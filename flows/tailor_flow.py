@@ -29,7 +29,7 @@ class StageFailed(RuntimeError):
     """A stage raised; the message names it. Earlier stages stay cached."""
 
 
-@flow(name="llm-tailor", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=False)
+@flow(name="llm-tailor", task_runner=ThreadPoolTaskRunner(max_workers=4), log_prints=False)
 def tailor_flow(profile: str = "quick", overrides: list[str] | None = None, out_dir: str | None = None) -> dict:
     """Run the whole cycle for a profile (+ ``section.key=value`` overrides); returns report paths."""
     start = time.perf_counter()
@@ -53,21 +53,23 @@ def tailor_flow(profile: str = "quick", overrides: list[str] | None = None, out_
         materialized = materialize_model(cfg.model, cfg.work_dir)
         base = materialized["ref"]
         log("materialize", params=cfg.model.model_dump(), metrics={"seconds": materialized["seconds"]})
-        evals = {"original": evaluate_model.with_options(task_run_name="evaluate-original")
-                 .submit(base, cfg.eval, cfg.data, cfg.work_dir)}
+        def evaluate(name: str, ref):
+            task = evaluate_model.with_options(task_run_name=f"evaluate-{name}")
+            run = task.submit if cfg.runner.concurrent else _completed(task)
+            return run(ref, cfg.eval, cfg.data, cfg.work_dir)
+
+        evals = {"original": evaluate("original", base)}
         stage = "prune"
         pruned = prune_model(base, cfg.prune, cfg.work_dir)
         log("prune", params=cfg.prune.model_dump(), metrics={"params_before": pruned["params_before"],
             "params_after": pruned["params_after"], "layers_removed": len(pruned["removed_layers"])})
-        evals["pruned"] = (evaluate_model.with_options(task_run_name="evaluate-pruned")
-                           .submit(pruned["ref"], cfg.eval, cfg.data, cfg.work_dir))
+        evals["pruned"] = evaluate("pruned", pruned["ref"])
         stage = "distill"
         distilled = distill_model(base, pruned["ref"], cfg.distill, cfg.data, cfg.work_dir)
         kd = distilled["record"]
         log("distill", params=cfg.distill.model_dump(), series={"kd_loss": kd["losses"]},
             metrics={k: v for k, v in kd.items() if k != "losses"})
-        evals["distilled"] = (evaluate_model.with_options(task_run_name="evaluate-distilled")
-                              .submit(distilled["ref"], cfg.eval, cfg.data, cfg.work_dir))
+        evals["distilled"] = evaluate("distilled", distilled["ref"])
         results = {}
         for name, future in evals.items():
             stage = f"evaluate-{name}"
@@ -113,6 +115,20 @@ def tailor_flow(profile: str = "quick", overrides: list[str] | None = None, out_
     tracking.end_run(client, parent)
     return {"report_json": str(json_path), "report_md": str(md_path), "registered_model": cfg.tracking.registered_model,
             "version": version, "alias": cfg.tracking.alias, "parent_run_id": parent}
+
+
+class _Done:
+    """The ``.result()`` interface of a future, for a task already run in the flow's thread."""
+
+    def __init__(self, value):
+        self._value = value
+
+    def result(self):
+        return self._value
+
+
+def _completed(task):
+    return lambda *args: _Done(task(*args))
 
 
 def _metric_values(metrics: dict) -> dict[str, float]:

@@ -8,18 +8,21 @@ import os
 import sys
 from pathlib import Path
 
-from .config import ConfigError, available_profiles, describe_settings, load_config
+from .config import TailorError, available_profiles, describe_settings, load_config
+from .preflight import preflight
 
 
 def _prefect_defaults(work_dir: str) -> None:
     # A local run needs no Prefect server; keep its state in the work folder, quietly.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     home = Path(os.environ.setdefault("PREFECT_HOME", str(Path(work_dir) / "prefect-home")))
     home.mkdir(parents=True, exist_ok=True)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.profile, args.set)  # bad settings fail here, before Prefect starts
+    cfg = load_config(args.profile, args.set)
+    preflight(cfg)  # bad settings and inputs fail here, before a Prefect server starts
     _prefect_defaults(cfg.work_dir)
     from flows.tailor_flow import tailor_flow
 
@@ -71,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except ConfigError as exc:
+    except TailorError as exc:
         print(f"tailor: {exc}", file=sys.stderr)
         return 2
 

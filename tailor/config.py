@@ -18,7 +18,11 @@ REFERENCE_TASKS = ("arc_easy", "winogrande", "hellaswag", "lambada_openai")
 BOOK_PROMPTS = ("The capital of France is", "Machine learning is", "Climate change refers to")
 
 
-class ConfigError(ValueError):
+class TailorError(Exception):
+    """A user-facing error: the message names the setting or input and what is allowed."""
+
+
+class ConfigError(TailorError, ValueError):
     """A setting is invalid; the message names the setting and what is allowed."""
 
 
@@ -170,8 +174,8 @@ class TrackingConfig(_Section):
 
 
 class RunnerConfig(_Section):
-    max_workers: int = Field(1, ge=1)
-    """Prefect task-runner threads: independent stages run in parallel up to this many."""
+    concurrent: bool = True
+    """Run independent stages at once (evaluations beside pruning and distillation); faster with spare cores, more peak memory."""
 
 
 class TailorConfig(_Section):

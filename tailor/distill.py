@@ -12,14 +12,14 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from .checkpoint import CheckpointRef, existing_checkpoint, load_model, save_model, write_checkpoint
-from .config import DataConfig, DistillConfig
+from .config import DataConfig, DistillConfig, TailorError
 from .kd_loss import kd_loss_chunked
 
 
 TRAINING_RECORD = "distill_record.json"
 
 
-class DistillError(RuntimeError):
+class DistillError(TailorError, RuntimeError):
     """Distillation cannot start or cannot go on."""
 
 
@@ -107,14 +107,17 @@ def distill(teacher, student, samples: dict[str, torch.Tensor], cfg: DistillConf
                                    cfg.loss_chunk_tokens)
             if not math.isfinite(loss.item()):
                 raise DistillError(f"non-finite distillation loss at optimiser step {len(losses) + 1} "
-                                   f"(epoch {epoch + 1}); lower distill.learning_rate")
+                                   f"(epoch {epoch + 1}); check distill.learning_rate and distill.temperature")
             (loss / cfg.grad_accum).backward()
             window.append(loss.item())
             tokens += int(mask.sum())
             micro += 1
             last_batch = epoch == cfg.epochs - 1 and b + cfg.batch_size >= n
             if len(window) == cfg.grad_accum or last_batch:
-                torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
+                grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
+                if not torch.isfinite(grad_norm):
+                    raise DistillError(f"non-finite gradient norm at optimiser step {len(losses) + 1} "
+                                       f"(epoch {epoch + 1}); check distill.learning_rate and distill.temperature")
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(sum(window) / len(window))

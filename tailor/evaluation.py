@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import CheckpointRef, load_model
-from .config import DataConfig, EvalConfig
+from .config import DataConfig, EvalConfig, TailorError
 
 # Offline file and the split name the stock task reads it as.
 OFFLINE_SPLITS: dict[str, tuple[str, str]] = {
@@ -35,7 +35,7 @@ REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
 REPORTED_METRICS = ("acc", "acc_norm", "perplexity")
 
 
-class EvalSetupError(ValueError):
+class EvalSetupError(TailorError, ValueError):
     """The evaluation cannot start: unknown task, missing or malformed data."""
 
 
@@ -120,7 +120,12 @@ def _stock_config(manager, task: str) -> dict[str, Any]:
 
 
 def evaluate_checkpoint(ref: CheckpointRef, cfg: EvalConfig, data: DataConfig, out_file: Path) -> dict:
-    """Evaluate a checkpoint; write and return {"metrics", "items", "limit", ...}."""
+    """Evaluate a checkpoint; write and return {"metrics", "items", "limit", ...}.
+
+    An existing ``out_file`` (from an interrupted earlier run) is reused.
+    """
+    if out_file.exists():
+        return json.loads(out_file.read_text())
     model, tokenizer = load_model(ref)
     result = evaluate_model(model, tokenizer, cfg, data)
     out_file.parent.mkdir(parents=True, exist_ok=True)

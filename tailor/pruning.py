@@ -6,11 +6,13 @@ from collections.abc import Sequence
 
 import torch.nn as nn
 
+from .config import TailorError
+
 # Attribute paths under which known architectures keep their decoder layer list.
 _LAYER_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "model.language_model.layers")
 
 
-class PruneError(ValueError):
+class PruneError(TailorError, ValueError):
     """The requested layers cannot be removed from this model."""
 
 

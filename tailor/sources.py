@@ -10,13 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from .checkpoint import CheckpointRef, save_model, stable_hash, torch_dtype, write_checkpoint
-from .config import ModelConfig
+from .config import ModelConfig, TailorError
 
 
 EMBEDDED_NUM_LAYERS = 18
 
 
-class ModelSourceError(ValueError):
+class ModelSourceError(TailorError, ValueError):
     """The configured model source cannot be used."""
 
 

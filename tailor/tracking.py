@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,10 +17,12 @@ from typing import Any, Iterable
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 
+from .config import TailorError
+
 PARAM_MAX_LEN = 6000
 
 
-class TrackingError(RuntimeError):
+class TrackingError(TailorError, RuntimeError):
     """The MLflow tracking server or registry cannot be used."""
 
 
@@ -31,11 +34,20 @@ def check_reachable(tracking_uri: str) -> None:
     """Clear error before any stage runs when the tracking store cannot be reached."""
     if tracking_uri.startswith("sqlite:///"):
         Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    # One quick attempt: MLflow's default HTTP retries would take minutes to say "down".
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"})
     try:
         client_for(tracking_uri).search_experiments(max_results=1)
     except Exception as exc:  # MLflow raises many types for an unreachable store
         raise TrackingError(f"MLflow tracking store {tracking_uri!r} is not reachable "
                             f"(tracking.tracking_uri / MLFLOW_TRACKING_URI): {exc}") from None
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def ensure_experiment(client: MlflowClient, name: str, artifact_root: Path | None) -> str:

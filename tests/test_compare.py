@@ -1,0 +1,40 @@
+import pytest
+
+from tailor.compare import build_report, render_markdown, retention_pct
+
+
+def _profile(params, layers, t):
+    return {"params": params, "layers": layers, "checkpoint_bytes": params * 4, "gen_time_mean_s": t,
+            "gen_time_std_s": 0.01, "tokens_per_s": 150 / t, "sample_prompt": "Paris is the capital of",
+            "sample_continuation": " France"}
+
+
+def _eval(acc, ppl):
+    return {"metrics": {"arc_easy": {"acc": {"value": acc, "stderr": 0.05}},
+                        "lambada_openai": {"acc": {"value": acc / 2, "stderr": 0.05},
+                                           "perplexity": {"value": ppl, "stderr": 1.0}}}}
+
+
+def test_retention_directions():
+    assert retention_pct("acc", 0.5, 0.4) == pytest.approx(80.0)
+    assert retention_pct("perplexity", 10.0, 20.0) == pytest.approx(50.0)
+    assert retention_pct("acc", 0.0, 0.4) is None
+
+
+def test_report_deltas_speedup_and_markdown():
+    report = build_report(
+        {"original": _profile(1000, 18, 5.0), "pruned": _profile(900, 16, 4.0), "distilled": _profile(900, 16, 4.0)},
+        {"original": _eval(0.6, 10.0), "pruned": _eval(0.3, 20.0), "distilled": _eval(0.45, 12.5)},
+        {"profile": "unit", "pruning": {"removed_layers": [16, 17]}},
+    )
+    pruned = report["vs_original"]["pruned"]
+    assert pruned["tasks"]["arc_easy"]["acc"]["delta"] == pytest.approx(-0.3)
+    assert pruned["tasks"]["arc_easy"]["acc"]["retention_pct"] == pytest.approx(50.0)
+    assert pruned["mean_acc_retention_pct"] == pytest.approx(50.0)
+    assert pruned["speedup"] == pytest.approx(1.25)
+    assert pruned["params_removed_pct"] == pytest.approx(10.0)
+    distilled = report["vs_original"]["distilled"]
+    assert distilled["tasks"]["lambada_openai"]["perplexity"]["retention_pct"] == pytest.approx(80.0)
+    md = render_markdown(report)
+    assert "| arc_easy | acc | 0.6000 ± 0.0500 | 0.3000 ± 0.0500 | -0.3000 | 50.0% |" in md
+    assert "1.25x" in md and "[16, 17]" in md

@@ -1,0 +1,59 @@
+import pytest
+
+from tailor.config import ConfigError, TailorConfig, available_profiles, describe_settings, load_config
+
+
+def test_profiles_load_and_resolve_absolute_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("TAILOR_HOME", raising=False)
+    assert {"smoke", "quick", "book"} <= set(available_profiles())
+    for name in ("smoke", "quick", "book"):
+        cfg = load_config(name)
+        assert cfg.profile == name
+        assert cfg.work_dir == str(tmp_path / "tailor-work")
+        assert cfg.data.data_dir == str(tmp_path / "tailor-work" / "data")
+    book = load_config("book")
+    assert (book.distill.temperature, book.distill.learning_rate, book.distill.batch_size) == (2.0, 1e-5, 8)
+    assert (book.distill.grad_accum, book.distill.epochs, book.distill.num_samples) == (4, 3, 15000)
+    assert book.eval.limit is None and book.data.mode == "hub"
+
+
+def test_overrides_are_typed():
+    cfg = load_config("smoke", ["eval.limit=3", "prune.indices=[0, 2]", "distill.temperature=1.5"])
+    assert cfg.eval.limit == 3
+    assert cfg.prune.indices == (0, 2)
+    assert cfg.distill.temperature == 1.5
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["eval.limt=3"], "did you mean limit"),
+    (["nosuch.key=1"], "unknown setting 'nosuch'"),
+    (["model.source=gpt5"], "model.source"),
+    (["eval.limit=0"], "eval.limit must be >= 1"),
+    (["prune.indices=[1, 1]"], "duplicates"),
+    (["distill.temperature=0"], "distill.temperature must be > 0"),
+    (["distill.seq_len=1"], "distill.seq_len must be >= 2"),
+    (["eval.tasks=[]"], "at least one task"),
+    (["eval.limit"], "section.key=value"),
+])
+def test_bad_settings_name_the_setting(overrides, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config("smoke", overrides)
+
+
+def test_literal_errors_list_allowed_values():
+    with pytest.raises(ConfigError) as err:
+        load_config("smoke", ["data.mode=cloud"])
+    assert "'offline'" in str(err.value) and "'hub'" in str(err.value) and "cloud" in str(err.value)
+
+
+def test_unknown_profile_lists_profiles():
+    with pytest.raises(ConfigError, match="allowed: .*quick.*smoke"):
+        load_config("nope")
+
+
+def test_every_setting_has_help():
+    lines = describe_settings().splitlines()
+    assert len(lines) > 30
+    assert all(line.split(": ", 1)[1].strip() for line in lines), "a setting lacks a doc string"
+    assert TailorConfig.model_fields.keys() >= {"model", "data", "eval", "prune", "distill", "tracking"}

@@ -1,0 +1,55 @@
+import json
+
+import pytest
+
+from tailor.config import DataConfig, EvalConfig
+from tailor.evaluation import EvalSetupError, check_tasks, evaluate_model
+
+
+def _offline(path) -> DataConfig:
+    return DataConfig(data_dir=str(path))
+
+
+def test_unknown_task_lists_close_matches(shared_data):
+    with pytest.raises(EvalSetupError, match="unknown lm-eval task 'arc_easyy'.*arc_easy"):
+        check_tasks(("arc_easyy",), _offline(shared_data))
+
+
+def test_missing_data_folder_is_named(tmp_path):
+    with pytest.raises(EvalSetupError, match="data.data_dir: .*arc_easy/test.jsonl is missing"):
+        check_tasks(("arc_easy",), _offline(tmp_path))
+
+
+def test_missing_field_names_file_line_and_field(tmp_path):
+    f = tmp_path / "benchmarks" / "winogrande" / "validation.jsonl"
+    f.parent.mkdir(parents=True)
+    good = {"sentence": "a _ b", "option1": "x", "option2": "y", "answer": "1"}
+    f.write_text(json.dumps(good) + "\n" + json.dumps({k: v for k, v in good.items() if k != "option2"}) + "\n")
+    with pytest.raises(EvalSetupError, match=r"validation.jsonl:2: missing field\(s\) \['option2'\]"):
+        check_tasks(("winogrande",), _offline(tmp_path))
+
+
+def test_empty_file_is_an_error_not_a_zero(tmp_path):
+    f = tmp_path / "benchmarks" / "lambada_openai" / "test.jsonl"
+    f.parent.mkdir(parents=True)
+    f.write_text("\n")
+    with pytest.raises(EvalSetupError, match="no rows"):
+        check_tasks(("lambada_openai",), _offline(tmp_path))
+
+
+def test_offline_evaluation_of_the_four_tasks(tiny_model, tiny_tokenizer, shared_data):
+    result = evaluate_model(tiny_model, tiny_tokenizer, EvalConfig(limit=4, batch_size=4), _offline(shared_data))
+    m = result["metrics"]
+    assert set(m) == {"arc_easy", "winogrande", "hellaswag", "lambada_openai"}
+    assert set(m["arc_easy"]) == {"acc", "acc_norm"} and set(m["hellaswag"]) == {"acc", "acc_norm"}
+    assert set(m["winogrande"]) == {"acc"} and set(m["lambada_openai"]) == {"acc", "perplexity"}
+    for task, metrics in m.items():
+        assert result["n_samples"][task] == 4
+        assert len(result["items"][task]) == 4
+        for metric, score in metrics.items():
+            assert score["stderr"] is not None and score["stderr"] >= 0, (task, metric)
+            if metric != "perplexity":
+                assert 0.0 <= score["value"] <= 1.0
+                items = [v[metric] for v in result["items"][task].values()]
+                assert score["value"] == pytest.approx(sum(items) / len(items))
+    assert m["lambada_openai"]["perplexity"]["value"] > 1.0

@@ -1,0 +1,104 @@
+"""The whole flow on the tiny model through a real Prefect and a real MLflow sqlite store."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.integration
+
+HEAVY = ("materialize-model", "prune-model", "distill-model", "evaluate-original", "evaluate-pruned",
+         "evaluate-distilled", "measure-speed")
+
+
+def _run(work, shared_data, *overrides, expect_failure=False):
+    from flows.tailor_flow import tailor_flow
+
+    state = tailor_flow(profile="smoke", overrides=[f"work_dir={work}", f"data.data_dir={shared_data}", *overrides],
+                        out_dir=str(work / "out"), return_state=True)
+    assert state.is_failed() == expect_failure, state.message
+    return state
+
+
+def _task_states(state) -> dict[str, str]:
+    """Final state name of each stage task in a flow run, keyed by stage name."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    names = {}
+    for run in runs:
+        stage = next((h for h in HEAVY if run.name.startswith(h)), None)
+        if stage:
+            names[stage] = run.state.name
+    return names
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, shared_data):
+    work = tmp_path_factory.mktemp("flow")
+    state = _run(work, shared_data)
+    return work, state, state.result()
+
+
+def test_first_run_reports_three_models_and_registers_challenger(first_run):
+    work, state, result = first_run
+    assert all(v == "Completed" for v in _task_states(state).values())
+    report = json.loads((work / "out" / "report.json").read_text())
+    assert set(report["models"]) == {"original", "pruned", "distilled"}
+    assert report["models"]["original"]["layers"] == 4 and report["models"]["pruned"]["layers"] == 3
+    for model in report["models"].values():
+        assert set(model["metrics"]) == {"arc_easy", "winogrande", "hellaswag", "lambada_openai"}
+        assert model["tokens_per_s"] > 0 and isinstance(model["sample_continuation"], str)
+    assert report["distillation"]["optimizer_steps"] == 2
+    assert "| parameters |" in (work / "out" / "report.md").read_text()
+
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    version = client.get_model_version_by_alias("tailor-smoke", "challenger")
+    assert str(version.version) == result["version"]
+    assert version.tags["checkpoint_fingerprint"] == report["checkpoints"]["distilled"]["fingerprint"]
+    parent = client.get_run(result["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    stages = {r.data.tags["tailor.stage"] for r in children}
+    assert {"materialize", "prune", "distill", "evaluate-original", "evaluate-pruned", "evaluate-distilled",
+            "measure-speed", "compare", "register"} <= stages
+    distill_run = next(r for r in children if r.data.tags["tailor.stage"] == "distill")
+    losses = client.get_metric_history(distill_run.info.run_id, "kd_loss")
+    assert [m.step for m in losses] == [1, 2]
+    assert distill_run.data.params["temperature"] == "2.0"
+
+
+def test_second_identical_run_is_served_from_cache(first_run, shared_data):
+    work, _, result = first_run
+    state = _run(work, shared_data)
+    assert _task_states(state) == {stage: "Cached" for stage in HEAVY}
+    # The same weights are not registered twice.
+    assert state.result()["version"] == result["version"]
+
+
+def test_changing_a_distillation_setting_reruns_only_what_follows(first_run, shared_data):
+    work, _, _ = first_run
+    states = _task_states(_run(work, shared_data, "distill.learning_rate=0.002"))
+    assert {s: states[s] for s in ("materialize-model", "prune-model", "evaluate-original", "evaluate-pruned")} == \
+        dict.fromkeys(("materialize-model", "prune-model", "evaluate-original", "evaluate-pruned"), "Cached")
+    assert {s: states[s] for s in ("distill-model", "evaluate-distilled", "measure-speed")} == \
+        dict.fromkeys(("distill-model", "evaluate-distilled", "measure-speed"), "Completed")
+
+
+def test_failed_stage_marks_runs_failed_and_keeps_earlier_stages(first_run, shared_data):
+    work, _, _ = first_run
+    # A vanishing temperature turns the softened logits into inf/inf: a non-finite loss.
+    state = _run(work, shared_data, "distill.temperature=1e-40", expect_failure=True)
+    assert "stage 'distill' failed" in state.message or "non-finite" in str(state.message)
+    states = _task_states(state)
+    assert states["materialize-model"] == states["prune-model"] == "Cached"
+    assert states["distill-model"] == "Failed"
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    failed = client.search_runs(client.get_experiment_by_name("llm-tailor").experiment_id,
+                                filter_string="tags.`tailor.failed_stage` = 'distill'")
+    assert len(failed) == 1 and failed[0].info.status == "FAILED"
