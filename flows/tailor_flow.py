@@ -12,16 +12,16 @@ import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.artifacts import create_link_artifact
 from prefect.context import get_run_context
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from tailor import tracking
-from tailor.compare import build_report, render_markdown, write_report
 from tailor.config import load_config
 from tailor.preflight import preflight
 from tasks.measure import evaluate_model, measure_speed
 from tasks.models import distill_model, materialize_model, prune_model
+from tasks.report import compare_models
 from tasks.tracking import log_stage, register_model
 
 
@@ -53,6 +53,7 @@ def tailor_flow(profile: str = "quick", overrides: list[str] | None = None, out_
         materialized = materialize_model(cfg.model, cfg.work_dir)
         base = materialized["ref"]
         log("materialize", params=cfg.model.model_dump(), metrics={"seconds": materialized["seconds"]})
+
         def evaluate(name: str, ref):
             task = evaluate_model.with_options(task_run_name=f"evaluate-{name}")
             run = task.submit if cfg.runner.concurrent else _completed(task)
@@ -82,7 +83,8 @@ def tailor_flow(profile: str = "quick", overrides: list[str] | None = None, out_
         log("measure-speed", params=cfg.speed.model_dump(),
             metrics={name: {k: v for k, v in p.items() if isinstance(v, (int, float))} for name, p in profiles.items()})
         stage = "compare"
-        report = build_report(profiles, results, {
+        out = Path(out_dir).expanduser().resolve() if out_dir else Path(cfg.work_dir) / "reports" / flow_run_name
+        report = compare_models(profiles, results, {
             "profile": cfg.profile, "config": cfg.model_dump(), "eval_limit": cfg.eval.limit,
             "pruning": {k: v for k, v in pruned.items() if k != "ref"},
             "distillation": kd,
@@ -93,13 +95,10 @@ def tailor_flow(profile: str = "quick", overrides: list[str] | None = None, out_
                               **{f"measure-speed-{n}": p["seconds"] for n, p in profiles.items()}},
             "checkpoints": {k: {"path": r.path, "fingerprint": r.fingerprint} for k, r in refs.items()},
             "mlflow": {"tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent},
-        })
-        out = Path(out_dir).expanduser().resolve() if out_dir else Path(cfg.work_dir) / "reports" / flow_run_name
-        report["flow_seconds_before_report"] = time.perf_counter() - start
-        json_path, md_path = write_report(report, out)
-        create_markdown_artifact(key="tailor-report", markdown=render_markdown(report),
-                                 description=f"llm-tailor comparison, profile {cfg.profile}")
-        log("compare", params={"out_dir": str(out)}, artifacts=[str(json_path), str(md_path)],
+            "flow_seconds_before_report": time.perf_counter() - start,
+        }, str(out))
+        json_path, md_path = report["report_json"], report["report_md"]
+        log("compare", params={"out_dir": str(out)}, artifacts=[json_path, md_path],
             metrics={name: {"mean_acc_retention_pct": c["mean_acc_retention_pct"], "speedup": c["speedup"]}
                      for name, c in report["vs_original"].items()})
         stage = "register"
@@ -113,7 +112,7 @@ def tailor_flow(profile: str = "quick", overrides: list[str] | None = None, out_
         raise StageFailed(f"stage {stage!r} failed: {exc}") from exc
     tracking.log_metrics(client, parent, {"flow_seconds": time.perf_counter() - start})
     tracking.end_run(client, parent)
-    return {"report_json": str(json_path), "report_md": str(md_path), "registered_model": cfg.tracking.registered_model,
+    return {"report_json": json_path, "report_md": md_path, "registered_model": cfg.tracking.registered_model,
             "version": version, "alias": cfg.tracking.alias, "parent_run_id": parent}
 
 

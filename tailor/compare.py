@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .stats import paired_item_deltas
+
 MODELS = ("original", "pruned", "distilled")
 # Lower is better for these; retention is then original / model.
 LOWER_IS_BETTER = {"perplexity"}
@@ -40,6 +42,14 @@ def build_report(profiles: dict[str, dict], evals: dict[str, dict], extra: dict)
                     "delta": score["value"] - orig,
                     "retention_pct": retention_pct(metric, orig, score["value"]),
                 }
+                items_base = evals["original"].get("items", {}).get(task)
+                items_model = evals[name].get("items", {}).get(task)
+                if items_base and items_model:
+                    # Paired over the same documents: 95% bootstrap interval of the difference.
+                    paired = paired_item_deltas(items_base, items_model, metric)
+                    if paired is not None:
+                        per_task[task][metric]["paired_ci95"] = [paired["ci_low"], paired["ci_high"]]
+                        per_task[task][metric]["significant"] = paired["significant"]
         accs = [v["acc"]["retention_pct"] for v in per_task.values() if v.get("acc", {}).get("retention_pct") is not None]
         changes[name] = {
             "tasks": per_task,
@@ -74,15 +84,17 @@ def render_markdown(report: dict) -> str:
 
     lines += ["", "## Task metrics", "",
               "Value ± standard error; for the pruned and distilled models also the change vs the original "
-              "and the retention (for perplexity, lower is better and retention is original / model).", "",
-              "| task | metric | original | pruned | Δ | retention | distilled | Δ | retention |",
+              "with its paired bootstrap 95% interval over the same documents (**bold** = significant: the "
+              "interval excludes zero), and the retention (for perplexity, lower is better and retention is "
+              "original / model).", "",
+              "| task | metric | original | pruned | Δ [95% CI] | retention | distilled | Δ [95% CI] | retention |",
               "|---|---|---|---|---|---|---|---|---|"]
     for task, metrics in models["original"]["metrics"].items():
         for metric, score in metrics.items():
             cells = [task, metric, _score(score)]
             for n in MODELS[1:]:
                 c = changes[n]["tasks"][task][metric]
-                cells += [_score(models[n]["metrics"][task][metric]), f"{c['delta']:+.4f}",
+                cells += [_score(models[n]["metrics"][task][metric]), _delta(c),
                           _fmt(c['retention_pct'], '.1f') + ("%" if c['retention_pct'] is not None else "")]
             lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Mean accuracy retention: " + ", ".join(
@@ -108,6 +120,21 @@ def render_markdown(report: dict) -> str:
         lines += ["", "## Where the time went", "", "| stage | seconds |", "|---|---|"]
         lines += [f"| {k} | {v:.1f} |" for k, v in report["stage_seconds"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _delta(change: dict) -> str:
+    text = f"{change['delta']:+.4f}"
+    if "paired_ci95" in change:
+        low, high = change["paired_ci95"]
+        text += f" [{low:+.3f}, {high:+.3f}]"
+        if change["significant"]:
+            text = f"**{text}**"
+    return text
+
+
+def load_items(path: str | Path) -> dict:
+    """Per-document scores written by the evaluation stage."""
+    return json.loads(Path(path).read_text())["items"]
 
 
 def _score(score: dict) -> str:

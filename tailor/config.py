@@ -57,8 +57,14 @@ class EvalConfig(_Section):
     """lm-eval task names to run, zero-shot."""
     limit: int | None = 100
     """Documents per task (None = the whole split)."""
-    batch_size: int = 8
-    """lm-eval batch size."""
+    batch_size: int = Field(8, ge=1)
+    """Requests per forward pass."""
+    backend: Literal["fast", "hflm"] = "fast"
+    """fast: lm-eval's HFLM scoring only continuation positions (same numbers, less work); hflm: lm-eval's HFLM as is."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Weights and activations during evaluation; bfloat16 is faster on CPUs with bf16 units but not bit-exact."""
+    include_path: str = ""
+    """Folder of your own lm-eval task YAMLs, added to the stock tasks (select them by name in tasks)."""
     bootstrap_iters: int = 1000
     """Bootstrap iterations lm-eval uses for standard errors of non-mean metrics (lambada perplexity)."""
 

@@ -45,24 +45,27 @@ class TaskScore:
     stderr: float | None
 
 
-def _task_manager():
+def _task_manager(include_path: str = ""):
     from lm_eval.tasks import TaskManager
 
-    return TaskManager()
+    if include_path and not Path(include_path).is_dir():
+        raise EvalSetupError(f"eval.include_path={include_path!r} is not a folder of lm-eval task YAMLs")
+    return TaskManager(include_path=include_path or None)
 
 
-def check_tasks(tasks: tuple[str, ...], data: DataConfig) -> None:
-    """Fail fast on unknown task names and missing or malformed offline files."""
-    known = set(_task_manager().all_tasks)
+def check_tasks(tasks: tuple[str, ...], data: DataConfig, include_path: str = "") -> None:
+    """Fail fast on unknown task names and missing or malformed offline files.
+
+    In offline mode the reference tasks read the offline data folder; any other task
+    (stock or from ``include_path``) runs on the dataset its own YAML names.
+    """
+    known = set(_task_manager(include_path).all_tasks)
     for task in tasks:
         if task not in known:
             close = difflib.get_close_matches(task, sorted(known), n=5)
             raise EvalSetupError(f"eval.tasks: unknown lm-eval task {task!r}"
                                  + (f"; close matches: {', '.join(close)}" if close else ""))
-        if data.mode == "offline":
-            if task not in OFFLINE_SPLITS:
-                raise EvalSetupError(f"eval.tasks: {task!r} has no offline data; offline mode supports "
-                                     f"{', '.join(OFFLINE_SPLITS)} (or use data.mode=hub)")
+        if data.mode == "offline" and task in OFFLINE_SPLITS:
             _check_offline_file(task, Path(data.data_dir) / OFFLINE_SPLITS[task][0])
 
 
@@ -94,6 +97,9 @@ def task_specs(tasks: tuple[str, ...], data: DataConfig, manager=None) -> list[A
     manager = manager or _task_manager()
     specs = []
     for task in tasks:
+        if task not in OFFLINE_SPLITS:
+            specs.append(task)
+            continue
         rel, split = OFFLINE_SPLITS[task]
         spec = _stock_config(manager, task)
         # Zero-shot on one local split: every other split the stock task names is absent.
@@ -126,7 +132,7 @@ def evaluate_checkpoint(ref: CheckpointRef, cfg: EvalConfig, data: DataConfig, o
     """
     if out_file.exists():
         return json.loads(out_file.read_text())
-    model, tokenizer = load_model(ref)
+    model, tokenizer = load_model(ref, dtype=cfg.dtype)
     result = evaluate_model(model, tokenizer, cfg, data)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_file.with_suffix(".partial")
@@ -139,12 +145,15 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, data: DataConfig) -> dict:
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    check_tasks(cfg.tasks, data)
+    from .fast_lm import FastHFLM
+
+    check_tasks(cfg.tasks, data, cfg.include_path)
     # lm-eval's bootstrap forks a process pool; forking a threaded process (a Prefect
     # task runner) can deadlock, so bootstrap in-process.
     os.environ["DISABLE_MULTIPROC"] = "1"
-    manager = _task_manager()
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size)
+    manager = _task_manager(cfg.include_path)
+    lm_class = FastHFLM if cfg.backend == "fast" else HFLM
+    lm = lm_class(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size)
     out = lm_eval.simple_evaluate(
         model=lm, tasks=task_specs(cfg.tasks, data, manager), task_manager=manager, num_fewshot=0,
         limit=cfg.limit, log_samples=True, bootstrap_iters=cfg.bootstrap_iters, random_seed=0,
@@ -154,7 +163,10 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, data: DataConfig) -> dict:
         "metrics": {task: _task_metrics(out["results"][task]) for task in cfg.tasks},
         "items": {task: _item_scores(out["samples"][task]) for task in cfg.tasks},
         "n_samples": {task: len(out["samples"][task]) for task in cfg.tasks},
+        "requests": {task: [_responses(s) for s in out["samples"][task]] for task in cfg.tasks},
         "limit": cfg.limit,
+        "backend": cfg.backend,
+        "dtype": cfg.dtype,
         "data_mode": data.mode,
         "lm_eval_version": _lm_eval_version(),
     }
@@ -177,6 +189,12 @@ def _item_scores(samples: list[dict]) -> dict[str, dict[str, float]]:
     for s in samples:
         items[str(s["doc_id"])] = {m: float(s[m]) for m in ("acc", "acc_norm") if m in s}
     return items
+
+
+def _responses(sample: dict) -> list[list]:
+    """The raw (loglikelihood, is_greedy) answer of each request of one document."""
+    return [[float(r[0][0]), bool(r[0][1])] if isinstance(r[0], (list, tuple)) else [float(r[0]), None]
+            for r in sample["resps"]]
 
 
 def _lm_eval_version() -> str:

@@ -35,6 +35,6 @@ def preflight(cfg: TailorConfig) -> None:
     check_source(cfg.model)
     resolve_indices(source_num_layers(cfg.model), cfg.prune.num_layers, cfg.prune.indices)
     ensure_offline_data(cfg)
-    check_tasks(cfg.eval.tasks, cfg.data)
+    check_tasks(cfg.eval.tasks, cfg.data, cfg.eval.include_path)
     check_corpus(cfg.distill, cfg.data)
     tracking.check_reachable(cfg.tracking_uri)

@@ -38,3 +38,21 @@ def test_report_deltas_speedup_and_markdown():
     md = render_markdown(report)
     assert "| arc_easy | acc | 0.6000 ± 0.0500 | 0.3000 ± 0.0500 | -0.3000 | 50.0% |" in md
     assert "1.25x" in md and "[16, 17]" in md
+
+
+def test_report_carries_paired_intervals_when_items_are_given():
+    items_orig = {str(i): {"acc": 1.0} for i in range(50)}
+    items_pruned = {str(i): {"acc": 0.0 if i < 40 else 1.0} for i in range(50)}
+    evals = {"original": {**_eval(1.0, 10.0), "items": {"arc_easy": items_orig}},
+             "pruned": {**_eval(0.2, 20.0), "items": {"arc_easy": items_pruned}},
+             "distilled": {**_eval(1.0, 10.0), "items": {"arc_easy": items_orig}}}
+    profiles = {n: _profile(1000, 18, 5.0) for n in ("original", "pruned", "distilled")}
+    report = build_report(profiles, evals, {"pruning": {"removed_layers": [17]}})
+    pruned = report["vs_original"]["pruned"]["tasks"]["arc_easy"]["acc"]
+    low, high = pruned["paired_ci95"]
+    assert high < 0 and pruned["significant"]
+    distilled = report["vs_original"]["distilled"]["tasks"]["arc_easy"]["acc"]
+    assert distilled["paired_ci95"] == [0.0, 0.0] and not distilled["significant"]
+    md = render_markdown(report)
+    assert f"**-0.8000 [{low:+.3f}, {high:+.3f}]**" in md
+    assert "paired" not in str(report["vs_original"]["pruned"]["tasks"]["lambada_openai"])

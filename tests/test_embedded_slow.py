@@ -54,3 +54,13 @@ def test_prune_evaluate_and_distill_the_real_model(embedded, shared_data):
     assert record["optimizer_steps"] == 2
     assert all(0 < loss < 50 for loss in record["losses"])
     assert not torch.equal(before, student.model.layers[0].mlp.up_proj.weight)
+
+
+def test_fast_scoring_matches_hflm_on_the_real_model(embedded, shared_data):
+    from test_fast_lm import assert_same_evaluation
+
+    model, tokenizer = load_model(embedded)
+    data = DataConfig(data_dir=str(shared_data))
+    ours = evaluate_model(model, tokenizer, EvalConfig(limit=2, batch_size=4, backend="fast"), data)
+    theirs = evaluate_model(model, tokenizer, EvalConfig(limit=2, batch_size=1, backend="hflm"), data)
+    assert assert_same_evaluation(ours, theirs) <= 1e-4

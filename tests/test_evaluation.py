@@ -53,3 +53,24 @@ def test_offline_evaluation_of_the_four_tasks(tiny_model, tiny_tokenizer, shared
                 items = [v[metric] for v in result["items"][task].values()]
                 assert score["value"] == pytest.approx(sum(items) / len(items))
     assert m["lambada_openai"]["perplexity"]["value"] > 1.0
+
+
+def test_a_task_from_the_users_folder(tiny_model, tiny_tokenizer, tmp_path, shared_data):
+    """Any lm-eval task works: here a user's own multiple-choice YAML over a local file."""
+    rows = [{"q": "Is fire hot?", "options": ["yes", "no"], "gold": 0},
+            {"q": "Is ice hot?", "options": ["yes", "no"], "gold": 1},
+            {"q": "Is the sky green?", "options": ["yes", "no"], "gold": 1}]
+    data_file = tmp_path / "qa.jsonl"
+    data_file.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    tasks_dir = tmp_path / "my_tasks"
+    tasks_dir.mkdir()
+    (tasks_dir / "my_qa.yaml").write_text(
+        "task: my_qa\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: " + str(data_file) + "\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{q}} Answer:'\n"
+        "doc_to_choice: '{{options}}'\ndoc_to_target: gold\nmetric_list:\n  - metric: acc\n")
+    cfg = EvalConfig(tasks=("my_qa", "winogrande"), limit=3, include_path=str(tasks_dir))
+    result = evaluate_model(tiny_model, tiny_tokenizer, cfg, _offline(shared_data))
+    assert result["n_samples"] == {"my_qa": 3, "winogrande": 3}
+    assert len(result["requests"]["my_qa"]) == 3 and all(len(doc) == 2 for doc in result["requests"]["my_qa"])
+    with pytest.raises(EvalSetupError, match="eval.include_path"):
+        check_tasks(("my_qa",), _offline(shared_data), str(tmp_path / "nope"))

@@ -1,0 +1,31 @@
+"""Helpers shared by the benchmark scripts (not part of the product)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def default_work_dir() -> str:
+    return str(Path(os.environ.get("TAILOR_HOME", "tailor-work")).resolve())
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 10, dtype: torch.dtype = torch.float32) -> float:
+    """This CPU's dense matmul throughput, measured now (GFLOP/s)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def print_summary(summary: dict) -> None:
+    """The last line of every benchmark: one JSON object with every figure printed."""
+    print(json.dumps(summary, sort_keys=True))

@@ -1,0 +1,42 @@
+"""Uncertainty of accuracy differences between two models scored on the same items."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def paired_bootstrap(base: Sequence[float], other: Sequence[float], iters: int = 2000, seed: int = 0,
+                     level: float = 0.95) -> dict[str, float | bool]:
+    """Mean of ``other - base`` over paired items and its percentile bootstrap interval.
+
+    Items are resampled with replacement as pairs, so the interval reflects the
+    noise of the item sample, not of two independent samples. ``significant`` is
+    true when the interval excludes zero.
+    """
+    if len(base) != len(other):
+        raise ValueError(f"paired items differ in number: {len(base)} vs {len(other)}")
+    if not base:
+        raise ValueError("no paired items")
+    diffs = np.asarray(other, dtype=np.float64) - np.asarray(base, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = np.empty(iters)
+    chunk = max(1, 2_000_000 // len(diffs))  # bound the index matrix to ~16 MB
+    for start in range(0, iters, chunk):
+        stop = min(iters, start + chunk)
+        means[start:stop] = diffs[rng.integers(0, len(diffs), size=(stop - start, len(diffs)))].mean(axis=1)
+    alpha = (1 - level) / 2
+    low, high = np.quantile(means, [alpha, 1 - alpha])
+    return {"delta": float(diffs.mean()), "ci_low": float(low), "ci_high": float(high),
+            "significant": bool(low > 0 or high < 0), "n": int(len(diffs))}
+
+
+def paired_item_deltas(base_items: dict[str, dict[str, float]], other_items: dict[str, dict[str, float]],
+                       metric: str) -> dict[str, float | bool] | None:
+    """paired_bootstrap over the documents both evaluations scored for ``metric``."""
+    shared = sorted(set(base_items) & set(other_items), key=lambda k: (len(k), k))
+    shared = [k for k in shared if metric in base_items[k] and metric in other_items[k]]
+    if not shared:
+        return None
+    return paired_bootstrap([base_items[k][metric] for k in shared], [other_items[k][metric] for k in shared])

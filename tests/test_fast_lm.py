@@ -1,0 +1,67 @@
+"""FastHFLM gives lm-eval's HFLM numbers: same per-request log-likelihoods, greedy flags, metrics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lm_eval.api.instance import Instance
+from lm_eval.models.huggingface import HFLM
+
+from tailor.config import DataConfig, EvalConfig
+from tailor.evaluation import evaluate_model
+from tailor.fast_lm import FastHFLM
+
+
+def assert_same_evaluation(ours: dict, theirs: dict, tol: float = 1e-4) -> float:
+    """Every request's (loglikelihood, greedy) and every metric agree; returns the max |Δ loglik|."""
+    worst = 0.0
+    for task in theirs["requests"]:
+        assert len(ours["requests"][task]) == len(theirs["requests"][task])
+        for doc_ours, doc_theirs in zip(ours["requests"][task], theirs["requests"][task]):
+            for (ll_a, greedy_a), (ll_b, greedy_b) in zip(doc_ours, doc_theirs, strict=True):
+                worst = max(worst, abs(ll_a - ll_b))
+                assert greedy_a == greedy_b, task
+        for metric, score in theirs["metrics"][task].items():
+            assert ours["metrics"][task][metric]["value"] == pytest.approx(score["value"], rel=1e-4), (task, metric)
+    assert worst <= tol
+    return worst
+
+
+def test_parity_on_the_four_reference_tasks(tiny_model, tiny_tokenizer, shared_data):
+    data = DataConfig(data_dir=str(shared_data))
+    ours = evaluate_model(tiny_model, tiny_tokenizer, EvalConfig(limit=6, batch_size=5, backend="fast"), data)
+    theirs = evaluate_model(tiny_model, tiny_tokenizer, EvalConfig(limit=6, batch_size=1, backend="hflm"), data)
+    assert_same_evaluation(ours, theirs)
+    # lambada exercises the greedy check and the perplexity aggregation.
+    assert "perplexity" in ours["metrics"]["lambada_openai"]
+
+
+def _requests(kind: str, args_list):
+    return [Instance(kind, {}, args, i) for i, args in enumerate(args_list)]
+
+
+def test_loglikelihood_greedy_and_rolling_requests(tiny_model, tiny_tokenizer):
+    fast = FastHFLM(pretrained=tiny_model, tokenizer=tiny_tokenizer, batch_size=3)
+    ref = HFLM(pretrained=tiny_model, tokenizer=tiny_tokenizer, batch_size=1)
+    pairs = [("The capital of", " France"), ("A student learns from", " a teacher and more"),
+             ("Hello", " world"), ("The quick brown fox " * 30, " ok"), ("the the the the", " the")]
+    a = fast.loglikelihood(_requests("loglikelihood", pairs), disable_tqdm=True)
+    b = ref.loglikelihood(_requests("loglikelihood", pairs), disable_tqdm=True)
+    for (ll_a, g_a), (ll_b, g_b) in zip(a, b):
+        assert ll_a == pytest.approx(ll_b, abs=1e-4) and g_a == g_b
+    texts = [("A student learns from a teacher. " * 5,), ("short text",)]
+    rolling_a = fast.loglikelihood_rolling(_requests("loglikelihood_rolling", texts), disable_tqdm=True)
+    rolling_b = ref.loglikelihood_rolling(_requests("loglikelihood_rolling", texts), disable_tqdm=True)
+    assert rolling_a == pytest.approx(rolling_b, abs=1e-4)
+
+
+def test_a_greedy_continuation_is_flagged(tiny_model, tiny_tokenizer):
+    fast = FastHFLM(pretrained=tiny_model, tokenizer=tiny_tokenizer, batch_size=2)
+    context = tiny_tokenizer("The capital of")["input_ids"]
+    out = tiny_model.generate(input_ids=torch.tensor([context]), max_new_tokens=3, do_sample=False)[0].tolist()
+    greedy = out[len(context):]
+    other = [(greedy[0] + 1) % len(tiny_tokenizer)] + greedy[1:]
+    (ll_g, is_g), (ll_o, is_o) = fast._loglikelihood_tokens([(None, context, greedy), (None, context, other)],
+                                                            disable_tqdm=True)
+    assert is_g and not is_o
+    assert ll_g > ll_o
