@@ -61,6 +61,8 @@ class EvalConfig(_Section):
     """Requests per forward pass."""
     backend: Literal["fast", "hflm"] = "fast"
     """fast: lm-eval's HFLM scoring only continuation positions (same numbers, less work); hflm: lm-eval's HFLM as is."""
+    share_context: bool = False
+    """fast backend: run a context shared by several choices once and reuse its KV cache (exact; slower on small CPUs, where batch-1 prefix passes cost more than they save)."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Weights and activations during evaluation; bfloat16 is faster on CPUs with bf16 units but not bit-exact."""
     include_path: str = ""

@@ -154,6 +154,8 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, data: DataConfig) -> dict:
     manager = _task_manager(cfg.include_path)
     lm_class = FastHFLM if cfg.backend == "fast" else HFLM
     lm = lm_class(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size)
+    if isinstance(lm, FastHFLM):
+        lm.share_context = cfg.share_context
     out = lm_eval.simple_evaluate(
         model=lm, tasks=task_specs(cfg.tasks, data, manager), task_manager=manager, num_fewshot=0,
         limit=cfg.limit, log_samples=True, bootstrap_iters=cfg.bootstrap_iters, random_seed=0,

@@ -65,3 +65,21 @@ def test_a_greedy_continuation_is_flagged(tiny_model, tiny_tokenizer):
                                                             disable_tqdm=True)
     assert is_g and not is_o
     assert ll_g > ll_o
+
+
+def test_shared_context_reuse_matches_separate_forwards(tiny_model, tiny_tokenizer):
+    fast = FastHFLM(pretrained=tiny_model, tokenizer=tiny_tokenizer, batch_size=4)
+    ref = HFLM(pretrained=tiny_model, tokenizer=tiny_tokenizer, batch_size=1)
+    # Two questions with three and two choices (one single-token choice), contexts longer
+    # than the tiny model's sliding window of 16 tokens, and one lone request.
+    long_ctx = "Question: which animal is the largest mammal that lives in the sea today? Answer:"
+    pairs = [(long_ctx, " a whale"), (long_ctx, " a very small brown dog"), (long_ctx, " x"),
+             ("The capital of France is", " Paris"), ("The capital of France is", " a city by a river"),
+             ("Alone here", " yes")]
+    plain, groups = fast._split_shared_contexts(
+        [(None, *fast._encode_pair(c, x)) for c, x in pairs])
+    assert sorted(map(sorted, groups)) == [[0, 1, 2], [3, 4]] and plain == [5]
+    ours = fast.loglikelihood(_requests("loglikelihood", pairs), disable_tqdm=True)
+    theirs = ref.loglikelihood(_requests("loglikelihood", pairs), disable_tqdm=True)
+    for (ll_a, g_a), (ll_b, g_b) in zip(ours, theirs, strict=True):
+        assert ll_a == pytest.approx(ll_b, abs=1e-4) and g_a == g_b
