@@ -69,6 +69,7 @@ def test_a_greedy_continuation_is_flagged(tiny_model, tiny_tokenizer):
 
 def test_shared_context_reuse_matches_separate_forwards(tiny_model, tiny_tokenizer):
     fast = FastHFLM(pretrained=tiny_model, tokenizer=tiny_tokenizer, batch_size=4)
+    fast.share_context = True
     ref = HFLM(pretrained=tiny_model, tokenizer=tiny_tokenizer, batch_size=1)
     # Two questions with three and two choices (one single-token choice), contexts longer
     # than the tiny model's sliding window of 16 tokens, and one lone request.
