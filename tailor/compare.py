@@ -109,6 +109,11 @@ def render_markdown(report: dict) -> str:
                  f"({changes['pruned']['params_removed']:,} parameters, {changes['pruned']['params_removed_pct']:.2f}%)")
     kd = report.get("distillation", {})
     if kd:
+        if "loss" in kd:
+            loss = kd["loss"]
+            lines.append("- distillation loss: " + ("the book's (batchmean KL over padded positions)" if loss["book"]
+                         else f"{loss['kind']} at T={loss['temperature']} scaled by T², alpha={loss['alpha']}, "
+                              "real tokens only"))
         lines.append(f"- distillation: {kd['optimizer_steps']} optimiser steps on {kd['num_samples']} samples, "
                      f"{kd['train_tokens']:,} tokens in {kd['train_seconds']:.1f} s "
                      f"({kd['train_tokens_per_s']:.1f} tokens/s); loss {kd['losses'][0]:.4f} → {kd['losses'][-1]:.4f}")

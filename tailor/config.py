@@ -120,6 +120,14 @@ class SpeedConfig(_Section):
 class DistillConfig(_Section):
     temperature: float = 2.0
     """Softmax temperature T for teacher and student; the loss is scaled by T^2."""
+    loss: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    """Divergence between softened teacher and student distributions."""
+    alpha: float = 0.0
+    """Weight of the next-token cross-entropy in the loss: (1 - alpha) * T^2 * divergence + alpha * CE."""
+    jsd_beta: float = 0.5
+    """Teacher weight of the mixture in the generalised JSD (loss=jsd), in (0, 1)."""
+    book_loss: bool = False
+    """Reproduce the book's loss exactly: kl_div batchmean over the padded [B, T, V] tensor, no T^2, padding included."""
     learning_rate: float = 1e-5
     """AdamW learning rate."""
     weight_decay: float = 0.0
@@ -145,6 +153,8 @@ class DistillConfig(_Section):
     """Tokens per chunk of the vocabulary-sized loss computation (bounds memory)."""
     seed: int = 0
     """Seed for sample order and training."""
+    checkpoint_every: int = Field(50, ge=0)
+    """Save a resumable training state (student, optimiser, RNG, data position) every this many optimiser steps; 0 = never."""
     log_every: int = Field(1, ge=1)
     """Log the loss every this many optimiser steps."""
 
@@ -153,6 +163,20 @@ class DistillConfig(_Section):
     def _temperature(cls, v: float) -> float:
         if not v > 0:
             raise ValueError("distill.temperature must be > 0")
+        return v
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha(cls, v: float) -> float:
+        if not 0.0 <= v <= 1.0:
+            raise ValueError("distill.alpha must be in [0, 1]")
+        return v
+
+    @field_validator("jsd_beta")
+    @classmethod
+    def _jsd_beta(cls, v: float) -> float:
+        if not 0.0 < v < 1.0:
+            raise ValueError("distill.jsd_beta must be in (0, 1)")
         return v
 
     @field_validator("seq_len")

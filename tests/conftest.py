@@ -16,6 +16,9 @@ from pathlib import Path
 _SESSION_HOME = Path(tempfile.mkdtemp(prefix="tailor-tests-"))
 os.environ["PREFECT_HOME"] = str(_SESSION_HOME / "prefect")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+# Prefect's INFO lines (and the temporary server's goodbye, logged after pytest has
+# closed its capture streams) only clutter test output.
+os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
 # A 2-core CI machine busy with torch can take a while to boot the temporary server.
 os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "180"
 os.environ.pop("MLFLOW_TRACKING_URI", None)

@@ -35,6 +35,9 @@ def test_overrides_are_typed():
     (["distill.seq_len=1"], "distill.seq_len must be >= 2"),
     (["eval.tasks=[]"], "at least one task"),
     (["eval.limit"], "section.key=value"),
+    (["distill.alpha=1.5"], r"distill.alpha must be in \[0, 1\]"),
+    (["distill.jsd_beta=0"], r"distill.jsd_beta must be in \(0, 1\)"),
+    (["distill.loss=kl"], "distill.loss"),
 ])
 def test_bad_settings_name_the_setting(overrides, needle):
     with pytest.raises(ConfigError, match=needle):

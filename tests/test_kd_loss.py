@@ -3,35 +3,78 @@ import torch
 
 from tailor.config import DistillConfig
 from tailor.distill import DistillError, build_samples, distill
-from tailor.kd_loss import kd_loss_chunked, kd_loss_reference, output_logits
+import torch.nn.functional as F
+
+from tailor.kd_loss import IGNORE, LossSpec, kd_loss_chunked, kd_loss_reference, next_token_targets, output_logits
 
 
 def _hidden(model, ids, mask):
     return model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
 
 
+def _ids(mask):
+    return torch.arange(mask.numel()).reshape(mask.shape) % 7
+
+
 def test_reference_is_zero_for_identical_logits():
     logits = torch.randn(2, 5, 11)
     mask = torch.ones(2, 5, dtype=torch.long)
-    assert kd_loss_reference(logits, logits.clone(), mask, 2.0).item() == pytest.approx(0.0, abs=1e-6)
+    for kind in ("forward_kl", "reverse_kl", "jsd"):
+        loss = kd_loss_reference(logits, logits.clone(), mask, _ids(mask), LossSpec(kind=kind))
+        assert loss.item() == pytest.approx(0.0, abs=1e-6)
 
 
-def test_reference_matches_direct_formula_and_ignores_padding():
+def _direct(s, t, mask, T, kind, beta=0.5):
+    p, q = torch.softmax(t / T, -1), torch.softmax(s / T, -1)
+    if kind == "forward_kl":
+        per = (p * (p.log() - q.log())).sum(-1)
+    elif kind == "reverse_kl":
+        per = (q * (q.log() - p.log())).sum(-1)
+    else:
+        m = beta * p + (1 - beta) * q
+        per = beta * (p * (p.log() - m.log())).sum(-1) + (1 - beta) * (q * (q.log() - m.log())).sum(-1)
+    return (per * mask).sum() / mask.sum() * T * T
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+def test_each_divergence_matches_its_formula_and_ignores_padding(kind):
     torch.manual_seed(0)
     s, t = torch.randn(2, 4, 7), torch.randn(2, 4, 7)
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
-    T = 2.0
-    p = torch.softmax(t / T, -1)
-    kl = (p * (torch.log(p) - torch.log_softmax(s / T, -1))).sum(-1)
-    expected = (kl * mask).sum() / mask.sum() * T * T
-    assert kd_loss_reference(s, t, mask, T).item() == pytest.approx(expected.item(), rel=1e-6)
-    # Changing logits at padded positions changes nothing.
+    spec = LossSpec(temperature=2.0, kind=kind, jsd_beta=0.3)
+    expected = _direct(s, t, mask, 2.0, kind, beta=0.3)
+    assert kd_loss_reference(s, t, mask, _ids(mask), spec).item() == pytest.approx(expected.item(), rel=1e-5)
     s2 = s.clone()
-    s2[0, 3] += 100
-    assert kd_loss_reference(s2, t, mask, T).item() == pytest.approx(expected.item(), rel=1e-6)
+    s2[0, 3] += 100  # a padded position
+    assert kd_loss_reference(s2, t, mask, _ids(mask), spec).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
-def test_chunked_loss_equals_reference_in_value_and_gradient(tiny_model, tiny_tokenizer):
+def test_alpha_mixes_in_next_token_cross_entropy_over_real_targets():
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 4, 7), torch.randn(2, 4, 7)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    ids = torch.tensor([[1, 2, 3, 0], [4, 5, 6, 1]])
+    targets = next_token_targets(ids, mask)
+    assert targets.tolist() == [[2, 3, IGNORE, IGNORE], [5, 6, 1, IGNORE]]
+    ce = F.cross_entropy(s.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+    kd = _direct(s, t, mask, 2.0, "forward_kl")
+    got = kd_loss_reference(s, t, mask, ids, LossSpec(alpha=0.25))
+    assert got.item() == pytest.approx((0.75 * kd + 0.25 * ce).item(), rel=1e-5)
+
+
+def test_book_switch_is_the_notebooks_batchmean_kl():
+    torch.manual_seed(0)
+    s, t = torch.randn(3, 4, 7), torch.randn(3, 4, 7)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
+    T = 2.0
+    # The book: F.kl_div(log_softmax(s/T), softmax(t/T), reduction="batchmean"), padding included.
+    book = (torch.softmax(t / T, -1) * (torch.log_softmax(t / T, -1) - torch.log_softmax(s / T, -1))).sum() / 3
+    assert kd_loss_reference(s, t, mask, _ids(mask), LossSpec(book=True)).item() == pytest.approx(book.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("spec", [LossSpec(), LossSpec(kind="reverse_kl"), LossSpec(kind="jsd", jsd_beta=0.3),
+                                  LossSpec(alpha=0.5), LossSpec(book=True)])
+def test_chunked_loss_equals_reference_in_value_and_gradient(tiny_model, tiny_tokenizer, spec):
     teacher = tiny_model
     from tailor.tiny import build_tiny_gemma3
 
@@ -43,11 +86,11 @@ def test_chunked_loss_equals_reference_in_value_and_gradient(tiny_model, tiny_to
     with torch.no_grad():
         t_h = _hidden(teacher, ids, mask)
     ref = kd_loss_reference(output_logits(student, _hidden(student, ids, mask)),
-                            output_logits(teacher, t_h), mask, 2.0)
+                            output_logits(teacher, t_h), mask, ids, spec)
     ref.backward()
     ref_grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
     student.zero_grad()
-    chunked = kd_loss_chunked(student, teacher, _hidden(student, ids, mask), t_h, mask, 2.0, chunk_tokens=3)
+    chunked = kd_loss_chunked(student, teacher, _hidden(student, ids, mask), t_h, mask, ids, spec, chunk_tokens=3)
     chunked.backward()
     assert chunked.item() == pytest.approx(ref.item(), rel=1e-5)
     for name, grad in ref_grads.items():
