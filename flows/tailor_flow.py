@@ -88,11 +88,11 @@ def tailor_flow(profile: str = "quick", overrides: list[str] | None = None, out_
             "profile": cfg.profile, "config": cfg.model_dump(), "eval_limit": cfg.eval.limit,
             "pruning": {k: v for k, v in pruned.items() if k != "ref"},
             "distillation": kd,
-            # Compute time of each stage when it ran (a cached stage keeps its original figure).
-            "stage_seconds": {"materialize": materialized["seconds"], "prune": pruned["seconds"],
-                              "distill": distilled["seconds"],
-                              **{f"evaluate-{n}": r["seconds"] for n, r in results.items()},
-                              **{f"measure-speed-{n}": p["seconds"] for n, p in profiles.items()}},
+            # Compute time and process peak memory of each stage when it ran (a cached
+            # stage keeps its original figures).
+            "stages": _stage_costs({"materialize": materialized, "prune": pruned, "distill": distilled,
+                                    **{f"evaluate-{n}": r for n, r in results.items()},
+                                    **{f"measure-speed-{n}": p for n, p in profiles.items()}}),
             "checkpoints": {k: {"path": r.path, "fingerprint": r.fingerprint} for k, r in refs.items()},
             "mlflow": {"tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent},
             "flow_seconds_before_report": time.perf_counter() - start,
@@ -128,6 +128,10 @@ class _Done:
 
 def _completed(task):
     return lambda *args: _Done(task(*args))
+
+
+def _stage_costs(records: dict[str, dict]) -> dict[str, dict]:
+    return {stage: {"seconds": r["seconds"], "peak_rss_gib": r.get("peak_rss_gib")} for stage, r in records.items()}
 
 
 def _metric_values(metrics: dict) -> dict[str, float]:

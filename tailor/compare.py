@@ -121,9 +121,12 @@ def render_markdown(report: dict) -> str:
     prompt = models["original"]["sample_prompt"]
     for n in MODELS:
         lines.append(f"- **{n}**: {prompt}**{models[n]['sample_continuation']}**")
-    if report.get("stage_seconds"):
-        lines += ["", "## Where the time went", "", "| stage | seconds |", "|---|---|"]
-        lines += [f"| {k} | {v:.1f} |" for k, v in report["stage_seconds"].items()]
+    if report.get("stages"):
+        lines += ["", "## Where the time went", "",
+                  "Compute seconds of each stage when it ran, and the process's peak resident memory by its end.",
+                  "", "| stage | seconds | peak RSS (GiB) |", "|---|---|---|"]
+        lines += [f"| {k} | {v['seconds']:.1f} | {_fmt(v.get('peak_rss_gib'), '.2f')} |"
+                  for k, v in report["stages"].items()]
     return "\n".join(lines) + "\n"
 
 

@@ -149,7 +149,7 @@ class DistillConfig(_Section):
     """JSONL text files, relative to data_dir, used in offline mode."""
     max_grad_norm: float = Field(1.0, gt=0)
     """Gradient-norm clipping threshold."""
-    loss_chunk_tokens: int = Field(256, ge=1)
+    loss_chunk_tokens: int = Field(128, ge=1)
     """Tokens per chunk of the vocabulary-sized loss computation (bounds memory)."""
     seed: int = 0
     """Seed for sample order and training."""

@@ -1,0 +1,12 @@
+"""Process resource readings for the report."""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+
+def peak_rss_gib() -> float:
+    """Peak resident memory of this process so far, in GiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**30 if sys.platform == "darwin" else peak / 2**20  # bytes on macOS, KiB elsewhere
