@@ -11,7 +11,6 @@ import difflib
 import json
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +36,6 @@ REPORTED_METRICS = ("acc", "acc_norm", "perplexity")
 
 class EvalSetupError(TailorError, ValueError):
     """The evaluation cannot start: unknown task, missing or malformed data."""
-
-
-@dataclass(frozen=True)
-class TaskScore:
-    value: float
-    stderr: float | None
 
 
 def _task_manager(include_path: str = ""):
@@ -174,7 +167,8 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, data: DataConfig) -> dict:
     }
 
 
-def _task_metrics(raw: dict) -> dict[str, TaskScore | dict]:
+def _task_metrics(raw: dict) -> dict[str, dict]:
+    """{metric: {"value", "stderr"}} for the metrics we report."""
     scores = {}
     for metric in REPORTED_METRICS:
         key = f"{metric},none"
