@@ -46,13 +46,13 @@ def _task_manager(include_path: str = ""):
     return TaskManager(include_path=include_path or None)
 
 
-def check_tasks(tasks: tuple[str, ...], data: DataConfig, include_path: str = "") -> None:
+def check_tasks(tasks: tuple[str, ...], data: DataConfig, include_path: str = "", manager=None) -> None:
     """Fail fast on unknown task names and missing or malformed offline files.
 
     In offline mode the reference tasks read the offline data folder; any other task
     (stock or from ``include_path``) runs on the dataset its own YAML names.
     """
-    known = set(_task_manager(include_path).all_tasks)
+    known = set((manager or _task_manager(include_path)).all_tasks)
     for task in tasks:
         if task not in known:
             close = difflib.get_close_matches(task, sorted(known), n=5)
@@ -140,11 +140,11 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, data: DataConfig) -> dict:
 
     from .fast_lm import FastHFLM
 
-    check_tasks(cfg.tasks, data, cfg.include_path)
+    manager = _task_manager(cfg.include_path)
+    check_tasks(cfg.tasks, data, cfg.include_path, manager)
     # lm-eval's bootstrap forks a process pool; forking a threaded process (a Prefect
     # task runner) can deadlock, so bootstrap in-process.
     os.environ["DISABLE_MULTIPROC"] = "1"
-    manager = _task_manager(cfg.include_path)
     lm_class = FastHFLM if cfg.backend == "fast" else HFLM
     lm = lm_class(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size)
     if isinstance(lm, FastHFLM):
