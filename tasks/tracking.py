@@ -1,4 +1,4 @@
-"""Tasks that talk to MLflow and publish Prefect artifacts (I/O: retried, never cached)."""
+"""Tasks that talk to MLflow: a child run per stage, model registration (I/O: retried, never cached)."""
 
 from __future__ import annotations
 
