@@ -102,6 +102,13 @@ def kd_loss_chunked(student, teacher, student_hidden: torch.Tensor, teacher_hidd
     n_tokens = s_h.shape[0]
     if int(attention_mask.sum()) == 0:
         raise ValueError("batch has no real (non-padding) tokens")
+    n_targets = int((targets != IGNORE).sum())
+    if _plain_head(student) and _plain_head(teacher) and spec.kind != "jsd":
+        div_scale = 1 / input_ids.shape[0] if spec.book else (1 - spec.alpha) * spec.temperature**2 / n_tokens
+        ce_scale = 0.0 if spec.book else spec.alpha / max(n_targets, 1)
+        return _FusedHeadKD.apply(s_h, student.get_output_embeddings().weight, t_h,
+                                  teacher.get_output_embeddings().weight, targets, spec, div_scale, ce_scale,
+                                  chunk_tokens)
 
     def chunk_terms(s_chunk: torch.Tensor, t_logits: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
         s_logits = output_logits(student, s_chunk)
@@ -120,3 +127,66 @@ def kd_loss_chunked(student, teacher, student_hidden: torch.Tensor, teacher_hidd
         else:
             totals = totals + chunk_terms(s_chunk, t_logits, tgt)
     return _combine(totals[0], totals[1], n_tokens, int((targets != IGNORE).sum()), input_ids.shape[0], spec)
+
+
+def _plain_head(model) -> bool:
+    head = model.get_output_embeddings()
+    return (isinstance(head, torch.nn.Linear) and head.bias is None
+            and not getattr(model.config, "final_logit_softcapping", None))
+
+
+class _FusedHeadKD(torch.autograd.Function):
+    """The loss and its gradient in one pass over token chunks, for a bias-free linear head.
+
+    Per chunk, the gradient with respect to the student's logits has a closed form
+    ((q - p) / T for forward KL), so it is pushed through the head at once into the
+    hidden-state and weight gradients. Backward then only scales them: no logits are
+    kept or recomputed, and the head runs once forward and twice for gradients, as in
+    the full computation, without any [B, T, V] tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, s_h, weight, t_h, t_weight, targets, spec: LossSpec, div_scale: float, ce_scale: float,
+                chunk_tokens: int):
+        T = spec.temperature
+        grad_h = torch.empty(s_h.shape, dtype=torch.float32, device=s_h.device)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        total = torch.zeros((), dtype=torch.float32, device=s_h.device)
+        w32 = weight.float()
+        for start in range(0, s_h.shape[0], chunk_tokens):
+            stop = start + chunk_tokens
+            h = s_h[start:stop].float()
+            s_logits = h @ w32.T
+            t_logits = (t_h[start:stop] @ t_weight.T).float()
+            log_p = F.log_softmax(t_logits / T, dim=-1)
+            log_q = F.log_softmax(s_logits / T, dim=-1)
+            q = log_q.exp()
+            if spec.kind == "forward_kl":
+                p = log_p.exp()
+                per_token = (p * (log_p - log_q)).sum(-1)
+                grad = (q - p) / T
+            else:  # reverse_kl
+                log_ratio = log_q - log_p
+                per_token = (q * log_ratio).sum(-1)
+                grad = q * (log_ratio - per_token[:, None]) / T
+            total = total + div_scale * per_token.sum()
+            grad = grad * div_scale
+            if ce_scale:
+                tgt = targets[start:stop]
+                valid = tgt != IGNORE
+                log_s = F.log_softmax(s_logits, dim=-1)
+                rows = valid.nonzero().squeeze(1)
+                total = total - ce_scale * log_s[rows, tgt[rows]].sum()
+                ce_grad = log_s.exp()
+                ce_grad[rows, tgt[rows]] -= 1
+                ce_grad[~valid] = 0
+                grad = grad + ce_scale * ce_grad
+            grad_h[start:stop] = grad @ w32
+            grad_w += grad.T @ h
+        ctx.save_for_backward(grad_h.to(s_h.dtype), grad_w.to(weight.dtype))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_output * grad_h, grad_output * grad_w, None, None, None, None, None, None, None
