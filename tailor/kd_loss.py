@@ -2,9 +2,11 @@
 
 Gemma's vocabulary has 262,144 entries: a [8, 128, V] float32 tensor is 1 GiB.
 Instead of materialising full logits, we take the final hidden states of both
-models and apply each output head to a chunk of tokens at a time. The student's
-chunk is recomputed in backward (activation checkpointing), so at most one chunk of
-logits is alive at once and the result equals the full computation.
+models and apply each output head to a chunk of tokens at a time, so at most one chunk
+of logits is alive at once and the result equals the full computation. For a bias-free
+linear head (Gemma, Llama) the closed-form logit gradient is pushed through the head
+chunk by chunk (``_FusedHeadKD``); otherwise (JSD, soft-capped heads) the student's
+chunk is recomputed in backward (activation checkpointing).
 
 Divergences between the temperature-softened teacher p and student q, per token:
 ``forward_kl`` KL(p || q) (the book's choice), ``reverse_kl`` KL(q || p), ``jsd`` the
