@@ -78,8 +78,7 @@ def start_run(client: MlflowClient, experiment_id: str, name: str, parent_id: st
 
 def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
     items = [Param(k, _param_value(v)) for k, v in flatten(params).items()]
-    for i in range(0, len(items), 100):
-        client.log_batch(run_id, params=items[i:i + 100])
+    _log_in_batches(client, run_id, "params", items, 100)
 
 
 def _param_value(v: Any) -> str:
@@ -91,15 +90,19 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], st
     now = int(time.time() * 1000)
     items = [Metric(k, float(v), now, step) for k, v in flatten(metrics).items()
              if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    for i in range(0, len(items), 500):
-        client.log_batch(run_id, metrics=items[i:i + 500])
+    _log_in_batches(client, run_id, "metrics", items, 500)
 
 
 def log_series(client: MlflowClient, run_id: str, key: str, values: Iterable[float]) -> None:
     now = int(time.time() * 1000)
     items = [Metric(key, float(v), now, step) for step, v in enumerate(values, 1)]
-    for i in range(0, len(items), 500):
-        client.log_batch(run_id, metrics=items[i:i + 500])
+    _log_in_batches(client, run_id, "metrics", items, 500)
+
+
+def _log_in_batches(client: MlflowClient, run_id: str, kind: str, items: list, size: int) -> None:
+    # MLflow caps the entries one log_batch call may carry (100 params, 1000 metrics).
+    for i in range(0, len(items), size):
+        client.log_batch(run_id, **{kind: items[i:i + size]})
 
 
 def end_run(client: MlflowClient, run_id: str, failed: bool = False) -> None:

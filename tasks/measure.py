@@ -10,7 +10,7 @@ from prefect import task
 from tailor.checkpoint import CheckpointRef, stable_hash
 from tailor.config import DataConfig, EvalConfig, SpeedConfig
 from tailor.evaluation import evaluate_checkpoint
-from tailor.resources import peak_rss_gib
+from tailor.resources import stage_cost
 from tailor.speed import profile_checkpoint
 
 from ._common import CACHED
@@ -23,7 +23,7 @@ def evaluate_model(ref: CheckpointRef, eval_cfg: EvalConfig, data: DataConfig, w
     start = time.perf_counter()
     result = evaluate_checkpoint(ref.verify(), eval_cfg, data, out)
     return {"metrics": result["metrics"], "n_samples": result["n_samples"], "items_file": str(out),
-            "seconds": time.perf_counter() - start, "peak_rss_gib": peak_rss_gib()}
+            **stage_cost(start)}
 
 
 @task(name="measure-speed", cache_policy=CACHED, persist_result=True)
@@ -34,6 +34,5 @@ def measure_speed(refs: dict[str, CheckpointRef], speed: SpeedConfig) -> dict[st
     for name, ref in refs.items():
         start = time.perf_counter()
         profiles[name] = profile_checkpoint(ref.verify(), speed)
-        profiles[name]["seconds"] = time.perf_counter() - start
-        profiles[name]["peak_rss_gib"] = peak_rss_gib()
+        profiles[name].update(stage_cost(start))
     return profiles

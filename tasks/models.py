@@ -12,7 +12,7 @@ from tailor.checkpoint import CheckpointRef, count_parameters, load_model, save_
 from tailor.config import DataConfig, DistillConfig, ModelConfig, PruneConfig
 from tailor.distill import distill_checkpoint
 from tailor.pruning import prune_layers, resolve_indices
-from tailor.resources import peak_rss_gib
+from tailor.resources import stage_cost
 from tailor.sources import materialize
 
 from ._common import CACHED
@@ -23,7 +23,7 @@ def materialize_model(model: ModelConfig, work_dir: str) -> dict:
     """Base checkpoint; returns {"ref", "seconds"}."""
     start = time.perf_counter()
     ref = materialize(model, work_dir)
-    return {"ref": ref, "seconds": time.perf_counter() - start, "peak_rss_gib": peak_rss_gib()}
+    return {"ref": ref, **stage_cost(start)}
 
 
 @task(name="prune-model", cache_policy=CACHED, persist_result=True)
@@ -37,8 +37,7 @@ def prune_model(base: CheckpointRef, prune: PruneConfig, work_dir: str) -> dict:
     out = Path(work_dir) / "checkpoints" / f"pruned-{stable_hash(base.fingerprint, removed)}"
     ref = write_checkpoint(out, lambda tmp: save_model(model, tokenizer, tmp))
     return {"ref": ref, "removed_layers": removed, "params_before": before,
-            "params_after": count_parameters(model), "seconds": time.perf_counter() - start,
-            "peak_rss_gib": peak_rss_gib()}
+            "params_after": count_parameters(model), **stage_cost(start)}
 
 
 @task(name="distill-model", cache_policy=CACHED, persist_result=True)
@@ -58,7 +57,7 @@ def distill_model(teacher: CheckpointRef, student: CheckpointRef, distill: Disti
 
     start = time.perf_counter()
     ref, record = distill_checkpoint(teacher.verify(), student.verify(), distill, data, out, on_step)
-    return {"ref": ref, "record": record, "seconds": time.perf_counter() - start, "peak_rss_gib": peak_rss_gib()}
+    return {"ref": ref, "record": record, **stage_cost(start)}
 
 
 def _planned_steps(cfg: DistillConfig) -> int:
