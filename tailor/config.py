@@ -61,8 +61,8 @@ class EvalConfig(_Section):
     """Requests per forward pass."""
     backend: Literal["fast", "hflm"] = "fast"
     """fast: lm-eval's HFLM scoring only continuation positions (same numbers, less work); hflm: lm-eval's HFLM as is."""
-    share_context: bool = False
-    """fast backend: run a context shared by several choices once and reuse its KV cache (exact; slower on small CPUs, where batch-1 prefix passes cost more than they save)."""
+    share_context: bool = True
+    """fast backend: run a prefix shared by neighbouring requests (the choices of one question) once, packed with a block attention mask (exact to float rounding)."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Weights and activations during evaluation; bfloat16 is faster on CPUs with bf16 units but not bit-exact."""
     include_path: str = ""
@@ -157,6 +157,14 @@ class DistillConfig(_Section):
     """Save a resumable training state (student, optimiser, RNG, data position) every this many optimiser steps; 0 = never."""
     log_every: int = Field(1, ge=1)
     """Log the loss every this many optimiser steps."""
+    teacher_topk: int = Field(0, ge=0)
+    """0: exact KD against the live teacher. k >= 1: compute the teacher's top-k logits (plus the rest's log-sum-exp) once, cache them on disk, and train from the cache (forward_kl only)."""
+    teacher_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Teacher weights and forward pass (it is never trained); bfloat16 halves its memory."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """Learning rate after warm-up: constant, or cosine decay to zero at the last optimiser step."""
+    warmup_steps: int = Field(0, ge=0)
+    """Optimiser steps of linear learning-rate warm-up from zero."""
 
     @field_validator("temperature")
     @classmethod
@@ -185,6 +193,13 @@ class DistillConfig(_Section):
         if v < 2:
             raise ValueError("distill.seq_len must be >= 2 (the loss needs a next token)")
         return v
+
+    @model_validator(mode="after")
+    def _topk_needs_forward_kl(self):
+        if self.teacher_topk and self.loss != "forward_kl":
+            raise ValueError(f"distill.teacher_topk={self.teacher_topk} needs distill.loss='forward_kl' "
+                             f"(got {self.loss!r}); set distill.teacher_topk=0 for exact {self.loss}")
+        return self
 
     @field_validator("learning_rate")
     @classmethod

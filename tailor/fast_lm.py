@@ -1,15 +1,26 @@
-"""An lm-eval model that scores only what is scored.
+"""An lm-eval model that scores only what is scored, and runs a shared prefix once.
 
 ``FastHFLM`` is lm-eval's own ``HFLM`` (same tokenisation, BOS handling, truncation
 and request plumbing, so every lm-eval task works unchanged) with one method
-replaced: ``_loglikelihood_tokens``. HFLM computes the output head and a full-vocabulary
-log-softmax at every position of every request; multiple-choice and LAMBADA scoring
-only need the continuation positions. With Gemma's 262,144-token head that is most of
-the forward pass. Here the decoder runs once per batch, its final hidden states are
-gathered at continuation positions, and only those go through the head.
+replaced: ``_loglikelihood_tokens``. Two kinds of work HFLM does are skipped:
+
+* The output head. HFLM computes it and a full-vocabulary log-softmax at every
+  position; scoring needs only the continuation positions. With Gemma's
+  262,144-token head that is most of the forward pass. Here final hidden states are
+  gathered at continuation positions and only those go through the head.
+* Repeated prefixes. The choices of one multiple-choice question repeat the same
+  context (ARC, HellaSwag) or the same sentence start (WinoGrande). Neighbouring
+  requests with a common token prefix become one *segment*: the prefix once, then
+  each request's remainder as a branch that attends to the prefix and to itself only,
+  with its true position ids. Segments are packed into rows with a block attention
+  mask, so there is no batch-1 pass and almost no padding. Every scored position sees
+  exactly the tokens it sees in HFLM's forward, so the numbers agree to float rounding.
 """
 
 from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -20,106 +31,185 @@ from .kd_loss import output_logits
 
 Request = tuple[tuple[str, str] | None, list[int], list[int]]
 
+MIN_SHARED_TOKENS = 4
+"""Shorter common prefixes (a BOS and a word) are not worth a branch."""
+
+
+@dataclass
+class _Segment:
+    """A shared prefix and one branch per request; ``scored`` maps requests to token columns."""
+
+    prefix: list[int]
+    branches: list[list[int]] = field(default_factory=list)
+    scored: list[tuple[int, list[int], list[int]]] = field(default_factory=list)
+    """(request index, columns within the segment whose hidden states score it, target tokens)."""
+
+    def __len__(self) -> int:
+        return len(self.prefix) + sum(len(b) for b in self.branches)
+
+
+def _common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
 
 class FastHFLM(HFLM):
-    """HFLM with continuation-only output-head scoring for causal models.
+    """HFLM with continuation-only output-head scoring and shared-prefix packing for causal models.
 
-    With ``share_context``, requests with the same context (the choices of
-    one multiple-choice question) run the context once and its KV cache is reused by
-    every continuation; the numbers agree with the full forward to float rounding.
+    ``share_context`` turns prefix sharing on (the default in llm-tailor's config);
+    ``pack_tokens`` is the length of a packed row (longer segments get a row of their own),
+    and a forward pass holds at most ``batch_size * pack_tokens`` tokens.
     """
 
-    share_context: bool = False
+    share_context: bool = True
+    pack_tokens: int = 256
 
     def _loglikelihood_tokens(self, requests: list[Request], disable_tqdm: bool = False,
                               override_bs: int | None = None) -> list[tuple[float, bool]]:
         if self.backend != "causal":
             return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
-        batch_size = override_bs or (self.batch_size if isinstance(self.batch_size, int) else 8)
-        plain, groups = self._split_shared_contexts(requests)
+        rows_per_batch = override_bs or (self.batch_size if isinstance(self.batch_size, int) else 8)
+        segments = self._segments(requests)
+        rows = _pack(segments, max(self.pack_tokens, max(len(s) for s in segments)))
         # Longest first (like HFLM): the first batch shows the worst-case memory at once.
-        plain.sort(key=lambda i: -(len(requests[i][1]) + len(requests[i][2])))
-        work = [plain[s:s + batch_size] for s in range(0, len(plain), batch_size)]
-        work += [("shared", members) for members in groups]
+        batches = _batches(rows, rows_per_batch * self.pack_tokens)
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         with tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0,
                   desc="Scoring loglikelihood requests") as bar:
-            for item in work:
-                if isinstance(item, tuple):
-                    members = item[1]
-                    answers = self._score_shared_context(requests[members[0]][1],
-                                                         [requests[i][2] for i in members])
-                else:
-                    members = item
-                    answers = self._score_batch([requests[i] for i in members])
-                for i, answer in zip(members, answers):
+            for batch in batches:
+                for i, answer in self._score_rows(batch):
                     results[i] = answer
                     if requests[i][0] is not None:
                         self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
-                bar.update(len(members))
+                    bar.update(1)
         return results  # type: ignore[return-value]
 
-    def _split_shared_contexts(self, requests: list[Request]) -> tuple[list[int], list[list[int]]]:
-        """Indices scored one by one, and groups of indices sharing an untruncated context."""
-        if not self.share_context:
-            return list(range(len(requests))), []
-        by_context: dict[tuple[int, ...], list[int]] = {}
-        plain = []
-        for i, (_, context_enc, continuation_enc) in enumerate(requests):
-            if context_enc and len(context_enc) + len(continuation_enc) <= self.max_length + 1:
-                by_context.setdefault(tuple(context_enc), []).append(i)
-            else:
-                plain.append(i)
-        groups = [members for members in by_context.values() if len(members) > 1]
-        plain += [members[0] for members in by_context.values() if len(members) == 1]
-        return plain, groups
-
-    def _score_shared_context(self, context_enc: list[int], continuations: list[list[int]]) -> list[tuple[float, bool]]:
-        """Run the context once, then every continuation on a copy of its KV cache."""
-        decoder = self.model.get_decoder()
-        with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
-                                             enabled=self.mixed_precision_dtype is not None):
-            prefix = decoder(input_ids=torch.tensor([context_enc], device=self.device), use_cache=True)
-            last = prefix.last_hidden_state[0, -1]
-            tails = [c[:-1] for c in continuations]
-            width = max(len(t) for t in tails)
-            hidden_rows = [[last] for _ in continuations]
-            if width:
-                ids = torch.zeros((len(tails), width), dtype=torch.long)
-                for row, tail in enumerate(tails):
-                    ids[row, :len(tail)] = torch.tensor(tail, dtype=torch.long)
-                cache = prefix.cache
-                cache.batch_repeat_interleave(len(tails))
-                hidden = decoder(input_ids=ids.to(self.device), cache=cache, use_cache=True).last_hidden_state
-                for row, tail in enumerate(tails):
-                    hidden_rows[row].extend(hidden[row, :len(tail)])
-            logits = output_logits(self.model, torch.stack([h for rows in hidden_rows for h in rows]))
-        return _answers(logits, continuations)
-
-    def _score_batch(self, batch: list[Request]) -> list[tuple[float, bool]]:
-        inputs, spans, targets = [], [], []
-        for _, context_enc, continuation_enc in batch:
+    def _segments(self, requests: list[Request]) -> list[_Segment]:
+        """Neighbouring requests with a common prefix grouped into segments (requests come in document order)."""
+        windows = []
+        for _, context_enc, continuation_enc in requests:
             if not context_enc or not continuation_enc:
                 raise ValueError("lm-eval request with an empty context or continuation")
             # Same window as HFLM: truncate from the left, drop the last token.
-            tokens = (context_enc + continuation_enc)[-(self.max_length + 1):][:-1]
-            n_cont = len(continuation_enc)
-            inputs.append(tokens)
-            spans.append((len(tokens) - n_cont, len(tokens)))
-            targets.append(continuation_enc)
-        width = max(len(t) for t in inputs)
-        # Right padding with no attention mask, as HFLM does: causal attention keeps the
-        # padded tail from influencing any scored position.
-        ids = torch.zeros((len(inputs), width), dtype=torch.long)
-        for row, tokens in enumerate(inputs):
-            ids[row, :len(tokens)] = torch.tensor(tokens)
-        rows = torch.cat([torch.full((e - s,), r) for r, (s, e) in enumerate(spans)])
-        cols = torch.cat([torch.arange(s, e) for s, e in spans])
+            windows.append(((context_enc + continuation_enc)[-(self.max_length + 1):][:-1], continuation_enc))
+        groups: list[tuple[int, list[int]]] = []  # (shared prefix length, request indices)
+        for i, (tokens, _) in enumerate(windows):
+            if self.share_context and groups:
+                shared, members = groups[-1]
+                common = _common_prefix_length(windows[members[0]][0][:shared], tokens)
+                if common >= MIN_SHARED_TOKENS:
+                    groups[-1] = (common, members + [i])
+                    continue
+            groups.append((len(tokens), [i]))
+        segments = []
+        for shared, members in groups:
+            first = windows[members[0]][0]
+            segment = _Segment(prefix=first[:shared])
+            for i in members:
+                tokens, continuation = windows[i]
+                branch_start = len(segment)
+                segment.branches.append(tokens[shared:])
+                # Hidden state at position p scores token p + 1; prefix positions live in the prefix.
+                columns = [p if p < shared else branch_start + p - shared
+                           for p in range(len(tokens) - len(continuation), len(tokens))]
+                segment.scored.append((i, columns, continuation))
+            segments.append(segment)
+        return segments
+
+    def _score_rows(self, rows: list[list[_Segment]]) -> list[tuple[int, tuple[float, bool]]]:
+        width = max(sum(len(s) for s in row) for row in rows)
+        ids = torch.zeros((len(rows), width), dtype=torch.long)
+        # Per column: segment number, branch number (0 = prefix) and true position; padding
+        # columns get segment -1 and attend only to themselves.
+        seg = torch.full((len(rows), width), -1, dtype=torch.long)
+        branch = torch.zeros((len(rows), width), dtype=torch.long)
+        pos = torch.zeros((len(rows), width), dtype=torch.long)
+        scored_rows, scored_cols, targets, owners = [], [], [], []
+        for r, row in enumerate(rows):
+            col = 0
+            for s, segment in enumerate(row):
+                n_prefix = len(segment.prefix)
+                ids[r, col:col + n_prefix] = torch.tensor(segment.prefix, dtype=torch.long)
+                seg[r, col:col + len(segment)] = s
+                pos[r, col:col + n_prefix] = torch.arange(n_prefix)
+                offset = col + n_prefix
+                for b, tokens in enumerate(segment.branches, start=1):
+                    ids[r, offset:offset + len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+                    branch[r, offset:offset + len(tokens)] = b
+                    pos[r, offset:offset + len(tokens)] = torch.arange(n_prefix, n_prefix + len(tokens))
+                    offset += len(tokens)
+                for i, columns, continuation in segment.scored:
+                    scored_rows += [r] * len(columns)
+                    scored_cols += [col + c for c in columns]
+                    targets.append(continuation)
+                    owners.append(i)
+                col += len(segment)
+        masks = self._attention_masks(seg, branch, pos)
         with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
                                              enabled=self.mixed_precision_dtype is not None):
-            hidden = self.model.get_decoder()(input_ids=ids.to(self.device), use_cache=False).last_hidden_state
-            logits = output_logits(self.model, hidden[rows.to(self.device), cols.to(self.device)])
-        return _answers(logits, targets)
+            hidden = self.model.get_decoder()(
+                input_ids=ids.to(self.device), position_ids=pos.to(self.device), attention_mask=masks,
+                use_cache=False).last_hidden_state
+            logits = output_logits(self.model, hidden[torch.tensor(scored_rows, device=self.device),
+                                                      torch.tensor(scored_cols, device=self.device)])
+        return list(zip(owners, _answers(logits, targets)))
+
+    def _attention_masks(self, seg: torch.Tensor, branch: torch.Tensor, pos: torch.Tensor):
+        """Additive [B, 1, T, T] masks: same segment, prefix or own branch, causal in true positions.
+
+        Models with sliding-window layers take one mask per layer type (the window applies
+        to true positions, as in an unpacked forward); others take a single 4D mask.
+        """
+        q, k = (slice(None), slice(None), None), (slice(None), None, slice(None))
+        allowed = ((seg[q] == seg[k]) & (seg[q] >= 0) & ((branch[k] == 0) | (branch[k] == branch[q]))
+                   & (pos[k] <= pos[q]))
+        allowed |= torch.eye(seg.shape[1], dtype=torch.bool).unsqueeze(0)  # padding sees itself
+        dtype = self.model.dtype if self.mixed_precision_dtype is None else self.mixed_precision_dtype
+
+        def additive(ok: torch.Tensor) -> torch.Tensor:
+            mask = torch.zeros(ok.shape, dtype=dtype)
+            mask.masked_fill_(~ok, torch.finfo(dtype).min)
+            return mask.unsqueeze(1).to(self.device)
+
+        config = self.model.config
+        layer_types = set(getattr(config, "layer_types", None) or [])
+        if "sliding_attention" not in layer_types:
+            return additive(allowed)
+        window = config.sliding_window
+        in_window = allowed & (pos[q] - pos[k] < window)
+        in_window |= torch.eye(seg.shape[1], dtype=torch.bool).unsqueeze(0)
+        return {kind: additive(in_window if kind == "sliding_attention" else allowed) for kind in layer_types}
+
+
+def _pack(segments: list[_Segment], capacity: int) -> list[list[_Segment]]:
+    """Best-fit decreasing: segments into rows of at most ``capacity`` tokens."""
+    rows: list[list[_Segment]] = []
+    free: list[tuple[int, int]] = []  # sorted (room left, row number)
+    for segment in sorted(segments, key=len, reverse=True):
+        slot = bisect.bisect_left(free, (len(segment), -1))
+        if slot < len(free):
+            room, r = free.pop(slot)
+        else:
+            rows.append([])
+            room, r = capacity, len(rows) - 1
+        rows[r].append(segment)
+        bisect.insort(free, (room - len(segment), r))
+    return rows
+
+
+def _batches(rows: list[list[_Segment]], token_budget: int) -> list[list[list[_Segment]]]:
+    """Rows, longest first, in batches of at most ``token_budget`` padded tokens (at least one row)."""
+    rows = sorted(rows, key=lambda row: -sum(len(s) for s in row))
+    batches: list[list[list[_Segment]]] = []
+    for row in rows:
+        if batches and (len(batches[-1]) + 1) * sum(len(s) for s in batches[-1][0]) <= token_budget:
+            batches[-1].append(row)
+        else:
+            batches.append([row])
+    return batches
 
 
 def _answers(logits: torch.Tensor, targets: list[list[int]]) -> list[tuple[float, bool]]:

@@ -9,7 +9,7 @@ from lm_eval.models.huggingface import HFLM
 
 from tailor.config import DataConfig, EvalConfig
 from tailor.evaluation import evaluate_model
-from tailor.fast_lm import FastHFLM
+from tailor.fast_lm import FastHFLM, _batches, _pack, _Segment
 
 
 def assert_same_evaluation(ours: dict, theirs: dict, tol: float = 1e-4) -> float:
@@ -67,20 +67,33 @@ def test_a_greedy_continuation_is_flagged(tiny_model, tiny_tokenizer):
     assert ll_g > ll_o
 
 
-def test_shared_context_reuse_matches_separate_forwards(tiny_model, tiny_tokenizer):
-    fast = FastHFLM(pretrained=tiny_model, tokenizer=tiny_tokenizer, batch_size=4)
-    fast.share_context = True
+@pytest.mark.parametrize("share_context", [True, False])
+def test_shared_prefixes_packed_match_separate_forwards(tiny_model, tiny_tokenizer, share_context):
+    fast = FastHFLM(pretrained=tiny_model, tokenizer=tiny_tokenizer, batch_size=2)
+    fast.share_context, fast.pack_tokens = share_context, 48
     ref = HFLM(pretrained=tiny_model, tokenizer=tiny_tokenizer, batch_size=1)
-    # Two questions with three and two choices (one single-token choice), contexts longer
-    # than the tiny model's sliding window of 16 tokens, and one lone request.
+    # One question with three choices (one single-token) and a context longer than the tiny
+    # model's sliding window of 16 tokens; a WinoGrande-like pair that shares only the start
+    # of the sentence; a lone request; rows of 48 tokens so several segments share a row.
     long_ctx = "Question: which animal is the largest mammal that lives in the sea today? Answer:"
     pairs = [(long_ctx, " a whale"), (long_ctx, " a very small brown dog"), (long_ctx, " x"),
-             ("The capital of France is", " Paris"), ("The capital of France is", " a city by a river"),
+             ("The trophy did not fit in the suitcase because the trophy", " was too big."),
+             ("The trophy did not fit in the suitcase because the suitcase", " was too big."),
              ("Alone here", " yes")]
-    plain, groups = fast._split_shared_contexts(
-        [(None, *fast._encode_pair(c, x)) for c, x in pairs])
-    assert sorted(map(sorted, groups)) == [[0, 1, 2], [3, 4]] and plain == [5]
+    segments = fast._segments([(None, *fast._encode_pair(c, x)) for c, x in pairs])
+    members = [[i for i, _, _ in s.scored] for s in segments]
+    assert members == ([[0, 1, 2], [3, 4], [5]] if share_context else [[i] for i in range(6)])
     ours = fast.loglikelihood(_requests("loglikelihood", pairs), disable_tqdm=True)
     theirs = ref.loglikelihood(_requests("loglikelihood", pairs), disable_tqdm=True)
     for (ll_a, g_a), (ll_b, g_b) in zip(ours, theirs, strict=True):
         assert ll_a == pytest.approx(ll_b, abs=1e-4) and g_a == g_b
+
+
+def test_packing_keeps_every_segment_once_within_the_row_length():
+    segments = [_Segment(prefix=[1] * n) for n in (30, 20, 20, 10, 50, 5)]
+    rows = _pack(segments, capacity=50)
+    assert sorted(len(s) for row in rows for s in row) == [5, 10, 20, 20, 30, 50]
+    assert all(sum(len(s) for s in row) <= 50 for row in rows)
+    assert len(rows) == 3  # 50 | 30+20 | 20+10+5
+    batches = _batches(rows, token_budget=100)
+    assert [len(b) for b in batches] == [2, 1]
