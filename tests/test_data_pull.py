@@ -34,3 +34,4 @@ def test_lambada_is_labelled_whitespace_normalised(pulled, shared_data):
     assert len(ours) == len(ref) == 5153
     # Same passages once whitespace is normalised.
     assert all(a["text"] == " ".join(b["text"].split()) or a["text"] == b["text"] for a, b in zip(ours, ref))
+

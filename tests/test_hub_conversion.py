@@ -1,0 +1,48 @@
+"""`tailor data pull --from hub` writes the offline schema: its conversions, on real rows of the offline data."""
+
+import pytest
+
+from tailor import data_pull
+
+
+def _as_hub_dataset(rows: list[dict]):
+    """The real rows as the hub hands them over: a datasets.Dataset (Arrow types and all)."""
+    import datasets
+
+    return datasets.Dataset.from_list(rows)
+
+
+@pytest.mark.parametrize("task", list(data_pull.BENCHMARK_FILES))
+def test_hub_conversion_of_real_rows_reproduces_the_offline_file(task, shared_data):
+    reference = data_pull.read_jsonl(shared_data / data_pull.BENCHMARK_FILES[task])[:200]
+    hub = _as_hub_dataset(reference)
+    converted = list(data_pull.benchmark_rows(task, hub, "hub"))
+    assert converted == reference
+    assert [list(r) for r in converted] == [list(r) for r in reference]  # field order too
+
+
+def test_hub_conversion_drops_extra_columns_and_names_a_missing_field(shared_data):
+    rows = data_pull.read_jsonl(shared_data / data_pull.BENCHMARK_FILES["winogrande"])[:3]
+    with_extra = [{**r, "hub_only": 1} for r in rows]
+    assert list(data_pull.benchmark_rows("winogrande", with_extra, "hub")) == rows
+    broken = [rows[0], {k: v for k, v in rows[1].items() if k != "option2"}]
+    with pytest.raises(ValueError, match=r"hub row 1: field 'option2' is missing"):
+        list(data_pull.benchmark_rows("winogrande", broken, "hub"))
+
+
+def test_hub_conversion_turns_integer_labels_into_the_offline_strings(shared_data):
+    row = data_pull.read_jsonl(shared_data / data_pull.BENCHMARK_FILES["hellaswag"])[0]
+    assert data_pull.offline_benchmark_row("hellaswag", {**row, "label": int(row["label"])}, "x") == row
+
+
+@pytest.mark.parametrize("rel", data_pull.CORPUS_FILES)
+def test_corpus_conversion_of_real_documents(rel, shared_data):
+    reference = data_pull.read_jsonl(shared_data / rel)[:50]
+    assert list(data_pull.corpus_rows(rel, _as_hub_dataset(reference), "hub", n=20)) == reference[:20]
+
+
+def test_wikipedia_documents_keep_their_title_as_first_line(shared_data):
+    first = data_pull.read_jsonl(shared_data / data_pull.CORPUS_FILES[1])[0]["text"]
+    title, body = first.split("\n\n", 1)
+    row = {"id": "1", "url": "u", "title": title, "text": body}
+    assert data_pull.corpus_document(data_pull.CORPUS_FILES[1], row, "hub") == {"text": first}
