@@ -20,7 +20,7 @@ from tailor import tracking
 from tailor.config import load_config
 from tailor.preflight import preflight
 from tasks.measure import evaluate_model, measure_speed
-from tasks.models import distill_model, materialize_model, prune_model
+from tasks.models import cache_teacher_topk, distill_model, materialize_model, prune_model
 from tasks.report import compare_models
 from tasks.tracking import log_stage, register_model
 
@@ -66,7 +66,15 @@ def tailor_flow(profile: str = "quick", overrides: list[str] | None = None, out_
             "params_after": pruned["params_after"], "layers_removed": len(pruned["removed_layers"])})
         evals["pruned"] = evaluate("pruned", pruned["ref"])
         stage = "distill"
-        distilled = distill_model(base, pruned["ref"], cfg.distill, cfg.data, cfg.work_dir)
+        teacher_cache = None
+        if cfg.distill.teacher_topk:
+            stage = "cache-teacher-topk"
+            teacher_cache = cache_teacher_topk(base, cfg.distill, cfg.data, cfg.work_dir)
+            log("cache-teacher-topk", params={"k": cfg.distill.teacher_topk},
+                metrics={"seconds": teacher_cache["seconds"], "mib": teacher_cache["mib"]})
+            stage = "distill"
+        distilled = distill_model(base, pruned["ref"], cfg.distill, cfg.data, cfg.work_dir,
+                                  teacher_cache["path"] if teacher_cache else None)
         kd = distilled["record"]
         log("distill", params=cfg.distill.model_dump(), series={"kd_loss": kd["losses"]},
             metrics={k: v for k, v in kd.items() if k != "losses"})
@@ -90,7 +98,9 @@ def tailor_flow(profile: str = "quick", overrides: list[str] | None = None, out_
             "distillation": kd,
             # Compute time and process peak memory of each stage when it ran (a cached
             # stage keeps its original figures).
-            "stages": _stage_costs({"materialize": materialized, "prune": pruned, "distill": distilled,
+            "stages": _stage_costs({"materialize": materialized, "prune": pruned,
+                                    **({"cache-teacher-topk": teacher_cache} if teacher_cache else {}),
+                                    "distill": distilled,
                                     **{f"evaluate-{n}": r for n, r in results.items()},
                                     **{f"measure-speed-{n}": p for n, p in profiles.items()}}),
             "checkpoints": {k: {"path": r.path, "fingerprint": r.fingerprint} for k, r in refs.items()},

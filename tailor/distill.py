@@ -13,7 +13,8 @@ import torch
 
 from .checkpoint import CheckpointRef, existing_checkpoint, load_model, save_model, write_checkpoint
 from .config import DataConfig, DistillConfig, TailorError
-from .kd_loss import LossSpec, kd_loss_chunked
+from .kd_loss import LossCounts, LossSpec, TopKTeacher, kd_loss_chunked, kd_loss_topk
+from .teacher_cache import load_topk_cache
 
 
 TRAINING_RECORD = "distill_record.json"
@@ -79,33 +80,47 @@ def _final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) 
 
 
 def distill(teacher, student, samples: dict[str, torch.Tensor], cfg: DistillConfig,
-            on_step: Callable[[int, float], None] | None = None, resume_file: Path | None = None) -> dict:
+            on_step: Callable[[int, float], None] | None = None, resume_file: Path | None = None,
+            topk: TopKTeacher | None = None) -> dict:
     """Train ``student`` in place; returns losses per optimiser step and throughput.
 
-    With ``resume_file``, the student, optimiser, RNG state and data position are saved
-    there (write, then rename) every ``cfg.checkpoint_every`` optimiser steps, and a run
-    that finds the file continues from it: on CPU with the same seed the final weights
-    equal an uninterrupted run's.
+    The teacher is either a live model or, with ``topk``, its cached top-k logits for these
+    samples (``teacher`` may then be None). With ``resume_file``, the student, optimiser,
+    scheduler, RNG state and data position are saved there (write, then rename) every
+    ``cfg.checkpoint_every`` optimiser steps, and a run that finds the file continues from
+    it: on CPU with the same seed the final weights equal an uninterrupted run's.
+
+    Under ``torchrun`` (an initialised process group) each rank takes its share of every
+    global batch of ``batch_size x world_size`` samples, normalises its loss by the global
+    batch's token counts, and gradients are summed across ranks before each optimiser
+    step, so the update equals one process's on the global batch; only rank 0 writes the
+    resume state.
     """
-    if teacher.config.vocab_size != student.config.vocab_size:
+    if topk is None and teacher.config.vocab_size != student.config.vocab_size:
         raise DistillError(f"student vocabulary ({student.config.vocab_size}) differs from the "
                            f"teacher's ({teacher.config.vocab_size}); logit distillation needs the same one")
-    teacher.eval().requires_grad_(False)
+    rank, world = _process_group()
+    if teacher is not None:
+        teacher.eval().requires_grad_(False)
     student.train()
     optimizer = _adamw(student, cfg)
+    n = samples["input_ids"].shape[0]
+    global_batch = cfg.batch_size * world
+    batches_per_epoch = -(-n // global_batch)
+    total_steps = cfg.epochs * -(-batches_per_epoch // cfg.grad_accum)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, total_steps))
     # Position of the next micro-batch and everything counted so far.
     progress = {"epoch": 0, "batch": 0, "losses": [], "micro": 0, "tokens": 0, "seconds": 0.0, "resumed_at": 0}
     if resume_file is not None and resume_file.exists():
         saved = torch.load(resume_file, weights_only=False)
         student.load_state_dict(saved["student"])
         optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["torch_rng"])
         progress = {**saved["progress"], "resumed_at": len(saved["progress"]["losses"])}
     else:
         torch.manual_seed(cfg.seed)
     spec = loss_spec(cfg)
-    n = samples["input_ids"].shape[0]
-    batches_per_epoch = -(-n // cfg.batch_size)
     losses: list[float] = progress["losses"]
     window: list[float] = []  # losses of the micro-batches since the last optimiser step
     start = time.perf_counter() - progress["seconds"]
@@ -114,43 +129,144 @@ def distill(teacher, student, samples: dict[str, torch.Tensor], cfg: DistillConf
         random.Random(cfg.seed + epoch).shuffle(order)
         first = progress["batch"] if epoch == progress["epoch"] else 0
         for batch in range(first, batches_per_epoch):
-            idx = order[batch * cfg.batch_size:(batch + 1) * cfg.batch_size]
-            ids = samples["input_ids"][idx].to(student.device)
-            mask = samples["attention_mask"][idx].to(student.device)
-            with torch.no_grad():
-                t_hidden = _final_hidden(teacher, ids, mask)
-            s_hidden = _final_hidden(student, ids, mask)
-            loss = kd_loss_chunked(student, teacher, s_hidden, t_hidden, mask, ids, spec, cfg.loss_chunk_tokens)
-            if not math.isfinite(loss.item()):
+            idx = order[batch * global_batch:(batch + 1) * global_batch][rank::world]
+            counts = _batch_counts(samples, idx, spec, world)
+            loss_value = 0.0
+            if idx:
+                loss = _micro_batch_loss(teacher, student, samples, idx, spec, cfg, topk, counts)
+                (loss / cfg.grad_accum).backward()
+                loss_value = loss.item()
+                progress["tokens"] += int(samples["attention_mask"][idx].sum())
+            if world > 1:  # every rank holds its share of the global loss
+                loss_value = _all_sum(loss_value)
+            if not math.isfinite(loss_value):
                 raise DistillError(f"non-finite distillation loss at optimiser step {len(losses) + 1} "
                                    f"(epoch {epoch + 1}); check distill.learning_rate and distill.temperature")
-            (loss / cfg.grad_accum).backward()
-            window.append(loss.item())
-            progress["tokens"] += int(mask.sum())
+            window.append(loss_value)
             progress["micro"] += 1
             last_batch = epoch == cfg.epochs - 1 and batch == batches_per_epoch - 1
-            if len(window) < cfg.grad_accum and not last_batch:
+            if progress["micro"] % cfg.grad_accum and not last_batch:
                 continue
+            if world > 1:
+                _sum_gradients(student)
             grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
             if not torch.isfinite(grad_norm):
                 raise DistillError(f"non-finite gradient norm at optimiser step {len(losses) + 1} "
                                    f"(epoch {epoch + 1}); check distill.learning_rate and distill.temperature")
             optimizer.step()
+            scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(sum(window) / len(window))
+            losses.append(sum(window) / max(len(window), 1))
             window = []
             progress.update(epoch=epoch, batch=batch + 1, seconds=time.perf_counter() - start)
-            if resume_file is not None and cfg.checkpoint_every and len(losses) % cfg.checkpoint_every == 0:
-                _save_resume_state(resume_file, student, optimizer, progress)
+            if resume_file is not None and rank == 0 and cfg.checkpoint_every \
+                    and len(losses) % cfg.checkpoint_every == 0:
+                _save_resume_state(resume_file, student, optimizer, scheduler, progress)
             if on_step is not None:
                 on_step(len(losses), losses[-1])
     elapsed = time.perf_counter() - start
     student.eval()
+    if world > 1 and not _ranks_in_sync(student):
+        raise DistillError("data-parallel ranks ended with different student weights")
     return {"losses": losses, "optimizer_steps": len(losses), "micro_batches": progress["micro"],
-            "train_tokens": progress["tokens"], "train_seconds": elapsed,
-            "train_tokens_per_s": progress["tokens"] / elapsed, "num_samples": n,
-            "resumed_at_step": progress["resumed_at"],
+            "train_tokens": progress["tokens"] * world, "train_seconds": elapsed,
+            "train_tokens_per_s": progress["tokens"] * world / elapsed, "num_samples": n,
+            "resumed_at_step": progress["resumed_at"], "world_size": world,
+            "final_learning_rate": scheduler.get_last_lr()[0],
+            "teacher": f"cached top-{cfg.teacher_topk}" if topk is not None else f"live ({cfg.teacher_dtype})",
             "loss": {"kind": spec.kind, "temperature": spec.temperature, "alpha": spec.alpha, "book": spec.book}}
+
+
+def _micro_batch_loss(teacher, student, samples: dict[str, torch.Tensor], idx: list[int], spec: LossSpec,
+                      cfg: DistillConfig, topk: TopKTeacher | None, counts: LossCounts) -> torch.Tensor:
+    ids = samples["input_ids"][idx].to(student.device)
+    mask = samples["attention_mask"][idx].to(student.device)
+    s_hidden = _final_hidden(student, ids, mask)
+    if topk is not None:
+        rows = torch.tensor(idx)
+        batch_topk = TopKTeacher(topk.values[rows], topk.indices[rows], topk.rest_logsumexp[rows], topk.temperature)
+        return kd_loss_topk(student, s_hidden, batch_topk, mask, ids, spec, cfg.loss_chunk_tokens, counts)
+    with torch.no_grad():
+        t_hidden = _final_hidden(teacher, ids.to(teacher.device), mask.to(teacher.device)).to(student.device)
+    return kd_loss_chunked(student, teacher, s_hidden, t_hidden, mask, ids, spec, cfg.loss_chunk_tokens, counts)
+
+
+def _batch_counts(samples: dict[str, torch.Tensor], idx: list[int], spec: LossSpec, world: int) -> LossCounts:
+    """The micro-batch's loss counts; in a process group, the whole global batch's."""
+    if idx:
+        local = LossCounts.of(samples["attention_mask"][idx], samples["input_ids"][idx], spec)
+    else:
+        local = LossCounts(0, 0, 0)
+    if world == 1:
+        return local
+    import torch.distributed as dist
+
+    totals = torch.tensor([local.tokens, local.targets, local.sequences], dtype=torch.float64)
+    dist.all_reduce(totals)
+    return LossCounts(*(int(v) for v in totals))
+
+
+def _ranks_in_sync(model) -> bool:
+    """Every rank holds bit-identical weights (compared through a float64 checksum)."""
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        checksum = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()])
+                                for p in model.parameters()]).sum(0)
+    gathered = [torch.zeros_like(checksum) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, checksum)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
+def _all_sum(value: float) -> float:
+    import torch.distributed as dist
+
+    total = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(total)
+    return float(total)
+
+
+def lr_factor(cfg: DistillConfig, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of the learning rate before optimiser step ``step`` (0-based)."""
+    warmup = cfg.warmup_steps
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if cfg.lr_schedule == "cosine":
+            done = (step - warmup) / max(1, total_steps - warmup)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
+        return 1.0
+
+    return factor
+
+
+def _process_group() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _sum_gradients(model) -> None:
+    """All-reduce (sum) every gradient as one flat buffer; a rank without data contributes zeros.
+
+    Each rank's loss is already normalised by the global batch's counts, so the sum is the
+    single-process gradient.
+    """
+    import torch.distributed as dist
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+        offset += p.numel()
 
 
 def _adamw(student, cfg: DistillConfig) -> torch.optim.AdamW:
@@ -168,31 +284,51 @@ def loss_spec(cfg: DistillConfig) -> LossSpec:
                     book=cfg.book_loss)
 
 
-def _save_resume_state(path: Path, student, optimizer, progress: dict) -> None:
+def _save_resume_state(path: Path, student, optimizer, scheduler, progress: dict) -> None:
     # Write then rename: a kill during the write leaves the previous state intact.
     tmp = path.with_name(path.name + ".tmp")
     torch.save({"student": student.state_dict(), "optimizer": optimizer.state_dict(),
-                "torch_rng": torch.get_rng_state(), "progress": progress}, tmp)
+                "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), "progress": progress}, tmp)
     tmp.replace(path)
 
 
 def distill_checkpoint(teacher_ref: CheckpointRef, student_ref: CheckpointRef, cfg: DistillConfig,
                        data: DataConfig, out_dir: Path,
-                       on_step: Callable[[int, float], None] | None = None) -> tuple[CheckpointRef, dict]:
-    """Distil the student checkpoint from the teacher checkpoint and save the result."""
+                       on_step: Callable[[int, float], None] | None = None,
+                       topk_cache: Path | None = None, device: str = "cpu") -> tuple[CheckpointRef, dict]:
+    """Distil the student checkpoint from the teacher checkpoint (or its top-k cache) and save the result.
+
+    In a process group every rank trains; rank 0 writes the checkpoint and the others wait for it.
+    """
     if (done := existing_checkpoint(out_dir)) is not None:
         return done, json.loads((Path(done.path) / TRAINING_RECORD).read_text())
-    teacher, _ = load_model(teacher_ref)
-    student, tokenizer = load_model(student_ref)
+    student, tokenizer = load_model(student_ref, device=device)
     samples = build_samples(tokenizer, corpus_texts(cfg, data), cfg.seq_len, cfg.num_samples)
-
+    if topk_cache is not None:
+        teacher, topk = None, load_topk_cache(topk_cache, samples, cfg)
+    else:
+        teacher, topk = load_model(teacher_ref, dtype=cfg.teacher_dtype, device=device)[0], None
     resume_file = out_dir.with_name(out_dir.name + ".resume.pt")
+    rank, world = _process_group()
+    if rank != 0:
+        distill(teacher, student, samples, cfg, None, resume_file, topk)
+        _barrier(world)
+        done = existing_checkpoint(out_dir)
+        return done, json.loads((Path(done.path) / TRAINING_RECORD).read_text())
 
     def train_and_save(tmp: Path) -> None:
-        record = distill(teacher, student, samples, cfg, on_step, resume_file)
+        record = distill(teacher, student, samples, cfg, on_step, resume_file, topk)
         save_model(student, tokenizer, tmp)
         (tmp / TRAINING_RECORD).write_text(json.dumps(record))
 
     ref = write_checkpoint(out_dir, train_and_save)
     resume_file.unlink(missing_ok=True)
+    _barrier(world)
     return ref, json.loads((Path(ref.path) / TRAINING_RECORD).read_text())
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()

@@ -70,14 +70,30 @@ def next_token_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor) ->
     return targets
 
 
-def _combine(div: torch.Tensor, ce: torch.Tensor, n_tokens: int, n_targets: int, batch: int,
-             spec: LossSpec) -> torch.Tensor:
+@dataclass(frozen=True)
+class LossCounts:
+    """What the loss is averaged over: positions compared, next-token targets, sequences.
+
+    Data-parallel training passes the counts of the whole global batch, so that summing
+    the ranks' gradients gives exactly the single-process gradient.
+    """
+
+    tokens: int
+    targets: int
+    sequences: int
+
+    @classmethod
+    def of(cls, attention_mask: torch.Tensor, input_ids: torch.Tensor, spec: LossSpec) -> "LossCounts":
+        keep = torch.ones_like(attention_mask, dtype=torch.bool) if spec.book else attention_mask.bool()
+        targets = next_token_targets(input_ids, attention_mask)
+        return cls(int(keep.sum()), int((targets != IGNORE).sum()), int(input_ids.shape[0]))
+
+
+def _scales(counts: LossCounts, spec: LossSpec) -> tuple[float, float]:
+    """Weights of the divergence sum and the cross-entropy sum in the loss."""
     if spec.book:
-        return div / batch
-    loss = (1 - spec.alpha) * div / n_tokens * spec.temperature**2
-    if spec.alpha:
-        loss = loss + spec.alpha * ce / max(n_targets, 1)
-    return loss
+        return 1 / counts.sequences, 0.0
+    return (1 - spec.alpha) * spec.temperature**2 / counts.tokens, spec.alpha / max(counts.targets, 1)
 
 
 def kd_loss_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor, attention_mask: torch.Tensor,
@@ -91,50 +107,130 @@ def kd_loss_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     targets = next_token_targets(input_ids, attention_mask)
     ce = F.cross_entropy(student_logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
                          reduction="sum")
-    return _combine(div, ce, int(keep.sum()), int((targets != IGNORE).sum()), input_ids.shape[0], spec)
+    div_scale, ce_scale = _scales(LossCounts.of(attention_mask, input_ids, spec), spec)
+    return div_scale * div + ce_scale * ce
 
 
 def kd_loss_chunked(student, teacher, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
                     attention_mask: torch.Tensor, input_ids: torch.Tensor, spec: LossSpec = LossSpec(),
-                    chunk_tokens: int = 256) -> torch.Tensor:
+                    chunk_tokens: int = 256, counts: LossCounts | None = None) -> torch.Tensor:
     """Same value and gradient as ``kd_loss_reference`` on the models' logits, in bounded memory."""
+    if int(attention_mask.sum()) == 0:
+        raise ValueError("batch has no real (non-padding) tokens")
     keep = torch.ones_like(attention_mask, dtype=torch.bool) if spec.book else attention_mask.bool()
     s_h, t_h = student_hidden[keep], teacher_hidden[keep]
     targets = next_token_targets(input_ids, attention_mask)[keep]
-    n_tokens = s_h.shape[0]
-    if int(attention_mask.sum()) == 0:
-        raise ValueError("batch has no real (non-padding) tokens")
-    n_targets = int((targets != IGNORE).sum())
+    div_scale, ce_scale = _scales(counts or LossCounts.of(attention_mask, input_ids, spec), spec)
     if _plain_head(student) and _plain_head(teacher) and spec.kind != "jsd":
-        div_scale = 1 / input_ids.shape[0] if spec.book else (1 - spec.alpha) * spec.temperature**2 / n_tokens
-        ce_scale = 0.0 if spec.book else spec.alpha / max(n_targets, 1)
-        return _FusedHeadKD.apply(s_h, student.get_output_embeddings().weight, t_h,
-                                  teacher.get_output_embeddings().weight, targets, spec, div_scale, ce_scale,
-                                  chunk_tokens)
+        return _FusedHeadKD.apply(s_h, student.get_output_embeddings().weight,
+                                  _LiveTeacher(t_h, teacher.get_output_embeddings().weight, spec.temperature),
+                                  targets, spec, div_scale, ce_scale, chunk_tokens)
 
     def chunk_terms(s_chunk: torch.Tensor, t_logits: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
         s_logits = output_logits(student, s_chunk)
         div = divergence_sum(s_logits, t_logits, spec)
         ce = (F.cross_entropy(s_logits.float(), tgt, ignore_index=IGNORE, reduction="sum")
-              if spec.alpha and not spec.book else div.new_zeros(()))
-        return torch.stack([div, ce])
+              if ce_scale else div.new_zeros(()))
+        return div_scale * div + ce_scale * ce
 
-    totals = s_h.new_zeros(2, dtype=torch.float32)
-    for start in range(0, n_tokens, chunk_tokens):
+    total = s_h.new_zeros((), dtype=torch.float32)
+    for start in range(0, s_h.shape[0], chunk_tokens):
         with torch.no_grad():
             t_logits = output_logits(teacher, t_h[start:start + chunk_tokens])
         s_chunk, tgt = s_h[start:start + chunk_tokens], targets[start:start + chunk_tokens]
         if s_chunk.requires_grad:
-            totals = totals + checkpoint(chunk_terms, s_chunk, t_logits, tgt, use_reentrant=False)
+            total = total + checkpoint(chunk_terms, s_chunk, t_logits, tgt, use_reentrant=False)
         else:
-            totals = totals + chunk_terms(s_chunk, t_logits, tgt)
-    return _combine(totals[0], totals[1], n_tokens, int((targets != IGNORE).sum()), input_ids.shape[0], spec)
+            total = total + chunk_terms(s_chunk, t_logits, tgt)
+    return total
 
 
 def _plain_head(model) -> bool:
     head = model.get_output_embeddings()
     return (isinstance(head, torch.nn.Linear) and head.bias is None
             and not getattr(model.config, "final_logit_softcapping", None))
+
+
+def kd_loss_topk(student, student_hidden: torch.Tensor, topk: "TopKTeacher", attention_mask: torch.Tensor,
+                 input_ids: torch.Tensor, spec: LossSpec = LossSpec(), chunk_tokens: int = 256,
+                 counts: LossCounts | None = None) -> torch.Tensor:
+    """Forward KL from a cached top-k teacher (k logits + the log-sum-exp of the rest).
+
+    The teacher distribution has k + 1 outcomes: its top-k tokens and "any other token";
+    the student's probability of the latter is its mass outside the top-k. Equal to the
+    exact loss when the rest carries no mass; normalised as ``kd_loss_chunked``.
+    """
+    if spec.kind != "forward_kl":
+        raise ValueError(f"a cached top-k teacher supports loss forward_kl only, not {spec.kind!r}")
+    if not _plain_head(student):
+        raise ValueError("a cached top-k teacher needs a bias-free linear output head without soft-capping")
+    keep = torch.ones_like(attention_mask, dtype=torch.bool) if spec.book else attention_mask.bool()
+    if int(attention_mask.sum()) == 0:
+        raise ValueError("batch has no real (non-padding) tokens")
+    targets = next_token_targets(input_ids, attention_mask)[keep]
+    div_scale, ce_scale = _scales(counts or LossCounts.of(attention_mask, input_ids, spec), spec)
+    return _FusedHeadKD.apply(student_hidden[keep], student.get_output_embeddings().weight, topk.select(keep),
+                              targets, spec, div_scale, ce_scale, chunk_tokens)
+
+
+class _LiveTeacher:
+    """The teacher's logits, computed per chunk from its final hidden states."""
+
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, temperature: float):
+        self.hidden, self.weight, self.T = hidden, weight, temperature
+
+    def log_probs(self, start: int, stop: int) -> torch.Tensor:
+        return F.log_softmax((self.hidden[start:stop] @ self.weight.T).float() / self.T, dim=-1)
+
+    def forward_kl(self, start: int, stop: int, log_q: torch.Tensor, q: torch.Tensor):
+        """(KL(p || q) per token, the distribution whose difference from q is the logit gradient x T)."""
+        log_p = self.log_probs(start, stop)
+        p = log_p.exp()
+        return (p * (log_p - log_q)).sum(-1), p
+
+
+@dataclass
+class TopKTeacher:
+    """A teacher's top-k logits per position and the log-sum-exp (at temperature T) of the rest.
+
+    ``values`` [N, k] raw logits (float16 on disk), ``indices`` [N, k], ``rest_logsumexp`` [N]
+    = log sum over the other tokens of exp(logit / T). N counts positions (any leading shape
+    is flattened by ``select``).
+    """
+
+    values: torch.Tensor
+    indices: torch.Tensor
+    rest_logsumexp: torch.Tensor
+    temperature: float
+
+    @classmethod
+    def from_logits(cls, logits: torch.Tensor, k: int, temperature: float) -> "TopKTeacher":
+        """Top-k of [..., V] logits; the rest's log-sum-exp from the full one minus the top-k's."""
+        z = logits.float() / temperature
+        values, indices = z.topk(k, dim=-1)
+        full, top = torch.logsumexp(z, dim=-1), torch.logsumexp(values, dim=-1)
+        # log(exp(full) - exp(top)); an empty rest gets a vanishing mass instead of -inf.
+        rest = full + (-torch.expm1(top - full)).clamp_min(1e-30).log()
+        return cls((values * temperature).half(), indices.int(), rest, temperature)
+
+    def select(self, keep: torch.Tensor) -> "TopKTeacher":
+        return TopKTeacher(self.values[keep], self.indices[keep], self.rest_logsumexp[keep], self.temperature)
+
+    def forward_kl(self, start: int, stop: int, log_q: torch.Tensor, q: torch.Tensor):
+        idx = self.indices[start:stop].long()
+        # Teacher over k + 1 outcomes: top-k tokens, then "the rest".
+        t = torch.cat([self.values[start:stop].float() / self.temperature,
+                       self.rest_logsumexp[start:stop, None].float()], dim=1)
+        log_p = t - torch.logsumexp(t, dim=1, keepdim=True)
+        log_q_top = log_q.gather(1, idx)
+        q_rest = (1 - log_q_top.exp().sum(1)).clamp_min(torch.finfo(torch.float32).tiny)
+        log_q_all = torch.cat([log_q_top, q_rest.log()[:, None]], dim=1)
+        p = log_p.exp()
+        per_token = (p * (log_p - log_q_all)).sum(-1)
+        # Gradient target: p on the top-k, the rest's mass spread like the student's own.
+        target = q * (p[:, -1] / q_rest)[:, None]
+        target.scatter_(1, idx, p[:, :-1])
+        return per_token, target
 
 
 class _FusedHeadKD(torch.autograd.Function):
@@ -148,7 +244,7 @@ class _FusedHeadKD(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, s_h, weight, t_h, t_weight, targets, spec: LossSpec, div_scale: float, ce_scale: float,
+    def forward(ctx, s_h, weight, teacher, targets, spec: LossSpec, div_scale: float, ce_scale: float,
                 chunk_tokens: int):
         T = spec.temperature
         grad_h = torch.empty(s_h.shape, dtype=torch.float32, device=s_h.device)
@@ -159,16 +255,13 @@ class _FusedHeadKD(torch.autograd.Function):
             stop = start + chunk_tokens
             h = s_h[start:stop].float()
             s_logits = h @ w32.T
-            t_logits = (t_h[start:stop] @ t_weight.T).float()
-            log_p = F.log_softmax(t_logits / T, dim=-1)
             log_q = F.log_softmax(s_logits / T, dim=-1)
             q = log_q.exp()
             if spec.kind == "forward_kl":
-                p = log_p.exp()
-                per_token = (p * (log_p - log_q)).sum(-1)
+                per_token, p = teacher.forward_kl(start, stop, log_q, q)
                 grad = (q - p) / T
-            else:  # reverse_kl
-                log_ratio = log_q - log_p
+            else:  # reverse_kl (live teacher only)
+                log_ratio = log_q - teacher.log_probs(start, stop)
                 per_token = (q * log_ratio).sum(-1)
                 grad = q * (log_ratio - per_token[:, None]) / T
             total = total + div_scale * per_token.sum()
@@ -191,4 +284,4 @@ class _FusedHeadKD(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_output * grad_h, grad_output * grad_w, None, None, None, None, None, None, None
+        return grad_output * grad_h, grad_output * grad_w, None, None, None, None, None, None

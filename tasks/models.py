@@ -12,6 +12,7 @@ from tailor.checkpoint import CheckpointRef, count_parameters, load_model, save_
 from tailor.config import DataConfig, DistillConfig, ModelConfig, PruneConfig
 from tailor.distill import distill_checkpoint
 from tailor.pruning import prune_layers, resolve_indices
+from tailor.teacher_cache import write_topk_cache
 from tailor.resources import stage_cost
 from tailor.sources import materialize
 
@@ -40,12 +41,24 @@ def prune_model(base: CheckpointRef, prune: PruneConfig, work_dir: str) -> dict:
             "params_after": count_parameters(model), **stage_cost(start)}
 
 
+@task(name="cache-teacher-topk", cache_policy=CACHED, persist_result=True)
+def cache_teacher_topk(teacher: CheckpointRef, distill: DistillConfig, data: DataConfig, work_dir: str) -> dict:
+    """The teacher's top-k logits for every distillation sample, on disk; returns {"path", "mib"}.
+
+    The file is named by teacher fingerprint, samples, k and T, so a run that only changes
+    training settings (learning rate, epochs) reuses it even when this task re-runs.
+    """
+    start = time.perf_counter()
+    path = write_topk_cache(teacher.verify(), distill, data, Path(work_dir) / "teacher-cache")
+    return {"path": str(path), "mib": path.stat().st_size / 2**20, **stage_cost(start)}
+
+
 @task(name="distill-model", cache_policy=CACHED, persist_result=True)
 def distill_model(teacher: CheckpointRef, student: CheckpointRef, distill: DistillConfig,
-                  data: DataConfig, work_dir: str) -> dict:
-    """Distil the student from the teacher; returns {"ref", "record"} (losses, throughput)."""
-    out = Path(work_dir) / "checkpoints" / (
-        f"distilled-{stable_hash(teacher.fingerprint, student.fingerprint, distill.model_dump(), data.model_dump())}")
+                  data: DataConfig, work_dir: str, topk_cache: str | None = None) -> dict:
+    """Distil the student from the teacher (or its top-k cache); returns {"ref", "record"} (losses, throughput)."""
+    key = stable_hash(teacher.fingerprint, student.fingerprint, distill.model_dump(), data.model_dump(), topk_cache)
+    out = Path(work_dir) / "checkpoints" / f"distilled-{key}"
     progress = create_progress_artifact(progress=0.0, key="distillation-progress",
                                         description="Distillation: share of optimiser steps done")
     total = _planned_steps(distill)
@@ -56,7 +69,8 @@ def distill_model(teacher: CheckpointRef, student: CheckpointRef, distill: Disti
         update_progress_artifact(progress, progress=min(100.0, 100.0 * step / total))
 
     start = time.perf_counter()
-    ref, record = distill_checkpoint(teacher.verify(), student.verify(), distill, data, out, on_step)
+    ref, record = distill_checkpoint(teacher.verify(), student.verify(), distill, data, out, on_step,
+                                     Path(topk_cache) if topk_cache else None)
     return {"ref": ref, "record": record, **stage_cost(start)}
 
 

@@ -1,0 +1,80 @@
+"""The teacher's top-k logits for every distillation sample, computed once and stored on disk.
+
+Training from the cache needs no teacher forward pass and no teacher in memory, for
+every epoch and every later run with the same teacher, samples, k and temperature.
+A cache file holds the samples' token ids, so a student is never trained against
+logits of other text.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointRef, load_model, stable_hash
+from .config import DataConfig, DistillConfig, TailorError
+from .kd_loss import TopKTeacher, output_logits
+
+class TeacherCacheError(TailorError, ValueError):
+    """The cache does not fit the run."""
+
+
+def check_topk(k: int, vocab_size: int) -> None:
+    if not 1 <= k <= vocab_size:
+        raise TeacherCacheError(f"distill.teacher_topk must be between 1 and the vocabulary size ({vocab_size}), got {k}")
+
+
+@torch.no_grad()
+def compute_topk(teacher, samples: dict[str, torch.Tensor], k: int, temperature: float,
+                 batch_size: int = 8) -> dict[str, torch.Tensor]:
+    """Top-k logits (float16), their token ids (int32) and the rest's log-sum-exp, per position."""
+    check_topk(k, teacher.config.vocab_size)
+    parts: list[TopKTeacher] = []
+    ids, mask = samples["input_ids"], samples["attention_mask"]
+    for start in range(0, ids.shape[0], batch_size):
+        hidden = teacher.get_decoder()(input_ids=ids[start:start + batch_size].to(teacher.device),
+                                       attention_mask=mask[start:start + batch_size].to(teacher.device),
+                                       use_cache=False).last_hidden_state
+        # One sequence at a time through the head: [seq_len, V] logits, never [B, T, V].
+        for row in hidden:
+            parts.append(TopKTeacher.from_logits(output_logits(teacher, row), k, temperature))
+    return {"input_ids": ids, "values": torch.stack([p.values for p in parts]).cpu(),
+            "indices": torch.stack([p.indices for p in parts]).cpu(),
+            "rest_logsumexp": torch.stack([p.rest_logsumexp for p in parts]).cpu(),
+            "k": torch.tensor(k), "temperature": torch.tensor(temperature)}
+
+
+def topk_cache_key(teacher_ref: CheckpointRef, cfg: DistillConfig, data: DataConfig) -> str:
+    """What the cache depends on: the teacher's fingerprint, the samples' source and shape, k and T."""
+    return stable_hash(teacher_ref.fingerprint, cfg.teacher_topk, cfg.temperature, cfg.teacher_dtype, cfg.seq_len,
+                       cfg.num_samples, cfg.corpus, cfg.corpus_files, data.model_dump())
+
+
+def write_topk_cache(teacher_ref: CheckpointRef, cfg: DistillConfig, data: DataConfig, out_dir: Path) -> Path:
+    """Compute and store the cache under ``out_dir`` (write, then rename); an existing file is reused."""
+    from .distill import build_samples, corpus_texts
+
+    path = Path(out_dir) / f"teacher-top{cfg.teacher_topk}-{topk_cache_key(teacher_ref, cfg, data)}.pt"
+    if path.exists():
+        return path
+    teacher, tokenizer = load_model(teacher_ref, dtype=cfg.teacher_dtype)
+    check_topk(cfg.teacher_topk, teacher.config.vocab_size)
+    samples = build_samples(tokenizer, corpus_texts(cfg, data), cfg.seq_len, cfg.num_samples)
+    cache = compute_topk(teacher, samples, cfg.teacher_topk, cfg.temperature, cfg.batch_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(cache, tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_topk_cache(path: Path, samples: dict[str, torch.Tensor], cfg: DistillConfig) -> TopKTeacher:
+    """The cache as a ``TopKTeacher`` over [N, seq_len] positions, checked against the run's samples."""
+    cache = torch.load(path, weights_only=True)
+    if not torch.equal(cache["input_ids"], samples["input_ids"]):
+        raise TeacherCacheError(f"{path} was computed for other distillation samples")
+    if int(cache["k"]) != cfg.teacher_topk or float(cache["temperature"]) != cfg.temperature:
+        raise TeacherCacheError(f"{path} holds k={int(cache['k'])}, T={float(cache['temperature'])}; "
+                                f"the run asks k={cfg.teacher_topk}, T={cfg.temperature}")
+    return TopKTeacher(cache["values"], cache["indices"], cache["rest_logsumexp"], cfg.temperature)

@@ -1,0 +1,60 @@
+"""Data-parallel distillation: two gloo processes under torchrun equal one process on the same global batch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tailor.checkpoint import load_model, save_model, write_checkpoint
+from tailor.pruning import prune_layers
+from tailor.tiny import build_tiny_gemma3
+
+pytestmark = pytest.mark.integration
+
+SETTINGS = ["distill.num_samples=16", "distill.seq_len=24", "distill.grad_accum=2", "distill.epochs=1",
+            "distill.learning_rate=1e-3", "distill.checkpoint_every=0"]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, tiny_tokenizer):
+    root = tmp_path_factory.mktemp("ddp")
+    teacher = build_tiny_gemma3(tiny_tokenizer, num_layers=4, seed=0)
+    teacher_ref = write_checkpoint(root / "teacher", lambda tmp: save_model(teacher, tiny_tokenizer, tmp))
+    prune_layers(teacher, [1, 2])
+    student_ref = write_checkpoint(root / "student", lambda tmp: save_model(teacher, tiny_tokenizer, tmp))
+    return root, teacher_ref, student_ref
+
+
+def _distill(launcher: list[str], root, teacher, student, out: str, batch_size: int, shared_data) -> dict:
+    cmd = [*launcher, "-m", "tailor.cli", "distill", "--teacher", teacher.path, "--student", student.path,
+           "--out", str(root / out), "--profile", "smoke", "--set", f"data.data_dir={shared_data}",
+           "--set", f"distill.batch_size={batch_size}", *[a for s in SETTINGS for a in ("--set", s)]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(checkpoints, shared_data):
+    root, teacher, student = checkpoints
+    single = _distill([sys.executable], root, teacher, student, "single", 4, shared_data)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+                "--nproc-per-node", "2"]
+    parallel = _distill(torchrun, root, teacher, student, "parallel", 2, shared_data)
+    assert single["world_size"] == 1 and parallel["world_size"] == 2
+    assert parallel["optimizer_steps"] == single["optimizer_steps"] == 2
+    assert parallel["train_tokens"] == single["train_tokens"]
+    assert parallel["losses"] == pytest.approx(single["losses"], rel=1e-5)
+    ours = load_model(load_ref(parallel))[0].state_dict()
+    reference = load_model(load_ref(single))[0].state_dict()
+    for key in reference:
+        assert torch.allclose(ours[key], reference[key], rtol=1e-4, atol=1e-6), key
+
+
+def load_ref(result: dict):
+    from tailor.checkpoint import CheckpointRef
+
+    return CheckpointRef(result["path"], result["fingerprint"])
