@@ -18,9 +18,10 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from tailor import tracking
 from tailor.config import load_config
+from tailor.importance import SCORED_STRATEGIES
 from tailor.preflight import preflight
 from tasks.measure import evaluate_model, measure_speed
-from tasks.models import cache_teacher_topk, distill_model, materialize_model, prune_model
+from tasks.models import cache_teacher_topk, distill_model, materialize_model, prune_model, score_layers
 from tasks.report import compare_models
 from tasks.tracking import log_stage, register_model
 
@@ -61,9 +62,18 @@ def tailor_flow(profile: str = "quick", overrides: list[str] | None = None, out_
 
         evals = {"original": evaluate("original", base)}
         stage = "prune"
-        pruned = prune_model(base, cfg.prune, cfg.work_dir)
+        scores = None
+        if cfg.prune.strategy in SCORED_STRATEGIES:
+            stage = "score-layers"
+            scored = score_layers(base, cfg.prune, (cfg.prune.strategy,), cfg.distill, cfg.data, cfg.work_dir)
+            scores = scored["scores"]
+            log("score-layers", params=cfg.prune.model_dump(), metrics={"seconds": scored["seconds"]},
+                artifacts=[scored["file"]])
+            stage = "prune"
+        pruned = prune_model(base, cfg.prune, cfg.work_dir, scores)
         log("prune", params=cfg.prune.model_dump(), metrics={"params_before": pruned["params_before"],
-            "params_after": pruned["params_after"], "layers_removed": len(pruned["removed_layers"])})
+            "params_after": pruned["params_after"], "layers_removed": len(pruned["removed_layers"])},
+            artifacts=[pruned["plot"]] if pruned["plot"] else None)
         evals["pruned"] = evaluate("pruned", pruned["ref"])
         stage = "distill"
         teacher_cache = None

@@ -87,11 +87,29 @@ class EvalConfig(_Section):
         return v
 
 
+PRUNE_STRATEGIES = ("last", "indices", "block_influence", "angular", "leave_one_out")
+
+
 class PruneConfig(_Section):
+    strategy: Literal["last", "indices", "block_influence", "angular", "leave_one_out"] = "last"
+    """Which layers go: last (the book's), indices (explicit), block_influence (ShortGPT, lowest 1 - cos(in, out)), angular (contiguous block with the smallest angular distance between its input and output), leave_one_out (smallest calibration-perplexity increase when skipped alone)."""
     num_layers: int = 2
-    """Remove this many decoder layers from the end (the book removes 2 of 18)."""
+    """How many decoder layers to remove (the book removes 2 of 18)."""
     indices: tuple[int, ...] | None = None
-    """Explicit decoder layer indices to remove instead of the last num_layers."""
+    """strategy=indices: the decoder layer indices to remove."""
+    calibration_samples: int = Field(32, ge=1)
+    """Samples from the distillation corpus used to score layers (scored strategies)."""
+    calibration_seq_len: int = Field(128, ge=2)
+    """Tokens per calibration sample."""
+    calibration_batch_size: int = Field(8, ge=1)
+    """Calibration samples per forward pass."""
+
+    @model_validator(mode="after")
+    def _indices_go_with_their_strategy(self):
+        if (self.strategy == "indices") != (self.indices is not None):
+            raise ValueError("prune.indices is set exactly when prune.strategy='indices' "
+                             f"(got strategy={self.strategy!r}, indices={self.indices})")
+        return self
 
     @field_validator("indices")
     @classmethod

