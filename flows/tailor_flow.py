@@ -46,7 +46,7 @@ def tailor_flow(profile: str = "quick", overrides: list[str] | None = None, out_
                                 tags={"tailor.profile": cfg.profile, "prefect.flow_run": flow_run_name})
     tracking.log_params(client, parent, cfg.model_dump())
     log = lambda stage, **kw: log_stage(uri, exp_id, parent, stage, **kw)  # noqa: E731
-    create_link_artifact(key="mlflow-parent-run", link=_run_link(uri, exp_id, parent),
+    create_link_artifact(key="mlflow-parent-run", link=run_link(uri, exp_id, parent),
                          description="MLflow parent run of this flow run")
 
     stage = "materialize"
@@ -164,6 +164,6 @@ def _metric_values(metrics: dict) -> dict[str, float]:
     return flat
 
 
-def _run_link(uri: str, exp_id: str, run_id: str) -> str:
+def run_link(uri: str, exp_id: str, run_id: str) -> str:
     base = uri if uri.startswith("http") else "http://127.0.0.1:5000"
     return f"{base.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}"

