@@ -62,7 +62,7 @@ def sweep_flow(profile: str = "quick", overrides: list[str] | None = None, out_d
     try:
         base = materialize_model(cfg.model, cfg.work_dir)["ref"]
         evaluate = lambda name, ref: evaluate_model.with_options(task_run_name=f"evaluate-{name}").submit(  # noqa: E731
-            ref, cfg.eval, cfg.data, cfg.work_dir)
+            ref, cfg.eval, cfg.data, cfg.work_dir, name)
         original_eval = evaluate("original", base)
         scored = tuple(s for s in cfg.sweep.strategies if s in SCORED_STRATEGIES)
         scores = score_layers(base, cfg.prune, scored, cfg.distill, cfg.data, cfg.work_dir)["scores"] \

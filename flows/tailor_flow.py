@@ -1,8 +1,8 @@
-"""The tailoring DAG: evaluate, prune, distil, compare, register.
+"""The tailoring DAG: evaluate, prune, distil, compare, register, promote.
 
     materialize ─┬─ evaluate(original) ───────────────────────────┐
                  └─ prune ─┬─ evaluate(pruned) ───────────────────┤
-                           └─ distill ─ evaluate(distilled) ──────┼─ measure-speed ─ compare ─ register
+                           └─ distill ─ evaluate(distilled) ──────┼─ measure-speed ─ compare ─ register ─ promote
 No maths here: the flow reads the config, opens the MLflow parent run and wires tasks.
 """
 
@@ -17,12 +17,15 @@ from prefect.context import get_run_context
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from tailor import tracking
+from tailor.checkpoint import stable_hash
 from tailor.config import load_config
 from tailor.importance import SCORED_STRATEGIES
 from tailor.preflight import preflight
+from tailor.promotion import evaluation_tags
 from tasks.measure import evaluate_model, measure_speed
 from tasks.models import cache_teacher_topk, distill_model, materialize_model, prune_model, score_layers
-from tasks.report import compare_models
+from tasks.promotion import promote_model
+from tasks.report import compare_models, record_promotion
 from tasks.tracking import log_stage, register_model
 
 
@@ -58,7 +61,7 @@ def tailor_flow(profile: str = "quick", overrides: list[str] | None = None, out_
         def evaluate(name: str, ref):
             task = evaluate_model.with_options(task_run_name=f"evaluate-{name}")
             run = task.submit if cfg.runner.concurrent else _completed(task)
-            return run(ref, cfg.eval, cfg.data, cfg.work_dir)
+            return run(ref, cfg.eval, cfg.data, cfg.work_dir, name)
 
         evals = {"original": evaluate("original", base)}
         stage = "prune"
@@ -118,12 +121,22 @@ def tailor_flow(profile: str = "quick", overrides: list[str] | None = None, out_
             "flow_seconds_before_report": time.perf_counter() - start,
         }, str(out))
         json_path, md_path = report["report_json"], report["report_md"]
-        log("compare", params={"out_dir": str(out)}, artifacts=[json_path, md_path],
+        log("compare", params={"out_dir": str(out)},
+            artifacts=[json_path, md_path, *(str(out / f) for f in report["figures"].values())],
             metrics={name: {"mean_acc_retention_pct": c["mean_acc_retention_pct"], "speedup": c["speedup"]}
                      for name, c in report["vs_original"].items()})
         stage = "register"
+        eval_signature = stable_hash(cfg.eval.tasks, cfg.eval.limit, cfg.eval.include_path, cfg.eval.dtype,
+                                     cfg.data.mode)
         version = register_model(uri, exp_id, parent, distilled["ref"], cfg.tracking.registered_model,
-                                 cfg.tracking.alias, {"profile": cfg.profile})
+                                 cfg.tracking.alias, {"profile": cfg.profile,
+                                                      **evaluation_tags(report, eval_signature)})
+        decision = None
+        if cfg.promotion.enabled:
+            stage = "promote"
+            decision = promote_model(uri, cfg.tracking.registered_model, version, cfg.promotion)
+            record_promotion(json_path, decision)
+            client.set_tag(parent, "tailor.promotion", "promoted" if decision["promoted"] else "rejected")
     except Exception as exc:
         logger.error(f"stage {stage} failed: {exc}")
         client.set_tag(parent, "tailor.failed_stage", stage)
@@ -133,7 +146,7 @@ def tailor_flow(profile: str = "quick", overrides: list[str] | None = None, out_
     tracking.log_metrics(client, parent, {"flow_seconds": time.perf_counter() - start})
     tracking.end_run(client, parent)
     return {"report_json": json_path, "report_md": md_path, "registered_model": cfg.tracking.registered_model,
-            "version": version, "alias": cfg.tracking.alias, "parent_run_id": parent}
+            "version": version, "alias": cfg.tracking.alias, "parent_run_id": parent, "promotion": decision}
 
 
 class _Done:

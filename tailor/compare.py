@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from .stats import paired_item_deltas
@@ -66,7 +67,52 @@ def _fmt(x: float | None, spec: str = ".4f") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
-def render_markdown(report: dict) -> str:
+def write_figures(report: dict, out_dir: Path, layer_scores_png: str | None = None) -> dict[str, str]:
+    """PNG figures beside the report: per-task accuracy, distillation loss, generation speed
+    (and the pruning's layer scores when a scored strategy chose the layers). Returns
+    {caption: file name}."""
+    from .plots import grouped_bars_png, lines_png
+
+    out_dir = Path(out_dir)
+    models = report["models"]
+    tasks = [t for t, m in models["original"]["metrics"].items() if "acc" in m]
+    figures = {}
+    if tasks:
+        grouped_bars_png(tasks, {n: [models[n]["metrics"][t]["acc"]["value"] for t in tasks] for n in MODELS},
+                         "accuracy", "Accuracy per task", out_dir / "accuracy.png")
+        figures["Accuracy per task"] = "accuracy.png"
+    losses = report.get("distillation", {}).get("losses")
+    if losses:
+        lines_png("optimiser step", "distillation loss", {"loss": (list(range(1, len(losses) + 1)), losses)},
+                  "Distillation loss", out_dir / "kd_loss.png")
+        figures["Distillation loss"] = "kd_loss.png"
+    grouped_bars_png(["tokens/s"], {n: [models[n]["tokens_per_s"]] for n in MODELS}, "generated tokens/s",
+                     "Generation speed (greedy)", out_dir / "speed.png")
+    figures["Generation speed"] = "speed.png"
+    if layer_scores_png:
+        shutil.copyfile(layer_scores_png, out_dir / "layer_scores.png")
+        figures["Layer scores (removed layers in red)"] = "layer_scores.png"
+    return figures
+
+
+def comparison_table(report: dict) -> list[dict]:
+    """One row per task metric: the three models' values and the changes with their intervals."""
+    models, changes = report["models"], report["vs_original"]
+    rows = []
+    for task, metrics in models["original"]["metrics"].items():
+        for metric, score in metrics.items():
+            row = {"task": task, "metric": metric, "original": round(score["value"], 4)}
+            for n in MODELS[1:]:
+                c = changes[n]["tasks"][task][metric]
+                row[n] = round(models[n]["metrics"][task][metric]["value"], 4)
+                row[f"{n} Δ [95% CI]"] = _delta(c).replace("**", "") + (" *" if c.get("significant") else "")
+            rows.append(row)
+    return rows
+
+
+def render_markdown(report: dict, figure_dir: Path | None = None) -> str:
+    """The report as markdown; with ``figure_dir`` the figures are embedded inline (for UIs
+    that cannot read files beside the report)."""
     models, changes = report["models"], report["vs_original"]
     lines = [f"# llm-tailor report: profile `{report.get('profile', '?')}`", ""]
     lines += ["## Models", "", "| | " + " | ".join(MODELS) + " |", "|---|" + "---|" * len(MODELS)]
@@ -124,6 +170,18 @@ def render_markdown(report: dict) -> str:
     prompt = models["original"]["sample_prompt"]
     for n in MODELS:
         lines.append(f"- **{n}**: {prompt}**{models[n]['sample_continuation']}**")
+    if report.get("figures"):
+        from .plots import embed_markdown
+
+        lines += ["", "## Figures", ""]
+        for caption, name in report["figures"].items():
+            lines += [embed_markdown(Path(figure_dir) / name, caption) if figure_dir else f"![{caption}]({name})", ""]
+    if report.get("promotion"):
+        d = report["promotion"]
+        lines += ["", "## Promotion", "",
+                  f"Version {d['version']} vs {d['reference']}: **{'promoted' if d['promoted'] else 'not promoted'}**"
+                  + (f" (champion was v{d['previous_champion']})" if d.get("previous_champion") else ""), ""]
+        lines += [f"- {r}" for r in d["reasons"]]
     if report.get("stages"):
         lines += ["", "## Where the time went", "",
                   "Compute seconds of each stage when it ran, and the process's peak resident memory by its end.",

@@ -237,6 +237,27 @@ class TrackingConfig(_Section):
     alias: str = "challenger"
     """Alias set on the newly registered version."""
 
+    @field_validator("registered_model")
+    @classmethod
+    def _model_name(cls, v: str) -> str:
+        if not v.strip() or "/" in v or ":" in v:
+            raise ValueError(f"tracking.registered_model={v!r} is not a name MLflow accepts: "
+                             "non-empty, without '/' or ':'")
+        return v
+
+
+class PromotionConfig(_Section):
+    enabled: bool = True
+    """After registering, run the promotion gate on the new version."""
+    champion_alias: str = "champion"
+    """Alias the gate moves to a version that passes."""
+    min_mean_retention_pct: float = Field(90.0, ge=0, le=100)
+    """The challenger must keep at least this mean accuracy retention vs the original (percent)."""
+    min_speedup: float = Field(1.0, gt=0, le=100)
+    """The challenger's generation speed-up vs the original must be at least this."""
+    max_task_drop: float = Field(0.05, ge=0, le=1)
+    """No task's accuracy may fall by more than this (absolute) below the reference: the current champion, or the original when there is none."""
+
 
 class SweepConfig(_Section):
     strategies: tuple[Literal["last", "block_influence", "angular", "leave_one_out"], ...] = (
@@ -274,6 +295,7 @@ class TailorConfig(_Section):
     tracking: TrackingConfig = TrackingConfig()
     runner: RunnerConfig = RunnerConfig()
     sweep: SweepConfig = SweepConfig()
+    promotion: PromotionConfig = PromotionConfig()
 
     @model_validator(mode="after")
     def _resolve_paths(self) -> "TailorConfig":

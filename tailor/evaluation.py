@@ -12,7 +12,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .checkpoint import CheckpointRef, load_model
 from .config import DataConfig, EvalConfig, TailorError
@@ -118,15 +118,17 @@ def _stock_config(manager, task: str) -> dict[str, Any]:
     return dict(load_yaml(entry.yaml_path, resolve_func=True))
 
 
-def evaluate_checkpoint(ref: CheckpointRef, cfg: EvalConfig, data: DataConfig, out_file: Path) -> dict:
+def evaluate_checkpoint(ref: CheckpointRef, cfg: EvalConfig, data: DataConfig, out_file: Path,
+                        on_progress: Callable[[int, int], None] | None = None) -> dict:
     """Evaluate a checkpoint; write and return {"metrics", "items", "limit", ...}.
 
-    An existing ``out_file`` (from an interrupted earlier run) is reused.
+    An existing ``out_file`` (from an interrupted earlier run) is reused. ``on_progress``
+    gets (requests scored, requests in this pass) as scoring goes (fast backend).
     """
     if out_file.exists():
         return json.loads(out_file.read_text())
     model, tokenizer = load_model(ref, dtype=cfg.dtype)
-    result = evaluate_model(model, tokenizer, cfg, data)
+    result = evaluate_model(model, tokenizer, cfg, data, on_progress)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_file.with_suffix(".partial")
     tmp.write_text(json.dumps(result, indent=1))
@@ -134,7 +136,8 @@ def evaluate_checkpoint(ref: CheckpointRef, cfg: EvalConfig, data: DataConfig, o
     return result
 
 
-def evaluate_model(model, tokenizer, cfg: EvalConfig, data: DataConfig) -> dict:
+def evaluate_model(model, tokenizer, cfg: EvalConfig, data: DataConfig,
+                   on_progress: Callable[[int, int], None] | None = None) -> dict:
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
@@ -149,6 +152,7 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, data: DataConfig) -> dict:
     lm = lm_class(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size)
     if isinstance(lm, FastHFLM):
         lm.share_context = cfg.share_context
+        lm.on_progress = on_progress
     out = lm_eval.simple_evaluate(
         model=lm, tasks=task_specs(cfg.tasks, data, manager), task_manager=manager, num_fewshot=0,
         limit=cfg.limit, log_samples=True, bootstrap_iters=cfg.bootstrap_iters, random_seed=0,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +67,8 @@ class FastHFLM(HFLM):
 
     share_context: bool = True
     pack_tokens: int = 256
+    on_progress: Callable[[int, int], None] | None = None
+    """Called with (requests scored, requests in this call) after every batch."""
 
     def _loglikelihood_tokens(self, requests: list[Request], disable_tqdm: bool = False,
                               override_bs: int | None = None) -> list[tuple[float, bool]]:
@@ -79,12 +82,16 @@ class FastHFLM(HFLM):
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         with tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0,
                   desc="Scoring loglikelihood requests") as bar:
+            done = 0
             for batch in batches:
                 for i, answer in self._score_rows(batch):
                     results[i] = answer
                     if requests[i][0] is not None:
                         self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
                     bar.update(1)
+                    done += 1
+                if self.on_progress is not None:
+                    self.on_progress(done, len(requests))
         return results  # type: ignore[return-value]
 
     def _segments(self, requests: list[Request]) -> list[_Segment]:

@@ -130,7 +130,8 @@ def register_checkpoint(tracking_uri: str, run_id: str, checkpoint_path: str, fi
             info = mlflow.transformers.log_model(
                 transformers_model={"model": model, "tokenizer": tokenizer}, name="model",
                 task="text-generation", registered_model_name=model_name,
-                input_example="The capital of France is",
+                # (input, params): the signature then accepts generation settings at serving time.
+                input_example=("The capital of France is", {"max_new_tokens": 32}),
             )
         existing = str(info.registered_model_version)
         client.set_model_version_tag(model_name, existing, "checkpoint_fingerprint", fingerprint)

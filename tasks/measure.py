@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
 from prefect import task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from tailor.checkpoint import CheckpointRef, stable_hash
 from tailor.config import DataConfig, EvalConfig, SpeedConfig
@@ -17,11 +19,18 @@ from ._common import CACHED
 
 
 @task(name="evaluate-model", cache_policy=CACHED, persist_result=True)
-def evaluate_model(ref: CheckpointRef, eval_cfg: EvalConfig, data: DataConfig, work_dir: str) -> dict:
-    """lm-eval metrics of one checkpoint; per-item scores are kept in the work folder."""
+def evaluate_model(ref: CheckpointRef, eval_cfg: EvalConfig, data: DataConfig, work_dir: str,
+                   label: str = "model") -> dict:
+    """lm-eval metrics of one checkpoint; per-item scores are kept in the work folder.
+
+    A progress artifact keyed by ``label`` moves as requests are scored.
+    """
     out = Path(work_dir) / "evals" / f"{stable_hash(ref.fingerprint, eval_cfg.model_dump(), data.model_dump())}.json"
     start = time.perf_counter()
-    result = evaluate_checkpoint(ref.verify(), eval_cfg, data, out)
+    progress = create_progress_artifact(progress=0.0, key=f"evaluation-progress-{_artifact_key(label)}",
+                                        description=f"Evaluation of {label}: share of requests scored")
+    result = evaluate_checkpoint(ref.verify(), eval_cfg, data, out,
+                                 lambda done, total: update_progress_artifact(progress, 100.0 * done / total))
     return {"metrics": result["metrics"], "n_samples": result["n_samples"], "items_file": str(out),
             **stage_cost(start)}
 
@@ -36,3 +45,8 @@ def measure_speed(refs: dict[str, CheckpointRef], speed: SpeedConfig) -> dict[st
         profiles[name] = profile_checkpoint(ref.verify(), speed)
         profiles[name].update(stage_cost(start))
     return profiles
+
+
+def _artifact_key(label: str) -> str:
+    """Prefect artifact keys: lowercase letters, digits and dashes."""
+    return re.sub(r"[^a-z0-9-]+", "-", label.lower()).strip("-")

@@ -22,9 +22,9 @@ from tailor.sources import materialize
 from ._common import CACHED
 
 
-@task(name="materialize-model", cache_policy=CACHED, persist_result=True)
+@task(name="materialize-model", cache_policy=CACHED, persist_result=True, retries=2, retry_delay_seconds=[10, 30])
 def materialize_model(model: ModelConfig, work_dir: str) -> dict:
-    """Base checkpoint; returns {"ref", "seconds"}."""
+    """Base checkpoint; returns {"ref", "seconds"}. Retried: a hub download can fail transiently."""
     start = time.perf_counter()
     ref = materialize(model, work_dir)
     return {"ref": ref, **stage_cost(start)}

@@ -1,0 +1,165 @@
+"""The registry promotion gate: move ``champion`` to a new version only when it is good enough.
+
+Every registered version carries its evaluation as tags (``tailor.*``, set at
+registration). The gate compares the challenger with the current champion, or with
+the original model (the challenger's own run) when there is none:
+
+* mean accuracy retention vs the original >= ``min_mean_retention_pct``;
+* generation speed-up vs the original >= ``min_speedup``;
+* no task's accuracy more than ``max_task_drop`` below the reference's;
+* against a champion: evaluated the same way (tasks, limit, data), and a mean
+  accuracy no lower than the champion's, so the alias never moves to a worse model.
+
+The decision and its reasons are written as tags on the version. Two promotions of
+the same registered model must not interleave: callers pass a lock (the Prefect
+task uses a global concurrency limit), and the champion is read inside it.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from .config import PromotionConfig, TailorError
+
+TAG_PREFIX = "tailor."
+
+
+class PromotionError(TailorError, ValueError):
+    """The version to promote does not exist or carries no evaluation."""
+
+
+@dataclass
+class Decision:
+    version: str
+    promoted: bool
+    reference: str
+    reasons: list[str] = field(default_factory=list)
+    previous_champion: str | None = None
+
+    def as_tags(self) -> dict[str, str]:
+        return {"tailor.promotion.decision": "promoted" if self.promoted else "rejected",
+                "tailor.promotion.reference": self.reference,
+                "tailor.promotion.reasons": "; ".join(self.reasons)[:4900],
+                "tailor.promotion.time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def evaluation_tags(report: dict, eval_signature: str) -> dict[str, str]:
+    """Tags that let a later gate judge this version without its run: per-task accuracy of
+    the distilled and original models, mean retention, speed-up, and how it was evaluated."""
+    distilled, original = report["models"]["distilled"], report["models"]["original"]
+    tags = {"tailor.eval_signature": eval_signature,
+            "tailor.mean_acc_retention_pct": str(report["vs_original"]["distilled"]["mean_acc_retention_pct"]),
+            "tailor.speedup": str(report["vs_original"]["distilled"]["speedup"])}
+    for task, metrics in distilled["metrics"].items():
+        if "acc" in metrics:
+            tags[f"tailor.acc.{task}"] = str(metrics["acc"]["value"])
+            tags[f"tailor.original_acc.{task}"] = str(original["metrics"][task]["acc"]["value"])
+    return tags
+
+
+def decide(challenger: dict[str, str], champion: dict[str, str] | None, gate: PromotionConfig,
+           champion_version: str | None = None) -> tuple[bool, str, list[str]]:
+    """(passes, reference, reasons) from two versions' tags."""
+    reasons: list[str] = []
+    ok = True
+    retention = float(challenger["tailor.mean_acc_retention_pct"])
+    speedup = float(challenger["tailor.speedup"])
+    checks = [(retention >= gate.min_mean_retention_pct,
+               f"mean retention {retention:.1f}% {'>=' if retention >= gate.min_mean_retention_pct else '<'} "
+               f"{gate.min_mean_retention_pct:.1f}%"),
+              (speedup >= gate.min_speedup,
+               f"speed-up {speedup:.3f}x {'>=' if speedup >= gate.min_speedup else '<'} {gate.min_speedup:.3f}x")]
+    acc = _task_values(challenger, "tailor.acc.")
+    if champion is not None and champion.get("tailor.eval_signature") != challenger["tailor.eval_signature"]:
+        reference = f"champion v{champion_version}"
+        checks.append((False, f"{reference} was evaluated differently (tasks, limit or data); "
+                              "not comparable, promote by hand with --force after checking"))
+    else:
+        if champion is not None:
+            reference, ref_acc = f"champion v{champion_version}", _task_values(champion, "tailor.acc.")
+            mean_new, mean_old = _mean(acc.values()), _mean(ref_acc.values())
+            checks.append((mean_new >= mean_old, f"mean accuracy {mean_new:.4f} "
+                                                 f"{'>=' if mean_new >= mean_old else '<'} {reference}'s {mean_old:.4f}"))
+        else:
+            reference, ref_acc = "original", _task_values(challenger, "tailor.original_acc.")
+        for task, value in sorted(acc.items()):
+            drop = ref_acc.get(task, value) - value
+            checks.append((drop <= gate.max_task_drop, f"{task} accuracy {value:.4f} vs {reference} "
+                                                       f"{ref_acc.get(task, value):.4f}: drop {drop:+.4f} "
+                                                       f"{'<=' if drop <= gate.max_task_drop else '>'} "
+                                                       f"{gate.max_task_drop}"))
+    for passed, reason in checks:
+        ok &= passed
+        reasons.append(("pass: " if passed else "FAIL: ") + reason)
+    return ok, reference, reasons
+
+
+def promote(client: MlflowClient, model_name: str, version: str, gate: PromotionConfig, force: bool = False,
+            lock: AbstractContextManager | None = None) -> Decision:
+    """Run the gate on ``version`` and move the champion alias when it passes (or ``force``)."""
+    with lock or nullcontext():
+        challenger = _version_tags(client, model_name, version)
+        current = _alias_version(client, model_name, gate.champion_alias)
+        judged = "tailor.mean_acc_retention_pct" in challenger
+        if not judged and not force:
+            raise PromotionError(f"version {version} of {model_name!r} carries no llm-tailor evaluation tags; "
+                                 "only versions registered by a tailor run can be judged (or use --force)")
+        if current == str(version):
+            decision = Decision(str(version), False, f"champion v{current}",
+                                [f"already {gate.champion_alias}"], current)
+        elif not judged:
+            decision = Decision(str(version), True, "none", ["forced by hand: no evaluation tags to check"], current)
+            client.set_registered_model_alias(model_name, gate.champion_alias, str(version))
+        else:
+            champion = _version_tags(client, model_name, current) if current else None
+            passed, reference, reasons = decide(challenger, champion, gate, current)
+            if force and not passed:
+                reasons.append("forced by hand: thresholds overridden")
+            decision = Decision(str(version), passed or force, reference, reasons, current)
+            if decision.promoted:
+                client.set_registered_model_alias(model_name, gate.champion_alias, str(version))
+        for key, value in decision.as_tags().items():
+            client.set_model_version_tag(model_name, str(version), key, value)
+    return decision
+
+
+def check_version(client: MlflowClient, model_name: str, version: str) -> None:
+    """Clear error when the version does not exist (before anything else runs)."""
+    _version_tags(client, model_name, version)
+
+
+def _version_tags(client: MlflowClient, model_name: str, version: str) -> dict[str, str]:
+    try:
+        return dict(client.get_model_version(model_name, str(version)).tags)
+    except MlflowException:
+        existing = _existing_versions(client, model_name)
+        raise PromotionError(f"version {version} of registered model {model_name!r} does not exist; "
+                             f"existing versions: {', '.join(existing) or 'none'}") from None
+
+
+def _existing_versions(client: MlflowClient, model_name: str) -> list[str]:
+    try:
+        return sorted((str(v.version) for v in client.search_model_versions(f"name='{model_name}'")), key=int)
+    except MlflowException:
+        return []
+
+
+def _alias_version(client: MlflowClient, model_name: str, alias: str) -> str | None:
+    try:
+        return str(client.get_model_version_by_alias(model_name, alias).version)
+    except MlflowException:
+        return None
+
+
+def _task_values(tags: dict[str, str], prefix: str) -> dict[str, float]:
+    return {k.removeprefix(prefix): float(v) for k, v in tags.items() if k.startswith(prefix)}
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else 0.0

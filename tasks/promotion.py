@@ -1,0 +1,43 @@
+"""The promotion gate as a Prefect task, serialised per registered model by a global concurrency limit."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict
+
+from prefect import task
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+from tailor import tracking
+from tailor.config import PromotionConfig
+from tailor.promotion import promote
+
+from ._common import UNCACHED
+
+
+@task(name="promote-model", cache_policy=UNCACHED, retries=2, retry_delay_seconds=[5, 15])
+def promote_model(tracking_uri: str, model_name: str, version: str, gate: PromotionConfig,
+                  force: bool = False) -> dict:
+    """Judge ``version`` against the champion and move the alias when it passes; returns the decision."""
+    limit = _promotion_limit(model_name)
+    # strict: without the limit there would be no mutual exclusion, so fail instead.
+    decision = promote(tracking.client_for(tracking_uri), model_name, version, gate, force,
+                       lock=concurrency(limit, occupy=1, strict=True, timeout_seconds=600))
+    return asdict(decision)
+
+
+def _promotion_limit(model_name: str) -> str:
+    """A global concurrency limit of one slot for this registered model (created on first use)."""
+    name = "tailor-promotion-" + re.sub(r"[^a-z0-9-]+", "-", model_name.lower())
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+            except ObjectAlreadyExists:
+                pass  # another run created it first
+    return name

@@ -1,0 +1,148 @@
+"""The promotion gate against a real MLflow registry (sqlite) and, for races, a real Prefect lock."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tailor.config import ConfigError, PromotionConfig, load_config
+from tailor.promotion import PromotionError, decide, promote
+
+NAME = "gate-test"
+GATE = PromotionConfig(min_mean_retention_pct=90, min_speedup=1.05, max_task_drop=0.05)
+
+
+def _tags(acc: dict[str, float], original: dict[str, float], speedup: float, signature: str = "sig") -> dict:
+    retention = sum(100 * acc[t] / original[t] for t in acc) / len(acc)
+    return {"tailor.eval_signature": signature, "tailor.mean_acc_retention_pct": str(retention),
+            "tailor.speedup": str(speedup), **{f"tailor.acc.{t}": str(v) for t, v in acc.items()},
+            **{f"tailor.original_acc.{t}": str(v) for t, v in original.items()}}
+
+
+ORIGINAL = {"arc_easy": 0.60, "hellaswag": 0.40}
+
+
+@pytest.fixture()
+def registry(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri, registry_uri=uri)
+    client.create_registered_model(NAME)
+    source = tmp_path / "weights"
+    source.mkdir()
+
+    def add(tags: dict) -> str:
+        version = client.create_model_version(NAME, source=str(source), tags=tags)
+        return str(version.version)
+
+    return uri, client, add
+
+
+def _champion(client) -> str | None:
+    try:
+        return str(client.get_model_version_by_alias(NAME, "champion").version)
+    except Exception:
+        return None
+
+
+def test_first_champion_is_judged_against_the_original(registry):
+    _, client, add = registry
+    v = add(_tags({"arc_easy": 0.58, "hellaswag": 0.39}, ORIGINAL, 1.10))
+    decision = promote(client, NAME, v, GATE)
+    assert decision.promoted and decision.reference == "original" and decision.previous_champion is None
+    assert _champion(client) == v
+    tags = client.get_model_version(NAME, v).tags
+    assert tags["tailor.promotion.decision"] == "promoted"
+    assert "pass: mean retention" in tags["tailor.promotion.reasons"]
+
+
+@pytest.mark.parametrize("acc, speedup, failing", [
+    ({"arc_easy": 0.50, "hellaswag": 0.34}, 1.10, "FAIL: mean retention"),
+    ({"arc_easy": 0.60, "hellaswag": 0.40}, 1.01, "FAIL: speed-up"),
+    ({"arc_easy": 0.64, "hellaswag": 0.33}, 1.10, "FAIL: hellaswag accuracy"),
+])
+def test_a_failing_threshold_keeps_the_alias_and_says_why(registry, acc, speedup, failing):
+    _, client, add = registry
+    v = add(_tags(acc, ORIGINAL, speedup))
+    decision = promote(client, NAME, v, GATE)
+    assert not decision.promoted and _champion(client) is None
+    assert any(r.startswith(failing) for r in decision.reasons), decision.reasons
+    assert client.get_model_version(NAME, v).tags["tailor.promotion.decision"] == "rejected"
+
+
+def test_never_moves_the_champion_to_a_worse_model(registry):
+    _, client, add = registry
+    good = add(_tags({"arc_easy": 0.60, "hellaswag": 0.40}, ORIGINAL, 1.10))
+    assert promote(client, NAME, good, GATE).promoted
+    # Passes every threshold against the original, but is worse than the champion.
+    worse = add(_tags({"arc_easy": 0.59, "hellaswag": 0.39}, ORIGINAL, 1.20))
+    decision = promote(client, NAME, worse, GATE)
+    assert not decision.promoted and decision.reference == f"champion v{good}"
+    assert any(r.startswith("FAIL: mean accuracy") for r in decision.reasons)
+    assert _champion(client) == good
+    better = add(_tags({"arc_easy": 0.61, "hellaswag": 0.40}, ORIGINAL, 1.10))
+    assert promote(client, NAME, better, GATE).promoted and _champion(client) == better
+
+
+def test_a_champion_evaluated_differently_needs_force(registry):
+    _, client, add = registry
+    old = add(_tags({"arc_easy": 0.60, "hellaswag": 0.40}, ORIGINAL, 1.10, signature="limit-40"))
+    promote(client, NAME, old, GATE)
+    new = add(_tags({"arc_easy": 0.60, "hellaswag": 0.40}, ORIGINAL, 1.10, signature="full"))
+    decision = promote(client, NAME, new, GATE)
+    assert not decision.promoted and any("not comparable" in r for r in decision.reasons)
+    forced = promote(client, NAME, new, GATE, force=True)
+    assert forced.promoted and "forced by hand" in forced.reasons[-1] and _champion(client) == new
+
+
+def test_a_missing_version_lists_the_existing_ones(registry):
+    _, client, add = registry
+    add(_tags(ORIGINAL, ORIGINAL, 1.1))
+    with pytest.raises(PromotionError, match=r"version 7 of registered model 'gate-test' does not exist; "
+                                             r"existing versions: 1"):
+        promote(client, NAME, "7", GATE)
+
+
+def test_thresholds_outside_their_ranges_are_named():
+    with pytest.raises(ConfigError, match="promotion.min_mean_retention_pct"):
+        load_config("smoke", ["promotion.min_mean_retention_pct=150"])
+    with pytest.raises(ConfigError, match="promotion.max_task_drop"):
+        load_config("smoke", ["promotion.max_task_drop=-0.1"])
+    with pytest.raises(ConfigError, match="not a name MLflow accepts"):
+        load_config("smoke", ["tracking.registered_model=team/model"])
+
+
+def test_decide_reads_only_tags():
+    passed, reference, reasons = decide(_tags(ORIGINAL, ORIGINAL, 1.2), None, GATE)
+    assert passed and reference == "original" and all(r.startswith("pass") for r in reasons)
+
+
+@pytest.mark.integration
+def test_two_runs_racing_to_promote_end_with_the_better_model(registry, monkeypatch):
+    from prefect import flow
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    import tailor.promotion as promotion
+    from tasks.promotion import promote_model
+
+    uri, client, add = registry
+    good = add(_tags({"arc_easy": 0.60, "hellaswag": 0.40}, ORIGINAL, 1.10))
+    better = add(_tags({"arc_easy": 0.62, "hellaswag": 0.41}, ORIGINAL, 1.10))
+    real_decide = promotion.decide
+
+    def slow_decide(*args, **kwargs):  # widen the window between reading the champion and moving it
+        time.sleep(1.0)
+        return real_decide(*args, **kwargs)
+
+    monkeypatch.setattr(promotion, "decide", slow_decide)
+
+    @flow(task_runner=ThreadPoolTaskRunner(max_workers=2))
+    def race() -> list[dict]:
+        futures = [promote_model.submit(uri, NAME, v, GATE) for v in (good, better)]
+        return [f.result() for f in futures]
+
+    decisions = race()
+    assert _champion(client) == better
+    # Serialised: exactly one of the two saw no champion; the other judged against it.
+    assert sorted(d["previous_champion"] is None for d in decisions) == [False, True]
