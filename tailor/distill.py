@@ -107,8 +107,7 @@ def distill(teacher, student, samples: dict[str, torch.Tensor], cfg: DistillConf
     n = samples["input_ids"].shape[0]
     global_batch = cfg.batch_size * world
     batches_per_epoch = -(-n // global_batch)
-    total_steps = cfg.epochs * -(-batches_per_epoch // cfg.grad_accum)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, planned_steps(cfg, n, world)))
     # Position of the next micro-batch and everything counted so far.
     progress = {"epoch": 0, "batch": 0, "losses": [], "micro": 0, "tokens": 0, "seconds": 0.0, "resumed_at": 0}
     if resume_file is not None and resume_file.exists():
@@ -166,11 +165,14 @@ def distill(teacher, student, samples: dict[str, torch.Tensor], cfg: DistillConf
                 on_step(len(losses), losses[-1])
     elapsed = time.perf_counter() - start
     student.eval()
-    if world > 1 and not _ranks_in_sync(student):
-        raise DistillError("data-parallel ranks ended with different student weights")
+    tokens = progress["tokens"]
+    if world > 1:
+        if not _ranks_in_sync(student):
+            raise DistillError("data-parallel ranks ended with different student weights")
+        tokens = int(_all_sum(tokens))
     return {"losses": losses, "optimizer_steps": len(losses), "micro_batches": progress["micro"],
-            "train_tokens": progress["tokens"] * world, "train_seconds": elapsed,
-            "train_tokens_per_s": progress["tokens"] * world / elapsed, "num_samples": n,
+            "train_tokens": tokens, "train_seconds": elapsed,
+            "train_tokens_per_s": tokens / elapsed, "num_samples": n,
             "resumed_at_step": progress["resumed_at"], "world_size": world,
             "final_learning_rate": scheduler.get_last_lr()[0],
             "teacher": f"cached top-{cfg.teacher_topk}" if topk is not None else f"live ({cfg.teacher_dtype})",
@@ -224,6 +226,12 @@ def _all_sum(value: float) -> float:
     total = torch.tensor([value], dtype=torch.float64)
     dist.all_reduce(total)
     return float(total)
+
+
+def planned_steps(cfg: DistillConfig, num_samples: int, world: int = 1) -> int:
+    """Optimiser steps of a whole run (accumulation windows run across epoch boundaries)."""
+    micro_batches = cfg.epochs * -(-num_samples // (cfg.batch_size * world))
+    return max(1, -(-micro_batches // cfg.grad_accum))
 
 
 def lr_factor(cfg: DistillConfig, total_steps: int) -> Callable[[int], float]:

@@ -15,6 +15,10 @@ generalised Jensen-Shannon divergence with weight ``jsd_beta``. The loss is
 real (non-padding) tokens. ``book=True`` reproduces the book's notebook exactly:
 ``kl_div(..., reduction="batchmean")`` over the padded [B, T, V] tensor (sum over every
 position, padding included, divided by B), no T^2, no cross-entropy.
+
+``kd_loss_topk`` takes the teacher from a cache instead (``TopKTeacher``: its top-k
+logits and the log-sum-exp of the rest per position) and computes the forward KL over
+those k + 1 outcomes, through the same fused head.
 """
 
 from __future__ import annotations

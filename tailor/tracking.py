@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -123,10 +124,8 @@ def register_checkpoint(tracking_uri: str, run_id: str, checkpoint_path: str, fi
     client = client_for(tracking_uri)
     existing = _version_with_fingerprint(client, model_name, fingerprint)
     if existing is None:
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
         model, tokenizer = load_model(CheckpointRef(checkpoint_path, fingerprint))
-        with mlflow.start_run(run_id=run_id), _requirements_without_torchvision():
+        with _fluent_store(tracking_uri), mlflow.start_run(run_id=run_id), _requirements_without_torchvision():
             info = mlflow.transformers.log_model(
                 transformers_model={"model": model, "tokenizer": tokenizer}, name="model",
                 task="text-generation", registered_model_name=model_name,
@@ -139,6 +138,34 @@ def register_checkpoint(tracking_uri: str, run_id: str, checkpoint_path: str, fi
         client.set_model_version_tag(model_name, existing, key, value)
     client.set_registered_model_alias(model_name, alias, existing)
     return existing
+
+
+_FLUENT_LOCK = threading.Lock()
+
+
+@contextmanager
+def _fluent_store(tracking_uri: str):
+    """Point MLflow's process-global (fluent) API at ``tracking_uri`` for the duration only.
+
+    ``mlflow.set_tracking_uri`` also exports MLFLOW_TRACKING_URI; left set, it would send
+    every later run in this process (a long-lived worker) to this store.
+    """
+    import mlflow
+
+    with _FLUENT_LOCK:
+        saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(tracking_uri)
+        try:
+            yield
+        finally:
+            mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])
+            mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
 
 @contextmanager

@@ -11,7 +11,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from tailor.checkpoint import CheckpointRef, count_parameters, load_model, save_model, stable_hash, write_checkpoint
 from tailor.config import DataConfig, DistillConfig, ModelConfig, PruneConfig
-from tailor.distill import build_samples, corpus_texts, distill_checkpoint
+from tailor.distill import build_samples, corpus_texts, distill_checkpoint, planned_steps
 from tailor.importance import SCORED_STRATEGIES, choose_layers, layer_scores, per_layer_series
 from tailor.plots import layer_scores_png
 from tailor.pruning import prune_layers
@@ -86,7 +86,7 @@ def distill_model(teacher: CheckpointRef, student: CheckpointRef, distill: Disti
     out = Path(work_dir) / "checkpoints" / f"distilled-{key}"
     progress = create_progress_artifact(progress=0.0, key="distillation-progress",
                                         description="Distillation: share of optimiser steps done")
-    total = _planned_steps(distill)
+    total = planned_steps(distill, distill.num_samples)
 
     def on_step(step: int, loss: float) -> None:
         if step % distill.log_every == 0:
@@ -97,8 +97,3 @@ def distill_model(teacher: CheckpointRef, student: CheckpointRef, distill: Disti
     ref, record = distill_checkpoint(teacher.verify(), student.verify(), distill, data, out, on_step,
                                      Path(topk_cache) if topk_cache else None)
     return {"ref": ref, "record": record, **stage_cost(start)}
-
-
-def _planned_steps(cfg: DistillConfig) -> int:
-    micro_per_epoch = -(-cfg.num_samples // cfg.batch_size)
-    return max(1, cfg.epochs * -(-micro_per_epoch // cfg.grad_accum))

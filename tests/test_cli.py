@@ -8,7 +8,7 @@ from tailor.cli import main
 @pytest.mark.parametrize("argv, needle", [
     (["run", "--profile", "nope"], "unknown profile 'nope'; allowed:"),
     (["run", "--profile", "smoke", "--set", "prune.num_layers=4"], "prune.num_layers=4 not allowed for a 4-layer model; allowed: 1..3"),
-    (["run", "--profile", "smoke", "--set", "prune.indices=[0, 9]"], "prune.indices [9] out of range; allowed: 0..3"),
+    (["run", "--profile", "smoke", "--set", "prune.strategy=indices", "--set", "prune.indices=[0, 9]"], "prune.indices [9] out of range; allowed: 0..3"),
     (["run", "--profile", "smoke", "--set", "eval.tasks=[arc_easy, hellaswagg]"], "unknown lm-eval task 'hellaswagg'; close matches: hellaswag"),
     (["run", "--profile", "smoke", "--set", "data.auto_pull=false"], "data.data_dir="),
     (["run", "--profile", "smoke", "--set", "model.source=hf", "--set", "model.name_or_path=no-such-org/no-such-model"],

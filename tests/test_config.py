@@ -19,7 +19,7 @@ def test_profiles_load_and_resolve_absolute_paths(tmp_path, monkeypatch):
 
 
 def test_overrides_are_typed():
-    cfg = load_config("smoke", ["eval.limit=3", "prune.indices=[0, 2]", "distill.temperature=1.5"])
+    cfg = load_config("smoke", ["eval.limit=3", "prune.strategy=indices", "prune.indices=[0, 2]", "distill.temperature=1.5"])
     assert cfg.eval.limit == 3
     assert cfg.prune.indices == (0, 2)
     assert cfg.distill.temperature == 1.5
@@ -30,7 +30,7 @@ def test_overrides_are_typed():
     (["nosuch.key=1"], "unknown setting 'nosuch'"),
     (["model.source=gpt5"], "model.source"),
     (["eval.limit=0"], "eval.limit must be >= 1"),
-    (["prune.indices=[1, 1]"], "duplicates"),
+    (["prune.strategy=indices", "prune.indices=[1, 1]"], "duplicates"),
     (["distill.temperature=0"], "distill.temperature must be > 0"),
     (["distill.seq_len=1"], "distill.seq_len must be >= 2"),
     (["eval.tasks=[]"], "at least one task"),

@@ -29,8 +29,11 @@ def champion(tmp_path_factory, tiny_tokenizer):
     client = tracking.client_for(uri)
     exp = tracking.ensure_experiment(client, "serving", work / "artifacts")
     run = tracking.start_run(client, exp, "register")
+    before = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     version = tracking.register_checkpoint(uri, run, ref.path, ref.fingerprint, NAME, "champion", {})
     tracking.end_run(client, run)
+    # Registration must not leave this store as the process-wide default for later runs.
+    assert {k: os.environ.get(k) for k in before} == before
     return uri, version
 
 
