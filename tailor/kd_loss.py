@@ -183,14 +183,21 @@ class _LiveTeacher:
     def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, temperature: float):
         self.hidden, self.weight, self.T = hidden, weight, temperature
 
-    def log_probs(self, start: int, stop: int) -> torch.Tensor:
-        return F.log_softmax((self.hidden[start:stop] @ self.weight.T).float() / self.T, dim=-1)
+    def log_probs(self, start: int, stop: int, scratch: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """log p of the chunk into ``out`` (``scratch`` is overwritten)."""
+        h = (self.hidden[start:stop] / self.T).to(self.weight.dtype)
+        if self.weight.dtype == scratch.dtype:
+            torch.matmul(h, self.weight.T, out=scratch)
+        else:  # a bfloat16 teacher: its logits, then float32 from here on
+            scratch.copy_(h @ self.weight.T)
+        return torch._log_softmax(scratch, -1, False, out=out)
 
-    def forward_kl(self, start: int, stop: int, log_q: torch.Tensor, q: torch.Tensor):
-        """(KL(p || q) per token, the distribution whose difference from q is the logit gradient x T)."""
-        log_p = self.log_probs(start, stop)
-        p = log_p.exp()
-        return (p * (log_p - log_q)).sum(-1), p
+    def forward_kl(self, start: int, stop: int, log_q: torch.Tensor, work: tuple[torch.Tensor, torch.Tensor]):
+        """(KL(p || q) per token, p): p is written into ``work[0]``, ``work[1]`` is scratch."""
+        p, log_p = work
+        self.log_probs(start, stop, scratch=p, out=log_p)
+        torch.exp(log_p, out=p)
+        return torch.linalg.vecdot(p, log_p.sub_(log_q)), p
 
 
 @dataclass
@@ -220,7 +227,8 @@ class TopKTeacher:
     def select(self, keep: torch.Tensor) -> "TopKTeacher":
         return TopKTeacher(self.values[keep], self.indices[keep], self.rest_logsumexp[keep], self.temperature)
 
-    def forward_kl(self, start: int, stop: int, log_q: torch.Tensor, q: torch.Tensor):
+    def forward_kl(self, start: int, stop: int, log_q: torch.Tensor, work: tuple[torch.Tensor, torch.Tensor]):
+        """(KL over the k + 1 outcomes per token, the gradient target written into ``work[0]``)."""
         idx = self.indices[start:stop].long()
         # Teacher over k + 1 outcomes: top-k tokens, then "the rest".
         t = torch.cat([self.values[start:stop].float() / self.temperature,
@@ -232,7 +240,7 @@ class TopKTeacher:
         p = log_p.exp()
         per_token = (p * (log_p - log_q_all)).sum(-1)
         # Gradient target: p on the top-k, the rest's mass spread like the student's own.
-        target = q * (p[:, -1] / q_rest)[:, None]
+        target = torch.exp(log_q, out=work[0]).mul_((p[:, -1] / q_rest)[:, None])
         target.scatter_(1, idx, p[:, :-1])
         return per_token, target
 
@@ -255,33 +263,35 @@ class _FusedHeadKD(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         total = torch.zeros((), dtype=torch.float32, device=s_h.device)
         w32 = weight.float()
+        # Three [chunk, V] buffers reused by every chunk: allocating vocabulary-sized
+        # temporaries per operation costs more (page faults, zeroing) than the maths.
+        rows = min(chunk_tokens, s_h.shape[0])
+        buf = [torch.empty((rows, w32.shape[0]), dtype=torch.float32, device=s_h.device) for _ in range(3)]
         for start in range(0, s_h.shape[0], chunk_tokens):
-            stop = start + chunk_tokens
+            stop = min(start + chunk_tokens, s_h.shape[0])
+            a, b, c = (x[:stop - start] for x in buf)
             h = s_h[start:stop].float()
-            s_logits = h @ w32.T
-            log_q = F.log_softmax(s_logits / T, dim=-1)
-            q = log_q.exp()
+            torch.matmul(h / T, w32.T, out=a)  # student logits / T
+            ce_grad = _cross_entropy_terms(a * T, targets[start:stop]) if ce_scale else None
+            log_q = torch._log_softmax(a, -1, False, out=b)
             if spec.kind == "forward_kl":
-                per_token, p = teacher.forward_kl(start, stop, log_q, q)
-                grad = (q - p) / T
-            else:  # reverse_kl (live teacher only)
-                log_ratio = log_q - teacher.log_probs(start, stop)
-                per_token = (q * log_ratio).sum(-1)
-                grad = q * (log_ratio - per_token[:, None]) / T
+                per_token, p = teacher.forward_kl(start, stop, log_q, (a, c))
+                grad = torch.exp(log_q, out=log_q).sub_(p)  # (q - p), in b
+            else:  # reverse_kl (live teacher only): d/ds KL(q||p) = q * (log q - log p - KL) / T
+                log_p = teacher.log_probs(start, stop, scratch=a, out=c)
+                log_ratio = torch.sub(log_q, log_p, out=c)
+                q = torch.exp(log_q, out=a)
+                per_token = torch.linalg.vecdot(q, log_ratio)
+                grad = log_ratio.sub_(per_token[:, None]).mul_(q)  # in c
             total = total + div_scale * per_token.sum()
-            grad = grad * div_scale
-            if ce_scale:
-                tgt = targets[start:stop]
-                valid = tgt != IGNORE
-                log_s = F.log_softmax(s_logits, dim=-1)
-                rows = valid.nonzero().squeeze(1)
-                total = total - ce_scale * log_s[rows, tgt[rows]].sum()
-                ce_grad = log_s.exp()
-                ce_grad[rows, tgt[rows]] -= 1
-                ce_grad[~valid] = 0
-                grad = grad + ce_scale * ce_grad
-            grad_h[start:stop] = grad @ w32
-            grad_w += grad.T @ h
+            scale = div_scale / T
+            if ce_grad is not None:
+                ce_sum, ce = ce_grad
+                total = total + ce_scale * ce_sum
+                grad = grad.mul_(scale).add_(ce, alpha=ce_scale)
+                scale = 1.0
+            torch.matmul(grad, w32, out=grad_h[start:stop]).mul_(scale)
+            grad_w.addmm_(grad.T, h, alpha=scale)
         ctx.save_for_backward(grad_h.to(s_h.dtype), grad_w.to(weight.dtype))
         return total
 
@@ -289,3 +299,15 @@ class _FusedHeadKD(torch.autograd.Function):
     def backward(ctx, grad_output):
         grad_h, grad_w = ctx.saved_tensors
         return grad_output * grad_h, grad_output * grad_w, None, None, None, None, None, None
+
+
+def _cross_entropy_terms(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of next-token cross-entropy, its gradient w.r.t. the logits) over valid targets."""
+    valid = targets != IGNORE
+    rows = valid.nonzero().squeeze(1)
+    log_s = F.log_softmax(logits, dim=-1)
+    ce_sum = -log_s[rows, targets[rows]].sum()
+    grad = log_s.exp_()
+    grad[rows, targets[rows]] -= 1
+    grad[~valid] = 0
+    return ce_sum, grad
