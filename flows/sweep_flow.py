@@ -19,7 +19,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from prefect.context import get_run_context
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.tailor_flow import run_link, tailor_flow
+from flows.tailor_flow import completed, run_link, tailor_flow
 from tailor import tracking
 from tailor.compare import load_items
 from tailor.config import load_config
@@ -61,8 +61,12 @@ def sweep_flow(profile: str = "quick", overrides: list[str] | None = None, out_d
                          description="MLflow parent run of this sweep")
     try:
         base = materialize_model(cfg.model, cfg.work_dir)["ref"]
-        evaluate = lambda name, ref: evaluate_model.with_options(task_run_name=f"evaluate-{name}").submit(  # noqa: E731
-            ref, cfg.eval, cfg.data, cfg.work_dir, name)
+
+        def evaluate(name: str, ref):
+            task = evaluate_model.with_options(task_run_name=f"evaluate-{name}")
+            run = task.submit if cfg.runner.concurrent else completed(task)
+            return run(ref, cfg.eval, cfg.data, cfg.work_dir, name)
+
         original_eval = evaluate("original", base)
         scored = tuple(s for s in cfg.sweep.strategies if s in SCORED_STRATEGIES)
         scores = score_layers(base, cfg.prune, scored, cfg.distill, cfg.data, cfg.work_dir)["scores"] \
@@ -72,13 +76,15 @@ def sweep_flow(profile: str = "quick", overrides: list[str] | None = None, out_d
             pruned[(strategy, n)] = prune_model(base, prune_cfgs[(strategy, n)], cfg.work_dir,
                                                 scores if strategy in SCORED_STRATEGIES else None)
             evals[(strategy, n)] = evaluate(f"{strategy}-n{n}", pruned[(strategy, n)]["ref"])
-        # Combinations that remove the same layers are the same checkpoint: time it once.
+        results = {key: future.result() for key, future in [("original", original_eval), *evals.items()]}
+        # Timed only once every evaluation is done, so nothing competes for the CPU; combinations
+        # that remove the same layers are the same checkpoint and are timed once.
         refs = {"original": base, **{p["ref"].fingerprint: p["ref"] for p in pruned.values()}}
         profiles = measure_speed(refs, cfg.speed)
-        original = _with_items(original_eval.result(), profiles["original"])
+        original = _with_items(results["original"], profiles["original"])
         rows = sweep_rows(original, [
             {"strategy": s, "num_layers": n, "removed_layers": pruned[(s, n)]["removed_layers"],
-             **_with_items(evals[(s, n)].result(), profiles[pruned[(s, n)]["ref"].fingerprint])}
+             **_with_items(results[(s, n)], profiles[pruned[(s, n)]["ref"].fingerprint])}
             for s, n in combos])
         best = best_row(rows)
 

@@ -60,7 +60,7 @@ def tailor_flow(profile: str = "quick", overrides: list[str] | None = None, out_
 
         def evaluate(name: str, ref):
             task = evaluate_model.with_options(task_run_name=f"evaluate-{name}")
-            run = task.submit if cfg.runner.concurrent else _completed(task)
+            run = task.submit if cfg.runner.concurrent else completed(task)
             return run(ref, cfg.eval, cfg.data, cfg.work_dir, name)
 
         evals = {"original": evaluate("original", base)}
@@ -159,7 +159,9 @@ class _Done:
         return self._value
 
 
-def _completed(task):
+def completed(task):
+    """Run ``task`` at once in the flow's thread, returning a future-like ``.result()`` holder
+    (``runner.concurrent=false``: one stage at a time, bounded memory)."""
     return lambda *args: _Done(task(*args))
 
 
