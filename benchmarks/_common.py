@@ -13,7 +13,8 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def default_work_dir() -> str:
-    return str(Path(os.environ.get("TAILOR_HOME", "tailor-work")).resolve())
+    """$TAILOR_HOME, else the repository's tailor-work/ (wherever the script is started from)."""
+    return str(Path(os.environ.get("TAILOR_HOME") or Path(__file__).resolve().parents[1] / "tailor-work").resolve())
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 10, dtype: torch.dtype = torch.float32) -> float:
