@@ -48,13 +48,10 @@ def sweep_flow(profile: str = "quick", overrides: list[str] | None = None, out_d
         check_prune(prune_cfgs[(strategy, n)], n_layers)
 
     uri = cfg.tracking_uri
-    client = tracking.client_for(uri)
-    artifact_root = Path(cfg.work_dir) / "mlartifacts" if uri.startswith("sqlite:") else None
-    exp_id = tracking.ensure_experiment(client, cfg.tracking.experiment, artifact_root)
     flow_run_name = get_run_context().flow_run.name
-    parent = tracking.start_run(client, exp_id, f"sweep-{cfg.profile}-{flow_run_name}",
-                                tags={"tailor.profile": cfg.profile, "tailor.kind": "sweep",
-                                      "prefect.flow_run": flow_run_name})
+    client, exp_id, parent = tracking.start_parent_run(
+        uri, cfg.tracking.experiment, cfg.work_dir, f"sweep-{cfg.profile}-{flow_run_name}",
+        tags={"tailor.profile": cfg.profile, "tailor.kind": "sweep", "prefect.flow_run": flow_run_name})
     tracking.log_params(client, parent, {"sweep": cfg.sweep.model_dump(), "eval": cfg.eval.model_dump(),
                                          "prune": cfg.prune.model_dump()})
     create_link_artifact(key="mlflow-sweep-run", link=run_link(uri, exp_id, parent),

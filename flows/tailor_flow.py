@@ -41,12 +41,10 @@ def tailor_flow(profile: str = "quick", overrides: list[str] | None = None, out_
     preflight(cfg)
     logger = get_run_logger()
     uri = cfg.tracking_uri
-    client = tracking.client_for(uri)
-    artifact_root = Path(cfg.work_dir) / "mlartifacts" if uri.startswith("sqlite:") else None
-    exp_id = tracking.ensure_experiment(client, cfg.tracking.experiment, artifact_root)
     flow_run_name = get_run_context().flow_run.name
-    parent = tracking.start_run(client, exp_id, f"{cfg.profile}-{flow_run_name}",
-                                tags={"tailor.profile": cfg.profile, "prefect.flow_run": flow_run_name})
+    client, exp_id, parent = tracking.start_parent_run(
+        uri, cfg.tracking.experiment, cfg.work_dir, f"{cfg.profile}-{flow_run_name}",
+        tags={"tailor.profile": cfg.profile, "prefect.flow_run": flow_run_name})
     tracking.log_params(client, parent, cfg.model_dump())
     log = lambda stage, **kw: log_stage(uri, exp_id, parent, stage, **kw)  # noqa: E731
     create_link_artifact(key="mlflow-parent-run", link=run_link(uri, exp_id, parent),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,15 +75,28 @@ def write_checkpoint(folder: Path, writer: Callable[[Path], None]) -> Checkpoint
     folder = Path(folder)
     if (ref := existing_checkpoint(folder)) is not None:
         return ref
-    tmp = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    writer(tmp)
-    fp = fingerprint_dir(tmp)
-    (tmp / FINGERPRINT_FILE).write_text(fp + "\n")
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
-    return CheckpointRef(str(folder), fp)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # A private temporary folder: two runs writing the same checkpoint at once (a sweep
+    # beside a run) must not write into each other's files.
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f"{folder.name}.partial-"))
+    try:
+        writer(tmp)
+        fp = fingerprint_dir(tmp)
+        (tmp / FINGERPRINT_FILE).write_text(fp + "\n")
+        with _LOAD_LOCK:
+            if (ref := existing_checkpoint(folder)) is not None:
+                return ref  # another writer finished first; ours is discarded below
+            if folder.exists():  # a leftover without a fingerprint: never complete
+                shutil.rmtree(folder, ignore_errors=True)
+            try:
+                tmp.rename(folder)
+            except OSError:
+                if (ref := existing_checkpoint(folder)) is None:  # not a writer in another process
+                    raise
+                return ref
+        return CheckpointRef(str(folder), fp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_model(model, tokenizer, folder: Path) -> None:

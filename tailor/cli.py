@@ -20,24 +20,17 @@ def _prefect_defaults(work_dir: str) -> None:
     home.mkdir(parents=True, exist_ok=True)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def cmd_flow(args: argparse.Namespace) -> int:
+    """`tailor run` (the whole cycle) and `tailor sweep` (the pruning sweep)."""
     cfg = load_config(args.profile, args.set)
     preflight(cfg)  # bad settings and inputs fail here, before a Prefect server starts
     _prefect_defaults(cfg.work_dir)
-    from flows.tailor_flow import tailor_flow
+    if args.command == "sweep":
+        from flows.sweep_flow import sweep_flow as flow
+    else:
+        from flows.tailor_flow import tailor_flow as flow
 
-    result = tailor_flow(profile=args.profile, overrides=args.set, out_dir=args.out)
-    print(json.dumps(result, indent=2))
-    return 0
-
-
-def cmd_sweep(args: argparse.Namespace) -> int:
-    cfg = load_config(args.profile, args.set)
-    preflight(cfg)
-    _prefect_defaults(cfg.work_dir)
-    from flows.sweep_flow import sweep_flow
-
-    result = sweep_flow(profile=args.profile, overrides=args.set, out_dir=args.out)
+    result = flow(profile=args.profile, overrides=args.set, out_dir=args.out)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -125,14 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a setting, e.g. --set eval.limit=20 (see `tailor settings`)")
     run.add_argument("--out", default=None, help="folder for report.json and report.md")
-    run.set_defaults(fn=cmd_run)
+    run.set_defaults(fn=cmd_flow)
     sweep = sub.add_parser("sweep", help="compare pruning strategies x layer counts (sweep.* settings)")
     sweep.add_argument("--profile", default="quick",
                        help=f"profile name ({', '.join(available_profiles())}) or a YAML path")
     sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a setting, e.g. --set sweep.num_layers=[2,4]")
     sweep.add_argument("--out", default=None, help="folder for sweep.md, sweep.json and the plots")
-    sweep.set_defaults(fn=cmd_sweep)
+    sweep.set_defaults(fn=cmd_flow)
     prom = sub.add_parser("promote", help="move the champion alias to a registered version, through the gate")
     prom.add_argument("--version", required=True, help="registered model version number")
     prom.add_argument("--force", action="store_true", help="promote even when a threshold fails")

@@ -59,6 +59,16 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_root: Path | Non
     return client.create_experiment(name, artifact_location=location)
 
 
+def start_parent_run(tracking_uri: str, experiment: str, work_dir: str, run_name: str,
+                     tags: dict[str, str]) -> tuple[MlflowClient, str, str]:
+    """(client, experiment id, run id) of a flow's parent run; a local sqlite store keeps
+    its artifacts under ``work_dir``/mlartifacts."""
+    client = client_for(tracking_uri)
+    artifact_root = Path(work_dir) / "mlartifacts" if tracking_uri.startswith("sqlite:") else None
+    exp_id = ensure_experiment(client, experiment, artifact_root)
+    return client, exp_id, start_run(client, exp_id, run_name, tags=tags)
+
+
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in tree.items():
