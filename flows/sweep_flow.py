@@ -90,9 +90,9 @@ def sweep_flow(profile: str = "quick", overrides: list[str] | None = None, out_d
         files = [str(plot)]
         if scores is not None:
             n = max(cfg.sweep.num_layers)
-            chosen = next((pruned[(s, n)]["removed_layers"] for s in scored), [])
             series = {s: per_layer_series(scores, s, n) for s in scored}
-            files.append(str(layer_scores_png(series, chosen, scored[0], out / f"layer_scores_n{n}.png")))
+            chosen = {s: pruned[(s, n)]["removed_layers"] for s in scored}
+            files.append(str(layer_scores_png(series, chosen, out / f"layer_scores_n{n}.png")))
         markdown = render_markdown(rows, best, embed_markdown(plot, "retention vs layers removed"))
         (out / "sweep.md").write_text(markdown)
         (out / "sweep.json").write_text(json.dumps({"rows": rows, "best": best, "best_rule": BEST_RULE}, indent=1))

@@ -10,22 +10,25 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display on servers and workers
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 STRATEGY_LABELS = {"block_influence": "block influence (1 - cos in/out)",
                    "angular": "angular distance of an n-layer block starting here",
                    "leave_one_out": "calibration perplexity increase when skipped"}
 
 
-def layer_scores_png(series: dict[str, list[float]], removed: list[int], strategy: str, path: Path) -> Path:
-    """One panel per score, bars per layer index; the removed layers in a contrasting colour."""
+def layer_scores_png(series: dict[str, list[float]], removed: dict[str, list[int]], path: Path) -> Path:
+    """One panel per score, bars per layer index; the layers each strategy removes in red
+    (for angular, the start of the removed block)."""
     fig, axes = plt.subplots(len(series), 1, figsize=(8, 2.6 * len(series)), squeeze=False)
     for ax, (name, values) in zip(axes[:, 0], series.items()):
-        colours = ["tab:red" if (i in removed and name == strategy) else "tab:blue" for i in range(len(values))]
+        chosen = removed.get(name, [])
+        marked = chosen[:1] if name == "angular" else chosen
+        colours = ["tab:red" if i in marked else "tab:blue" for i in range(len(values))]
         ax.bar(range(len(values)), [0 if math.isnan(v) else v for v in values], color=colours)
-        ax.set_title(STRATEGY_LABELS.get(name, name) + (" (chosen: red)" if name == strategy else ""), fontsize=9)
+        ax.set_title(f"{STRATEGY_LABELS.get(name, name)}; removes {chosen}", fontsize=9)
         ax.set_xticks(range(len(values)))
         ax.set_xlabel("decoder layer index")
-    fig.suptitle(f"layer scores; removed {removed} by {strategy}", fontsize=10)
     return _save(fig, path)
 
 
@@ -37,6 +40,7 @@ def lines_png(x_label: str, y_label: str, lines: dict[str, tuple[list[float], li
     ax.set_xlabel(x_label)
     ax.set_ylabel(y_label)
     ax.set_title(title, fontsize=10)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)

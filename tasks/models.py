@@ -60,7 +60,7 @@ def prune_model(base: CheckpointRef, prune: PruneConfig, work_dir: str, scores: 
     plot = None
     if scores is not None:
         series = {s: per_layer_series(scores, s, prune.num_layers) for s in SCORED_STRATEGIES if s in scores}
-        plot = str(layer_scores_png(series, removed, prune.strategy,
+        plot = str(layer_scores_png(series, {prune.strategy: removed},
                                     Path(work_dir) / "plots" / f"layer-scores-{prune.strategy}-{name}.png"))
     return {"ref": ref, "removed_layers": removed, "params_before": before,
             "params_after": count_parameters(model), "strategy": prune.strategy, "plot": plot, **stage_cost(start)}
