@@ -52,9 +52,10 @@ def evaluation_tags(report: dict, eval_signature: str) -> dict[str, str]:
     """Tags that let a later gate judge this version without its run: per-task accuracy of
     the distilled and original models, mean retention, speed-up, and how it was evaluated."""
     distilled, original = report["models"]["distilled"], report["models"]["original"]
-    tags = {"tailor.eval_signature": eval_signature,
-            "tailor.mean_acc_retention_pct": str(report["vs_original"]["distilled"]["mean_acc_retention_pct"]),
-            "tailor.speedup": str(report["vs_original"]["distilled"]["speedup"])}
+    change = report["vs_original"]["distilled"]
+    tags = {"tailor.eval_signature": eval_signature, "tailor.speedup": str(change["speedup"])}
+    if change["mean_acc_retention_pct"] is not None:  # None when no task reports accuracy
+        tags["tailor.mean_acc_retention_pct"] = str(change["mean_acc_retention_pct"])
     for task, metrics in distilled["metrics"].items():
         if "acc" in metrics:
             tags[f"tailor.acc.{task}"] = str(metrics["acc"]["value"])
@@ -107,8 +108,9 @@ def promote(client: MlflowClient, model_name: str, version: str, gate: Promotion
         current = _alias_version(client, model_name, gate.champion_alias)
         judged = "tailor.mean_acc_retention_pct" in challenger
         if not judged and not force:
-            raise PromotionError(f"version {version} of {model_name!r} carries no llm-tailor evaluation tags; "
-                                 "only versions registered by a tailor run can be judged (or use --force)")
+            raise PromotionError(f"version {version} of {model_name!r} carries no llm-tailor accuracy tags "
+                                 "(registered outside a tailor run, or none of its tasks reports accuracy); "
+                                 "promote it with --force")
         if current == str(version):
             decision = Decision(str(version), False, f"champion v{current}",
                                 [f"already {gate.champion_alias}"], current)
