@@ -99,6 +99,16 @@ def write_checkpoint(folder: Path, writer: Callable[[Path], None]) -> Checkpoint
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def write_file_atomically(path: Path, writer: Callable[[Path], None]) -> None:
+    """Run ``writer(tmp_file)`` and rename it onto ``path``: a kill mid-write leaves the
+    previous file (or none), never a truncated one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    writer(tmp)
+    tmp.replace(path)
+
+
 def save_model(model, tokenizer, folder: Path) -> None:
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)

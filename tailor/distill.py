@@ -11,7 +11,8 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from .checkpoint import CheckpointRef, existing_checkpoint, load_model, save_model, write_checkpoint
+from .checkpoint import (CheckpointRef, existing_checkpoint, load_model, save_model, write_checkpoint,
+                         write_file_atomically)
 from .config import DataConfig, DistillConfig, TailorError
 from .kd_loss import LossCounts, LossSpec, TopKTeacher, kd_loss_chunked, kd_loss_topk
 from .teacher_cache import load_topk_cache
@@ -293,11 +294,9 @@ def loss_spec(cfg: DistillConfig) -> LossSpec:
 
 
 def _save_resume_state(path: Path, student, optimizer, scheduler, progress: dict) -> None:
-    # Write then rename: a kill during the write leaves the previous state intact.
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"student": student.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), "progress": progress}, tmp)
-    tmp.replace(path)
+    state = {"student": student.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), "progress": progress}
+    write_file_atomically(path, lambda tmp: torch.save(state, tmp))
 
 
 def distill_checkpoint(teacher_ref: CheckpointRef, student_ref: CheckpointRef, cfg: DistillConfig,

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from .checkpoint import CheckpointRef, load_model
+from .checkpoint import CheckpointRef, load_model, write_file_atomically
 from .config import DataConfig, EvalConfig, TailorError
 
 # Offline file and the split name the stock task reads it as.
@@ -129,10 +129,7 @@ def evaluate_checkpoint(ref: CheckpointRef, cfg: EvalConfig, data: DataConfig, o
         return json.loads(out_file.read_text())
     model, tokenizer = load_model(ref, dtype=cfg.dtype)
     result = evaluate_model(model, tokenizer, cfg, data, on_progress)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.with_suffix(".partial")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(out_file)
+    write_file_atomically(out_file, lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
     return result
 
 

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointRef, load_model, stable_hash
+from .checkpoint import CheckpointRef, load_model, stable_hash, write_file_atomically
 from .config import DataConfig, DistillConfig, TailorError
 from .kd_loss import TopKTeacher, output_logits
+
 
 class TeacherCacheError(TailorError, ValueError):
     """The cache does not fit the run."""
@@ -62,10 +63,7 @@ def write_topk_cache(teacher_ref: CheckpointRef, cfg: DistillConfig, data: DataC
     check_topk(cfg.teacher_topk, teacher.config.vocab_size)
     samples = build_samples(tokenizer, corpus_texts(cfg, data), cfg.seq_len, cfg.num_samples)
     cache = compute_topk(teacher, samples, cfg.teacher_topk, cfg.temperature, cfg.batch_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(cache, tmp)
-    tmp.replace(path)
+    write_file_atomically(path, lambda tmp: torch.save(cache, tmp))
     return path
 
 
