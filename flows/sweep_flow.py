@@ -19,7 +19,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from prefect.context import get_run_context
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.tailor_flow import completed, run_link, tailor_flow
+from flows.tailor_flow import evaluate_stage, run_link, tailor_flow
 from tailor import tracking
 from tailor.compare import load_items
 from tailor.config import load_config
@@ -28,7 +28,7 @@ from tailor.plots import embed_markdown, layer_scores_png
 from tailor.preflight import check_prune, preflight
 from tailor.sources import source_num_layers
 from tailor.sweep import BEST_RULE, best_row, render_markdown, retention_plot, sweep_rows, table
-from tasks.measure import evaluate_model, measure_speed
+from tasks.measure import measure_speed
 from tasks.models import materialize_model, prune_model, score_layers
 from tasks.tracking import log_stage
 
@@ -58,13 +58,7 @@ def sweep_flow(profile: str = "quick", overrides: list[str] | None = None, out_d
                          description="MLflow parent run of this sweep")
     try:
         base = materialize_model(cfg.model, cfg.work_dir)["ref"]
-
-        def evaluate(name: str, ref):
-            task = evaluate_model.with_options(task_run_name=f"evaluate-{name}")
-            run = task.submit if cfg.runner.concurrent else completed(task)
-            return run(ref, cfg.eval, cfg.data, cfg.work_dir, name)
-
-        original_eval = evaluate("original", base)
+        original_eval = evaluate_stage(cfg, "original", base)
         scored = tuple(s for s in cfg.sweep.strategies if s in SCORED_STRATEGIES)
         scores = score_layers(base, cfg.prune, scored, cfg.distill, cfg.data, cfg.work_dir)["scores"] \
             if scored else None
@@ -72,7 +66,7 @@ def sweep_flow(profile: str = "quick", overrides: list[str] | None = None, out_d
         for strategy, n in combos:
             pruned[(strategy, n)] = prune_model(base, prune_cfgs[(strategy, n)], cfg.work_dir,
                                                 scores if strategy in SCORED_STRATEGIES else None)
-            evals[(strategy, n)] = evaluate(f"{strategy}-n{n}", pruned[(strategy, n)]["ref"])
+            evals[(strategy, n)] = evaluate_stage(cfg, f"{strategy}-n{n}", pruned[(strategy, n)]["ref"])
         results = {key: future.result() for key, future in [("original", original_eval), *evals.items()]}
         # Timed only once every evaluation is done, so nothing competes for the CPU; combinations
         # that remove the same layers are the same checkpoint and are timed once.

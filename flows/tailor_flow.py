@@ -17,8 +17,8 @@ from prefect.context import get_run_context
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from tailor import tracking
-from tailor.checkpoint import stable_hash
-from tailor.config import load_config
+from tailor.checkpoint import CheckpointRef, stable_hash
+from tailor.config import TailorConfig, load_config
 from tailor.importance import SCORED_STRATEGIES
 from tailor.preflight import preflight
 from tailor.promotion import evaluation_tags
@@ -56,12 +56,7 @@ def tailor_flow(profile: str = "quick", overrides: list[str] | None = None, out_
         base = materialized["ref"]
         log("materialize", params=cfg.model.model_dump(), metrics={"seconds": materialized["seconds"]})
 
-        def evaluate(name: str, ref):
-            task = evaluate_model.with_options(task_run_name=f"evaluate-{name}")
-            run = task.submit if cfg.runner.concurrent else completed(task)
-            return run(ref, cfg.eval, cfg.data, cfg.work_dir, name)
-
-        evals = {"original": evaluate("original", base)}
+        evals = {"original": evaluate_stage(cfg, "original", base)}
         stage = "prune"
         scores = None
         if cfg.prune.strategy in SCORED_STRATEGIES:
@@ -75,7 +70,7 @@ def tailor_flow(profile: str = "quick", overrides: list[str] | None = None, out_
         log("prune", params=cfg.prune.model_dump(), metrics={"params_before": pruned["params_before"],
             "params_after": pruned["params_after"], "layers_removed": len(pruned["removed_layers"])},
             artifacts=[pruned["plot"]] if pruned["plot"] else None)
-        evals["pruned"] = evaluate("pruned", pruned["ref"])
+        evals["pruned"] = evaluate_stage(cfg, "pruned", pruned["ref"])
         stage = "distill"
         teacher_cache = None
         if cfg.distill.teacher_topk:
@@ -89,7 +84,7 @@ def tailor_flow(profile: str = "quick", overrides: list[str] | None = None, out_
         kd = distilled["record"]
         log("distill", params=cfg.distill.model_dump(), series={"kd_loss": kd["losses"]},
             metrics={k: v for k, v in kd.items() if k != "losses"})
-        evals["distilled"] = evaluate("distilled", distilled["ref"])
+        evals["distilled"] = evaluate_stage(cfg, "distilled", distilled["ref"])
         results = {}
         for name, future in evals.items():
             stage = f"evaluate-{name}"
@@ -155,6 +150,14 @@ class _Done:
 
     def result(self):
         return self._value
+
+
+def evaluate_stage(cfg: TailorConfig, name: str, ref: CheckpointRef):
+    """The evaluation task for one model: submitted beside other stages with
+    ``runner.concurrent``, else run now (one stage at a time, bounded memory)."""
+    task = evaluate_model.with_options(task_run_name=f"evaluate-{name}")
+    run = task.submit if cfg.runner.concurrent else completed(task)
+    return run(ref, cfg.eval, cfg.data, cfg.work_dir, name)
 
 
 def completed(task):

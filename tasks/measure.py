@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from tailor.evaluation import evaluate_checkpoint
 from tailor.resources import stage_cost
 from tailor.speed import profile_checkpoint
 
-from ._common import CACHED
+from ._common import CACHED, prefect_key
 
 
 @task(name="evaluate-model", cache_policy=CACHED, persist_result=True)
@@ -27,7 +26,7 @@ def evaluate_model(ref: CheckpointRef, eval_cfg: EvalConfig, data: DataConfig, w
     """
     out = Path(work_dir) / "evals" / f"{stable_hash(ref.fingerprint, eval_cfg.model_dump(), data.model_dump())}.json"
     start = time.perf_counter()
-    progress = create_progress_artifact(progress=0.0, key=f"evaluation-progress-{_artifact_key(label)}",
+    progress = create_progress_artifact(progress=0.0, key=f"evaluation-progress-{prefect_key(label)}",
                                         description=f"Evaluation of {label}: share of requests scored")
     result = evaluate_checkpoint(ref.verify(), eval_cfg, data, out,
                                  lambda done, total: update_progress_artifact(progress, 100.0 * done / total))
@@ -46,7 +45,3 @@ def measure_speed(refs: dict[str, CheckpointRef], speed: SpeedConfig) -> dict[st
         profiles[name].update(stage_cost(start))
     return profiles
 
-
-def _artifact_key(label: str) -> str:
-    """Prefect artifact keys: lowercase letters, digits and dashes."""
-    return re.sub(r"[^a-z0-9-]+", "-", label.lower()).strip("-")

@@ -9,7 +9,8 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-from tailor.checkpoint import CheckpointRef, count_parameters, load_model, save_model, stable_hash, write_checkpoint
+from tailor.checkpoint import (CheckpointRef, count_parameters, load_model, save_model, stable_hash, write_checkpoint,
+                               write_file_atomically)
 from tailor.config import DataConfig, DistillConfig, ModelConfig, PruneConfig
 from tailor.distill import build_samples, corpus_texts, distill_checkpoint, planned_steps
 from tailor.importance import SCORED_STRATEGIES, choose_layers, layer_scores, per_layer_series
@@ -38,12 +39,15 @@ def score_layers(base: CheckpointRef, prune: PruneConfig, strategies: tuple[str,
     calibration = prune.model_dump(include={"calibration_samples", "calibration_seq_len", "calibration_batch_size"})
     out = Path(work_dir) / "importance" / (
         f"{stable_hash(base.fingerprint, calibration, strategies, distill.corpus_files, data.model_dump())}.json")
+    # The task's cache key also holds settings the scores do not depend on (num_layers,
+    # strategy); the file is keyed by what they do depend on, so it is reused across those.
+    if out.exists():
+        return {"scores": json.loads(out.read_text()), "file": str(out), **stage_cost(start)}
     model, tokenizer = load_model(base.verify())
     samples = build_samples(tokenizer, corpus_texts(distill, data), prune.calibration_seq_len,
                             prune.calibration_samples)
     scores = layer_scores(model, samples, prune.calibration_batch_size, strategies)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(scores))
+    write_file_atomically(out, lambda tmp: tmp.write_text(json.dumps(scores)))
     return {"scores": scores, "file": str(out), **stage_cost(start)}
 
 

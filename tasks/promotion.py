@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict
 
 from prefect import task
@@ -15,7 +14,7 @@ from tailor import tracking
 from tailor.config import PromotionConfig
 from tailor.promotion import promote
 
-from ._common import UNCACHED
+from ._common import UNCACHED, prefect_key
 
 
 @task(name="promote-model", cache_policy=UNCACHED, retries=2, retry_delay_seconds=[5, 15])
@@ -31,7 +30,7 @@ def promote_model(tracking_uri: str, model_name: str, version: str, gate: Promot
 
 def _promotion_limit(model_name: str) -> str:
     """A global concurrency limit of one slot for this registered model (created on first use)."""
-    name = "tailor-promotion-" + re.sub(r"[^a-z0-9-]+", "-", model_name.lower())
+    name = f"tailor-promotion-{prefect_key(model_name)}"
     with get_client(sync_client=True) as client:
         try:
             client.read_global_concurrency_limit_by_name(name)
