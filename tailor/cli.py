@@ -48,7 +48,8 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
     decision = promote_flow(version=args.version, profile=args.profile, overrides=args.set, force=args.force)
     print(json.dumps(decision, indent=2))
-    return 0 if decision["promoted"] or decision["reasons"][:1] == [f"already {cfg.promotion.champion_alias}"] else 1
+    already_champion = decision["previous_champion"] == decision["version"]
+    return 0 if decision["promoted"] or already_champion else 1
 
 
 def cmd_deployments_check(args: argparse.Namespace) -> int:
@@ -109,28 +110,30 @@ def cmd_settings(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_args(parser: argparse.ArgumentParser, set_example: str, profile_role: str = "") -> None:
+    """--profile and --set, the same for every command that reads the configuration."""
+    parser.add_argument("--profile", default="quick",
+                        help=f"profile name ({', '.join(available_profiles())}) or a YAML path"
+                             + (f", {profile_role}" if profile_role else ""))
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override a setting, e.g. --set {set_example} (see `tailor settings`)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tailor", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the whole cycle as a Prefect flow")
-    run.add_argument("--profile", default="quick",
-                     help=f"profile name ({', '.join(available_profiles())}) or a YAML path")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a setting, e.g. --set eval.limit=20 (see `tailor settings`)")
+    _config_args(run, "eval.limit=20")
     run.add_argument("--out", default=None, help="folder for report.json and report.md")
     run.set_defaults(fn=cmd_flow)
     sweep = sub.add_parser("sweep", help="compare pruning strategies x layer counts (sweep.* settings)")
-    sweep.add_argument("--profile", default="quick",
-                       help=f"profile name ({', '.join(available_profiles())}) or a YAML path")
-    sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a setting, e.g. --set sweep.num_layers=[2,4]")
+    _config_args(sweep, "sweep.num_layers=[2,4]")
     sweep.add_argument("--out", default=None, help="folder for sweep.md, sweep.json and the plots")
     sweep.set_defaults(fn=cmd_flow)
     prom = sub.add_parser("promote", help="move the champion alias to a registered version, through the gate")
     prom.add_argument("--version", required=True, help="registered model version number")
     prom.add_argument("--force", action="store_true", help="promote even when a threshold fails")
-    prom.add_argument("--profile", default="quick", help="profile whose tracking and promotion settings apply")
-    prom.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    _config_args(prom, "promotion.min_speedup=1.05", "whose tracking and promotion settings apply")
     prom.set_defaults(fn=cmd_promote)
     deps = sub.add_parser("deployments", help="Prefect deployments")
     deps_sub = deps.add_subparsers(dest="deployments_command", required=True)
@@ -149,8 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     dist.add_argument("--teacher", required=True, help="teacher checkpoint folder")
     dist.add_argument("--student", required=True, help="student checkpoint folder")
     dist.add_argument("--out", required=True, help="folder for the distilled checkpoint")
-    dist.add_argument("--profile", default="quick", help="profile whose distill and data settings apply")
-    dist.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    _config_args(dist, "distill.epochs=1", "whose distill and data settings apply")
     dist.set_defaults(fn=cmd_distill)
     settings = sub.add_parser("settings", help="list every setting with its default and meaning")
     settings.set_defaults(fn=cmd_settings)
