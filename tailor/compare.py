@@ -20,6 +20,14 @@ def retention_pct(metric: str, original: float, value: float) -> float | None:
     return 100.0 * value / original if original else None
 
 
+def mean_acc_retention(original: dict[str, dict], model: dict[str, dict]) -> float | None:
+    """Mean over the tasks reporting accuracy of ``retention_pct``; metrics keyed task -> metric."""
+    values = [retention_pct("acc", original[t]["acc"]["value"], model[t]["acc"]["value"])
+              for t in original if "acc" in original[t]]
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
 def build_report(profiles: dict[str, dict], evals: dict[str, dict], extra: dict) -> dict:
     """Join per-model profiles and evaluations into one report with deltas and retention.
 
@@ -51,10 +59,9 @@ def build_report(profiles: dict[str, dict], evals: dict[str, dict], extra: dict)
                     if paired is not None:
                         per_task[task][metric]["paired_ci95"] = [paired["ci_low"], paired["ci_high"]]
                         per_task[task][metric]["significant"] = paired["significant"]
-        accs = [v["acc"]["retention_pct"] for v in per_task.values() if v.get("acc", {}).get("retention_pct") is not None]
         changes[name] = {
             "tasks": per_task,
-            "mean_acc_retention_pct": sum(accs) / len(accs) if accs else None,
+            "mean_acc_retention_pct": mean_acc_retention(base["metrics"], m["metrics"]),
             "speedup": base["gen_time_mean_s"] / m["gen_time_mean_s"],
             "tokens_per_s_ratio": m["tokens_per_s"] / base["tokens_per_s"],
             "params_removed": base["params"] - m["params"],

@@ -87,9 +87,6 @@ class EvalConfig(_Section):
         return v
 
 
-PRUNE_STRATEGIES = ("last", "indices", "block_influence", "angular", "leave_one_out")
-
-
 class PruneConfig(_Section):
     strategy: Literal["last", "indices", "block_influence", "angular", "leave_one_out"] = "last"
     """Which layers go: last (the book's), indices (explicit), block_influence (ShortGPT, lowest 1 - cos(in, out)), angular (contiguous block with the smallest angular distance between its input and output), leave_one_out (smallest calibration-perplexity increase when skipped alone)."""

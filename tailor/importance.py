@@ -68,7 +68,7 @@ def layer_scores(model, samples: dict[str, torch.Tensor], batch_size: int, strat
 def choose_layers(cfg: PruneConfig, num_layers: int, scores: dict | None) -> list[int]:
     """The layer indices the configured strategy removes (sorted)."""
     n = cfg.num_layers
-    if cfg.strategy in ("last", "indices"):
+    if cfg.strategy not in SCORED_STRATEGIES:
         return resolve_indices(num_layers, n, cfg.indices if cfg.strategy == "indices" else None)
     resolve_indices(num_layers, n, None)  # validates n
     if scores is None or cfg.strategy not in scores:

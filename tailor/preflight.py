@@ -8,6 +8,7 @@ from . import tracking
 from .config import ConfigError, PruneConfig, TailorConfig
 from .distill import check_corpus
 from .evaluation import OFFLINE_SPLITS, check_tasks
+from .importance import SCORED_STRATEGIES
 from .pruning import PruneError, resolve_indices
 from .sources import check_source, source_num_layers
 
@@ -37,7 +38,7 @@ def check_prune(prune: PruneConfig, num_layers: int) -> None:
         raise PruneError(f"prune.strategy='angular': a block of prune.num_layers={prune.num_layers} layers does "
                          f"not fit a {num_layers}-layer model while keeping one; allowed: 1..{num_layers - 1}")
     resolve_indices(num_layers, prune.num_layers, prune.indices if prune.strategy == "indices" else None)
-    if prune.strategy not in ("last", "indices") and prune.calibration_samples < prune.calibration_batch_size:
+    if prune.strategy in SCORED_STRATEGIES and prune.calibration_samples < prune.calibration_batch_size:
         raise PruneError(f"prune.calibration_samples={prune.calibration_samples} is smaller than one batch "
                          f"(prune.calibration_batch_size={prune.calibration_batch_size})")
 

@@ -26,9 +26,6 @@ from mlflow.tracking import MlflowClient
 
 from .config import PromotionConfig, TailorError
 
-TAG_PREFIX = "tailor."
-
-
 class PromotionError(TailorError, ValueError):
     """The version to promote does not exist or carries no evaluation."""
 

@@ -32,11 +32,16 @@ def paired_bootstrap(base: Sequence[float], other: Sequence[float], iters: int =
             "significant": bool(low > 0 or high < 0), "n": int(len(diffs))}
 
 
+def paired_values(base_items: dict[str, dict[str, float]], other_items: dict[str, dict[str, float]],
+                  metric: str) -> tuple[list[float], list[float]]:
+    """``metric`` of the documents both evaluations scored, in one order for both."""
+    shared = sorted(set(base_items) & set(other_items), key=lambda k: (len(k), k))
+    shared = [k for k in shared if metric in base_items[k] and metric in other_items[k]]
+    return [base_items[k][metric] for k in shared], [other_items[k][metric] for k in shared]
+
+
 def paired_item_deltas(base_items: dict[str, dict[str, float]], other_items: dict[str, dict[str, float]],
                        metric: str) -> dict[str, float | bool] | None:
     """paired_bootstrap over the documents both evaluations scored for ``metric``."""
-    shared = sorted(set(base_items) & set(other_items), key=lambda k: (len(k), k))
-    shared = [k for k in shared if metric in base_items[k] and metric in other_items[k]]
-    if not shared:
-        return None
-    return paired_bootstrap([base_items[k][metric] for k in shared], [other_items[k][metric] for k in shared])
+    base, other = paired_values(base_items, other_items, metric)
+    return paired_bootstrap(base, other) if base else None

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .compare import retention_pct
+from .compare import mean_acc_retention
 from .plots import lines_png
-from .stats import paired_bootstrap, paired_item_deltas
+from .stats import paired_bootstrap, paired_values
 
 BEST_RULE = ("among the combinations removing the most layers, the highest mean accuracy retention "
              "(ties: the higher speed-up)")
@@ -26,20 +26,15 @@ def sweep_rows(original: dict, combos: list[dict]) -> list[dict]:
     """
     rows = []
     for c in combos:
-        retentions, per_task, base_pool, model_pool = [], {}, [], []
+        per_task, base_pool, model_pool = {}, [], []
         for task, metrics in original["metrics"].items():
             if "acc" not in metrics:
                 continue
-            r = retention_pct("acc", metrics["acc"]["value"], c["metrics"][task]["acc"]["value"])
-            if r is not None:
-                retentions.append(r)
-            base_items, items = original["items"].get(task, {}), c["items"].get(task, {})
-            paired = paired_item_deltas(base_items, items, "acc")
-            if paired is not None:
-                per_task[task] = paired
-                shared = [k for k in base_items if k in items and "acc" in base_items[k] and "acc" in items[k]]
-                base_pool += [base_items[k]["acc"] for k in shared]
-                model_pool += [items[k]["acc"] for k in shared]
+            base, other = paired_values(original["items"].get(task, {}), c["items"].get(task, {}), "acc")
+            if base:
+                per_task[task] = paired_bootstrap(base, other)
+                base_pool += base
+                model_pool += other
         pooled = paired_bootstrap(base_pool, model_pool) if base_pool else None
         base_params = original["profile"]["params"]
         rows.append({
@@ -47,7 +42,7 @@ def sweep_rows(original: dict, combos: list[dict]) -> list[dict]:
             "params": c["profile"]["params"],
             "params_saved_pct": 100.0 * (base_params - c["profile"]["params"]) / base_params,
             "speedup": original["profile"]["gen_time_mean_s"] / c["profile"]["gen_time_mean_s"],
-            "mean_acc_retention_pct": sum(retentions) / len(retentions) if retentions else None,
+            "mean_acc_retention_pct": mean_acc_retention(original["metrics"], c["metrics"]),
             "acc_delta_pooled": pooled, "acc_delta_per_task": per_task,
         })
     return rows
