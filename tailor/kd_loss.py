@@ -100,6 +100,16 @@ def _scales(counts: LossCounts, spec: LossSpec) -> tuple[float, float]:
     return (1 - spec.alpha) * spec.temperature**2 / counts.tokens, spec.alpha / max(counts.targets, 1)
 
 
+def _positions_and_scales(attention_mask: torch.Tensor, input_ids: torch.Tensor, spec: LossSpec,
+                          counts: LossCounts | None) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """(positions in the loss, their next-token targets, divergence and cross-entropy weights)."""
+    if int(attention_mask.sum()) == 0:
+        raise ValueError("batch has no real (non-padding) tokens")
+    keep = torch.ones_like(attention_mask, dtype=torch.bool) if spec.book else attention_mask.bool()
+    targets = next_token_targets(input_ids, attention_mask)[keep]
+    return (keep, targets, *_scales(counts or LossCounts.of(attention_mask, input_ids, spec), spec))
+
+
 def kd_loss_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor, attention_mask: torch.Tensor,
                       input_ids: torch.Tensor, spec: LossSpec = LossSpec()) -> torch.Tensor:
     """Direct full-tensor computation of the loss (for tests and small models)."""
@@ -119,12 +129,8 @@ def kd_loss_chunked(student, teacher, student_hidden: torch.Tensor, teacher_hidd
                     attention_mask: torch.Tensor, input_ids: torch.Tensor, spec: LossSpec = LossSpec(),
                     chunk_tokens: int = 256, counts: LossCounts | None = None) -> torch.Tensor:
     """Same value and gradient as ``kd_loss_reference`` on the models' logits, in bounded memory."""
-    if int(attention_mask.sum()) == 0:
-        raise ValueError("batch has no real (non-padding) tokens")
-    keep = torch.ones_like(attention_mask, dtype=torch.bool) if spec.book else attention_mask.bool()
+    keep, targets, div_scale, ce_scale = _positions_and_scales(attention_mask, input_ids, spec, counts)
     s_h, t_h = student_hidden[keep], teacher_hidden[keep]
-    targets = next_token_targets(input_ids, attention_mask)[keep]
-    div_scale, ce_scale = _scales(counts or LossCounts.of(attention_mask, input_ids, spec), spec)
     if _plain_head(student) and _plain_head(teacher) and spec.kind != "jsd":
         return _FusedHeadKD.apply(s_h, student.get_output_embeddings().weight,
                                   _LiveTeacher(t_h, teacher.get_output_embeddings().weight, spec.temperature),
@@ -168,11 +174,7 @@ def kd_loss_topk(student, student_hidden: torch.Tensor, topk: "TopKTeacher", att
         raise ValueError(f"a cached top-k teacher supports loss forward_kl only, not {spec.kind!r}")
     if not _plain_head(student):
         raise ValueError("a cached top-k teacher needs a bias-free linear output head without soft-capping")
-    keep = torch.ones_like(attention_mask, dtype=torch.bool) if spec.book else attention_mask.bool()
-    if int(attention_mask.sum()) == 0:
-        raise ValueError("batch has no real (non-padding) tokens")
-    targets = next_token_targets(input_ids, attention_mask)[keep]
-    div_scale, ce_scale = _scales(counts or LossCounts.of(attention_mask, input_ids, spec), spec)
+    keep, targets, div_scale, ce_scale = _positions_and_scales(attention_mask, input_ids, spec, counts)
     return _FusedHeadKD.apply(student_hidden[keep], student.get_output_embeddings().weight, topk.select(keep),
                               targets, spec, div_scale, ce_scale, chunk_tokens)
 
