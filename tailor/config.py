@@ -174,8 +174,12 @@ class DistillConfig(_Section):
     """Log the loss every this many optimiser steps."""
     teacher_topk: int = Field(0, ge=0)
     """0: exact KD against the live teacher. k >= 1: compute the teacher's top-k logits (plus the rest's log-sum-exp) once, cache them on disk, and train from the cache (forward_kl only)."""
-    teacher_dtype: Literal["float32", "bfloat16"] = "float32"
-    """Teacher weights and forward pass (it is never trained); bfloat16 halves its memory."""
+    teacher_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """The teacher's matmuls (it is never trained): bfloat16 stores its linear and embedding weights in bfloat16 (half the memory) and runs them under autocast, residual stream and norms in float32; auto = bfloat16 where the device multiplies bfloat16 natively, else float32."""
+    gradient_checkpointing: bool = False
+    """Recompute each student layer's activations in backward instead of keeping them (less memory, one more student forward pass per step)."""
+    bf16_autocast: bool = False
+    """Run the student's layers under bfloat16 autocast; its weights, optimiser state, output head and the loss stay float32."""
     lr_schedule: Literal["constant", "cosine"] = "constant"
     """Learning rate after warm-up: constant, or cosine decay to zero at the last optimiser step."""
     warmup_steps: int = Field(0, ge=0)

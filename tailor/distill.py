@@ -15,6 +15,7 @@ from .checkpoint import (CheckpointRef, existing_checkpoint, load_model, save_mo
                          write_file_atomically)
 from .config import DataConfig, DistillConfig, TailorError
 from .kd_loss import LossCounts, LossSpec, TopKTeacher, kd_loss_chunked, kd_loss_topk
+from .precision import final_hidden, load_teacher, resolve_teacher_dtype
 from .teacher_cache import load_topk_cache
 
 
@@ -75,11 +76,6 @@ def build_samples(tokenizer, texts: Iterable[str], seq_len: int, num_samples: in
     return {"input_ids": torch.tensor(ids_rows), "attention_mask": torch.tensor(mask_rows)}
 
 
-def _final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    return model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                               use_cache=False).last_hidden_state
-
-
 def distill(teacher, student, samples: dict[str, torch.Tensor], cfg: DistillConfig,
             on_step: Callable[[int, float], None] | None = None, resume_file: Path | None = None,
             topk: TopKTeacher | None = None) -> dict:
@@ -104,6 +100,8 @@ def distill(teacher, student, samples: dict[str, torch.Tensor], cfg: DistillConf
     if teacher is not None:
         teacher.eval().requires_grad_(False)
     student.train()
+    if cfg.gradient_checkpointing:
+        student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     optimizer = _adamw(student, cfg)
     n = samples["input_ids"].shape[0]
     global_batch = cfg.batch_size * world
@@ -166,6 +164,8 @@ def distill(teacher, student, samples: dict[str, torch.Tensor], cfg: DistillConf
                 on_step(len(losses), losses[-1])
     elapsed = time.perf_counter() - start
     student.eval()
+    if cfg.gradient_checkpointing:
+        student.activation_checkpointing_disable()
     tokens = progress["tokens"]
     if world > 1:
         if not _ranks_in_sync(student):
@@ -176,7 +176,9 @@ def distill(teacher, student, samples: dict[str, torch.Tensor], cfg: DistillConf
             "train_tokens_per_s": tokens / elapsed, "num_samples": n,
             "resumed_at_step": progress["resumed_at"], "world_size": world,
             "final_learning_rate": scheduler.get_last_lr()[0],
-            "teacher": f"cached top-{cfg.teacher_topk}" if topk is not None else f"live ({cfg.teacher_dtype})",
+            "teacher": (f"cached top-{cfg.teacher_topk}" if topk is not None
+                        else f"live ({resolve_teacher_dtype(cfg.teacher_dtype, student.device)})"),
+            "gradient_checkpointing": cfg.gradient_checkpointing, "bf16_autocast": cfg.bf16_autocast,
             "loss": {"kind": spec.kind, "temperature": spec.temperature, "alpha": spec.alpha, "book": spec.book}}
 
 
@@ -184,13 +186,13 @@ def _micro_batch_loss(teacher, student, samples: dict[str, torch.Tensor], idx: l
                       cfg: DistillConfig, topk: TopKTeacher | None, counts: LossCounts) -> torch.Tensor:
     ids = samples["input_ids"][idx].to(student.device)
     mask = samples["attention_mask"][idx].to(student.device)
-    s_hidden = _final_hidden(student, ids, mask)
+    s_hidden = final_hidden(student, ids, mask, autocast=cfg.bf16_autocast)
     if topk is not None:
         rows = torch.tensor(idx)
         batch_topk = TopKTeacher(topk.values[rows], topk.indices[rows], topk.rest_logsumexp[rows], topk.temperature)
         return kd_loss_topk(student, s_hidden, batch_topk, mask, ids, spec, cfg.loss_chunk_tokens, counts)
     with torch.no_grad():
-        t_hidden = _final_hidden(teacher, ids.to(teacher.device), mask.to(teacher.device)).to(student.device)
+        t_hidden = final_hidden(teacher, ids.to(teacher.device), mask.to(teacher.device)).to(student.device)
     return kd_loss_chunked(student, teacher, s_hidden, t_hidden, mask, ids, spec, cfg.loss_chunk_tokens, counts)
 
 
@@ -314,7 +316,7 @@ def distill_checkpoint(teacher_ref: CheckpointRef, student_ref: CheckpointRef, c
     if topk_cache is not None:
         teacher, topk = None, load_topk_cache(topk_cache, samples, cfg)
     else:
-        teacher, topk = load_model(teacher_ref, dtype=cfg.teacher_dtype, device=device)[0], None
+        teacher, topk = load_teacher(teacher_ref, cfg.teacher_dtype, device)[0], None
     resume_file = out_dir.with_name(out_dir.name + ".resume.pt")
     rank, world = _process_group()
     if rank != 0:

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointRef, load_model, stable_hash, write_file_atomically
+from .checkpoint import CheckpointRef, stable_hash, write_file_atomically
 from .config import DataConfig, DistillConfig, TailorError
 from .kd_loss import TopKTeacher, output_logits
+from .precision import (bfloat16_autocast, final_hidden, has_bfloat16_matmuls, load_teacher,
+                        resolve_teacher_dtype)
 
 
 class TeacherCacheError(TailorError, ValueError):
@@ -34,12 +36,13 @@ def compute_topk(teacher, samples: dict[str, torch.Tensor], k: int, temperature:
     parts: list[TopKTeacher] = []
     ids, mask = samples["input_ids"], samples["attention_mask"]
     for start in range(0, ids.shape[0], batch_size):
-        hidden = teacher.get_decoder()(input_ids=ids[start:start + batch_size].to(teacher.device),
-                                       attention_mask=mask[start:start + batch_size].to(teacher.device),
-                                       use_cache=False).last_hidden_state
+        hidden = final_hidden(teacher, ids[start:start + batch_size].to(teacher.device),
+                              mask[start:start + batch_size].to(teacher.device))
         # One sequence at a time through the head: [seq_len, V] logits, never [B, T, V].
         for row in hidden:
-            parts.append(TopKTeacher.from_logits(output_logits(teacher, row), k, temperature))
+            with bfloat16_autocast(has_bfloat16_matmuls(teacher), row.device):
+                logits = output_logits(teacher, row)
+            parts.append(TopKTeacher.from_logits(logits, k, temperature))
     return {"input_ids": ids, "values": torch.stack([p.values for p in parts]).cpu(),
             "indices": torch.stack([p.indices for p in parts]).cpu(),
             "rest_logsumexp": torch.stack([p.rest_logsumexp for p in parts]).cpu(),
@@ -47,8 +50,9 @@ def compute_topk(teacher, samples: dict[str, torch.Tensor], k: int, temperature:
 
 
 def topk_cache_key(teacher_ref: CheckpointRef, cfg: DistillConfig, data: DataConfig) -> str:
-    """What the cache depends on: the teacher's fingerprint, the samples' source and shape, k and T."""
-    return stable_hash(teacher_ref.fingerprint, cfg.teacher_topk, cfg.temperature, cfg.teacher_dtype, cfg.seq_len,
+    """What the cache depends on: the teacher's fingerprint and precision, the samples' source and shape, k and T."""
+    return stable_hash(teacher_ref.fingerprint, cfg.teacher_topk, cfg.temperature,
+                       resolve_teacher_dtype(cfg.teacher_dtype, "cpu"), cfg.seq_len,
                        cfg.num_samples, cfg.corpus, cfg.corpus_files, data.model_dump())
 
 
@@ -59,7 +63,7 @@ def write_topk_cache(teacher_ref: CheckpointRef, cfg: DistillConfig, data: DataC
     path = Path(out_dir) / f"teacher-top{cfg.teacher_topk}-{topk_cache_key(teacher_ref, cfg, data)}.pt"
     if path.exists():
         return path
-    teacher, tokenizer = load_model(teacher_ref, dtype=cfg.teacher_dtype)
+    teacher, tokenizer = load_teacher(teacher_ref, cfg.teacher_dtype)
     check_topk(cfg.teacher_topk, teacher.config.vocab_size)
     samples = build_samples(tokenizer, corpus_texts(cfg, data), cfg.seq_len, cfg.num_samples)
     cache = compute_topk(teacher, samples, cfg.teacher_topk, cfg.temperature, cfg.batch_size)

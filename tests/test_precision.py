@@ -1,0 +1,96 @@
+"""Teacher precision, the student's optional bfloat16 autocast and gradient checkpointing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tailor.config import DistillConfig
+from tailor.distill import build_samples, distill
+from tailor.kd_loss import LossSpec, kd_loss_chunked, logits_into
+from tailor.precision import (fast_bfloat16, final_hidden, has_bfloat16_matmuls, resolve_teacher_dtype,
+                              to_bfloat16_matmuls)
+from tailor.teacher_cache import compute_topk
+from tailor.tiny import build_tiny_gemma3
+
+TEXTS = ["The capital of France is Paris. A student learns from a teacher. " * 3] * 8
+
+
+def _samples(tokenizer, n=6):
+    return build_samples(tokenizer, TEXTS + ["short"], seq_len=24, num_samples=n)
+
+
+def test_blocked_logits_equal_the_direct_product_across_block_edges():
+    torch.manual_seed(0)
+    weight, hidden = torch.randn(2500, 16), torch.randn(5, 16)  # 2500: a partial last block
+    out = logits_into(hidden, weight, torch.empty(5, 2500))
+    assert torch.allclose(out, hidden @ weight.T, rtol=1e-5, atol=1e-5)
+    widened = logits_into(hidden.bfloat16(), weight.bfloat16(), torch.empty(5, 2500))
+    assert widened.dtype == torch.float32
+    assert torch.equal(widened, (hidden.bfloat16() @ weight.bfloat16().T).float())
+
+
+def test_auto_teacher_precision_follows_the_device():
+    assert resolve_teacher_dtype("float32", "cpu") == "float32"
+    assert resolve_teacher_dtype("bfloat16", "cpu") == "bfloat16"
+    assert resolve_teacher_dtype("auto", "cpu") == ("bfloat16" if fast_bfloat16("cpu") else "float32")
+
+
+def test_bfloat16_teacher_keeps_a_float32_residual_stream_and_a_close_loss(tiny_tokenizer):
+    teacher = build_tiny_gemma3(tiny_tokenizer, num_layers=4, seed=0)
+    student = build_tiny_gemma3(tiny_tokenizer, num_layers=2, seed=1)
+    samples = _samples(tiny_tokenizer)
+    ids, mask = samples["input_ids"], samples["attention_mask"]
+    spec = LossSpec(temperature=2.0)
+    with torch.no_grad():
+        s_hidden = final_hidden(student, ids, mask)
+        exact = kd_loss_chunked(student, teacher, s_hidden, final_hidden(teacher, ids, mask), mask, ids, spec)
+        to_bfloat16_matmuls(teacher)
+        assert has_bfloat16_matmuls(teacher)
+        assert teacher.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+        assert teacher.get_output_embeddings().weight.dtype == torch.bfloat16
+        assert teacher.model.layers[0].input_layernorm.weight.dtype == torch.float32
+        assert teacher.get_input_embeddings()(ids).dtype == torch.float32
+        t_hidden = final_hidden(teacher, ids, mask)
+        assert t_hidden.dtype == torch.float32
+        approx = kd_loss_chunked(student, teacher, s_hidden, t_hidden, mask, ids, spec)
+    assert approx.item() == pytest.approx(exact.item(), rel=2e-2)
+    assert approx.item() != exact.item()  # it did run in bfloat16
+
+
+def test_top_k_cache_from_a_bfloat16_teacher(tiny_tokenizer):
+    teacher = build_tiny_gemma3(tiny_tokenizer, num_layers=2, seed=0)
+    samples = _samples(tiny_tokenizer, n=3)
+    exact = compute_topk(teacher, samples, 8, 2.0, batch_size=2)
+    to_bfloat16_matmuls(teacher)
+    approx = compute_topk(teacher, samples, 8, 2.0, batch_size=2)
+    assert approx["values"].shape == exact["values"].shape
+    assert torch.allclose(approx["values"].float(), exact["values"].float(), rtol=5e-2, atol=5e-2)
+
+
+def _train(tokenizer, **options):
+    teacher = build_tiny_gemma3(tokenizer, num_layers=4, seed=0)
+    student = build_tiny_gemma3(tokenizer, num_layers=2, seed=1)
+    cfg = DistillConfig(batch_size=3, grad_accum=1, epochs=2, seq_len=24, num_samples=6, learning_rate=1e-3,
+                        teacher_dtype="float32", checkpoint_every=0, **options)
+    record = distill(teacher, student, _samples(tokenizer), cfg)
+    return student, record
+
+
+def test_gradient_checkpointing_trains_to_the_same_weights(tiny_tokenizer):
+    plain, plain_record = _train(tiny_tokenizer)
+    ckpt, ckpt_record = _train(tiny_tokenizer, gradient_checkpointing=True)
+    assert ckpt_record["gradient_checkpointing"] is True
+    assert ckpt_record["losses"] == pytest.approx(plain_record["losses"], rel=1e-5)
+    for (name, a), b in zip(plain.state_dict().items(), ckpt.state_dict().values()):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), name
+    assert not ckpt.is_gradient_checkpointing  # switched off again for evaluation
+
+
+def test_bf16_autocast_trains_a_float32_student_close_to_float32_training(tiny_tokenizer):
+    plain, plain_record = _train(tiny_tokenizer)
+    mixed, mixed_record = _train(tiny_tokenizer, bf16_autocast=True)
+    assert mixed_record["bf16_autocast"] is True
+    assert all(p.dtype == torch.float32 for p in mixed.parameters())
+    assert mixed_record["losses"] == pytest.approx(plain_record["losses"], rel=5e-2)
+    assert mixed_record["losses"] != plain_record["losses"]  # it did run in bfloat16
