@@ -179,7 +179,7 @@ class DistillConfig(_Section):
     gradient_checkpointing: bool = False
     """Recompute each student layer's activations in backward instead of keeping them (less memory, one more student forward pass per step)."""
     bf16_autocast: bool = False
-    """Run the student's layers under bfloat16 autocast; its weights, optimiser state, output head and the loss stay float32."""
+    """Run the student's layers and output-head matmuls in bfloat16 (autocast); its weights, optimiser state, softmaxes, loss and gradient accumulation stay float32."""
     lr_schedule: Literal["constant", "cosine"] = "constant"
     """Learning rate after warm-up: constant, or cosine decay to zero at the last optimiser step."""
     warmup_steps: int = Field(0, ge=0)

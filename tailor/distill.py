@@ -187,13 +187,15 @@ def _micro_batch_loss(teacher, student, samples: dict[str, torch.Tensor], idx: l
     ids = samples["input_ids"][idx].to(student.device)
     mask = samples["attention_mask"][idx].to(student.device)
     s_hidden = final_hidden(student, ids, mask, autocast=cfg.bf16_autocast)
+    matmuls = torch.bfloat16 if cfg.bf16_autocast else torch.float32  # the student's output head
     if topk is not None:
         rows = torch.tensor(idx)
         batch_topk = TopKTeacher(topk.values[rows], topk.indices[rows], topk.rest_logsumexp[rows], topk.temperature)
-        return kd_loss_topk(student, s_hidden, batch_topk, mask, ids, spec, cfg.loss_chunk_tokens, counts)
+        return kd_loss_topk(student, s_hidden, batch_topk, mask, ids, spec, cfg.loss_chunk_tokens, counts, matmuls)
     with torch.no_grad():
         t_hidden = final_hidden(teacher, ids.to(teacher.device), mask.to(teacher.device)).to(student.device)
-    return kd_loss_chunked(student, teacher, s_hidden, t_hidden, mask, ids, spec, cfg.loss_chunk_tokens, counts)
+    return kd_loss_chunked(student, teacher, s_hidden, t_hidden, mask, ids, spec, cfg.loss_chunk_tokens, counts,
+                           matmuls)
 
 
 def _batch_counts(samples: dict[str, torch.Tensor], idx: list[int], spec: LossSpec, world: int) -> LossCounts:

@@ -127,17 +127,23 @@ def kd_loss_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 def kd_loss_chunked(student, teacher, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
                     attention_mask: torch.Tensor, input_ids: torch.Tensor, spec: LossSpec = LossSpec(),
-                    chunk_tokens: int = 256, counts: LossCounts | None = None) -> torch.Tensor:
-    """Same value and gradient as ``kd_loss_reference`` on the models' logits, in bounded memory."""
+                    chunk_tokens: int = 256, counts: LossCounts | None = None,
+                    matmul_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Same value and gradient as ``kd_loss_reference`` on the models' logits, in bounded memory.
+
+    ``matmul_dtype=torch.bfloat16`` runs the student's head matmuls in bfloat16 (as autocast
+    would); the softmaxes, the loss and the gradients' accumulation stay float32.
+    """
     keep, targets, div_scale, ce_scale = _positions_and_scales(attention_mask, input_ids, spec, counts)
     s_h, t_h = student_hidden[keep], teacher_hidden[keep]
     if _plain_head(student) and _plain_head(teacher) and spec.kind != "jsd":
         return _FusedHeadKD.apply(s_h, student.get_output_embeddings().weight,
                                   _LiveTeacher(t_h, teacher.get_output_embeddings().weight, spec.temperature),
-                                  targets, spec, div_scale, ce_scale, chunk_tokens)
+                                  targets, spec, div_scale, ce_scale, chunk_tokens, matmul_dtype)
 
     def chunk_terms(s_chunk: torch.Tensor, t_logits: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
-        s_logits = output_logits(student, s_chunk)
+        with torch.autocast(s_chunk.device.type, dtype=matmul_dtype, enabled=matmul_dtype != torch.float32):
+            s_logits = output_logits(student, s_chunk)
         div = divergence_sum(s_logits, t_logits, spec)
         ce = (F.cross_entropy(s_logits.float(), tgt, ignore_index=IGNORE, reduction="sum")
               if ce_scale else div.new_zeros(()))
@@ -163,7 +169,7 @@ def _plain_head(model) -> bool:
 
 def kd_loss_topk(student, student_hidden: torch.Tensor, topk: "TopKTeacher", attention_mask: torch.Tensor,
                  input_ids: torch.Tensor, spec: LossSpec = LossSpec(), chunk_tokens: int = 256,
-                 counts: LossCounts | None = None) -> torch.Tensor:
+                 counts: LossCounts | None = None, matmul_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Forward KL from a cached top-k teacher (k logits + the log-sum-exp of the rest).
 
     The teacher distribution has k + 1 outcomes: its top-k tokens and "any other token";
@@ -176,7 +182,7 @@ def kd_loss_topk(student, student_hidden: torch.Tensor, topk: "TopKTeacher", att
         raise ValueError("a cached top-k teacher needs a bias-free linear output head without soft-capping")
     keep, targets, div_scale, ce_scale = _positions_and_scales(attention_mask, input_ids, spec, counts)
     return _FusedHeadKD.apply(student_hidden[keep], student.get_output_embeddings().weight, topk.select(keep),
-                              targets, spec, div_scale, ce_scale, chunk_tokens)
+                              targets, spec, div_scale, ce_scale, chunk_tokens, matmul_dtype)
 
 
 class _LiveTeacher:
@@ -257,21 +263,21 @@ class _FusedHeadKD(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, s_h, weight, teacher, targets, spec: LossSpec, div_scale: float, ce_scale: float,
-                chunk_tokens: int):
+                chunk_tokens: int, matmul_dtype: torch.dtype):
         T = spec.temperature
         grad_h = torch.empty(s_h.shape, dtype=torch.float32, device=s_h.device)
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         total = torch.zeros((), dtype=torch.float32, device=s_h.device)
-        w32 = weight.float()
+        rows = min(chunk_tokens, s_h.shape[0])
+        head = _HeadMatmuls(weight, matmul_dtype, rows)
         # Three [chunk, V] buffers reused by every chunk: allocating vocabulary-sized
         # temporaries per operation costs more (page faults, zeroing) than the maths.
-        rows = min(chunk_tokens, s_h.shape[0])
-        buf = [torch.empty((rows, w32.shape[0]), dtype=torch.float32, device=s_h.device) for _ in range(3)]
+        buf = [torch.empty((rows, weight.shape[0]), dtype=torch.float32, device=s_h.device) for _ in range(3)]
         for start in range(0, s_h.shape[0], chunk_tokens):
             stop = min(start + chunk_tokens, s_h.shape[0])
             a, b, c = (x[:stop - start] for x in buf)
             h = s_h[start:stop].float()
-            logits_into(h / T, w32, a)  # student logits / T
+            head.logits(h / T, out=a)  # student logits / T
             ce_grad = _cross_entropy_terms(a * T, targets[start:stop]) if ce_scale else None
             log_q = torch._log_softmax(a, -1, False, out=b)
             if spec.kind == "forward_kl":
@@ -290,15 +296,50 @@ class _FusedHeadKD(torch.autograd.Function):
                 total = total + ce_scale * ce_sum
                 grad = grad.mul_(scale).add_(ce, alpha=ce_scale)
                 scale = 1.0
-            torch.matmul(grad, w32, out=grad_h[start:stop]).mul_(scale)
-            grad_w.addmm_(grad.T, h, alpha=scale)
+            head.gradients(grad, h, scale, grad_h[start:stop], grad_w)
         ctx.save_for_backward(grad_h.to(s_h.dtype), grad_w.to(weight.dtype))
         return total
 
     @staticmethod
     def backward(ctx, grad_output):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_output * grad_h, grad_output * grad_w, None, None, None, None, None, None
+        # In place: a weight-sized copy would be the step's memory peak. A second backward
+        # through the same graph fails autograd's version check instead of reusing them.
+        return grad_h.mul_(grad_output), grad_w.mul_(grad_output), None, None, None, None, None, None, None
+
+
+class _HeadMatmuls:
+    """The head's three products for one chunk, in float32 or with bfloat16 operands.
+
+    With bfloat16 the gradients are still accumulated in float32: the weight gradient's
+    [V, d] product is taken in vocabulary blocks and added while the block is in cache.
+    """
+
+    GRAD_BLOCK = 8192
+
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype, rows: int):
+        self.dtype = dtype
+        self.weight = weight.to(dtype)
+        self.low = dtype != torch.float32
+        if self.low:
+            self.grad_buf = torch.empty((rows, weight.shape[0]), dtype=dtype, device=weight.device)
+
+    def logits(self, hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return logits_into(hidden.to(self.dtype), self.weight, out)
+
+    def gradients(self, grad: torch.Tensor, hidden: torch.Tensor, scale: float, grad_h: torch.Tensor,
+                  grad_w: torch.Tensor) -> None:
+        """``grad_h = scale * grad @ W`` and ``grad_w += scale * grad.T @ hidden``."""
+        if not self.low:
+            torch.matmul(grad, self.weight, out=grad_h).mul_(scale)
+            grad_w.addmm_(grad.T, hidden, alpha=scale)
+            return
+        g = self.grad_buf[:grad.shape[0]].copy_(grad)
+        h = hidden.to(self.dtype)
+        grad_h.copy_(g @ self.weight).mul_(scale)
+        for start in range(0, g.shape[1], self.GRAD_BLOCK):
+            stop = start + self.GRAD_BLOCK
+            grad_w[start:stop].add_(g[:, start:stop].T @ h, alpha=scale)
 
 
 # Vocabulary rows per block of ``logits_into``: the block's [rows, chunk] result stays in cache.

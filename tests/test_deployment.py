@@ -83,7 +83,11 @@ def test_deployed_smoke_run_completes_through_a_worker(prefect_server, tmp_path,
                        "--watch", "--watch-timeout", "900", timeout=960)
     finally:
         worker.terminate()
-        worker.wait(timeout=60)
+        try:
+            worker.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # a slow shutdown on a loaded machine is not what this test checks
+            worker.kill()
+            worker.wait()
     assert "Completed" in out, out + (tmp_path / "worker.log").read_text()[-3000:]
 
     request = urllib.request.Request(f"{api}/flow_runs/filter", data=b"{}", method="POST",

@@ -94,3 +94,27 @@ def test_bf16_autocast_trains_a_float32_student_close_to_float32_training(tiny_t
     assert all(p.dtype == torch.float32 for p in mixed.parameters())
     assert mixed_record["losses"] == pytest.approx(plain_record["losses"], rel=5e-2)
     assert mixed_record["losses"] != plain_record["losses"]  # it did run in bfloat16
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl"])
+def test_bfloat16_head_matmuls_stay_close_to_float32(tiny_tokenizer, kind):
+    teacher = build_tiny_gemma3(tiny_tokenizer, num_layers=4, seed=0)
+    student = build_tiny_gemma3(tiny_tokenizer, num_layers=2, seed=1)
+    samples = _samples(tiny_tokenizer)
+    ids, mask = samples["input_ids"], samples["attention_mask"]
+    spec = LossSpec(temperature=2.0, kind=kind, alpha=0.2)
+    with torch.no_grad():
+        t_hidden = final_hidden(teacher, ids, mask)
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):
+        student.zero_grad()
+        hidden = final_hidden(student, ids, mask).detach().requires_grad_(True)
+        loss = kd_loss_chunked(student, teacher, hidden, t_hidden, mask, ids, spec, chunk_tokens=7,
+                               matmul_dtype=dtype)
+        loss.backward()
+        results.append((loss.item(), hidden.grad, student.get_output_embeddings().weight.grad.clone()))
+    (exact, gh, gw), (approx, gh16, gw16) = results
+    assert approx == pytest.approx(exact, rel=2e-2) and approx != exact
+    assert gw16.dtype == torch.float32
+    for ours, ref in ((gh16, gh), (gw16, gw)):
+        assert (ours - ref).norm() / ref.norm() < 3e-2
