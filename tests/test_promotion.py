@@ -71,6 +71,14 @@ def test_a_failing_threshold_keeps_the_alias_and_says_why(registry, acc, speedup
     assert client.get_model_version(NAME, v).tags["tailor.promotion.decision"] == "rejected"
 
 
+def test_a_drop_equal_to_the_threshold_passes(registry):
+    _, client, add = registry
+    v = add(_tags({"arc_easy": 0.60, "hellaswag": 0.35}, ORIGINAL, 1.10))  # 0.40 - 0.35 > 0.05 in floats
+    decision = promote(client, NAME, v, GATE)
+    assert "pass: hellaswag accuracy 0.3500 vs original 0.4000: drop +0.0500 <= 0.05" in decision.reasons
+    assert decision.promoted
+
+
 def test_never_moves_the_champion_to_a_worse_model(registry):
     _, client, add = registry
     good = add(_tags({"arc_easy": 0.60, "hellaswag": 0.40}, ORIGINAL, 1.10))
