@@ -66,9 +66,10 @@ def peak_rss_reset() -> None:
         fh.write("5")
 
 
-def _status_gib(field: str) -> float:
+def peak_rss_gib() -> float:
+    """The kernel's resident high-water mark since the last ``peak_rss_reset``."""
     with open("/proc/self/status") as fh:
-        kib = next(int(line.split()[1]) for line in fh if line.startswith(field + ":"))
+        kib = next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
     return kib / 2**20
 
 
@@ -111,11 +112,10 @@ def run_ours(ref, samples, steps: int, cfg: DistillConfig, topk: TopKTeacher | N
 
 def measure(name: str, run, tokens: int) -> dict:
     peak_rss_reset()
-    before = _status_gib("VmRSS")
     out = run()
     steady = [b - a for a, b in zip(out["stamps"][1:], out["stamps"][2:])] or [out["stamps"][1] - out["stamps"][0]]
     result = {"first_loss": out["losses"][0], "tokens_per_s": tokens / (sum(steady) / len(steady)),
-              "peak_rss_gib": _status_gib("VmHWM"), "rss_before_gib": before}
+              "peak_rss_gib": peak_rss_gib()}
     print(f"{name:>22}: {result['tokens_per_s']:7.1f} tokens/s  peak RSS {result['peak_rss_gib']:6.2f} GiB  "
           f"loss {result['first_loss']:.6f}", flush=True)
     return result
