@@ -350,9 +350,9 @@ def logits_into(hidden: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -
     """``out[c, V] = hidden @ weight.T`` (``out`` may be of a wider dtype than ``weight``).
 
     On CPU the product is taken in vocabulary blocks, ``weight[block] @ hidden.T``, whose
-    transpose is copied into ``out`` while it is in cache: MKL runs that orientation at the
-    CPU's matmul peak, and the direct [c, 262144] product at ~70% of it (measured on
-    gemma-3-270m's head, 128-256 tokens per chunk, in benchmarks/kd_step.py's step).
+    transpose is copied into ``out`` while it is in cache: on a 2-core AVX-512 CPU MKL ran
+    that orientation near its matmul peak and the direct [c, 262144] product at ~70% of it
+    (gemma-3-270m's head, 128-256 tokens per chunk).
     """
     if out.device.type != "cpu":
         return out.copy_(hidden @ weight.T) if out.dtype != weight.dtype else torch.matmul(hidden, weight.T, out=out)
