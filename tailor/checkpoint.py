@@ -116,14 +116,20 @@ def save_model(model, tokenizer, folder: Path) -> None:
 
 def load_model(ref: CheckpointRef, dtype: str = "float32", device: str = "cpu"):
     """(model in eval mode, tokenizer) from a verified checkpoint folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     ref.verify()
     with _LOAD_LOCK:
         model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=_DTYPES[dtype]).to(device)
-        tokenizer = AutoTokenizer.from_pretrained(ref.path)
     model.eval()
-    return model, tokenizer
+    return model, load_tokenizer(ref)
+
+
+def load_tokenizer(ref: CheckpointRef):
+    from transformers import AutoTokenizer
+
+    with _LOAD_LOCK:
+        return AutoTokenizer.from_pretrained(ref.path)
 
 
 def torch_dtype(name: str) -> torch.dtype:

@@ -175,7 +175,7 @@ class DistillConfig(_Section):
     teacher_topk: int = Field(0, ge=0)
     """0: exact KD against the live teacher. k >= 1: compute the teacher's top-k logits (plus the rest's log-sum-exp) once, cache them on disk, and train from the cache (forward_kl only)."""
     teacher_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """The teacher's matmuls (it is never trained): bfloat16 stores its linear and embedding weights in bfloat16 (half the memory) and runs them under autocast, residual stream and norms in float32; auto = bfloat16 where the device multiplies bfloat16 natively, else float32."""
+    """The teacher's matmuls (it is never trained): bfloat16 stores its linear and embedding weights in bfloat16 (half the memory) and runs them under autocast, residual stream, norms and the samples' embedding rows in float32; auto = bfloat16 where the device multiplies bfloat16 natively, else float32."""
     gradient_checkpointing: bool = False
     """Recompute each student layer's activations in backward instead of keeping them (less memory, one more student forward pass per step)."""
     bf16_autocast: bool = False

@@ -15,7 +15,7 @@ from .checkpoint import (CheckpointRef, existing_checkpoint, load_model, save_mo
                          write_file_atomically)
 from .config import DataConfig, DistillConfig, TailorError
 from .kd_loss import LossCounts, LossSpec, TopKTeacher, kd_loss_chunked, kd_loss_topk
-from .precision import final_hidden, load_teacher, resolve_teacher_dtype
+from .precision import final_hidden, load_teacher, teacher_numerics
 from .teacher_cache import load_topk_cache
 
 
@@ -102,6 +102,7 @@ def distill(teacher, student, samples: dict[str, torch.Tensor], cfg: DistillConf
     student.train()
     if cfg.gradient_checkpointing:
         student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    sparse_lookup = _sparse_tied_embedding_gradient(student, True)
     optimizer = _adamw(student, cfg)
     n = samples["input_ids"].shape[0]
     global_batch = cfg.batch_size * world
@@ -166,6 +167,7 @@ def distill(teacher, student, samples: dict[str, torch.Tensor], cfg: DistillConf
     student.eval()
     if cfg.gradient_checkpointing:
         student.activation_checkpointing_disable()
+    _sparse_tied_embedding_gradient(student, sparse_lookup)
     tokens = progress["tokens"]
     if world > 1:
         if not _ranks_in_sync(student):
@@ -177,9 +179,23 @@ def distill(teacher, student, samples: dict[str, torch.Tensor], cfg: DistillConf
             "resumed_at_step": progress["resumed_at"], "world_size": world,
             "final_learning_rate": scheduler.get_last_lr()[0],
             "teacher": (f"cached top-{cfg.teacher_topk}" if topk is not None
-                        else f"live ({resolve_teacher_dtype(cfg.teacher_dtype, student.device)})"),
+                        else f"live ({teacher_numerics(cfg.teacher_dtype, student.device)})"),
             "gradient_checkpointing": cfg.gradient_checkpointing, "bf16_autocast": cfg.bf16_autocast,
             "loss": {"kind": spec.kind, "temperature": spec.temperature, "alpha": spec.alpha, "book": spec.book}}
+
+
+def _sparse_tied_embedding_gradient(student, on: bool) -> bool:
+    """Let the input lookup's gradient be sparse where the weight is tied to the output head.
+
+    The head's dense gradient arrives too, so the sum autograd stores is dense as ever, but
+    the lookup no longer builds a dense vocabulary-sized gradient of its own (640 MiB of
+    mostly zeros for gemma-3-270m, per micro-batch). Returns whether it was sparse already.
+    """
+    lookup, head = student.get_input_embeddings(), student.get_output_embeddings()
+    before = bool(lookup.sparse)
+    if head is not None and head.weight is lookup.weight:
+        lookup.sparse = on
+    return before
 
 
 def _micro_batch_loss(teacher, student, samples: dict[str, torch.Tensor], idx: list[int], spec: LossSpec,
@@ -318,7 +334,7 @@ def distill_checkpoint(teacher_ref: CheckpointRef, student_ref: CheckpointRef, c
     if topk_cache is not None:
         teacher, topk = None, load_topk_cache(topk_cache, samples, cfg)
     else:
-        teacher, topk = load_teacher(teacher_ref, cfg.teacher_dtype, device)[0], None
+        teacher, topk = load_teacher(teacher_ref, cfg.teacher_dtype, samples["input_ids"], device), None
     resume_file = out_dir.with_name(out_dir.name + ".resume.pt")
     rank, world = _process_group()
     if rank != 0:

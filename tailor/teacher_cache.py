@@ -12,11 +12,10 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointRef, stable_hash, write_file_atomically
+from .checkpoint import CheckpointRef, load_tokenizer, stable_hash, write_file_atomically
 from .config import DataConfig, DistillConfig, TailorError
 from .kd_loss import TopKTeacher, output_logits
-from .precision import (bfloat16_autocast, final_hidden, has_bfloat16_matmuls, load_teacher,
-                        resolve_teacher_dtype)
+from .precision import bfloat16_autocast, final_hidden, has_bfloat16_matmuls, load_teacher, teacher_numerics
 
 
 class TeacherCacheError(TailorError, ValueError):
@@ -52,7 +51,7 @@ def compute_topk(teacher, samples: dict[str, torch.Tensor], k: int, temperature:
 def topk_cache_key(teacher_ref: CheckpointRef, cfg: DistillConfig, data: DataConfig) -> str:
     """What the cache depends on: the teacher's fingerprint and precision, the samples' source and shape, k and T."""
     return stable_hash(teacher_ref.fingerprint, cfg.teacher_topk, cfg.temperature,
-                       resolve_teacher_dtype(cfg.teacher_dtype, "cpu"), cfg.seq_len,
+                       teacher_numerics(cfg.teacher_dtype, "cpu"), cfg.seq_len,
                        cfg.num_samples, cfg.corpus, cfg.corpus_files, data.model_dump())
 
 
@@ -63,9 +62,9 @@ def write_topk_cache(teacher_ref: CheckpointRef, cfg: DistillConfig, data: DataC
     path = Path(out_dir) / f"teacher-top{cfg.teacher_topk}-{topk_cache_key(teacher_ref, cfg, data)}.pt"
     if path.exists():
         return path
-    teacher, tokenizer = load_teacher(teacher_ref, cfg.teacher_dtype)
+    samples = build_samples(load_tokenizer(teacher_ref), corpus_texts(cfg, data), cfg.seq_len, cfg.num_samples)
+    teacher = load_teacher(teacher_ref, cfg.teacher_dtype, samples["input_ids"])
     check_topk(cfg.teacher_topk, teacher.config.vocab_size)
-    samples = build_samples(tokenizer, corpus_texts(cfg, data), cfg.seq_len, cfg.num_samples)
     cache = compute_topk(teacher, samples, cfg.teacher_topk, cfg.temperature, cfg.batch_size)
     write_file_atomically(path, lambda tmp: torch.save(cache, tmp))
     return path

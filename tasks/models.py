@@ -15,7 +15,7 @@ from tailor.config import DataConfig, DistillConfig, ModelConfig, PruneConfig
 from tailor.distill import build_samples, corpus_texts, distill_checkpoint, planned_steps
 from tailor.importance import SCORED_STRATEGIES, choose_layers, layer_scores, per_layer_series
 from tailor.plots import layer_scores_png
-from tailor.precision import resolve_teacher_dtype
+from tailor.precision import teacher_numerics
 from tailor.pruning import prune_layers
 from tailor.teacher_cache import write_topk_cache
 from tailor.resources import stage_cost
@@ -89,7 +89,7 @@ def distill_model(teacher: CheckpointRef, student: CheckpointRef, distill: Disti
     """Distil the student from the teacher (or its top-k cache); returns {"ref", "record"} (losses, throughput)."""
     # "auto" teacher precision resolves per machine, and the result depends on what it became.
     key = stable_hash(teacher.fingerprint, student.fingerprint, distill.model_dump(), data.model_dump(), topk_cache,
-                      resolve_teacher_dtype(distill.teacher_dtype, "cpu"))
+                      teacher_numerics(distill.teacher_dtype, "cpu"))
     out = Path(work_dir) / "checkpoints" / f"distilled-{key}"
     progress = create_progress_artifact(progress=0.0, key="distillation-progress",
                                         description="Distillation: share of optimiser steps done")

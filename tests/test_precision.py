@@ -45,12 +45,13 @@ def test_bfloat16_teacher_keeps_a_float32_residual_stream_and_a_close_loss(tiny_
     with torch.no_grad():
         s_hidden = final_hidden(student, ids, mask)
         exact = kd_loss_chunked(student, teacher, s_hidden, final_hidden(teacher, ids, mask), mask, ids, spec)
-        to_bfloat16_matmuls(teacher)
+        embedded = teacher.get_input_embeddings()(ids)
+        to_bfloat16_matmuls(teacher, ids)
         assert has_bfloat16_matmuls(teacher)
         assert teacher.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
         assert teacher.get_output_embeddings().weight.dtype == torch.bfloat16
         assert teacher.model.layers[0].input_layernorm.weight.dtype == torch.float32
-        assert teacher.get_input_embeddings()(ids).dtype == torch.float32
+        assert torch.equal(teacher.get_input_embeddings()(ids), embedded)  # float32 rows, not rounded ones
         t_hidden = final_hidden(teacher, ids, mask)
         assert t_hidden.dtype == torch.float32
         approx = kd_loss_chunked(student, teacher, s_hidden, t_hidden, mask, ids, spec)
@@ -58,11 +59,20 @@ def test_bfloat16_teacher_keeps_a_float32_residual_stream_and_a_close_loss(tiny_
     assert approx.item() != exact.item()  # it did run in bfloat16
 
 
+def test_bfloat16_teacher_refuses_tokens_it_kept_no_float32_rows_for(tiny_tokenizer):
+    teacher = build_tiny_gemma3(tiny_tokenizer, num_layers=2, seed=0)
+    ids = _samples(tiny_tokenizer)["input_ids"]
+    to_bfloat16_matmuls(teacher, ids)
+    unseen = next(t for t in range(teacher.config.vocab_size) if t not in set(ids.flatten().tolist()))
+    with pytest.raises(ValueError, match="float32 embedding rows"):
+        teacher.get_input_embeddings()(torch.tensor([[unseen]]))
+
+
 def test_top_k_cache_from_a_bfloat16_teacher(tiny_tokenizer):
     teacher = build_tiny_gemma3(tiny_tokenizer, num_layers=2, seed=0)
     samples = _samples(tiny_tokenizer, n=3)
     exact = compute_topk(teacher, samples, 8, 2.0, batch_size=2)
-    to_bfloat16_matmuls(teacher)
+    to_bfloat16_matmuls(teacher, samples["input_ids"])
     approx = compute_topk(teacher, samples, 8, 2.0, batch_size=2)
     assert approx["values"].shape == exact["values"].shape
     assert torch.allclose(approx["values"].float(), exact["values"].float(), rtol=5e-2, atol=5e-2)
@@ -85,6 +95,7 @@ def test_gradient_checkpointing_trains_to_the_same_weights(tiny_tokenizer):
     for (name, a), b in zip(plain.state_dict().items(), ckpt.state_dict().values()):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), name
     assert not ckpt.is_gradient_checkpointing  # switched off again for evaluation
+    assert not ckpt.get_input_embeddings().sparse  # and the lookup's sparse gradient (training only)
 
 
 def test_bf16_autocast_trains_a_float32_student_close_to_float32_training(tiny_tokenizer):
@@ -118,3 +129,51 @@ def test_bfloat16_head_matmuls_stay_close_to_float32(tiny_tokenizer, kind):
     assert gw16.dtype == torch.float32
     for ours, ref in ((gh16, gh), (gw16, gw)):
         assert (ours - ref).norm() / ref.norm() < 3e-2
+
+
+def test_bfloat16_weight_gradient_does_not_depend_on_how_chunks_are_grouped(tiny_tokenizer, monkeypatch):
+    from tailor import kd_loss
+
+    teacher = build_tiny_gemma3(tiny_tokenizer, num_layers=4, seed=0)
+    student = build_tiny_gemma3(tiny_tokenizer, num_layers=2, seed=1)
+    samples = _samples(tiny_tokenizer)
+    ids, mask = samples["input_ids"], samples["attention_mask"]
+    with torch.no_grad():
+        t_hidden = final_hidden(teacher, ids, mask)
+    grads = []
+    for group in (kd_loss._HeadMatmuls.GRAD_GROUP, 10):  # one group; a flush every chunk or two
+        monkeypatch.setattr(kd_loss._HeadMatmuls, "GRAD_GROUP", group)
+        student.zero_grad()
+        hidden = final_hidden(student, ids, mask).detach().requires_grad_(True)
+        kd_loss_chunked(student, teacher, hidden, t_hidden, mask, ids, LossSpec(temperature=2.0), chunk_tokens=7,
+                        matmul_dtype=torch.bfloat16).backward()
+        grads.append((hidden.grad, student.get_output_embeddings().weight.grad.clone()))
+    (gh, gw), (gh10, gw10) = grads
+    assert int(mask.sum()) > 2 * 10  # the small group really flushed several times
+    assert torch.equal(gh, gh10)
+    # Each group's product is rounded to bfloat16 before its float32 sum: equal to that rounding.
+    assert (gw - gw10).norm() / gw.norm() < 1e-2
+
+
+def test_sparse_lookup_gradient_of_a_tied_embedding_sums_to_the_dense_one(tiny_tokenizer):
+    from tailor.distill import _sparse_tied_embedding_gradient
+
+    teacher = build_tiny_gemma3(tiny_tokenizer, num_layers=2, seed=0)
+    student = build_tiny_gemma3(tiny_tokenizer, num_layers=2, seed=1)
+    samples = _samples(tiny_tokenizer)
+    ids, mask = samples["input_ids"], samples["attention_mask"]
+    with torch.no_grad():
+        t_hidden = final_hidden(teacher, ids, mask)
+    weight = student.get_input_embeddings().weight
+    assert weight is student.get_output_embeddings().weight
+    grads = []
+    for sparse in (False, True):
+        student.zero_grad(set_to_none=True)
+        before = _sparse_tied_embedding_gradient(student, sparse)
+        kd_loss_chunked(student, teacher, final_hidden(student, ids, mask), t_hidden, mask, ids,
+                        LossSpec(temperature=2.0), chunk_tokens=7).backward()
+        _sparse_tied_embedding_gradient(student, before)
+        assert not weight.grad.is_sparse
+        grads.append(weight.grad.clone())
+    assert not student.get_input_embeddings().sparse
+    assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-7)
