@@ -178,8 +178,8 @@ class DistillConfig(_Section):
     """The teacher's matmuls (it is never trained): bfloat16 stores its linear and embedding weights in bfloat16 (half the memory) and runs them under autocast, residual stream, norms and the samples' embedding rows in float32; auto = bfloat16 where the device multiplies bfloat16 natively, else float32."""
     gradient_checkpointing: bool = False
     """Recompute each student layer's activations in backward instead of keeping them (less memory, one more student forward pass per step)."""
-    bf16_autocast: bool = False
-    """Run the student's layers and output-head matmuls in bfloat16 (autocast); its weights, optimiser state, softmaxes, loss and gradient accumulation stay float32."""
+    bf16_autocast: bool | Literal["auto"] = False
+    """Run the student's layers and output-head matmuls in bfloat16 (autocast); its weights, optimiser state, softmaxes, loss and gradient accumulation stay float32. auto = on where the device multiplies bfloat16 natively."""
     lr_schedule: Literal["constant", "cosine"] = "constant"
     """Learning rate after warm-up: constant, or cosine decay to zero at the last optimiser step."""
     warmup_steps: int = Field(0, ge=0)

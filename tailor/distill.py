@@ -15,7 +15,7 @@ from .checkpoint import (CheckpointRef, existing_checkpoint, load_model, save_mo
                          write_file_atomically)
 from .config import DataConfig, DistillConfig, TailorError
 from .kd_loss import LossCounts, LossSpec, TopKTeacher, kd_loss_chunked, kd_loss_topk
-from .precision import final_hidden, load_teacher, teacher_numerics
+from .precision import final_hidden, load_teacher, resolve_bf16_autocast, teacher_numerics
 from .teacher_cache import load_topk_cache
 
 
@@ -103,6 +103,7 @@ def distill(teacher, student, samples: dict[str, torch.Tensor], cfg: DistillConf
     if cfg.gradient_checkpointing:
         student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     sparse_lookup = _sparse_tied_embedding_gradient(student, True)
+    autocast = resolve_bf16_autocast(cfg.bf16_autocast, student.device)
     optimizer = _adamw(student, cfg)
     n = samples["input_ids"].shape[0]
     global_batch = cfg.batch_size * world
@@ -132,7 +133,7 @@ def distill(teacher, student, samples: dict[str, torch.Tensor], cfg: DistillConf
             counts = _batch_counts(samples, idx, spec, world)
             loss_value = 0.0
             if idx:
-                loss = _micro_batch_loss(teacher, student, samples, idx, spec, cfg, topk, counts)
+                loss = _micro_batch_loss(teacher, student, samples, idx, spec, cfg, topk, counts, autocast)
                 (loss / cfg.grad_accum).backward()
                 loss_value = loss.item()
                 progress["tokens"] += int(samples["attention_mask"][idx].sum())
@@ -180,7 +181,7 @@ def distill(teacher, student, samples: dict[str, torch.Tensor], cfg: DistillConf
             "final_learning_rate": scheduler.get_last_lr()[0],
             "teacher": (f"cached top-{cfg.teacher_topk}" if topk is not None
                         else f"live ({teacher_numerics(cfg.teacher_dtype, student.device)})"),
-            "gradient_checkpointing": cfg.gradient_checkpointing, "bf16_autocast": cfg.bf16_autocast,
+            "gradient_checkpointing": cfg.gradient_checkpointing, "bf16_autocast": autocast,
             "loss": {"kind": spec.kind, "temperature": spec.temperature, "alpha": spec.alpha, "book": spec.book}}
 
 
@@ -199,11 +200,12 @@ def _sparse_tied_embedding_gradient(student, on: bool) -> bool:
 
 
 def _micro_batch_loss(teacher, student, samples: dict[str, torch.Tensor], idx: list[int], spec: LossSpec,
-                      cfg: DistillConfig, topk: TopKTeacher | None, counts: LossCounts) -> torch.Tensor:
+                      cfg: DistillConfig, topk: TopKTeacher | None, counts: LossCounts,
+                      autocast: bool) -> torch.Tensor:
     ids = samples["input_ids"][idx].to(student.device)
     mask = samples["attention_mask"][idx].to(student.device)
-    s_hidden = final_hidden(student, ids, mask, autocast=cfg.bf16_autocast)
-    matmuls = torch.bfloat16 if cfg.bf16_autocast else torch.float32  # the student's output head
+    s_hidden = final_hidden(student, ids, mask, autocast=autocast)
+    matmuls = torch.bfloat16 if autocast else torch.float32  # the student's output head
     if topk is not None:
         rows = torch.tensor(idx)
         batch_topk = TopKTeacher(topk.values[rows], topk.indices[rows], topk.rest_logsumexp[rows], topk.temperature)

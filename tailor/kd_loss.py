@@ -269,15 +269,25 @@ class _FusedHeadKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s_h, weight, teacher, targets, spec: LossSpec, div_scale: float, ce_scale: float,
                 chunk_tokens: int, matmul_dtype: torch.dtype):
-        T = spec.temperature
         grad_h = torch.empty(s_h.shape, dtype=torch.float32, device=s_h.device)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        # Not zeroed: the head's first product writes it, touching its pages as late as it can.
+        grad_w = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
+        head = _HeadMatmuls(weight, matmul_dtype, s_h.shape[0], grad_w)
+        total = _FusedHeadKD._chunks(s_h, head, teacher, targets, spec, div_scale, ce_scale, chunk_tokens, grad_h)
+        head.close()  # after the chunk buffers are gone: in bfloat16 they never coexist with the weight gradient
+        ctx.save_for_backward(grad_h.to(s_h.dtype), grad_w.to(weight.dtype))
+        return total
+
+    @staticmethod
+    def _chunks(s_h, head: "_HeadMatmuls", teacher, targets, spec: LossSpec, div_scale: float, ce_scale: float,
+                chunk_tokens: int, grad_h: torch.Tensor) -> torch.Tensor:
+        """The loss summed over chunks; each chunk's gradients handed to ``head``."""
+        T = spec.temperature
         total = torch.zeros((), dtype=torch.float32, device=s_h.device)
         rows = min(chunk_tokens, s_h.shape[0])
-        head = _HeadMatmuls(weight, matmul_dtype, s_h.shape[0], grad_w)
         # Three [chunk, V] buffers reused by every chunk: allocating vocabulary-sized
         # temporaries per operation costs more (page faults, zeroing) than the maths.
-        buf = [torch.empty((rows, weight.shape[0]), dtype=torch.float32, device=s_h.device) for _ in range(3)]
+        buf = [torch.empty((rows, head.weight.shape[0]), dtype=torch.float32, device=s_h.device) for _ in range(3)]
         for start in range(0, s_h.shape[0], chunk_tokens):
             stop = min(start + chunk_tokens, s_h.shape[0])
             a, b, c = (x[:stop - start] for x in buf)
@@ -301,8 +311,6 @@ class _FusedHeadKD(torch.autograd.Function):
                 grad = grad.mul_(scale).add_(ce, alpha=ce_scale)
                 scale = 1.0
             head.gradients(grad, h, scale, grad_h[start:stop])
-        head.finish()
-        ctx.save_for_backward(grad_h.to(s_h.dtype), grad_w.to(weight.dtype))
         return total
 
     @staticmethod
@@ -316,19 +324,20 @@ class _FusedHeadKD(torch.autograd.Function):
 class _HeadMatmuls:
     """The head's three products over a micro-batch's chunks, in float32 or with bfloat16 operands.
 
+    The weight gradient ``grad_w`` arrives unwritten; the first product writes it.
     float32: both gradients per chunk (``addmm_`` accumulates the weight gradient in place).
     bfloat16: the hidden-state gradient per chunk; the chunks' logit gradients are kept
     (bfloat16, up to ``GRAD_GROUP`` tokens) and the weight gradient is taken once per group,
     in vocabulary blocks accumulated in float32: with 128-token chunks the block products
-    and float32 additions ran at about twice the time per token of one 786-token group
+    and float32 additions ran at about twice the time per token of one 512-token group
     (a scratch measurement of gemma-3-270m's head on this 2-core CPU).
     """
 
     GRAD_BLOCK = 8192
-    GRAD_GROUP = 512
+    GRAD_GROUP = 1024
 
     def __init__(self, weight: torch.Tensor, dtype: torch.dtype, tokens: int, grad_w: torch.Tensor):
-        self.dtype, self.grad_w = dtype, grad_w
+        self.dtype, self.grad_w, self.written = dtype, grad_w, False
         self.weight = weight.to(dtype)
         self.low = dtype != torch.float32
         if self.low:
@@ -344,7 +353,9 @@ class _HeadMatmuls:
         """``grad_h = scale * grad @ W``; ``scale * grad.T @ hidden`` is added to the weight gradient."""
         if not self.low:
             torch.matmul(grad, self.weight, out=grad_h).mul_(scale)
-            self.grad_w.addmm_(grad.T, hidden, alpha=scale)
+            # beta=0 ignores the unwritten contents (NaN included).
+            self.grad_w.addmm_(grad.T, hidden, beta=1 if self.written else 0, alpha=scale)
+            self.written = True
             return
         rows = grad.shape[0]
         if self.pending + rows > self.pending_g.shape[0]:
@@ -355,15 +366,27 @@ class _HeadMatmuls:
         self.pending += rows
         grad_h.copy_(g @ self.weight)
 
+    def close(self) -> None:
+        """Drop the weight's bfloat16 copy, then complete the weight gradient (the last products need only it)."""
+        self.weight = None
+        self.finish()
+
     def finish(self) -> None:
-        """Add the pending chunks' weight gradient (bfloat16 mode; nothing to do in float32)."""
+        """Write out the pending chunks' weight gradient."""
+        if not self.written and not (self.low and self.pending):
+            self.grad_w.zero_()  # no tokens at all
         if not self.low or not self.pending:
+            self.written = True
             return
         g, h = self.pending_g[:self.pending], self.pending_h[:self.pending]
         for start in range(0, g.shape[1], self.GRAD_BLOCK):
             stop = start + self.GRAD_BLOCK
-            self.grad_w[start:stop].add_(g[:, start:stop].T @ h)
-        self.pending = 0
+            block = g[:, start:stop].T @ h
+            if self.written:
+                self.grad_w[start:stop].add_(block)
+            else:
+                self.grad_w[start:stop].copy_(block)
+        self.pending, self.written = 0, True
 
 
 # Vocabulary rows per block of ``logits_into``: the block's [rows, chunk] result stays in cache.

@@ -34,6 +34,11 @@ def resolve_teacher_dtype(name: str, device: str | torch.device) -> str:
     return "bfloat16" if fast_bfloat16(device) else "float32"
 
 
+def resolve_bf16_autocast(value: bool | str, device: str | torch.device) -> bool:
+    """The student's bfloat16 autocast setting on ``device``: ``auto`` is on where bfloat16 is native."""
+    return fast_bfloat16(device) if value == "auto" else bool(value)
+
+
 def teacher_numerics(name: str, device: str | torch.device) -> str:
     """What a teacher of precision ``name`` computes in on ``device`` (for cache keys and reports)."""
     dtype = resolve_teacher_dtype(name, device)

@@ -15,7 +15,7 @@ from tailor.config import DataConfig, DistillConfig, ModelConfig, PruneConfig
 from tailor.distill import build_samples, corpus_texts, distill_checkpoint, planned_steps
 from tailor.importance import SCORED_STRATEGIES, choose_layers, layer_scores, per_layer_series
 from tailor.plots import layer_scores_png
-from tailor.precision import teacher_numerics
+from tailor.precision import resolve_bf16_autocast, teacher_numerics
 from tailor.pruning import prune_layers
 from tailor.teacher_cache import write_topk_cache
 from tailor.resources import stage_cost
@@ -87,9 +87,10 @@ def cache_teacher_topk(teacher: CheckpointRef, distill: DistillConfig, data: Dat
 def distill_model(teacher: CheckpointRef, student: CheckpointRef, distill: DistillConfig,
                   data: DataConfig, work_dir: str, topk_cache: str | None = None) -> dict:
     """Distil the student from the teacher (or its top-k cache); returns {"ref", "record"} (losses, throughput)."""
-    # "auto" teacher precision resolves per machine, and the result depends on what it became.
+    # "auto" precisions resolve per machine, and the result depends on what they became.
     key = stable_hash(teacher.fingerprint, student.fingerprint, distill.model_dump(), data.model_dump(), topk_cache,
-                      teacher_numerics(distill.teacher_dtype, "cpu"))
+                      teacher_numerics(distill.teacher_dtype, "cpu"),
+                      resolve_bf16_autocast(distill.bf16_autocast, "cpu"))
     out = Path(work_dir) / "checkpoints" / f"distilled-{key}"
     progress = create_progress_artifact(progress=0.0, key="distillation-progress",
                                         description="Distillation: share of optimiser steps done")

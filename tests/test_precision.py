@@ -8,8 +8,8 @@ import torch
 from tailor.config import DistillConfig
 from tailor.distill import build_samples, distill
 from tailor.kd_loss import LossSpec, kd_loss_chunked, logits_into
-from tailor.precision import (fast_bfloat16, final_hidden, has_bfloat16_matmuls, resolve_teacher_dtype,
-                              to_bfloat16_matmuls)
+from tailor.precision import (fast_bfloat16, final_hidden, has_bfloat16_matmuls, resolve_bf16_autocast,
+                              resolve_teacher_dtype, to_bfloat16_matmuls)
 from tailor.teacher_cache import compute_topk
 from tailor.tiny import build_tiny_gemma3
 
@@ -105,6 +105,15 @@ def test_bf16_autocast_trains_a_float32_student_close_to_float32_training(tiny_t
     assert all(p.dtype == torch.float32 for p in mixed.parameters())
     assert mixed_record["losses"] == pytest.approx(plain_record["losses"], rel=5e-2)
     assert mixed_record["losses"] != plain_record["losses"]  # it did run in bfloat16
+
+
+def test_auto_bf16_autocast_follows_the_device(tiny_tokenizer):
+    assert resolve_bf16_autocast("auto", "cpu") == fast_bfloat16("cpu")
+    assert resolve_bf16_autocast(False, "cpu") is False and resolve_bf16_autocast(True, "cpu") is True
+    _, record = _train(tiny_tokenizer, bf16_autocast="auto")
+    assert record["bf16_autocast"] is fast_bfloat16("cpu")
+    with pytest.raises(ValueError, match="bf16_autocast"):
+        DistillConfig(bf16_autocast="sometimes")
 
 
 @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl"])
