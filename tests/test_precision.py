@@ -78,6 +78,17 @@ def test_top_k_cache_from_a_bfloat16_teacher(tiny_tokenizer):
     assert torch.allclose(approx["values"].float(), exact["values"].float(), rtol=5e-2, atol=5e-2)
 
 
+def _models_and_batch(tokenizer, teacher_layers=4):
+    """A tiny teacher, a smaller student, one batch and the teacher's final hidden states on it."""
+    teacher = build_tiny_gemma3(tokenizer, num_layers=teacher_layers, seed=0)
+    student = build_tiny_gemma3(tokenizer, num_layers=2, seed=1)
+    samples = _samples(tokenizer)
+    ids, mask = samples["input_ids"], samples["attention_mask"]
+    with torch.no_grad():
+        t_hidden = final_hidden(teacher, ids, mask)
+    return teacher, student, ids, mask, t_hidden
+
+
 def _train(tokenizer, **options):
     teacher = build_tiny_gemma3(tokenizer, num_layers=4, seed=0)
     student = build_tiny_gemma3(tokenizer, num_layers=2, seed=1)
@@ -118,13 +129,8 @@ def test_auto_bf16_autocast_follows_the_device(tiny_tokenizer):
 
 @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl"])
 def test_bfloat16_head_matmuls_stay_close_to_float32(tiny_tokenizer, kind):
-    teacher = build_tiny_gemma3(tiny_tokenizer, num_layers=4, seed=0)
-    student = build_tiny_gemma3(tiny_tokenizer, num_layers=2, seed=1)
-    samples = _samples(tiny_tokenizer)
-    ids, mask = samples["input_ids"], samples["attention_mask"]
+    teacher, student, ids, mask, t_hidden = _models_and_batch(tiny_tokenizer)
     spec = LossSpec(temperature=2.0, kind=kind, alpha=0.2)
-    with torch.no_grad():
-        t_hidden = final_hidden(teacher, ids, mask)
     results = []
     for dtype in (torch.float32, torch.bfloat16):
         student.zero_grad()
@@ -143,12 +149,7 @@ def test_bfloat16_head_matmuls_stay_close_to_float32(tiny_tokenizer, kind):
 def test_bfloat16_weight_gradient_does_not_depend_on_how_chunks_are_grouped(tiny_tokenizer, monkeypatch):
     from tailor import kd_loss
 
-    teacher = build_tiny_gemma3(tiny_tokenizer, num_layers=4, seed=0)
-    student = build_tiny_gemma3(tiny_tokenizer, num_layers=2, seed=1)
-    samples = _samples(tiny_tokenizer)
-    ids, mask = samples["input_ids"], samples["attention_mask"]
-    with torch.no_grad():
-        t_hidden = final_hidden(teacher, ids, mask)
+    teacher, student, ids, mask, t_hidden = _models_and_batch(tiny_tokenizer)
     grads = []
     for group in (kd_loss._HeadMatmuls.GRAD_GROUP, 10):  # one group; a flush every chunk or two
         monkeypatch.setattr(kd_loss._HeadMatmuls, "GRAD_GROUP", group)
@@ -167,12 +168,7 @@ def test_bfloat16_weight_gradient_does_not_depend_on_how_chunks_are_grouped(tiny
 def test_sparse_lookup_gradient_of_a_tied_embedding_sums_to_the_dense_one(tiny_tokenizer):
     from tailor.distill import _sparse_tied_embedding_gradient
 
-    teacher = build_tiny_gemma3(tiny_tokenizer, num_layers=2, seed=0)
-    student = build_tiny_gemma3(tiny_tokenizer, num_layers=2, seed=1)
-    samples = _samples(tiny_tokenizer)
-    ids, mask = samples["input_ids"], samples["attention_mask"]
-    with torch.no_grad():
-        t_hidden = final_hidden(teacher, ids, mask)
+    teacher, student, ids, mask, t_hidden = _models_and_batch(tiny_tokenizer, teacher_layers=2)
     weight = student.get_input_embeddings().weight
     assert weight is student.get_output_embeddings().weight
     grads = []
