@@ -168,8 +168,10 @@ def render_markdown(report: dict, figure_dir: Path | None = None) -> str:
                          else f"{loss['kind']} at T={loss['temperature']} scaled by T², alpha={loss['alpha']}, "
                               "real tokens only"))
         if "teacher" in kd:
-            lines.append(f"- KD mode: teacher {kd['teacher']}" + (f", {kd['world_size']} data-parallel processes"
-                                                                   if kd.get("world_size", 1) > 1 else ""))
+            student = ("bfloat16 autocast" if kd.get("bf16_autocast") else "float32") \
+                + (", gradient checkpointing" if kd.get("gradient_checkpointing") else "")
+            lines.append(f"- KD mode: teacher {kd['teacher']}; student {student}"
+                         + (f"; {kd['world_size']} data-parallel processes" if kd.get("world_size", 1) > 1 else ""))
         lines.append(f"- distillation: {kd['optimizer_steps']} optimiser steps on {kd['num_samples']} samples, "
                      f"{kd['train_tokens']:,} tokens in {kd['train_seconds']:.1f} s "
                      f"({kd['train_tokens_per_s']:.1f} tokens/s); loss {kd['losses'][0]:.4f} → {kd['losses'][-1]:.4f}")

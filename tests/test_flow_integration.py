@@ -54,7 +54,11 @@ def test_first_run_reports_three_models_and_registers_challenger(first_run):
         assert set(model["metrics"]) == {"arc_easy", "winogrande", "hellaswag", "lambada_openai"}
         assert model["tokens_per_s"] > 0 and isinstance(model["sample_continuation"], str)
     assert report["distillation"]["optimizer_steps"] == 2
-    assert "| parameters |" in (work / "out" / "report.md").read_text()
+    markdown = (work / "out" / "report.md").read_text()
+    assert "| parameters |" in markdown
+    # The report says how distillation ran and how long it took.
+    assert f"- KD mode: teacher {report['distillation']['teacher']}; student float32" in markdown
+    assert f"in {report['distillation']['train_seconds']:.1f} s" in markdown
 
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
     version = client.get_model_version_by_alias("tailor-smoke", "challenger")
