@@ -274,7 +274,9 @@ class _FusedHeadKD(torch.autograd.Function):
         grad_w = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
         head = _HeadMatmuls(weight, matmul_dtype, s_h.shape[0], grad_w)
         total = _FusedHeadKD._chunks(s_h, head, teacher, targets, spec, div_scale, ce_scale, chunk_tokens, grad_h)
-        head.close()  # after the chunk buffers are gone: in bfloat16 they never coexist with the weight gradient
+        # After the chunk buffers are gone: in bfloat16, up to GRAD_GROUP tokens, they never
+        # coexist with the written weight gradient.
+        head.close()
         ctx.save_for_backward(grad_h.to(s_h.dtype), grad_w.to(weight.dtype))
         return total
 
@@ -367,7 +369,7 @@ class _HeadMatmuls:
         grad_h.copy_(g @ self.weight)
 
     def close(self) -> None:
-        """Drop the weight's bfloat16 copy, then complete the weight gradient (the last products need only it)."""
+        """Drop the weight's bfloat16 copy (the pending products do not use it); complete the weight gradient."""
         self.weight = None
         self.finish()
 
