@@ -375,20 +375,19 @@ class _HeadMatmuls:
 
     def finish(self) -> None:
         """Write out the pending chunks' weight gradient."""
-        if not self.written and not (self.low and self.pending):
+        if self.low and self.pending:
+            g, h = self.pending_g[:self.pending], self.pending_h[:self.pending]
+            for start in range(0, g.shape[1], self.GRAD_BLOCK):
+                stop = start + self.GRAD_BLOCK
+                block = g[:, start:stop].T @ h
+                if self.written:
+                    self.grad_w[start:stop].add_(block)
+                else:
+                    self.grad_w[start:stop].copy_(block)
+            self.pending = 0
+        elif not self.written:
             self.grad_w.zero_()  # no tokens at all
-        if not self.low or not self.pending:
-            self.written = True
-            return
-        g, h = self.pending_g[:self.pending], self.pending_h[:self.pending]
-        for start in range(0, g.shape[1], self.GRAD_BLOCK):
-            stop = start + self.GRAD_BLOCK
-            block = g[:, start:stop].T @ h
-            if self.written:
-                self.grad_w[start:stop].add_(block)
-            else:
-                self.grad_w[start:stop].copy_(block)
-        self.pending, self.written = 0, True
+        self.written = True
 
 
 # Vocabulary rows per block of ``logits_into``: the block's [rows, chunk] result stays in cache.
