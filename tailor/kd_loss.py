@@ -272,7 +272,7 @@ class _FusedHeadKD(torch.autograd.Function):
         grad_h = torch.empty(s_h.shape, dtype=torch.float32, device=s_h.device)
         # Not zeroed: the head's first product writes it, touching its pages as late as it can.
         grad_w = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
-        head = _HeadMatmuls(weight, matmul_dtype, s_h.shape[0], grad_w)
+        head = _HeadMatmuls(weight, matmul_dtype, s_h.shape[0], chunk_tokens, grad_w)
         total = _FusedHeadKD._chunks(s_h, head, teacher, targets, spec, div_scale, ce_scale, chunk_tokens, grad_h)
         # After the chunk buffers are gone: in bfloat16, up to GRAD_GROUP tokens, they never
         # coexist with the written weight gradient.
@@ -329,21 +329,23 @@ class _HeadMatmuls:
     The weight gradient ``grad_w`` arrives unwritten; the first product writes it.
     float32: both gradients per chunk (``addmm_`` accumulates the weight gradient in place).
     bfloat16: the hidden-state gradient per chunk; the chunks' logit gradients are kept
-    (bfloat16, up to ``GRAD_GROUP`` tokens) and the weight gradient is taken once per group,
-    in vocabulary blocks accumulated in float32: with 128-token chunks the block products
-    and float32 additions ran at about twice the time per token of one 512-token group
-    (a scratch measurement of gemma-3-270m's head on this 2-core CPU).
+    (bfloat16, up to ``GRAD_GROUP`` tokens, or one chunk if that is larger) and the weight
+    gradient is taken once per group, in vocabulary blocks accumulated in float32: with
+    128-token chunks the block products and float32 additions ran at about twice the time
+    per token of one 512-token group (a scratch measurement of gemma-3-270m's head on this
+    2-core CPU).
     """
 
     GRAD_BLOCK = 8192
     GRAD_GROUP = 1024
 
-    def __init__(self, weight: torch.Tensor, dtype: torch.dtype, tokens: int, grad_w: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype, tokens: int, chunk_tokens: int,
+                 grad_w: torch.Tensor):
         self.dtype, self.grad_w, self.written = dtype, grad_w, False
         self.weight = weight.to(dtype)
         self.low = dtype != torch.float32
         if self.low:
-            rows = min(tokens, self.GRAD_GROUP)
+            rows = min(tokens, max(self.GRAD_GROUP, chunk_tokens))  # a group holds at least one chunk
             self.pending_g = torch.empty((rows, weight.shape[0]), dtype=dtype, device=weight.device)
             self.pending_h = torch.empty((rows, weight.shape[1]), dtype=dtype, device=weight.device)
             self.pending = 0
