@@ -21,7 +21,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.tailor_flow import evaluate_stage, run_link, tailor_flow
 from tailor import tracking
-from tailor.compare import load_items
+from tailor.compare import load_scores
 from tailor.config import load_config
 from tailor.importance import SCORED_STRATEGIES, per_layer_series
 from tailor.plots import embed_markdown, layer_scores_png
@@ -115,4 +115,4 @@ def sweep_flow(profile: str = "quick", overrides: list[str] | None = None, out_d
 
 
 def _with_items(evaluation: dict, profile: dict) -> dict:
-    return {"metrics": evaluation["metrics"], "items": load_items(evaluation["items_file"]), "profile": profile}
+    return {"metrics": evaluation["metrics"], "items": load_scores(evaluation["items_file"])["items"], "profile": profile}

@@ -19,10 +19,11 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from tailor import tracking
 from tailor.checkpoint import CheckpointRef, stable_hash
 from tailor.config import TailorConfig, load_config
+from tailor.corpus import heldout_settings
 from tailor.importance import SCORED_STRATEGIES
 from tailor.preflight import preflight
 from tailor.promotion import evaluation_tags
-from tasks.measure import evaluate_model, measure_speed
+from tasks.measure import evaluate_model, measure_speed, score_heldout
 from tasks.models import cache_teacher_topk, distill_model, materialize_model, prune_model, score_layers
 from tasks.promotion import promote_model
 from tasks.report import compare_models, record_promotion
@@ -82,8 +83,20 @@ def tailor_flow(profile: str = "quick", overrides: list[str] | None = None, out_
         distilled = distill_model(base, pruned["ref"], cfg.distill, cfg.data, cfg.work_dir,
                                   teacher_cache["path"] if teacher_cache else None)
         kd = distilled["record"]
-        log("distill", params=cfg.distill.model_dump(), series={"kd_loss": kd["losses"]},
-            metrics={k: v for k, v in kd.items() if k != "losses"})
+        log("distill", params=cfg.distill.model_dump(),
+            series={"kd_loss": list(enumerate(kd["losses"], 1)), "heldout_perplexity": kd["heldout_curve"]},
+            metrics={k: v for k, v in kd.items() if k not in ("losses", "heldout_curve")})
+        refs = {"original": base, "pruned": pruned["ref"], "distilled": distilled["ref"]}
+        heldout = {}
+        if cfg.distill.heldout_docs:
+            stage = "score-heldout"
+            for name, ref in refs.items():
+                heldout[name] = score_heldout.with_options(task_run_name=f"score-heldout-{name}")(
+                    ref, heldout_settings(cfg.distill), cfg.data)
+            log("score-heldout", params={"heldout_docs": cfg.distill.heldout_docs},
+                metrics={name: {"perplexity": h["perplexity"], **{f"perplexity.{Path(s).stem}": v
+                                                                   for s, v in h["sources"].items()}}
+                         for name, h in heldout.items()})
         evals["distilled"] = evaluate_stage(cfg, "distilled", distilled["ref"])
         results = {}
         for name, future in evals.items():
@@ -92,7 +105,6 @@ def tailor_flow(profile: str = "quick", overrides: list[str] | None = None, out_
             log(stage, params=cfg.eval.model_dump(), metrics=_metric_values(results[name]["metrics"]),
                 artifacts=[results[name]["items_file"]])
         stage = "measure-speed"
-        refs = {"original": base, "pruned": pruned["ref"], "distilled": distilled["ref"]}
         profiles = measure_speed(refs, cfg.speed)
         log("measure-speed", params=cfg.speed.model_dump(),
             metrics={name: {k: v for k, v in p.items() if isinstance(v, (int, float))} for name, p in profiles.items()})
@@ -102,11 +114,14 @@ def tailor_flow(profile: str = "quick", overrides: list[str] | None = None, out_
             "profile": cfg.profile, "config": cfg.model_dump(), "eval_limit": cfg.eval.limit,
             "pruning": {k: v for k, v in pruned.items() if k != "ref"},
             "distillation": kd,
+            "heldout_perplexity": {name: {k: h[k] for k in ("perplexity", "sources", "tokens")}
+                                   for name, h in heldout.items()},
             # Compute time and process peak memory of each stage when it ran (a cached
             # stage keeps its original figures).
             "stages": _stage_costs({"materialize": materialized, "prune": pruned,
                                     **({"cache-teacher-topk": teacher_cache} if teacher_cache else {}),
                                     "distill": distilled,
+                                    **{f"score-heldout-{n}": h for n, h in heldout.items()},
                                     **{f"evaluate-{n}": r for n, r in results.items()},
                                     **{f"measure-speed-{n}": p for n, p in profiles.items()}}),
             "checkpoints": {k: {"path": r.path, "fingerprint": r.fingerprint} for k, r in refs.items()},

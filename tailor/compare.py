@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+from .healing import healing_summary
 from .stats import paired_item_deltas
 
 MODELS = ("original", "pruned", "distilled")
@@ -67,7 +68,7 @@ def build_report(profiles: dict[str, dict], evals: dict[str, dict], extra: dict)
             "params_removed": base["params"] - m["params"],
             "params_removed_pct": 100.0 * (base["params"] - m["params"]) / base["params"],
         }
-    return {"models": models, "vs_original": changes, **extra}
+    return {"models": models, "vs_original": changes, "healing": healing_summary(evals), **extra}
 
 
 def _fmt(x: float | None, spec: str = ".4f") -> str:
@@ -93,6 +94,15 @@ def write_figures(report: dict, out_dir: Path, layer_scores_png: str | None = No
         lines_png("optimiser step", "distillation loss", {"loss": (list(range(1, len(losses) + 1)), losses)},
                   "Distillation loss", out_dir / "kd_loss.png")
         figures["Distillation loss"] = "kd_loss.png"
+    curve = report.get("distillation", {}).get("heldout_curve")
+    if curve:
+        held = report.get("heldout_perplexity", {})
+        references = {f"{n} (held-out)": ([curve[0][0], curve[-1][0]], [held[n]["perplexity"]] * 2)
+                      for n in ("original", "pruned") if n in held}
+        lines_png("optimiser step", "held-out perplexity",
+                  {"student": ([s for s, _ in curve], [v for _, v in curve]), **references},
+                  "Healing curve: held-out corpus perplexity", out_dir / "healing_curve.png")
+        figures["Healing curve"] = "healing_curve.png"
     grouped_bars_png(["tokens/s"], {n: [models[n]["tokens_per_s"]] for n in MODELS}, "generated tokens/s",
                      "Generation speed (greedy)", out_dir / "speed.png")
     figures["Generation speed"] = "speed.png"
@@ -122,6 +132,10 @@ def render_markdown(report: dict, figure_dir: Path | None = None) -> str:
     that cannot read files beside the report)."""
     models, changes = report["models"], report["vs_original"]
     lines = [f"# llm-tailor report: profile `{report.get('profile', '?')}`", ""]
+    harmed = (report.get("healing") or {}).get("harmed")
+    if harmed:
+        lines += [f"> **Warning: distillation made the model significantly worse than the pruned one on "
+                  f"{', '.join(harmed)}** (paired 95% interval below zero). The promotion gate refuses it.", ""]
     lines += ["## Models", "", "| | " + " | ".join(MODELS) + " |", "|---|" + "---|" * len(MODELS)]
     rows = [
         ("parameters", lambda m: f"{m['params']:,}"),
@@ -156,6 +170,7 @@ def render_markdown(report: dict, figure_dir: Path | None = None) -> str:
         lines += [f"Evaluated on the first {report['eval_limit']} documents per task: small limits are noisy, "
                   "read the standard errors before drawing conclusions.", ""]
 
+    lines += healing_markdown(report)
     lines += ["## Pruning and distillation", ""]
     prune = report.get("pruning", {})
     lines.append(f"- removed decoder layers: {prune.get('removed_layers')} "
@@ -200,6 +215,60 @@ def render_markdown(report: dict, figure_dir: Path | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def healing_markdown(report: dict) -> list[str]:
+    """The healing section: distilled vs pruned per task and pooled, recovered share, perplexities."""
+    healing = report.get("healing")
+    if not healing or not healing.get("pooled"):
+        return []
+    metric = healing["metric"]
+    lines = ["## Healing: what distillation recovered", "",
+             f"Distilled − pruned {metric} with its paired bootstrap 95% interval, and the recovered share "
+             "(distilled − pruned) / (original − pruned) with its interval: 0% = no healing, 100% = the original's "
+             "quality back. The share is printed only where pruning's own damage is significant; elsewhere the "
+             "sample cannot tell. Pooled weighs every task equally.", "",
+             "| task | pruning damage [95% CI] | distilled − pruned [95% CI] | verdict | recovered share [95% CI] | docs |",
+             "|---|---|---|---|---|---|"]
+    for task, r in [*healing["per_task"].items(), ("**pooled**", healing["pooled"])]:
+        lines.append(f"| {task} | {_ci(-r['damage'], [-r['damage_ci95'][1], -r['damage_ci95'][0]])} | "
+                     f"{_ci(r['delta_vs_pruned'], r['delta_ci95'])} | {_verdict(r)} | {_share(r)} | {r['n']} |")
+    ppl = healing.get("perplexity")
+    if ppl:
+        verdict = ("**significantly worse**" if ppl["significant_harm"] else
+                   "better" if ppl["distilled_over_pruned_ci95"][1] < 1 else "cannot tell")
+        share = ("cannot tell (pruning's perplexity increase is not significant)" if ppl["recovered_share"] is None
+                 else f"{ppl['recovered_share']:.0%} [{ppl['recovered_share_ci95'][0]:.0%}, "
+                      f"{ppl['recovered_share_ci95'][1]:.0%}]")
+        lo, hi = ppl["distilled_over_pruned_ci95"]
+        lines += ["", f"{ppl['task']} perplexity: original {ppl['original']:.2f}, pruned {ppl['pruned']:.2f}, "
+                      f"distilled {ppl['distilled']:.2f} (distilled / pruned {ppl['distilled_over_pruned']:.3f} "
+                      f"[{lo:.3f}, {hi:.3f}]: {verdict}); recovered share {share}."]
+    held = report.get("heldout_perplexity")
+    if held and all(n in held for n in MODELS):
+        lines += ["", "Held-out corpus perplexity (documents of the distillation corpus that training never saw): "
+                  + ", ".join(f"{n} {held[n]['perplexity']:.2f}" for n in MODELS)
+                  + f" ({held['original']['tokens']:,} tokens per model)."]
+    return lines + [""]
+
+
+def _ci(value: float, ci: list[float]) -> str:
+    return f"{value:+.4f} [{ci[0]:+.3f}, {ci[1]:+.3f}]"
+
+
+def _verdict(r: dict) -> str:
+    if r["significant_gain"]:
+        return "better"
+    if r["significant_harm"]:
+        return "**worse**"
+    return "cannot tell"
+
+
+def _share(r: dict) -> str:
+    if r["recovered_share"] is None:
+        return "cannot tell (damage not significant)"
+    lo, hi = r["recovered_share_ci95"]
+    return f"{r['recovered_share']:.0%} [{lo:.0%}, {hi:.0%}]"
+
+
 def _delta(change: dict) -> str:
     text = f"{change['delta']:+.4f}"
     if "paired_ci95" in change:
@@ -210,9 +279,10 @@ def _delta(change: dict) -> str:
     return text
 
 
-def load_items(path: str | Path) -> dict:
-    """Per-document scores written by the evaluation stage."""
-    return json.loads(Path(path).read_text())["items"]
+def load_scores(path: str | Path) -> dict:
+    """Per-document scores and raw request answers written by the evaluation stage."""
+    result = json.loads(Path(path).read_text())
+    return {"items": result["items"], "requests": result.get("requests", {})}
 
 
 def _score(score: dict) -> str:

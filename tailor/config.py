@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "configs"
 REFERENCE_TASKS = ("arc_easy", "winogrande", "hellaswag", "lambada_openai")
+# Narrative text heals LAMBADA, encyclopedic and web text the knowledge tasks: see corpus.py.
+DEFAULT_CORPUS_MIX = {"corpus/tinystories_sample.jsonl": 0.5, "corpus/wikipedia_sample.jsonl": 0.3,
+                      "corpus/c4_sample.jsonl": 0.2}
 BOOK_PROMPTS = ("The capital of France is", "Machine learning is", "Climate change refers to")
 
 
@@ -159,9 +162,18 @@ class DistillConfig(_Section):
     """Distillation samples drawn from the corpus."""
     corpus: str = "DKYoon/SlimPajama-6B"
     """Hub dataset streamed in hub mode (its 'text' column)."""
-    corpus_files: tuple[str, ...] = ("corpus/wikipedia_sample.jsonl", "corpus/c4_sample.jsonl",
-                                     "corpus/tinystories_sample.jsonl")
-    """JSONL text files, relative to data_dir, used in offline mode."""
+    corpus_mix: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_CORPUS_MIX))
+    """Offline corpus: JSONL text files (relative to data_dir) and their weights; each gives its weight's share of num_samples."""
+    heldout_docs: int = Field(16, ge=0)
+    """The last this many documents of every corpus source are never trained on; their perplexity measures damage and healing."""
+    windows_per_doc: int = Field(1, ge=1)
+    """Samples taken from one document: its first seq_len tokens, then further BOS-first windows up to this count."""
+    heldout_every: int = Field(0, ge=0)
+    """Score the student's held-out perplexity every this many optimiser steps (the healing curve); 0 = only at the end."""
+    freeze_embeddings: bool = False
+    """Keep the token embedding (tied to the output head in Gemma) fixed: less compute and optimiser memory."""
+    train_last_layers: int = Field(0, ge=0)
+    """Train only the last this many decoder layers (and the final norm); 0 = every layer."""
     max_grad_norm: float = Field(1.0, gt=0)
     """Gradient-norm clipping threshold."""
     loss_chunk_tokens: int = Field(128, ge=1)
@@ -219,6 +231,16 @@ class DistillConfig(_Section):
             raise ValueError(f"distill.teacher_topk={self.teacher_topk} needs distill.loss='forward_kl' "
                              f"(got {self.loss!r}); set distill.teacher_topk=0 for exact {self.loss}")
         return self
+
+    @field_validator("corpus_mix")
+    @classmethod
+    def _corpus_mix(cls, v: dict[str, float]) -> dict[str, float]:
+        if not v:
+            raise ValueError("distill.corpus_mix must name at least one JSONL file with a weight > 0")
+        bad = {k: w for k, w in v.items() if not w > 0}
+        if bad:
+            raise ValueError(f"distill.corpus_mix weights must be > 0 (got {bad}); drop a source to leave it out")
+        return v
 
     @field_validator("learning_rate")
     @classmethod

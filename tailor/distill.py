@@ -7,13 +7,15 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable
 
 import torch
 
 from .checkpoint import (CheckpointRef, existing_checkpoint, load_model, save_model, write_checkpoint,
                          write_file_atomically)
 from .config import DataConfig, DistillConfig, TailorError
+from .corpus import heldout_samples, training_samples
+from .perplexity import heldout_perplexity
 from .kd_loss import LossCounts, LossSpec, TopKTeacher, kd_loss_chunked, kd_loss_topk
 from .precision import final_hidden, load_teacher, resolve_bf16_autocast, teacher_numerics
 from .teacher_cache import load_topk_cache
@@ -26,59 +28,10 @@ class DistillError(TailorError, RuntimeError):
     """Distillation cannot start or cannot go on."""
 
 
-def corpus_texts(cfg: DistillConfig, data: DataConfig) -> Iterator[str]:
-    """Documents' text: local JSONL files offline, a streamed hub dataset in hub mode."""
-    if data.mode == "hub":
-        import datasets
-
-        for row in datasets.load_dataset(cfg.corpus, split="train", streaming=True):
-            yield row["text"]
-        return
-    for rel in cfg.corpus_files:
-        path = Path(data.data_dir) / rel
-        if not path.exists():
-            raise DistillError(f"distill.corpus_files: {path} does not exist")
-        with path.open(encoding="utf-8") as fh:
-            for line in fh:
-                if line.strip():
-                    yield json.loads(line)["text"]
-
-
-def check_corpus(cfg: DistillConfig, data: DataConfig) -> None:
-    """Fail fast when an offline corpus file is missing or holds no text."""
-    if data.mode == "hub":
-        return
-    for rel in cfg.corpus_files:
-        path = Path(data.data_dir) / rel
-        if not path.exists():
-            raise DistillError(f"distill.corpus_files: {path} does not exist")
-    if next(iter(t for t in corpus_texts(cfg, data) if t.strip()), None) is None:
-        raise DistillError(f"distill.corpus_files {list(cfg.corpus_files)} hold no text")
-
-
-def build_samples(tokenizer, texts: Iterable[str], seq_len: int, num_samples: int) -> dict[str, torch.Tensor]:
-    """Fixed-length samples: each document cut into ``seq_len`` windows, the last one padded."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids_rows, mask_rows = [], []
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-        for start in range(0, len(ids), seq_len):
-            window = ids[start:start + seq_len]
-            if len(window) < 2:
-                continue
-            n = len(window)
-            ids_rows.append(window + [pad] * (seq_len - n))
-            mask_rows.append([1] * n + [0] * (seq_len - n))
-            if len(ids_rows) == num_samples:
-                return {"input_ids": torch.tensor(ids_rows), "attention_mask": torch.tensor(mask_rows)}
-    if not ids_rows:
-        raise DistillError("the distillation corpus produced no samples (empty corpus?)")
-    return {"input_ids": torch.tensor(ids_rows), "attention_mask": torch.tensor(mask_rows)}
-
-
 def distill(teacher, student, samples: dict[str, torch.Tensor], cfg: DistillConfig,
             on_step: Callable[[int, float], None] | None = None, resume_file: Path | None = None,
-            topk: TopKTeacher | None = None) -> dict:
+            topk: TopKTeacher | None = None, heldout: dict[str, dict[str, torch.Tensor]] | None = None,
+            on_heldout: Callable[[int, float], None] | None = None) -> dict:
     """Train ``student`` in place; returns losses per optimiser step and throughput.
 
     The teacher is either a live model or, with ``topk``, its cached top-k logits for these
@@ -92,6 +45,10 @@ def distill(teacher, student, samples: dict[str, torch.Tensor], cfg: DistillConf
     batch's token counts, and gradients are summed across ranks before each optimiser
     step, so the update equals one process's on the global batch; only rank 0 writes the
     resume state.
+
+    With ``heldout`` samples, the student's held-out perplexity is taken before the first
+    step, every ``cfg.heldout_every`` optimiser steps and after the last (the healing
+    curve, ``on_heldout(step, perplexity)``).
     """
     if topk is None and teacher.config.vocab_size != student.config.vocab_size:
         raise DistillError(f"student vocabulary ({student.config.vocab_size}) differs from the "
@@ -99,12 +56,13 @@ def distill(teacher, student, samples: dict[str, torch.Tensor], cfg: DistillConf
     rank, world = _process_group()
     if teacher is not None:
         teacher.eval().requires_grad_(False)
+    trainable = select_trainable(student, cfg)
     student.train()
     if cfg.gradient_checkpointing:
         student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     sparse_lookup = _sparse_tied_embedding_gradient(student, True)
     autocast = resolve_bf16_autocast(cfg.bf16_autocast, student.device)
-    optimizer = _adamw(student, cfg)
+    optimizer = _adamw(trainable, cfg)
     n = samples["input_ids"].shape[0]
     global_batch = cfg.batch_size * world
     batches_per_epoch = -(-n // global_batch)
@@ -120,6 +78,16 @@ def distill(teacher, student, samples: dict[str, torch.Tensor], cfg: DistillConf
         progress = {**saved["progress"], "resumed_at": len(saved["progress"]["losses"])}
     else:
         torch.manual_seed(cfg.seed)
+    curve: list[list[float]] = progress.setdefault("heldout_curve", [])
+
+    def score_heldout(step: int) -> None:
+        if heldout and rank == 0 and not any(s == step for s, _ in curve):
+            ppl = heldout_perplexity(student, heldout)["perplexity"]
+            curve.append([step, ppl])
+            if on_heldout is not None:
+                on_heldout(step, ppl)
+
+    score_heldout(len(progress["losses"]))
     spec = loss_spec(cfg)
     losses: list[float] = progress["losses"]
     window: list[float] = []  # losses of the micro-batches since the last optimiser step
@@ -149,7 +117,7 @@ def distill(teacher, student, samples: dict[str, torch.Tensor], cfg: DistillConf
                 continue
             if world > 1:
                 _sum_gradients(student)
-            grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
             if not torch.isfinite(grad_norm):
                 raise DistillError(f"non-finite gradient norm at optimiser step {len(losses) + 1} "
                                    f"(epoch {epoch + 1}); check distill.learning_rate and distill.temperature")
@@ -158,6 +126,8 @@ def distill(teacher, student, samples: dict[str, torch.Tensor], cfg: DistillConf
             optimizer.zero_grad(set_to_none=True)
             losses.append(sum(window) / max(len(window), 1))
             window = []
+            if cfg.heldout_every and len(losses) % cfg.heldout_every == 0:
+                score_heldout(len(losses))
             progress.update(epoch=epoch, batch=batch + 1, seconds=time.perf_counter() - start)
             if resume_file is not None and rank == 0 and cfg.checkpoint_every \
                     and len(losses) % cfg.checkpoint_every == 0:
@@ -165,10 +135,12 @@ def distill(teacher, student, samples: dict[str, torch.Tensor], cfg: DistillConf
             if on_step is not None:
                 on_step(len(losses), losses[-1])
     elapsed = time.perf_counter() - start
+    score_heldout(len(losses))
     student.eval()
     if cfg.gradient_checkpointing:
         student.activation_checkpointing_disable()
     _sparse_tied_embedding_gradient(student, sparse_lookup)
+    student.requires_grad_(True)
     tokens = progress["tokens"]
     if world > 1:
         if not _ranks_in_sync(student):
@@ -182,7 +154,24 @@ def distill(teacher, student, samples: dict[str, torch.Tensor], cfg: DistillConf
             "teacher": (f"cached top-{cfg.teacher_topk}" if topk is not None
                         else f"live ({teacher_numerics(cfg.teacher_dtype, student.device)})"),
             "gradient_checkpointing": cfg.gradient_checkpointing, "bf16_autocast": autocast,
+            "trainable_parameters": sum(p.numel() for p in trainable), "heldout_curve": curve,
             "loss": {"kind": spec.kind, "temperature": spec.temperature, "alpha": spec.alpha, "book": spec.book}}
+
+
+def select_trainable(student, cfg: DistillConfig) -> list[torch.nn.Parameter]:
+    """Freeze what the recipe keeps fixed (the tied embedding, the early layers); the rest trains."""
+    layers = student.get_decoder().layers
+    if cfg.train_last_layers > len(layers):
+        raise DistillError(f"distill.train_last_layers={cfg.train_last_layers} exceeds the student's "
+                           f"{len(layers)} decoder layers; allowed: 0 (all) to {len(layers)}")
+    student.requires_grad_(True)
+    if cfg.freeze_embeddings:
+        student.get_input_embeddings().requires_grad_(False)
+        student.get_output_embeddings().requires_grad_(False)
+    if cfg.train_last_layers:
+        for layer in layers[:len(layers) - cfg.train_last_layers]:
+            layer.requires_grad_(False)
+    return [p for p in student.parameters() if p.requires_grad]
 
 
 def _sparse_tied_embedding_gradient(student, on: bool) -> bool:
@@ -300,14 +289,14 @@ def _sum_gradients(model) -> None:
         offset += p.numel()
 
 
-def _adamw(student, cfg: DistillConfig) -> torch.optim.AdamW:
+def _adamw(params: list[torch.nn.Parameter], cfg: DistillConfig) -> torch.optim.AdamW:
     # The fused kernel updates in place; the default multi-tensor path allocates
     # parameter-sized temporaries (another ~1 GB for gemma-3-270m).
     kwargs = {"lr": cfg.learning_rate, "weight_decay": cfg.weight_decay}
     try:
-        return torch.optim.AdamW(student.parameters(), fused=True, **kwargs)
+        return torch.optim.AdamW(params, fused=True, **kwargs)
     except (RuntimeError, TypeError):
-        return torch.optim.AdamW(student.parameters(), **kwargs)
+        return torch.optim.AdamW(params, **kwargs)
 
 
 def loss_spec(cfg: DistillConfig) -> LossSpec:
@@ -324,7 +313,8 @@ def _save_resume_state(path: Path, student, optimizer, scheduler, progress: dict
 def distill_checkpoint(teacher_ref: CheckpointRef, student_ref: CheckpointRef, cfg: DistillConfig,
                        data: DataConfig, out_dir: Path,
                        on_step: Callable[[int, float], None] | None = None,
-                       topk_cache: Path | None = None, device: str = "cpu") -> tuple[CheckpointRef, dict]:
+                       topk_cache: Path | None = None, device: str = "cpu",
+                       on_heldout: Callable[[int, float], None] | None = None) -> tuple[CheckpointRef, dict]:
     """Distil the student checkpoint from the teacher checkpoint (or its top-k cache) and save the result.
 
     In a process group every rank trains; rank 0 writes the checkpoint and the others wait for it.
@@ -332,7 +322,8 @@ def distill_checkpoint(teacher_ref: CheckpointRef, student_ref: CheckpointRef, c
     if (done := existing_checkpoint(out_dir)) is not None:
         return done, json.loads((Path(done.path) / TRAINING_RECORD).read_text())
     student, tokenizer = load_model(student_ref, device=device)
-    samples = build_samples(tokenizer, corpus_texts(cfg, data), cfg.seq_len, cfg.num_samples)
+    samples = training_samples(tokenizer, cfg, data)
+    heldout = heldout_samples(tokenizer, cfg, data) if cfg.heldout_docs else None
     if topk_cache is not None:
         teacher, topk = None, load_topk_cache(topk_cache, samples, cfg)
     else:
@@ -346,7 +337,7 @@ def distill_checkpoint(teacher_ref: CheckpointRef, student_ref: CheckpointRef, c
         return done, json.loads((Path(done.path) / TRAINING_RECORD).read_text())
 
     def train_and_save(tmp: Path) -> None:
-        record = distill(teacher, student, samples, cfg, on_step, resume_file, topk)
+        record = distill(teacher, student, samples, cfg, on_step, resume_file, topk, heldout, on_heldout)
         save_model(student, tokenizer, tmp)
         (tmp / TRAINING_RECORD).write_text(json.dumps(record))
 

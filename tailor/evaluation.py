@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from .checkpoint import CheckpointRef, load_model, write_file_atomically
+from .checkpoint import CheckpointRef, load_model, stable_hash, write_file_atomically
 from .config import DataConfig, EvalConfig, TailorError
 
 # Offline file and the split name the stock task reads it as.
@@ -116,6 +116,11 @@ def _stock_config(manager, task: str) -> dict[str, Any]:
     if entry.yaml_path is None:
         raise EvalSetupError(f"eval.tasks: {task!r} is a Python task; offline mode needs a YAML task")
     return dict(load_yaml(entry.yaml_path, resolve_func=True))
+
+
+def evaluation_file(ref: CheckpointRef, cfg: EvalConfig, data: DataConfig, work_dir: str) -> Path:
+    """Where a checkpoint's evaluation under these settings is kept (and found again)."""
+    return Path(work_dir) / "evals" / f"{stable_hash(ref.fingerprint, cfg.model_dump(), data.model_dump())}.json"
 
 
 def evaluate_checkpoint(ref: CheckpointRef, cfg: EvalConfig, data: DataConfig, out_file: Path,

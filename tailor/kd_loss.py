@@ -271,13 +271,15 @@ class _FusedHeadKD(torch.autograd.Function):
                 chunk_tokens: int, matmul_dtype: torch.dtype):
         grad_h = torch.empty(s_h.shape, dtype=torch.float32, device=s_h.device)
         # Not zeroed: the head's first product writes it, touching its pages as late as it can.
-        grad_w = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
+        # A frozen head (distill.freeze_embeddings) needs none: one head product less per token.
+        grad_w = (torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
+                  if weight.requires_grad else None)
         head = _HeadMatmuls(weight, matmul_dtype, s_h.shape[0], chunk_tokens, grad_w)
         total = _FusedHeadKD._chunks(s_h, head, teacher, targets, spec, div_scale, ce_scale, chunk_tokens, grad_h)
         # After the chunk buffers are gone: in bfloat16, up to GRAD_GROUP tokens, they never
         # coexist with the written weight gradient.
         head.close()
-        ctx.save_for_backward(grad_h.to(s_h.dtype), grad_w.to(weight.dtype))
+        ctx.save_for_backward(grad_h.to(s_h.dtype), None if grad_w is None else grad_w.to(weight.dtype))
         return total
 
     @staticmethod
@@ -320,7 +322,8 @@ class _FusedHeadKD(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         # In place: a weight-sized copy would be the step's memory peak. A second backward
         # through the same graph fails autograd's version check instead of reusing them.
-        return grad_h.mul_(grad_output), grad_w.mul_(grad_output), None, None, None, None, None, None, None
+        return (grad_h.mul_(grad_output), None if grad_w is None else grad_w.mul_(grad_output),
+                None, None, None, None, None, None, None)
 
 
 class _HeadMatmuls:
@@ -344,7 +347,7 @@ class _HeadMatmuls:
         self.dtype, self.grad_w, self.written = dtype, grad_w, False
         self.weight = weight.to(dtype)
         self.low = dtype != torch.float32
-        if self.low:
+        if self.low and grad_w is not None:
             rows = min(tokens, max(self.GRAD_GROUP, chunk_tokens))  # a group holds at least one chunk
             self.pending_g = torch.empty((rows, weight.shape[0]), dtype=dtype, device=weight.device)
             self.pending_h = torch.empty((rows, weight.shape[1]), dtype=dtype, device=weight.device)
@@ -355,6 +358,9 @@ class _HeadMatmuls:
 
     def gradients(self, grad: torch.Tensor, hidden: torch.Tensor, scale: float, grad_h: torch.Tensor) -> None:
         """``grad_h = scale * grad @ W``; ``scale * grad.T @ hidden`` is added to the weight gradient."""
+        if self.grad_w is None:  # frozen head
+            grad_h.copy_(grad.to(self.dtype) @ self.weight).mul_(scale)
+            return
         if not self.low:
             torch.matmul(grad, self.weight, out=grad_h).mul_(scale)
             # beta=0 ignores the unwritten contents (NaN included).
@@ -377,6 +383,8 @@ class _HeadMatmuls:
 
     def finish(self) -> None:
         """Write out the pending chunks' weight gradient."""
+        if self.grad_w is None:
+            return
         if self.low and self.pending:
             g, h = self.pending_g[:self.pending], self.pending_h[:self.pending]
             for start in range(0, g.shape[1], self.GRAD_BLOCK):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from . import tracking
 from .config import ConfigError, PruneConfig, TailorConfig
-from .distill import check_corpus
+from .corpus import check_corpus
 from .evaluation import OFFLINE_SPLITS, check_tasks
 from .importance import SCORED_STRATEGIES
 from .pruning import PruneError, resolve_indices
@@ -19,7 +19,7 @@ def ensure_offline_data(cfg: TailorConfig) -> None:
         return
     data_dir = Path(cfg.data.data_dir)
     needed = [data_dir / OFFLINE_SPLITS[t][0] for t in cfg.eval.tasks if t in OFFLINE_SPLITS]
-    needed += [data_dir / f for f in cfg.distill.corpus_files]
+    needed += [data_dir / f for f in cfg.distill.corpus_mix]
     if all(p.exists() for p in needed):
         return
     if not cfg.data.auto_pull:
@@ -43,9 +43,20 @@ def check_prune(prune: PruneConfig, num_layers: int) -> None:
                          f"(prune.calibration_batch_size={prune.calibration_batch_size})")
 
 
+def check_trainable_layers(cfg: TailorConfig, num_layers: int) -> None:
+    """distill.train_last_layers fits the student the pruning leaves."""
+    removed = len(cfg.prune.indices) if cfg.prune.strategy == "indices" else cfg.prune.num_layers
+    left = num_layers - removed
+    if cfg.distill.train_last_layers > left:
+        raise ConfigError(f"distill.train_last_layers={cfg.distill.train_last_layers} exceeds the {left} decoder "
+                          f"layers left after pruning; allowed: 0 (all) to {left}")
+
+
 def preflight(cfg: TailorConfig) -> None:
     check_source(cfg.model)
-    check_prune(cfg.prune, source_num_layers(cfg.model))
+    num_layers = source_num_layers(cfg.model)
+    check_prune(cfg.prune, num_layers)
+    check_trainable_layers(cfg, num_layers)
     ensure_offline_data(cfg)
     check_tasks(cfg.eval.tasks, cfg.data, cfg.eval.include_path)
     check_corpus(cfg.distill, cfg.data)

@@ -4,6 +4,8 @@ Every registered version carries its evaluation as tags (``tailor.*``, set at
 registration). The gate compares the challenger with the current champion, or with
 the original model (the challenger's own run) when there is none:
 
+* distillation did not make the model significantly worse than the pruned one on any
+  task (paired 95% interval, ``tailor.harmed_vs_pruned``);
 * mean accuracy retention vs the original >= ``min_mean_retention_pct``;
 * generation speed-up vs the original >= ``min_speedup``;
 * no task's accuracy more than ``max_task_drop`` below the reference's;
@@ -54,7 +56,9 @@ def evaluation_tags(report: dict, eval_signature: str) -> dict[str, str]:
     the distilled and original models, mean retention, speed-up, and how it was evaluated."""
     distilled, original = report["models"]["distilled"], report["models"]["original"]
     change = report["vs_original"]["distilled"]
-    tags = {"tailor.eval_signature": eval_signature, "tailor.speedup": str(change["speedup"])}
+    tags = {"tailor.eval_signature": eval_signature, "tailor.speedup": str(change["speedup"]),
+            # Empty when distillation hurt nowhere (significantly, vs the pruned model).
+            "tailor.harmed_vs_pruned": "; ".join((report.get("healing") or {}).get("harmed", []))}
     if change["mean_acc_retention_pct"] is not None:  # None when no task reports accuracy
         tags["tailor.mean_acc_retention_pct"] = str(change["mean_acc_retention_pct"])
     for task, metrics in distilled["metrics"].items():
@@ -76,6 +80,9 @@ def decide(challenger: dict[str, str], champion: dict[str, str] | None, gate: Pr
                f"{gate.min_mean_retention_pct:.1f}%"),
               (speedup >= gate.min_speedup,
                f"speed-up {speedup:.3f}x {'>=' if speedup >= gate.min_speedup else '<'} {gate.min_speedup:.3f}x")]
+    harmed = challenger.get("tailor.harmed_vs_pruned", "")
+    checks.append((not harmed, f"distillation significantly worse than the pruned model on: {harmed}" if harmed
+                   else "distillation not significantly worse than the pruned model on any task"))
     acc = _task_values(challenger, "tailor.acc.")
     if champion is not None and champion.get("tailor.eval_signature") != challenger["tailor.eval_signature"]:
         reference = f"champion v{champion_version}"

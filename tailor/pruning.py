@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch.nn as nn
 
+from .checkpoint import CheckpointRef, count_parameters, load_model, save_model, stable_hash, write_checkpoint
 from .config import TailorError
 
 # Attribute paths under which known architectures keep their decoder layer list.
@@ -77,3 +79,14 @@ def prune_layers(model: nn.Module, remove: Sequence[int]) -> nn.Module:
         if hasattr(layer, "layer_idx"):
             layer.layer_idx = new_idx
     return model
+
+
+def prune_checkpoint(base: CheckpointRef, remove: Sequence[int], work_dir: str) -> tuple[CheckpointRef, int, int]:
+    """The base checkpoint without the ``remove`` layers, saved once under ``work_dir``
+    (named by base fingerprint and layers); returns (ref, parameters before, after)."""
+    model, tokenizer = load_model(base.verify())
+    before = count_parameters(model)
+    prune_layers(model, remove)
+    name = f"pruned-{stable_hash(base.fingerprint, sorted(remove))}"
+    ref = write_checkpoint(Path(work_dir) / "checkpoints" / name, lambda tmp: save_model(model, tokenizer, tmp))
+    return ref, before, count_parameters(model)

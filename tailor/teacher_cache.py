@@ -14,6 +14,7 @@ import torch
 
 from .checkpoint import CheckpointRef, load_tokenizer, stable_hash, write_file_atomically
 from .config import DataConfig, DistillConfig, TailorError
+from .corpus import corpus_signature, training_samples
 from .kd_loss import TopKTeacher, output_logits
 from .precision import bfloat16_autocast, final_hidden, has_bfloat16_matmuls, load_teacher, teacher_numerics
 
@@ -52,17 +53,15 @@ def topk_cache_key(teacher_ref: CheckpointRef, cfg: DistillConfig, data: DataCon
     """What the cache depends on: the teacher's fingerprint and precision, the samples' source and shape, k and T."""
     return stable_hash(teacher_ref.fingerprint, cfg.teacher_topk, cfg.temperature,
                        teacher_numerics(cfg.teacher_dtype, "cpu"), cfg.seq_len,
-                       cfg.num_samples, cfg.corpus, cfg.corpus_files, data.model_dump())
+                       cfg.num_samples, corpus_signature(cfg), data.model_dump())
 
 
 def write_topk_cache(teacher_ref: CheckpointRef, cfg: DistillConfig, data: DataConfig, out_dir: Path) -> Path:
     """Compute and store the cache under ``out_dir`` (write, then rename); an existing file is reused."""
-    from .distill import build_samples, corpus_texts
-
     path = Path(out_dir) / f"teacher-top{cfg.teacher_topk}-{topk_cache_key(teacher_ref, cfg, data)}.pt"
     if path.exists():
         return path
-    samples = build_samples(load_tokenizer(teacher_ref), corpus_texts(cfg, data), cfg.seq_len, cfg.num_samples)
+    samples = training_samples(load_tokenizer(teacher_ref), cfg, data)
     teacher = load_teacher(teacher_ref, cfg.teacher_dtype, samples["input_ids"])
     check_topk(cfg.teacher_topk, teacher.config.vocab_size)
     cache = compute_topk(teacher, samples, cfg.teacher_topk, cfg.temperature, cfg.batch_size)

@@ -104,9 +104,10 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], st
     _log_in_batches(client, run_id, "metrics", items, 500)
 
 
-def log_series(client: MlflowClient, run_id: str, key: str, values: Iterable[float]) -> None:
+def log_series(client: MlflowClient, run_id: str, key: str, points: Iterable[tuple[int, float]]) -> None:
+    """A metric's history: (step, value) pairs, shown by the MLflow UI as a curve over steps."""
     now = int(time.time() * 1000)
-    items = [Metric(key, float(v), now, step) for step, v in enumerate(values, 1)]
+    items = [Metric(key, float(v), now, int(step)) for step, v in points]
     _log_in_batches(client, run_id, "metrics", items, 500)
 
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-from tailor.checkpoint import CheckpointRef, stable_hash
-from tailor.config import DataConfig, EvalConfig, SpeedConfig
-from tailor.evaluation import evaluate_checkpoint
+from tailor.checkpoint import CheckpointRef
+from tailor.config import DataConfig, DistillConfig, EvalConfig, SpeedConfig
+from tailor.evaluation import evaluate_checkpoint, evaluation_file
+from tailor.perplexity import checkpoint_heldout_perplexity
 from tailor.resources import stage_cost
 from tailor.speed import profile_checkpoint
 
@@ -24,7 +24,7 @@ def evaluate_model(ref: CheckpointRef, eval_cfg: EvalConfig, data: DataConfig, w
 
     A progress artifact keyed by ``label`` moves as requests are scored.
     """
-    out = Path(work_dir) / "evals" / f"{stable_hash(ref.fingerprint, eval_cfg.model_dump(), data.model_dump())}.json"
+    out = evaluation_file(ref, eval_cfg, data, work_dir)
     start = time.perf_counter()
     progress = create_progress_artifact(progress=0.0, key=f"evaluation-progress-{prefect_key(label)}",
                                         description=f"Evaluation of {label}: share of requests scored")
@@ -32,6 +32,13 @@ def evaluate_model(ref: CheckpointRef, eval_cfg: EvalConfig, data: DataConfig, w
                                  lambda done, total: update_progress_artifact(progress, 100.0 * done / total))
     return {"metrics": result["metrics"], "n_samples": result["n_samples"], "items_file": str(out),
             **stage_cost(start)}
+
+
+@task(name="score-heldout", cache_policy=CACHED, persist_result=True)
+def score_heldout(ref: CheckpointRef, distill: DistillConfig, data: DataConfig) -> dict:
+    """Perplexity on the distillation corpus's held-out slice; returns {"perplexity", "sources", "tokens"}."""
+    start = time.perf_counter()
+    return {**checkpoint_heldout_perplexity(ref, distill, data), **stage_cost(start)}
 
 
 @task(name="measure-speed", cache_policy=CACHED, persist_result=True)

@@ -8,15 +8,16 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from transformers import AutoConfig
 
-from tailor.checkpoint import (CheckpointRef, count_parameters, load_model, save_model, stable_hash, write_checkpoint,
-                               write_file_atomically)
+from tailor.checkpoint import CheckpointRef, load_model, stable_hash, write_file_atomically
 from tailor.config import DataConfig, DistillConfig, ModelConfig, PruneConfig
-from tailor.distill import build_samples, corpus_texts, distill_checkpoint, planned_steps
+from tailor.corpus import corpus_signature, training_samples
+from tailor.distill import distill_checkpoint, planned_steps
 from tailor.importance import SCORED_STRATEGIES, choose_layers, layer_scores, per_layer_series
 from tailor.plots import layer_scores_png
 from tailor.precision import resolve_bf16_autocast, teacher_numerics
-from tailor.pruning import prune_layers
+from tailor.pruning import prune_checkpoint
 from tailor.teacher_cache import write_topk_cache
 from tailor.resources import stage_cost
 from tailor.sources import materialize
@@ -39,14 +40,13 @@ def score_layers(base: CheckpointRef, prune: PruneConfig, strategies: tuple[str,
     start = time.perf_counter()
     calibration = prune.model_dump(include={"calibration_samples", "calibration_seq_len", "calibration_batch_size"})
     out = Path(work_dir) / "importance" / (
-        f"{stable_hash(base.fingerprint, calibration, strategies, distill.corpus_files, data.model_dump())}.json")
+        f"{stable_hash(base.fingerprint, calibration, strategies, corpus_signature(distill), data.model_dump())}.json")
     # The task's cache key also holds settings the scores do not depend on (num_layers,
     # strategy); the file is keyed by what they do depend on, so it is reused across those.
     if out.exists():
         return {"scores": json.loads(out.read_text()), "file": str(out), **stage_cost(start)}
     model, tokenizer = load_model(base.verify())
-    samples = build_samples(tokenizer, corpus_texts(distill, data), prune.calibration_seq_len,
-                            prune.calibration_samples)
+    samples = training_samples(tokenizer, distill, data, prune.calibration_samples, prune.calibration_seq_len)
     scores = layer_scores(model, samples, prune.calibration_batch_size, strategies)
     write_file_atomically(out, lambda tmp: tmp.write_text(json.dumps(scores)))
     return {"scores": scores, "file": str(out), **stage_cost(start)}
@@ -56,19 +56,16 @@ def score_layers(base: CheckpointRef, prune: PruneConfig, strategies: tuple[str,
 def prune_model(base: CheckpointRef, prune: PruneConfig, work_dir: str, scores: dict | None = None) -> dict:
     """Remove decoder layers; returns {"ref", "removed_layers", "params_before", "params_after", "plot"}."""
     start = time.perf_counter()
-    model, tokenizer = load_model(base.verify())
-    removed = choose_layers(prune, model.config.num_hidden_layers, scores)
-    before = count_parameters(model)
-    prune_layers(model, removed)
-    name = f"pruned-{stable_hash(base.fingerprint, removed)}"
-    ref = write_checkpoint(Path(work_dir) / "checkpoints" / name, lambda tmp: save_model(model, tokenizer, tmp))
+    removed = choose_layers(prune, AutoConfig.from_pretrained(base.path).num_hidden_layers, scores)
+    ref, before, after = prune_checkpoint(base, removed, work_dir)
+    name = Path(ref.path).name
     plot = None
     if scores is not None:
         series = {s: per_layer_series(scores, s, prune.num_layers) for s in SCORED_STRATEGIES if s in scores}
         plot = str(layer_scores_png(series, {prune.strategy: removed},
                                     Path(work_dir) / "plots" / f"layer-scores-{prune.strategy}-{name}.png"))
     return {"ref": ref, "removed_layers": removed, "params_before": before,
-            "params_after": count_parameters(model), "strategy": prune.strategy, "plot": plot, **stage_cost(start)}
+            "params_after": after, "strategy": prune.strategy, "plot": plot, **stage_cost(start)}
 
 
 @task(name="cache-teacher-topk", cache_policy=CACHED, persist_result=True)
@@ -101,7 +98,10 @@ def distill_model(teacher: CheckpointRef, student: CheckpointRef, distill: Disti
             get_run_logger().info(f"distill step {step}/{total}: loss {loss:.4f}")
         update_progress_artifact(progress, progress=min(100.0, 100.0 * step / total))
 
+    def on_heldout(step: int, perplexity: float) -> None:
+        get_run_logger().info(f"distill step {step}/{total}: held-out perplexity {perplexity:.2f}")
+
     start = time.perf_counter()
     ref, record = distill_checkpoint(teacher.verify(), student.verify(), distill, data, out, on_step,
-                                     Path(topk_cache) if topk_cache else None)
+                                     Path(topk_cache) if topk_cache else None, on_heldout=on_heldout)
     return {"ref": ref, "record": record, **stage_cost(start)}

@@ -7,7 +7,7 @@ from pathlib import Path
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from tailor.compare import build_report, comparison_table, load_items, render_markdown, write_figures, write_report
+from tailor.compare import build_report, comparison_table, load_scores, render_markdown, write_figures, write_report
 
 from ._common import UNCACHED
 
@@ -15,7 +15,7 @@ from ._common import UNCACHED
 @task(name="compare-models", cache_policy=UNCACHED)
 def compare_models(profiles: dict[str, dict], evals: dict[str, dict], extra: dict, out_dir: str) -> dict:
     """Write the report files, publish the report as a Prefect artifact; returns the report."""
-    with_items = {name: {**record, "items": load_items(record["items_file"])} for name, record in evals.items()}
+    with_items = {name: {**record, **load_scores(record["items_file"])} for name, record in evals.items()}
     report = build_report(profiles, with_items, extra)
     report["figures"] = write_figures(report, Path(out_dir), extra.get("pruning", {}).get("plot"))
     json_path, md_path = write_report(report, Path(out_dir))

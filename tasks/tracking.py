@@ -12,15 +12,15 @@ from ._common import UNCACHED
 
 @task(name="log-stage", cache_policy=UNCACHED, retries=3, retry_delay_seconds=[2, 5, 10])
 def log_stage(tracking_uri: str, experiment_id: str, parent_id: str, stage: str, params: dict,
-              metrics: dict, series: dict[str, list[float]] | None = None,
+              metrics: dict, series: dict[str, list[tuple[int, float]]] | None = None,
               artifacts: list[str] | None = None, failed: bool = False) -> str:
     """One child run under the flow's parent run holding a stage's params, metrics and files."""
     client = tracking.client_for(tracking_uri)
     run_id = tracking.start_run(client, experiment_id, stage, parent_id, tags={"tailor.stage": stage})
     tracking.log_params(client, run_id, params)
     tracking.log_metrics(client, run_id, metrics)
-    for key, values in (series or {}).items():
-        tracking.log_series(client, run_id, key, values)
+    for key, points in (series or {}).items():
+        tracking.log_series(client, run_id, key, points)
     for path in artifacts or []:
         client.log_artifact(run_id, path)
     tracking.end_run(client, run_id, failed=failed)

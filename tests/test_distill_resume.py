@@ -13,7 +13,8 @@ WORKER = textwrap.dedent("""
     from pathlib import Path
     import torch
     from tailor.config import DistillConfig
-    from tailor.distill import build_samples, distill
+    from tailor.corpus import build_samples
+    from tailor.distill import distill
     from tailor.tiny import build_tiny_gemma3, build_tiny_tokenizer
 
     resume, out = Path(sys.argv[1]), sys.argv[2]
@@ -23,7 +24,7 @@ WORKER = textwrap.dedent("""
         teacher.model.embed_tokens.weight.mul_(20)
     student = build_tiny_gemma3(tok, num_layers=2, seed=1)
     texts = ["The capital of France is Paris. A student learns from a teacher. " * 3] * 16
-    samples = build_samples(tok, texts, seq_len=24, num_samples=16)
+    samples = build_samples(tok, texts, seq_len=24, num_samples=16, windows_per_doc=64)
     cfg = DistillConfig(learning_rate=1e-3, batch_size=2, grad_accum=2, seq_len=24, epochs=6,
                         num_samples=16, checkpoint_every=1)
     record = distill(teacher, student, samples, cfg,

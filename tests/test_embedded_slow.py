@@ -7,7 +7,8 @@ import torch
 
 from tailor.checkpoint import count_parameters, load_model
 from tailor.config import DataConfig, DistillConfig, EvalConfig, ModelConfig
-from tailor.distill import build_samples, corpus_texts, distill
+from tailor.corpus import training_samples
+from tailor.distill import distill
 from tailor.evaluation import evaluate_model
 from tailor.pruning import prune_layers
 from tailor.sources import EMBEDDED_NUM_LAYERS, materialize
@@ -48,7 +49,7 @@ def test_prune_evaluate_and_distill_the_real_model(embedded, shared_data):
     assert 1.0 < result["metrics"]["lambada_openai"]["perplexity"]["value"] < 1e6
 
     cfg = DistillConfig(learning_rate=5e-5, batch_size=2, grad_accum=1, seq_len=64, epochs=1, num_samples=4)
-    samples = build_samples(tokenizer, corpus_texts(cfg, data), cfg.seq_len, cfg.num_samples)
+    samples = training_samples(tokenizer, cfg, data)
     before = student.model.layers[0].mlp.up_proj.weight.clone()
     record = distill(teacher, student, samples, cfg)
     assert record["optimizer_steps"] == 2

@@ -10,7 +10,8 @@ from mlflow.tracking import MlflowClient
 pytestmark = pytest.mark.integration
 
 HEAVY = ("materialize-model", "prune-model", "distill-model", "evaluate-original", "evaluate-pruned",
-         "evaluate-distilled", "measure-speed")
+         "evaluate-distilled", "score-heldout-original", "score-heldout-pruned", "score-heldout-distilled",
+         "measure-speed")
 
 
 def _run(work, shared_data, *overrides, expect_failure=False):
@@ -74,7 +75,31 @@ def test_first_run_reports_three_models_and_registers_challenger(first_run):
     distill_run = next(r for r in children if r.data.tags["tailor.stage"] == "distill")
     losses = client.get_metric_history(distill_run.info.run_id, "kd_loss")
     assert [m.step for m in losses] == [1, 2]
+    curve = client.get_metric_history(distill_run.info.run_id, "heldout_perplexity")
+    assert [(m.step, m.value) for m in curve] == [tuple(p) for p in report["distillation"]["heldout_curve"]]
+    assert [m.step for m in curve] == [0, 2]
     assert distill_run.data.params["temperature"] == "2.0"
+
+
+def test_report_shows_healing_and_heldout_perplexity_of_all_three(first_run):
+    work, _, _ = first_run
+    report = json.loads((work / "out" / "report.json").read_text())
+    healing = report["healing"]
+    keys = {"delta_vs_pruned", "delta_ci95", "recovered_share", "recovered_share_ci95"}
+    assert keys <= set(healing["pooled"])
+    assert set(healing["per_task"]) == {"arc_easy", "winogrande", "hellaswag", "lambada_openai"}
+    assert all(keys <= set(r) for r in healing["per_task"].values())
+    assert {"pruned", "distilled", "original", "recovered_share"} <= set(healing["perplexity"])
+    assert healing["pooled"]["n"] == 4 * report["eval_limit"]
+    held = report["heldout_perplexity"]
+    assert set(held) == {"original", "pruned", "distilled"} and all(h["perplexity"] > 1 for h in held.values())
+    # The healing curve starts at the pruned model and ends at the distilled one, as scored on their own.
+    curve = report["distillation"]["heldout_curve"]
+    assert curve[0][1] == pytest.approx(held["pruned"]["perplexity"], rel=1e-4)
+    assert curve[-1][1] == pytest.approx(held["distilled"]["perplexity"], rel=1e-4)
+    markdown = (work / "out" / "report.md").read_text()
+    assert "## Healing: what distillation recovered" in markdown and "Held-out corpus perplexity" in markdown
+    assert (work / "out" / "healing_curve.png").stat().st_size > 0
 
 
 def test_second_identical_run_is_served_from_cache(first_run, shared_data):
@@ -88,8 +113,9 @@ def test_second_identical_run_is_served_from_cache(first_run, shared_data):
 def test_changing_a_distillation_setting_reruns_only_what_follows(first_run, shared_data):
     work, _, _ = first_run
     states = _task_states(_run(work, shared_data, "distill.learning_rate=0.002"))
-    assert {s: states[s] for s in ("materialize-model", "prune-model", "evaluate-original", "evaluate-pruned")} == \
-        dict.fromkeys(("materialize-model", "prune-model", "evaluate-original", "evaluate-pruned"), "Cached")
+    unchanged = ("materialize-model", "prune-model", "evaluate-original", "evaluate-pruned",
+                 "score-heldout-original", "score-heldout-pruned")
+    assert {s: states[s] for s in unchanged} == dict.fromkeys(unchanged, "Cached")
     assert {s: states[s] for s in ("distill-model", "evaluate-distilled", "measure-speed")} == \
         dict.fromkeys(("distill-model", "evaluate-distilled", "measure-speed"), "Completed")
 

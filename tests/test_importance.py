@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tailor.config import PruneConfig
-from tailor.distill import build_samples
+from tailor.corpus import build_samples
 from tailor.importance import _perplexity, choose_layers, layer_scores, per_layer_series
 from tailor.preflight import check_prune
 from tailor.pruning import PruneError, prune_layers
@@ -20,7 +20,7 @@ ALL = ("block_influence", "angular", "leave_one_out")
 
 
 def _samples(tokenizer, n=6):
-    return build_samples(tokenizer, TEXTS * 3, seq_len=20, num_samples=n)
+    return build_samples(tokenizer, TEXTS * 3, seq_len=20, num_samples=n, windows_per_doc=64)
 
 
 @pytest.mark.parametrize("fixture", ["tiny_model", "tiny_llama"])

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from tailor.config import DistillConfig
-from tailor.distill import DistillError, build_samples, distill
+from tailor.corpus import CorpusError, build_samples
+from tailor.distill import DistillError, distill
 import torch.nn.functional as F
 
 from tailor.kd_loss import IGNORE, LossSpec, kd_loss_chunked, kd_loss_reference, next_token_targets, output_logits
@@ -106,7 +107,7 @@ def test_distillation_lowers_the_loss(tiny_model, tiny_tokenizer):
         tiny_model.model.embed_tokens.weight.mul_(20)
     student = build_tiny_gemma3(tiny_tokenizer, num_layers=3, seed=1)
     texts = ["The capital of France is Paris. Machine learning is the study of algorithms."] * 8
-    samples = build_samples(tiny_tokenizer, texts, seq_len=16, num_samples=8)
+    samples = build_samples(tiny_tokenizer, texts, seq_len=16, num_samples=8, windows_per_doc=64)
     cfg = DistillConfig(learning_rate=3e-3, batch_size=4, grad_accum=1, seq_len=16, epochs=6, num_samples=8)
     record = distill(tiny_model, student, samples, cfg)
     assert record["optimizer_steps"] == 12
@@ -114,18 +115,18 @@ def test_distillation_lowers_the_loss(tiny_model, tiny_tokenizer):
 
 
 def test_samples_pad_and_mask(tiny_tokenizer):
-    samples = build_samples(tiny_tokenizer, ["short", "a much longer text " * 10], seq_len=8, num_samples=5)
+    samples = build_samples(tiny_tokenizer, ["short", "a much longer text " * 10], seq_len=8, num_samples=5, windows_per_doc=64)
     assert samples["input_ids"].shape == (5, 8)
     assert samples["attention_mask"][0].tolist()[:2] == [1, 1]
     assert samples["attention_mask"][0].sum() < 8
-    with pytest.raises(DistillError, match="no samples"):
-        build_samples(tiny_tokenizer, [], seq_len=8, num_samples=5)
+    with pytest.raises(CorpusError, match="no samples"):
+        build_samples(tiny_tokenizer, [], seq_len=8, num_samples=5, windows_per_doc=64)
 
 
 def test_vocabulary_mismatch_is_refused(tiny_model, tiny_tokenizer):
     from transformers import Gemma3ForCausalLM
 
     other = Gemma3ForCausalLM(tiny_model.config.__class__(**{**tiny_model.config.to_dict(), "vocab_size": 99}))
-    samples = build_samples(tiny_tokenizer, ["some text here"], seq_len=8, num_samples=1)
+    samples = build_samples(tiny_tokenizer, ["some text here"], seq_len=8, num_samples=1, windows_per_doc=64)
     with pytest.raises(DistillError, match="vocabulary"):
         distill(tiny_model, other, samples, DistillConfig(num_samples=1))

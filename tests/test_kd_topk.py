@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from tailor.config import ConfigError, DistillConfig, load_config
-from tailor.distill import build_samples, distill, lr_factor
+from tailor.corpus import build_samples
+from tailor.distill import distill, lr_factor
 from tailor.kd_loss import LossSpec, TopKTeacher, kd_loss_chunked, kd_loss_topk, output_logits
 from tailor.teacher_cache import TeacherCacheError, compute_topk, load_topk_cache
 from tailor.tiny import build_tiny_gemma3
@@ -24,7 +25,7 @@ def pair(tiny_tokenizer):
 
 
 def _batch(tokenizer):
-    samples = build_samples(tokenizer, TEXTS + ["short"], seq_len=24, num_samples=9)
+    samples = build_samples(tokenizer, TEXTS + ["short"], seq_len=24, num_samples=9)  # document starts
     return samples["input_ids"][-3:], samples["attention_mask"][-3:]  # the last one is padded
 
 
@@ -82,7 +83,7 @@ def test_top_k_loss_and_gradient_match_the_k_plus_one_outcome_formula(pair, tiny
 
 def test_cache_is_checked_against_the_run(pair, tiny_tokenizer, tmp_path):
     teacher, _ = pair
-    samples = build_samples(tiny_tokenizer, TEXTS, seq_len=24, num_samples=4)
+    samples = build_samples(tiny_tokenizer, TEXTS, seq_len=24, num_samples=4, windows_per_doc=64)
     cfg = DistillConfig(teacher_topk=8, seq_len=24, num_samples=4, temperature=2.0)
     cache = compute_topk(teacher, samples, k=8, temperature=2.0, batch_size=3)
     assert cache["values"].dtype == torch.float16 and cache["values"].shape == (4, 24, 8)
@@ -102,7 +103,7 @@ def test_cache_is_checked_against_the_run(pair, tiny_tokenizer, tmp_path):
 
 def test_training_from_the_cache_lowers_the_loss(pair, tiny_tokenizer):
     teacher, student = pair
-    samples = build_samples(tiny_tokenizer, TEXTS, seq_len=24, num_samples=8)
+    samples = build_samples(tiny_tokenizer, TEXTS, seq_len=24, num_samples=8, windows_per_doc=64)
     cfg = DistillConfig(teacher_topk=16, learning_rate=1e-3, batch_size=4, grad_accum=1, seq_len=24, epochs=4,
                         num_samples=8)
     cache = compute_topk(teacher, samples, 16, cfg.temperature)

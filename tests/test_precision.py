@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from tailor.config import DistillConfig
-from tailor.distill import build_samples, distill
+from tailor.corpus import build_samples
+from tailor.distill import distill
 from tailor.kd_loss import LossSpec, kd_loss_chunked, logits_into
 from tailor.precision import (fast_bfloat16, final_hidden, has_bfloat16_matmuls, resolve_bf16_autocast,
                               resolve_teacher_dtype, to_bfloat16_matmuls)
@@ -17,7 +18,7 @@ TEXTS = ["The capital of France is Paris. A student learns from a teacher. " * 3
 
 
 def _samples(tokenizer, n=6):
-    return build_samples(tokenizer, TEXTS + ["short"], seq_len=24, num_samples=n)
+    return build_samples(tokenizer, TEXTS + ["short"], seq_len=24, num_samples=n, windows_per_doc=64)
 
 
 def test_blocked_logits_equal_the_direct_product_across_block_edges():

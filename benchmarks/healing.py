@@ -1,0 +1,166 @@
+"""Healing ablation: which distillation recipe recovers pruning's damage, judged on all four
+reference tasks at hundreds of documents each, with paired intervals.
+
+    python benchmarks/healing.py [--limit 500] [--variants NAME ...] [--data-dir ../shared/data]
+
+One base model (the embedded gemma-3-270m), one pruned student (its last 2 of 18 layers
+removed, the quick profile's), and one distilled student per recipe. Every checkpoint and
+evaluation is cached in the work folder, so an interrupted run continues and a new
+variant costs only its own distillation and evaluation. Each recipe is judged against
+the pruned model on the same documents: per-task accuracy change with its paired 95%
+interval, the pooled change and recovered share, LAMBADA perplexity, and the held-out
+corpus perplexity. The row `quick_as_shipped_before` rebuilds the samples the quick
+profile used before the fix (64 windows cut through documents without BOS, wikipedia
+first) to show the cause next to its fix. The last line is JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from _common import SHARED_DATA, default_work_dir, print_summary
+from tailor.checkpoint import load_model, load_tokenizer, stable_hash, write_checkpoint, save_model, \
+    existing_checkpoint
+from tailor.config import REFERENCE_TASKS, DataConfig, DistillConfig, EvalConfig, ModelConfig
+from tailor.corpus import heldout_samples, pad_rows, read_documents, training_samples
+from tailor.distill import distill
+from tailor.evaluation import evaluate_checkpoint, evaluation_file
+from tailor.healing import healing_summary
+from tailor.perplexity import heldout_perplexity
+from tailor.precision import load_teacher
+from tailor.pruning import prune_checkpoint
+from tailor.sources import materialize
+
+TS, WIKI, C4 = "corpus/tinystories_sample.jsonl", "corpus/wikipedia_sample.jsonl", "corpus/c4_sample.jsonl"
+# The quick profile's recipe before the fix (its optimiser settings; samples rebuilt below).
+QUICK_BEFORE = dict(learning_rate=5e-5, batch_size=4, grad_accum=2, seq_len=128, epochs=1, num_samples=64,
+                    bf16_autocast="auto", gradient_checkpointing=True, heldout_docs=16)
+# Every other row: BOS-first document starts, a held-out slice, warm-up and cosine decay.
+RECIPE = dict(QUICK_BEFORE, warmup_steps=2, lr_schedule="cosine")
+MIX = {TS: 0.5, WIKI: 0.3, C4: 0.2}
+# In order of what they answer: the cause, its fix, the corpus domain, the mix, a longer run.
+VARIANTS: dict[str, dict] = {
+    "quick_as_shipped_before": dict(QUICK_BEFORE, corpus_mix={WIKI: 1, C4: 1, TS: 1}),
+    "bos_first_same_corpus": dict(RECIPE, corpus_mix={WIKI: 1, C4: 1, TS: 1}),
+    "tinystories_only": dict(RECIPE, corpus_mix={TS: 1}),
+    "mix_ts50_wiki30_c4_20": dict(RECIPE, corpus_mix=MIX),
+    "mix_768_samples_lr1e-4_frozen_embeddings": dict(RECIPE, corpus_mix=MIX, num_samples=768, learning_rate=1e-4,
+                                                     batch_size=8, grad_accum=1, warmup_steps=8,
+                                                     freeze_embeddings=True),
+    "mix_frozen_embeddings": dict(RECIPE, corpus_mix=MIX, freeze_embeddings=True),
+    "wikipedia_c4_only": dict(RECIPE, corpus_mix={WIKI: 0.6, C4: 0.4}),
+    "mix_last4_layers": dict(RECIPE, corpus_mix=MIX, freeze_embeddings=True, train_last_layers=4),
+    "mix_ce_alpha_0.5": dict(RECIPE, corpus_mix=MIX, alpha=0.5),
+}
+
+
+def windowed_samples_before_fix(tokenizer, data: DataConfig, seq_len: int, num_samples: int) -> dict:
+    """The old sampling: every document cut into seq_len windows, only the first starting with BOS."""
+    rows = []
+    for rel in (WIKI, C4, TS):
+        for text in read_documents(Path(data.data_dir) / rel):
+            ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+            rows += [ids[s:s + seq_len] for s in range(0, len(ids), seq_len) if len(ids[s:s + seq_len]) >= 2]
+            if len(rows) >= num_samples:
+                return pad_rows(tokenizer, rows[:num_samples], seq_len)
+    return pad_rows(tokenizer, rows, seq_len)
+
+
+def distilled_checkpoint(name: str, cfg: DistillConfig, base, pruned, data: DataConfig, work: Path):
+    """The variant's distilled student (cached by everything it depends on) and its training record."""
+    out = work / "healing" / f"{name}-{stable_hash(cfg.model_dump(), base.fingerprint, pruned.fingerprint)}"
+    if (done := existing_checkpoint(out)) is not None:
+        return done, json.loads((out / "record.json").read_text())
+    student, tokenizer = load_model(pruned)
+    samples = (windowed_samples_before_fix(tokenizer, data, cfg.seq_len, cfg.num_samples)
+               if name == "quick_as_shipped_before" else training_samples(tokenizer, cfg, data))
+    teacher = load_teacher(base, cfg.teacher_dtype, samples["input_ids"])
+    record = distill(teacher, student, samples, cfg)
+    del teacher
+
+    def save(tmp: Path) -> None:
+        save_model(student, tokenizer, tmp)
+        (tmp / "record.json").write_text(json.dumps(record))
+
+    return write_checkpoint(out, save), record
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--limit", type=int, default=500, help="documents per task")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--eval-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="evaluation precision (every model is scored the same way)")
+    p.add_argument("--data-dir", default=str(SHARED_DATA))
+    p.add_argument("--work-dir", default=default_work_dir())
+    args = p.parse_args()
+    torch.manual_seed(0)
+    work = Path(args.work_dir)
+    data = DataConfig(data_dir=args.data_dir)
+    eval_cfg = EvalConfig(tasks=REFERENCE_TASKS, limit=args.limit, batch_size=32, dtype=args.eval_dtype)
+    base = materialize(ModelConfig(source="embedded"), str(work))
+    pruned = prune_checkpoint(base, [16, 17], str(work))[0]
+
+    def evaluate(ref) -> dict:
+        start = time.perf_counter()
+        result = evaluate_checkpoint(ref, eval_cfg, data, evaluation_file(ref, eval_cfg, data, str(work)))
+        print(f"  evaluated {Path(ref.path).name} in {time.perf_counter() - start:.0f} s", flush=True)
+        return result
+
+    heldout_cfg = DistillConfig(corpus_mix={TS: 1, WIKI: 1, C4: 1}, heldout_docs=16)
+    heldout = heldout_samples(load_tokenizer(base), heldout_cfg, data)
+
+    def heldout_ppl(ref) -> float:
+        return heldout_perplexity(load_model(ref)[0], heldout)["perplexity"]
+
+    fixed = {"original": evaluate(base), "pruned": evaluate(pruned)}
+    fixed_ppl = {"original": heldout_ppl(base), "pruned": heldout_ppl(pruned)}
+    rows = {}
+    for name in args.variants:
+        cfg = DistillConfig(**VARIANTS[name])
+        print(f"variant {name}", flush=True)
+        ref, record = distilled_checkpoint(name, cfg, base, pruned, data, work)
+        summary = healing_summary({**fixed, "distilled": evaluate(ref)})
+        rows[name] = {"healing": summary, "heldout_ppl": heldout_ppl(ref), "train_seconds": record["train_seconds"],
+                      "optimizer_steps": record["optimizer_steps"], "final_loss": record["losses"][-1]}
+        print_row(name, rows[name])
+
+    print()
+    print(f"limit {args.limit} documents per task, evaluation {args.eval_dtype}; held-out perplexity "
+          f"original {fixed_ppl['original']:.2f}, pruned {fixed_ppl['pruned']:.2f}")
+    header = ["variant", *[f"{t} Δacc [95% CI]" for t in REFERENCE_TASKS], "pooled Δacc [95% CI]",
+              "recovered", "lambada ppl", "held-out ppl", "train s"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for name, row in rows.items():
+        print_row(name, row, markdown=True)
+    print_summary({"limit": args.limit, "eval_dtype": args.eval_dtype, "heldout_ppl": fixed_ppl,
+                   "variants": {n: {"pooled": r["healing"]["pooled"], "per_task": r["healing"]["per_task"],
+                                    "perplexity": r["healing"]["perplexity"], "harmed": r["healing"]["harmed"],
+                                    "heldout_ppl": r["heldout_ppl"], "train_seconds": r["train_seconds"]}
+                                for n, r in rows.items()}})
+
+
+def print_row(name: str, row: dict, markdown: bool = False) -> None:
+    h = row["healing"]
+
+    def d(r: dict) -> str:
+        lo, hi = r["delta_ci95"]
+        return f"{r['delta_vs_pruned']:+.3f} [{lo:+.3f}, {hi:+.3f}]" + (" *" if lo > 0 or hi < 0 else "")
+
+    pooled = h["pooled"]
+    share = "cannot tell" if pooled["recovered_share"] is None else f"{pooled['recovered_share']:.0%}"
+    ppl = h["perplexity"]
+    cells = [name, *[d(h["per_task"][t]) for t in REFERENCE_TASKS], d(pooled), share,
+             f"{ppl['pruned']:.1f} -> {ppl['distilled']:.1f}" if ppl else "n/a",
+             f"{row['heldout_ppl']:.2f}", f"{row['train_seconds']:.0f}"]
+    print(("| " + " | ".join(cells) + " |") if markdown else "  " + "  ".join(cells), flush=True)
+
+
+if __name__ == "__main__":
+    main()

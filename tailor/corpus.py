@@ -1,0 +1,214 @@
+"""The distillation corpus: weighted sources, a held-out slice training never sees, samples.
+
+Why it is shaped this way (measured on gemma-3-270m, 500 documents per task; see the
+README's healing section):
+
+* A sample is the *start* of a document, BOS first. Windows cut from the middle of a
+  document without BOS put the student in positions Gemma never saw in pre-training and
+  blew up its perplexity (lambada 55.9 -> 75.0).
+* What the student heals on follows the corpus domain: encyclopedic text alone cost
+  LAMBADA accuracy, narrative text kept it. So the mix of sources is a recipe setting
+  (``distill.corpus_mix``), not an accident of file order.
+* The last ``distill.heldout_docs`` documents of every source are never trained on; their
+  perplexity is a cheap, low-noise measure of pruning damage and of healing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+
+from .config import DataConfig, DistillConfig, TailorError
+
+
+class CorpusError(TailorError, ValueError):
+    """The distillation corpus cannot provide what the recipe asks for."""
+
+
+def read_documents(path: Path) -> list[str]:
+    """Non-empty ``text`` fields of a JSON Lines file; a line without one is an error naming it."""
+    if not path.exists():
+        raise CorpusError(f"distill.corpus_mix: {path} does not exist")
+    docs = []
+    with path.open(encoding="utf-8") as fh:
+        for line_no, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise CorpusError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise CorpusError(f"{path}:{line_no}: a corpus line needs a string field \"text\"")
+            if row["text"].strip():
+                docs.append(row["text"])
+    return docs
+
+
+def corpus_signature(cfg: DistillConfig) -> dict:
+    """The settings that decide which text becomes samples (for cache keys)."""
+    return {"corpus": cfg.corpus, "mix": cfg.corpus_mix, "heldout_docs": cfg.heldout_docs,
+            "windows_per_doc": cfg.windows_per_doc, "sample_format": "bos-first-windows"}
+
+
+def source_share(cfg: DistillConfig, total: int) -> dict[str, int]:
+    """How many of ``total`` samples each source gives: its weight's share, largest remainders
+    rounded up, so the counts add up to ``total`` exactly."""
+    weights = cfg.corpus_mix
+    norm = sum(weights.values())
+    exact = {src: total * w / norm for src, w in weights.items()}
+    counts = {src: int(v) for src, v in exact.items()}
+    by_remainder = sorted(weights, key=lambda s: (counts[s] - exact[s], s))
+    for src in by_remainder[:total - sum(counts.values())]:
+        counts[src] += 1
+    return counts
+
+
+def split_documents(docs: list[str], heldout: int) -> tuple[list[str], list[str]]:
+    """(training, held-out): the last ``heldout`` documents are held out, whatever the seed."""
+    if heldout == 0:
+        return docs, []
+    return docs[:-heldout], docs[-heldout:]
+
+
+def offline_sources(cfg: DistillConfig, data: DataConfig) -> dict[str, tuple[list[str], list[str]]]:
+    """Each offline source's (training, held-out) documents."""
+    return {src: split_documents(read_documents(Path(data.data_dir) / src), cfg.heldout_docs)
+            for src in cfg.corpus_mix}
+
+
+def check_corpus(cfg: DistillConfig, data: DataConfig) -> None:
+    """Before any heavy work: every source exists, is well formed and can give its share of
+    samples after the held-out slice is set aside (without tokenising: one sample per
+    ``windows_per_doc`` window of a document at most)."""
+    if data.mode == "hub":
+        return
+    wanted = source_share(cfg, cfg.num_samples)
+    for src, (train, held) in offline_sources(cfg, data).items():
+        if len(held) < cfg.heldout_docs or not train:
+            raise CorpusError(f"distill.heldout_docs={cfg.heldout_docs} leaves no training documents in {src} "
+                              f"({len(train) + len(held)} documents); allowed: below {len(train) + len(held)}")
+        most = len(train) * cfg.windows_per_doc
+        if wanted[src] > most:
+            raise CorpusError(
+                f"distill.num_samples={cfg.num_samples} asks {src} for {wanted[src]} samples (its distill.corpus_mix "
+                f"share), but it holds {len(train)} training documents (distill.heldout_docs={cfg.heldout_docs} "
+                f"held out) x distill.windows_per_doc={cfg.windows_per_doc} = at most {most}; lower num_samples, "
+                "raise windows_per_doc or change the mix")
+
+
+def training_texts(cfg: DistillConfig, data: DataConfig) -> Iterator[tuple[str, str]]:
+    """(source, text) of the training documents, each source in file order."""
+    if data.mode == "hub":
+        for i, text in enumerate(_hub_texts(cfg)):
+            if i >= cfg.heldout_docs:
+                yield cfg.corpus, text
+        return
+    for src, (train, _) in offline_sources(cfg, data).items():
+        for text in train:
+            yield src, text
+
+
+def heldout_texts(cfg: DistillConfig, data: DataConfig) -> dict[str, list[str]]:
+    """The held-out documents of every source (hub mode: the stream's first ``heldout_docs``)."""
+    if data.mode == "hub":
+        docs = []
+        for text in _hub_texts(cfg):
+            if len(docs) == cfg.heldout_docs:
+                break
+            docs.append(text)
+        return {cfg.corpus: docs}
+    return {src: held for src, (_, held) in offline_sources(cfg, data).items()}
+
+
+def _hub_texts(cfg: DistillConfig) -> Iterator[str]:
+    import datasets
+
+    for row in datasets.load_dataset(cfg.corpus, split="train", streaming=True):
+        if row["text"].strip():
+            yield row["text"]
+
+
+def document_windows(tokenizer, text: str, seq_len: int, windows: int) -> Iterator[list[int]]:
+    """Up to ``windows`` token windows of one document, each at most ``seq_len`` long and BOS first.
+
+    The tokenizer adds BOS to the document's start; later windows get it prepended, so no
+    sample starts mid-text without it.
+    """
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    bos = tokenizer.bos_token_id
+    starts_with_bos = bos is not None and ids[:1] == [bos]
+    body = ids[1:] if starts_with_bos else ids
+    step = seq_len - 1 if starts_with_bos else seq_len
+    for k in range(windows):
+        piece = body[k * step:(k + 1) * step]
+        window = [bos] + piece if starts_with_bos else piece
+        if len(piece) < 1 or len(window) < 2:
+            return
+        yield window
+
+
+def build_samples(tokenizer, texts: Iterable[str], seq_len: int, num_samples: int,
+                  windows_per_doc: int = 1) -> dict[str, torch.Tensor]:
+    """Fixed-length samples, padded at the end: up to ``windows_per_doc`` BOS-first windows per document."""
+    rows: list[list[int]] = []
+    for text in texts:
+        for window in document_windows(tokenizer, text, seq_len, windows_per_doc):
+            rows.append(window)
+            if len(rows) == num_samples:
+                return pad_rows(tokenizer, rows, seq_len)
+    if not rows:
+        raise CorpusError("the distillation corpus produced no samples (empty corpus?)")
+    return pad_rows(tokenizer, rows, seq_len)
+
+
+def pad_rows(tokenizer, rows: list[list[int]], seq_len: int) -> dict[str, torch.Tensor]:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return {"input_ids": torch.tensor([r + [pad] * (seq_len - len(r)) for r in rows]),
+            "attention_mask": torch.tensor([[1] * len(r) + [0] * (seq_len - len(r)) for r in rows])}
+
+
+def training_samples(tokenizer, cfg: DistillConfig, data: DataConfig, num_samples: int | None = None,
+                     seq_len: int | None = None) -> dict[str, torch.Tensor]:
+    """The recipe's training samples: each source's share of ``num_samples`` (default
+    ``cfg.num_samples``), interleaved by weight so any prefix keeps the mix."""
+    num_samples = num_samples or cfg.num_samples
+    seq_len = seq_len or cfg.seq_len
+    if data.mode == "hub":
+        return build_samples(tokenizer, (t for _, t in training_texts(cfg, data)), seq_len, num_samples,
+                             cfg.windows_per_doc)
+    wanted = source_share(cfg, num_samples)
+    per_source: dict[str, list[list[int]]] = {src: [] for src in wanted}
+    for src, text in training_texts(cfg, data):
+        if len(per_source[src]) >= wanted[src]:
+            continue
+        for window in document_windows(tokenizer, text, seq_len, cfg.windows_per_doc):
+            if len(per_source[src]) < wanted[src]:
+                per_source[src].append(window)
+    for src, rows in per_source.items():
+        if len(rows) < wanted[src]:
+            raise CorpusError(f"distill.corpus_mix: {src} gave {len(rows)} samples of the {wanted[src]} its share of "
+                              f"distill.num_samples={num_samples} needs; lower num_samples or raise windows_per_doc")
+    return pad_rows(tokenizer, _interleave(per_source, wanted), seq_len)
+
+
+def _interleave(per_source: dict[str, list[list[int]]], wanted: dict[str, int]) -> list[list[int]]:
+    """Rows of all sources in the order of their quotas' progress (a deterministic, even blend)."""
+    keyed = [((i + 0.5) / wanted[src], src, row) for src, rows in per_source.items() for i, row in enumerate(rows)]
+    return [row for _, _, row in sorted(keyed, key=lambda k: (k[0], k[1]))]
+
+
+def heldout_settings(cfg: DistillConfig) -> DistillConfig:
+    """Only what the held-out slice depends on (the rest at defaults), so a stage keyed by it
+    is not redone when a training setting such as the learning rate changes."""
+    return DistillConfig(corpus=cfg.corpus, corpus_mix=cfg.corpus_mix, heldout_docs=cfg.heldout_docs,
+                         seq_len=cfg.seq_len)
+
+
+def heldout_samples(tokenizer, cfg: DistillConfig, data: DataConfig) -> dict[str, dict[str, torch.Tensor]]:
+    """Each source's held-out documents as one BOS-first window of ``cfg.seq_len`` tokens."""
+    return {src: build_samples(tokenizer, docs, cfg.seq_len, len(docs))
+            for src, docs in heldout_texts(cfg, data).items() if docs}
