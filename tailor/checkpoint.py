@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 import threading
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from .config import TailorError
 
 FINGERPRINT_FILE = "FINGERPRINT"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -75,6 +78,7 @@ def write_checkpoint(folder: Path, writer: Callable[[Path], None]) -> Checkpoint
     folder = Path(folder)
     if (ref := existing_checkpoint(folder)) is not None:
         return ref
+    _refuse_foreign_folder(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     # A private temporary folder: two runs writing the same checkpoint at once (a sweep
     # beside a run) must not write into each other's files.
@@ -86,8 +90,7 @@ def write_checkpoint(folder: Path, writer: Callable[[Path], None]) -> Checkpoint
         with _LOAD_LOCK:
             if (ref := existing_checkpoint(folder)) is not None:
                 return ref  # another writer finished first; ours is discarded below
-            if folder.exists():  # a leftover without a fingerprint: never complete
-                shutil.rmtree(folder, ignore_errors=True)
+            _refuse_foreign_folder(folder)
             try:
                 tmp.rename(folder)
             except OSError:
@@ -99,14 +102,37 @@ def write_checkpoint(folder: Path, writer: Callable[[Path], None]) -> Checkpoint
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+class CheckpointError(TailorError, RuntimeError):
+    """A checkpoint cannot be written where it was asked for."""
+
+
+def _refuse_foreign_folder(folder: Path) -> None:
+    """A non-empty folder without a FINGERPRINT was not written by us (ours appear complete,
+    by rename): it is the user's, and is never deleted or overwritten."""
+    if folder.is_dir() and any(folder.iterdir()):
+        raise CheckpointError(f"{folder} exists and is not an llm-tailor checkpoint (no {FINGERPRINT_FILE} file); "
+                              "it is left untouched: choose another output folder or move it away")
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(f"{folder} exists and is a file, not a checkpoint folder; it is left untouched")
+
+
 def write_file_atomically(path: Path, writer: Callable[[Path], None]) -> None:
     """Run ``writer(tmp_file)`` and rename it onto ``path``: a kill mid-write leaves the
-    previous file (or none), never a truncated one."""
+    previous file (or none), never a truncated one. The temporary file has a name of its
+    own (two writers never share it), is flushed to disk before the rename and removed
+    if the writer fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    writer(tmp)
-    tmp.replace(path)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        writer(tmp)
+        with tmp.open("rb+") as fh:
+            os.fsync(fh.fileno())
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def save_model(model, tokenizer, folder: Path) -> None:

@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+from .checkpoint import write_file_atomically
 from .healing import healing_summary
 from .stats import paired_item_deltas
 
@@ -294,6 +295,6 @@ def write_report(report: dict, out_dir: Path) -> tuple[Path, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / "report.json", out_dir / "report.md"
-    json_path.write_text(json.dumps(report, indent=2))
-    md_path.write_text(render_markdown(report))
+    write_file_atomically(json_path, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
+    write_file_atomically(md_path, lambda tmp: tmp.write_text(render_markdown(report)))
     return json_path, md_path

@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from .checkpoint import (CheckpointRef, existing_checkpoint, load_model, save_model, write_checkpoint,
+from .checkpoint import (CheckpointRef, existing_checkpoint, load_model, save_model, stable_hash, write_checkpoint,
                          write_file_atomically)
 from .config import DataConfig, DistillConfig, TailorError
 from .corpus import heldout_samples, training_samples
@@ -70,7 +70,7 @@ def distill(teacher, student, samples: dict[str, torch.Tensor], cfg: DistillConf
     # Position of the next micro-batch and everything counted so far.
     progress = {"epoch": 0, "batch": 0, "losses": [], "micro": 0, "tokens": 0, "seconds": 0.0, "resumed_at": 0}
     if resume_file is not None and resume_file.exists():
-        saved = torch.load(resume_file, weights_only=False)
+        saved = torch.load(resume_file, weights_only=True)
         student.load_state_dict(saved["student"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
@@ -328,7 +328,7 @@ def distill_checkpoint(teacher_ref: CheckpointRef, student_ref: CheckpointRef, c
         teacher, topk = None, load_topk_cache(topk_cache, samples, cfg)
     else:
         teacher, topk = load_teacher(teacher_ref, cfg.teacher_dtype, samples["input_ids"], device), None
-    resume_file = out_dir.with_name(out_dir.name + ".resume.pt")
+    resume_file = resume_path(out_dir, cfg, teacher_ref, student_ref, topk_cache, _process_group()[1])
     rank, world = _process_group()
     if rank != 0:
         distill(teacher, student, samples, cfg, None, resume_file, topk)
@@ -345,6 +345,15 @@ def distill_checkpoint(teacher_ref: CheckpointRef, student_ref: CheckpointRef, c
     resume_file.unlink(missing_ok=True)
     _barrier(world)
     return ref, json.loads((Path(ref.path) / TRAINING_RECORD).read_text())
+
+
+def resume_path(out_dir: Path, cfg: DistillConfig, teacher_ref: CheckpointRef, student_ref: CheckpointRef,
+                topk_cache: Path | None, world: int) -> Path:
+    """Where a distillation keeps its resumable state: keyed by everything the training depends
+    on (settings, both checkpoints, the teacher cache, the number of processes), so a different
+    run never resumes from it."""
+    key = stable_hash(cfg.model_dump(), teacher_ref.fingerprint, student_ref.fingerprint, str(topk_cache), world)
+    return out_dir.with_name(f"{out_dir.name}.resume-{key}.pt")
 
 
 def _barrier(world: int) -> None:

@@ -53,3 +53,38 @@ def test_a_failed_writer_leaves_nothing_that_looks_complete(tmp_path):
         pass
     assert existing_checkpoint(folder) is None and list(tmp_path.iterdir()) == []
     assert write_checkpoint(folder, _writer("again")).verify()
+
+
+def test_a_users_folder_at_the_checkpoint_path_is_never_deleted(tmp_path):
+    import pytest
+
+    from tailor.checkpoint import CheckpointError
+
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    called = []
+    with pytest.raises(CheckpointError, match="is not an llm-tailor checkpoint"):
+        write_checkpoint(folder, lambda tmp: called.append(tmp))
+    assert called == []  # refused before any work
+    assert (folder / "notes.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["my-model"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert write_checkpoint(empty, _writer("into an empty folder")).verify()
+
+
+def test_atomic_file_writes_leave_no_temporary_file_and_keep_the_old_file_on_failure(tmp_path):
+    import pytest
+
+    from tailor.checkpoint import write_file_atomically
+
+    target = tmp_path / "report.json"
+    write_file_atomically(target, lambda tmp: tmp.write_text("first"))
+
+    def broken(tmp):
+        tmp.write_text("half")
+        raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError):
+        write_file_atomically(target, broken)
+    assert target.read_text() == "first" and [p.name for p in tmp_path.iterdir()] == ["report.json"]

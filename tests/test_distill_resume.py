@@ -62,3 +62,26 @@ def test_killed_distillation_resumes_to_identical_weights(tmp_path):
     assert expected.keys() == got.keys()
     for key in expected:
         assert torch.equal(expected[key], got[key]), key
+
+
+def test_a_resume_state_of_another_run_is_never_read(tmp_path):
+    from tailor.config import DataConfig, DistillConfig, ModelConfig
+    from tailor.distill import distill_checkpoint, resume_path
+    from tailor.pruning import prune_checkpoint
+    from tailor.sources import materialize
+
+    data = tmp_path / "data"
+    (data / "corpus").mkdir(parents=True)
+    (data / "corpus" / "c.jsonl").write_text("".join(f'{{"text": "document {i} about cats and dogs"}}\n'
+                                                      for i in range(12)))
+    base = materialize(ModelConfig(source="tiny"), str(tmp_path))
+    pruned = prune_checkpoint(base, [3], str(tmp_path))[0]
+    cfg = DistillConfig(corpus_mix={"corpus/c.jsonl": 1}, heldout_docs=2, num_samples=8, batch_size=4,
+                        grad_accum=1, seq_len=16, epochs=1, learning_rate=1e-3)
+    out = tmp_path / "distilled"
+    other = resume_path(out, cfg.model_copy(update={"learning_rate": 5e-3}), base, pruned, None, 1)
+    assert other != resume_path(out, cfg, base, pruned, None, 1)
+    other.write_bytes(b"a state from another run: unreadable on purpose")
+    ref, record = distill_checkpoint(base, pruned, cfg, DataConfig(data_dir=str(data)), out)
+    assert record["resumed_at_step"] == 0 and record["optimizer_steps"] == 2 and ref.verify()
+    assert other.read_bytes().startswith(b"a state from another run")
