@@ -27,6 +27,9 @@ Modes:
   matmuls in bfloat16 (weights, optimiser, softmaxes, loss and gradient sums in float32).
   The headline ``exact_*`` keys report this mode: exact KD with the two options the
   issue names (gradient checkpointing, bf16 autocast) on.
+- ``exact_bf16_frozen_embeddings``: as ``exact_bf16_autocast`` with the tied embedding
+  and output head fixed (``distill.freeze_embeddings``, the ``heal`` profile's setting):
+  no head weight gradient, no optimiser state for 63% of the parameters.
 - ``topk_defaults``: trained from the teacher's cached top-64 logits, no teacher in memory.
   The cache is computed once per sample beforehand (timed and printed, not in the step).
 - ``topk_bf16_autocast``: the same with the student's matmuls in bfloat16 (the headline
@@ -49,7 +52,8 @@ import torch.nn.functional as F
 from _common import SHARED_DATA, default_work_dir, matmul_gflops, print_summary
 from tailor.checkpoint import count_parameters, load_model
 from tailor.config import DataConfig, DistillConfig, ModelConfig
-from tailor.distill import build_samples, corpus_texts, distill
+from tailor.corpus import training_samples
+from tailor.distill import distill
 from tailor.kd_loss import TopKTeacher
 from tailor.precision import load_teacher, resolve_teacher_dtype
 from tailor.pruning import prune_layers
@@ -139,8 +143,7 @@ def main() -> None:
     base = DistillConfig(seq_len=args.seq, num_samples=args.batch, batch_size=args.batch, grad_accum=1,
                          epochs=args.steps, temperature=TEMPERATURE, learning_rate=1e-5, book_loss=True,
                          checkpoint_every=0)
-    samples = build_samples(tokenizer, corpus_texts(base, DataConfig(data_dir=str(SHARED_DATA))), args.seq,
-                            args.batch)
+    samples = training_samples(tokenizer, base, DataConfig(data_dir=str(SHARED_DATA)))
     tokens = int(samples["attention_mask"].sum())
     checkpointing = base.model_copy(update={"gradient_checkpointing": True})
     configs = {
@@ -148,6 +151,8 @@ def main() -> None:
         "exact_checkpointing": checkpointing,
         "exact_fp32_teacher": checkpointing.model_copy(update={"teacher_dtype": "float32"}),
         "exact_bf16_autocast": checkpointing.model_copy(update={"bf16_autocast": True}),
+        "exact_bf16_frozen_embeddings": checkpointing.model_copy(update={"bf16_autocast": True,
+                                                                         "freeze_embeddings": True}),
         "topk_defaults": base.model_copy(update={"teacher_topk": TOPK}),
         "topk_bf16_autocast": base.model_copy(update={"teacher_topk": TOPK, "bf16_autocast": True}),
     }
@@ -157,7 +162,8 @@ def main() -> None:
 
     first_book = measure("book", lambda: run_book(ref, samples, args.steps), tokens)
     results = {}
-    for mode in ("exact_defaults", "exact_checkpointing", "exact_fp32_teacher", "exact_bf16_autocast"):
+    for mode in ("exact_defaults", "exact_checkpointing", "exact_fp32_teacher", "exact_bf16_autocast",
+                 "exact_bf16_frozen_embeddings"):
         results[mode] = measure(mode, lambda: run_ours(ref, samples, args.steps, configs[mode]), tokens)
 
     teacher = load_teacher(ref, base.teacher_dtype, samples["input_ids"])

@@ -17,9 +17,10 @@ from prefect.context import get_run_context
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from tailor import tracking
-from tailor.checkpoint import CheckpointRef, stable_hash
+from tailor.checkpoint import CheckpointRef
 from tailor.config import TailorConfig, load_config
 from tailor.corpus import heldout_settings
+from tailor.evaluation import evaluation_signature
 from tailor.importance import SCORED_STRATEGIES
 from tailor.preflight import preflight
 from tailor.promotion import evaluation_tags
@@ -134,8 +135,7 @@ def tailor_flow(profile: str = "quick", overrides: list[str] | None = None, out_
             metrics={name: {"mean_acc_retention_pct": c["mean_acc_retention_pct"], "speedup": c["speedup"]}
                      for name, c in report["vs_original"].items()})
         stage = "register"
-        eval_signature = stable_hash(cfg.eval.tasks, cfg.eval.limit, cfg.eval.include_path, cfg.eval.dtype,
-                                     cfg.data.mode)
+        eval_signature = evaluation_signature(cfg.eval, cfg.data)
         version = register_model(uri, exp_id, parent, distilled["ref"], cfg.tracking.registered_model,
                                  cfg.tracking.alias, {"profile": cfg.profile,
                                                       **evaluation_tags(report, eval_signature)})
@@ -172,7 +172,7 @@ def evaluate_stage(cfg: TailorConfig, name: str, ref: CheckpointRef):
     ``runner.concurrent``, else run now (one stage at a time, bounded memory)."""
     task = evaluate_model.with_options(task_run_name=f"evaluate-{name}")
     run = task.submit if cfg.runner.concurrent else completed(task)
-    return run(ref, cfg.eval, cfg.data, cfg.work_dir, name)
+    return run(ref, cfg.eval, cfg.data, cfg.work_dir, name, evaluation_signature(cfg.eval, cfg.data))
 
 
 def completed(task):

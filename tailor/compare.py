@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .checkpoint import write_file_atomically
 from .healing import healing_summary
+from .speed import speedup_interval
 from .stats import paired_item_deltas
 
 MODELS = ("original", "pruned", "distilled")
@@ -64,12 +65,30 @@ def build_report(profiles: dict[str, dict], evals: dict[str, dict], extra: dict)
         changes[name] = {
             "tasks": per_task,
             "mean_acc_retention_pct": mean_acc_retention(base["metrics"], m["metrics"]),
-            "speedup": base["gen_time_mean_s"] / m["gen_time_mean_s"],
+            **_speedup(base, m),
             "tokens_per_s_ratio": m["tokens_per_s"] / base["tokens_per_s"],
             "params_removed": base["params"] - m["params"],
             "params_removed_pct": 100.0 * (base["params"] - m["params"]) / base["params"],
         }
-    return {"models": models, "vs_original": changes, "healing": healing_summary(evals), **extra}
+    return {"models": models, "vs_original": changes, "healing": healing_summary(evals),
+            "speed_tie": speed_tie(models), **extra}
+
+
+def _speedup(base: dict, model: dict) -> dict:
+    """Median per-round speed-up and its bootstrap interval (interleaved timing), else the ratio of means."""
+    if base.get("run_times_s") and model.get("run_times_s"):
+        s = speedup_interval(base["run_times_s"], model["run_times_s"])
+        return {"speedup": s["median"], "speedup_ci95": s["ci95"]}
+    return {"speedup": base["gen_time_mean_s"] / model["gen_time_mean_s"], "speedup_ci95": None}
+
+
+def speed_tie(models: dict[str, dict]) -> dict | None:
+    """Pruned vs distilled (the same architecture): their speed ratio's interval should hold 1."""
+    a, b = models["pruned"], models["distilled"]
+    if not (a.get("run_times_s") and b.get("run_times_s")):
+        return None
+    s = speedup_interval(a["run_times_s"], b["run_times_s"])
+    return {"distilled_vs_pruned": s["median"], "ci95": s["ci95"], "noisy": not s["ci95"][0] <= 1 <= s["ci95"][1]}
 
 
 def _fmt(x: float | None, spec: str = ".4f") -> str:
@@ -147,8 +166,15 @@ def render_markdown(report: dict, figure_dir: Path | None = None) -> str:
     ]
     for label, fn in rows:
         lines.append(f"| {label} | " + " | ".join(fn(models[n]) for n in MODELS) + " |")
-    lines.append("| speed-up vs original | 1.00x | " + " | ".join(
-        f"{changes[n]['speedup']:.2f}x" for n in MODELS[1:]) + " |")
+    lines.append("| speed-up vs original (median of interleaved rounds [95% CI]) | 1.00x | " + " | ".join(
+        f"{changes[n]['speedup']:.2f}x" + (" [{:.2f}, {:.2f}]".format(*changes[n]["speedup_ci95"])
+                                           if changes[n].get("speedup_ci95") else "") for n in MODELS[1:]) + " |")
+    tie = report.get("speed_tie")
+    if tie and tie["noisy"]:
+        lo, hi = tie["ci95"]
+        lines += ["", f"**Speed measurement noisy:** the pruned and distilled models have the same architecture "
+                      f"but timed {tie['distilled_vs_pruned']:.2f}x apart [{lo:.2f}, {hi:.2f}]; read the speed-ups "
+                      "as uncertain by at least that much, or re-run with more `speed.timed_runs`."]
 
     lines += ["", "## Task metrics", "",
               "Value ± standard error; for the pruned and distilled models also the change vs the original "

@@ -123,8 +123,8 @@ class PruneConfig(_Section):
 
 
 class SpeedConfig(_Section):
-    prompts: tuple[str, ...] = BOOK_PROMPTS
-    """Prompts timed one after another in each run (the book's three)."""
+    prompts: tuple[str, ...] = Field(BOOK_PROMPTS, min_length=1)
+    """Prompts timed one after another in each run (the book's three); at least one."""
     max_new_tokens: int = Field(50, ge=1)
     """New tokens generated per prompt (greedy)."""
     warmup_runs: int = Field(1, ge=0)
@@ -148,7 +148,7 @@ class DistillConfig(_Section):
     """Reproduce the book's loss exactly: kl_div batchmean over the padded [B, T, V] tensor, no T^2, padding included."""
     learning_rate: float = 1e-5
     """AdamW learning rate."""
-    weight_decay: float = 0.0
+    weight_decay: float = Field(0.0, ge=0)
     """AdamW weight decay."""
     batch_size: int = Field(8, ge=1)
     """Sequences per micro-batch."""
@@ -250,6 +250,18 @@ class DistillConfig(_Section):
         return v
 
 
+def _check_alias(setting: str, alias: str) -> str:
+    """An alias MLflow's registry can hold: letters, digits, '_' and '-', not reserved ('latest', 'v<N>')."""
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,255}", alias):
+        raise ValueError(f"{setting}={alias!r}: an alias is 1-255 letters, digits, '_' or '-'")
+    if alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
+        raise ValueError(f"{setting}={alias!r} is reserved by MLflow ('latest' and 'v<number>' name versions); "
+                         "choose another")
+    return alias
+
+
 class TrackingConfig(_Section):
     tracking_uri: str = ""
     """MLflow tracking URI; empty means $MLFLOW_TRACKING_URI, else sqlite:///<work_dir>/mlflow.db."""
@@ -263,10 +275,15 @@ class TrackingConfig(_Section):
     @field_validator("registered_model")
     @classmethod
     def _model_name(cls, v: str) -> str:
-        if not v.strip() or "/" in v or ":" in v:
+        if not v.strip() or any(c in v for c in "/:'\"\\"):
             raise ValueError(f"tracking.registered_model={v!r} is not a name MLflow accepts: "
-                             "non-empty, without '/' or ':'")
+                             "non-empty, without '/', ':', quotes or backslashes")
         return v
+
+    @field_validator("alias")
+    @classmethod
+    def _alias(cls, v: str) -> str:
+        return _check_alias("tracking.alias", v)
 
 
 class PromotionConfig(_Section):
@@ -274,6 +291,11 @@ class PromotionConfig(_Section):
     """After registering, run the promotion gate on the new version."""
     champion_alias: str = "champion"
     """Alias the gate moves to a version that passes."""
+
+    @field_validator("champion_alias")
+    @classmethod
+    def _alias(cls, v: str) -> str:
+        return _check_alias("promotion.champion_alias", v)
     min_mean_retention_pct: float = Field(90.0, ge=0, le=100)
     """The challenger must keep at least this mean accuracy retention vs the original (percent)."""
     min_speedup: float = Field(1.0, gt=0, le=100)
@@ -327,6 +349,13 @@ class TailorConfig(_Section):
         object.__setattr__(self, "work_dir", str(work))
         data_dir = Path(self.data.data_dir).expanduser().resolve() if self.data.data_dir else work / "data"
         object.__setattr__(self, "data", self.data.model_copy(update={"data_dir": str(data_dir)}))
+        return self
+
+    @model_validator(mode="after")
+    def _challenger_is_not_champion(self) -> "TailorConfig":
+        if self.promotion.enabled and self.tracking.alias == self.promotion.champion_alias:
+            raise ValueError(f"tracking.alias and promotion.champion_alias are both {self.tracking.alias!r}: a new "
+                             "version would take the champion alias without passing the gate; use two names")
         return self
 
     @property

@@ -8,6 +8,7 @@ local JSONL files in the Hugging Face schema.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import math
 import os
@@ -118,9 +119,26 @@ def _stock_config(manager, task: str) -> dict[str, Any]:
     return dict(load_yaml(entry.yaml_path, resolve_func=True))
 
 
+def evaluation_signature(cfg: EvalConfig, data: DataConfig) -> str:
+    """What a model's scores depend on besides its weights: the tasks and how they are scored,
+    the bytes of the offline data and of ``include_path``'s task files, and lm-eval's version.
+    Two evaluations with the same signature are comparable document by document."""
+    h = hashlib.sha256(json.dumps([list(cfg.tasks), cfg.limit, cfg.backend, cfg.dtype, data.mode,
+                                   _lm_eval_version()]).encode())
+    files = [Path(data.data_dir) / OFFLINE_SPLITS[t][0] for t in cfg.tasks
+             if data.mode == "offline" and t in OFFLINE_SPLITS]
+    if cfg.include_path:
+        files += sorted(p for p in Path(cfg.include_path).rglob("*") if p.is_file())
+    for f in files:
+        h.update(f.name.encode())
+        h.update(hashlib.sha256(f.read_bytes()).digest() if f.exists() else b"missing")
+    return h.hexdigest()[:16]
+
+
 def evaluation_file(ref: CheckpointRef, cfg: EvalConfig, data: DataConfig, work_dir: str) -> Path:
-    """Where a checkpoint's evaluation under these settings is kept (and found again)."""
-    return Path(work_dir) / "evals" / f"{stable_hash(ref.fingerprint, cfg.model_dump(), data.model_dump())}.json"
+    """Where a checkpoint's evaluation under these settings and data is kept (and found again)."""
+    return Path(work_dir) / "evals" / (
+        f"{stable_hash(ref.fingerprint, cfg.model_dump(), data.model_dump(), evaluation_signature(cfg, data))}.json")
 
 
 def evaluate_checkpoint(ref: CheckpointRef, cfg: EvalConfig, data: DataConfig, out_file: Path,

@@ -7,7 +7,8 @@ the original model (the challenger's own run) when there is none:
 * distillation did not make the model significantly worse than the pruned one on any
   task (paired 95% interval, ``tailor.harmed_vs_pruned``);
 * mean accuracy retention vs the original >= ``min_mean_retention_pct``;
-* generation speed-up vs the original >= ``min_speedup``;
+* generation speed-up vs the original >= ``min_speedup``: the lower bound of its bootstrap
+  interval over interleaved timing rounds (inconclusive when the interval holds it);
 * no task's accuracy more than ``max_task_drop`` below the reference's;
 * against a champion: evaluated the same way (tasks, limit, data), and a mean
   accuracy no lower than the champion's, so the alias never moves to a worse model.
@@ -59,6 +60,8 @@ def evaluation_tags(report: dict, eval_signature: str) -> dict[str, str]:
     tags = {"tailor.eval_signature": eval_signature, "tailor.speedup": str(change["speedup"]),
             # Empty when distillation hurt nowhere (significantly, vs the pruned model).
             "tailor.harmed_vs_pruned": "; ".join((report.get("healing") or {}).get("harmed", []))}
+    if change.get("speedup_ci95"):
+        tags["tailor.speedup_ci95_low"], tags["tailor.speedup_ci95_high"] = (str(x) for x in change["speedup_ci95"])
     if change["mean_acc_retention_pct"] is not None:  # None when no task reports accuracy
         tags["tailor.mean_acc_retention_pct"] = str(change["mean_acc_retention_pct"])
     for task, metrics in distilled["metrics"].items():
@@ -74,12 +77,10 @@ def decide(challenger: dict[str, str], champion: dict[str, str] | None, gate: Pr
     reasons: list[str] = []
     ok = True
     retention = float(challenger["tailor.mean_acc_retention_pct"])
-    speedup = float(challenger["tailor.speedup"])
     checks = [(retention >= gate.min_mean_retention_pct,
                f"mean retention {retention:.1f}% {'>=' if retention >= gate.min_mean_retention_pct else '<'} "
                f"{gate.min_mean_retention_pct:.1f}%"),
-              (speedup >= gate.min_speedup,
-               f"speed-up {speedup:.3f}x {'>=' if speedup >= gate.min_speedup else '<'} {gate.min_speedup:.3f}x")]
+              _speed_check(challenger, gate.min_speedup)]
     harmed = challenger.get("tailor.harmed_vs_pruned", "")
     checks.append((not harmed, f"distillation significantly worse than the pruned model on: {harmed}" if harmed
                    else "distillation not significantly worse than the pruned model on any task"))
@@ -106,6 +107,22 @@ def decide(challenger: dict[str, str], champion: dict[str, str] | None, gate: Pr
         ok &= passed
         reasons.append(("pass: " if passed else "FAIL: ") + reason)
     return ok, reference, reasons
+
+
+def _speed_check(challenger: dict[str, str], min_speedup: float) -> tuple[bool, str]:
+    """The speed-up passes when its interval's lower bound clears the threshold (the point
+    estimate alone for versions registered without an interval)."""
+    speedup = float(challenger["tailor.speedup"])
+    if "tailor.speedup_ci95_low" not in challenger:
+        passed = speedup >= min_speedup
+        return passed, f"speed-up {speedup:.3f}x {'>=' if passed else '<'} {min_speedup:.3f}x"
+    low, high = float(challenger["tailor.speedup_ci95_low"]), float(challenger["tailor.speedup_ci95_high"])
+    shown = f"speed-up {speedup:.3f}x [{low:.3f}, {high:.3f}]"
+    if low >= min_speedup:
+        return True, f"{shown}: at least {min_speedup:.3f}x"
+    if high < min_speedup:
+        return False, f"{shown}: below {min_speedup:.3f}x"
+    return False, f"{shown}: inconclusive, the interval holds {min_speedup:.3f}x (not promoted; more speed.timed_runs)"
 
 
 def promote(client: MlflowClient, model_name: str, version: str, gate: PromotionConfig, force: bool = False,
@@ -160,10 +177,18 @@ def _existing_versions(client: MlflowClient, model_name: str) -> list[str]:
 
 
 def _alias_version(client: MlflowClient, model_name: str, alias: str) -> str | None:
+    """The version holding ``alias``, None only when the registry says there is none.
+
+    Fails closed: any other registry error stops the promotion, so an unreadable champion is
+    never taken for "no champion" (which would judge the challenger against the original only).
+    """
     try:
         return str(client.get_model_version_by_alias(model_name, alias).version)
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST" or "not found" in str(exc).lower():
+            return None
+        raise PromotionError(f"cannot read alias {alias!r} of {model_name!r} from the registry ({exc}); "
+                             "not promoting") from exc
 
 
 def _task_values(tags: dict[str, str], prefix: str) -> dict[str, float]:

@@ -12,17 +12,19 @@ from tailor.config import DataConfig, DistillConfig, EvalConfig, SpeedConfig
 from tailor.evaluation import evaluate_checkpoint, evaluation_file
 from tailor.perplexity import checkpoint_heldout_perplexity
 from tailor.resources import stage_cost
-from tailor.speed import profile_checkpoint
+from tailor.speed import profile_checkpoints
 
 from ._common import CACHED, prefect_key
 
 
 @task(name="evaluate-model", cache_policy=CACHED, persist_result=True)
 def evaluate_model(ref: CheckpointRef, eval_cfg: EvalConfig, data: DataConfig, work_dir: str,
-                   label: str = "model") -> dict:
+                   label: str = "model", signature: str = "") -> dict:
     """lm-eval metrics of one checkpoint; per-item scores are kept in the work folder.
 
-    A progress artifact keyed by ``label`` moves as requests are scored.
+    ``signature`` (``evaluation_signature``: the data's and task files' content, lm-eval's
+    version) is part of the cache key, so changed data is never served from cache. A
+    progress artifact keyed by ``label`` moves as requests are scored.
     """
     out = evaluation_file(ref, eval_cfg, data, work_dir)
     start = time.perf_counter()
@@ -43,12 +45,10 @@ def score_heldout(ref: CheckpointRef, distill: DistillConfig, data: DataConfig) 
 
 @task(name="measure-speed", cache_policy=CACHED, persist_result=True)
 def measure_speed(refs: dict[str, CheckpointRef], speed: SpeedConfig) -> dict[str, dict]:
-    """Profile every checkpoint in one task, one after another, so no other stage competes
-    for the CPU while a model is being timed."""
-    profiles = {}
-    for name, ref in refs.items():
-        start = time.perf_counter()
-        profiles[name] = profile_checkpoint(ref.verify(), speed)
-        profiles[name].update(stage_cost(start))
-    return profiles
+    """Profile every checkpoint in one task, timed in interleaved rounds, so no other stage
+    competes for the CPU and the machine's drift falls on every model alike."""
+    start = time.perf_counter()
+    profiles = profile_checkpoints(refs, speed)
+    cost = stage_cost(start)
+    return {name: {**p, **cost} for name, p in profiles.items()}
 

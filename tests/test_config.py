@@ -60,3 +60,16 @@ def test_every_setting_has_help():
     assert len(lines) > 30
     assert all(line.split(": ", 1)[1].strip() for line in lines), "a setting lacks a doc string"
     assert TailorConfig.model_fields.keys() >= {"model", "data", "eval", "prune", "distill", "tracking"}
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("speed.prompts=[]", "speed.prompts"),
+    ("distill.weight_decay=-0.1", "distill.weight_decay"),
+    ("tracking.registered_model=it's-mine", "tracking.registered_model"),
+    ("tracking.alias=latest", "tracking.alias='latest' is reserved"),
+    ("promotion.champion_alias=v3", "promotion.champion_alias='v3' is reserved"),
+    ("tracking.alias=champion", "tracking.alias and promotion.champion_alias are both 'champion'"),
+])
+def test_settings_that_would_mislead_later_stages_are_refused(override, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config("smoke", [override])

@@ -74,3 +74,23 @@ def test_a_task_from_the_users_folder(tiny_model, tiny_tokenizer, tmp_path, shar
     assert len(result["requests"]["my_qa"]) == 3 and all(len(doc) == 2 for doc in result["requests"]["my_qa"])
     with pytest.raises(EvalSetupError, match="eval.include_path"):
         check_tasks(("my_qa",), _offline(shared_data), str(tmp_path / "nope"))
+
+
+def test_the_evaluation_signature_follows_the_datas_bytes_not_its_folder(tmp_path, shared_data):
+    import shutil
+
+    from tailor.config import DataConfig, EvalConfig
+    from tailor.evaluation import OFFLINE_SPLITS, evaluation_signature
+
+    cfg = EvalConfig(tasks=("winogrande",), limit=5)
+    copy = tmp_path / "copy"
+    rel = OFFLINE_SPLITS["winogrande"][0]
+    (copy / rel).parent.mkdir(parents=True)
+    shutil.copyfile(shared_data / rel, copy / rel)
+    same = evaluation_signature(cfg, DataConfig(data_dir=str(copy)))
+    assert same == evaluation_signature(cfg, DataConfig(data_dir=str(shared_data)))
+    with (copy / rel).open("a") as fh:
+        fh.write('{"sentence": "A _ changed row.", "option1": "a", "option2": "b", "answer": "1"}\n')
+    assert evaluation_signature(cfg, DataConfig(data_dir=str(copy))) != same
+    assert evaluation_signature(cfg.model_copy(update={"backend": "hflm"}), DataConfig(data_dir=str(copy))) != \
+        evaluation_signature(cfg, DataConfig(data_dir=str(copy)))

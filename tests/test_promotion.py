@@ -154,3 +154,20 @@ def test_two_runs_racing_to_promote_end_with_the_better_model(registry, monkeypa
     assert _champion(client) == better
     # Serialised: exactly one of the two saw no champion; the other judged against it.
     assert sorted(d["previous_champion"] is None for d in decisions) == [False, True]
+
+
+def test_an_unreadable_champion_stops_the_promotion_instead_of_counting_as_none(registry):
+    from mlflow.exceptions import MlflowException
+
+    uri, client, add = registry
+    v = add(_tags({"arc_easy": 0.58, "hellaswag": 0.39}, ORIGINAL, 1.10))
+
+    class FlakyRegistry(MlflowClient):
+        """The real sqlite registry, except that reading an alias fails like a dropped connection."""
+
+        def get_model_version_by_alias(self, name, alias):
+            raise MlflowException("database is locked", error_code="INTERNAL_ERROR")
+
+    with pytest.raises(PromotionError, match="cannot read alias 'champion'.*not promoting"):
+        promote(FlakyRegistry(uri, registry_uri=uri), NAME, v, GATE)
+    assert _champion(client) is None
