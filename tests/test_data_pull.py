@@ -35,3 +35,13 @@ def test_lambada_is_labelled_whitespace_normalised(pulled, shared_data):
     # Same passages once whitespace is normalised.
     assert all(a["text"] == " ".join(b["text"].split()) or a["text"] == b["text"] for a, b in zip(ours, ref))
 
+
+
+def test_auto_pull_adds_missing_files_and_never_overwrites_the_users(tmp_path):
+    mine = tmp_path / data_pull.CORPUS_FILES[2]
+    mine.parent.mkdir(parents=True)
+    mine.write_text('{"text": "my own stories"}\n')
+    written = data_pull.pull_missing_files(tmp_path)
+    assert data_pull.CORPUS_FILES[2] not in written and mine.read_text() == '{"text": "my own stories"}\n'
+    assert set(written) == {*data_pull.BENCHMARK_FILES.values(), *data_pull.CORPUS_FILES[:2], "MANIFEST.json"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["MANIFEST.json", "benchmarks", "corpus"]
