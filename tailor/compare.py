@@ -62,6 +62,9 @@ def build_report(profiles: dict[str, dict], evals: dict[str, dict], extra: dict)
                     if paired is not None:
                         per_task[task][metric]["paired_ci95"] = [paired["ci_low"], paired["ci_high"]]
                         per_task[task][metric]["significant"] = paired["significant"]
+                        per_task[task][metric]["n"] = paired["n"]
+                        # Smallest true change this sample detects 80% of the time at the 5% level.
+                        per_task[task][metric]["min_detectable"] = 2.8 * (paired["ci_high"] - paired["ci_low"]) / 3.92
         changes[name] = {
             "tasks": per_task,
             "mean_acc_retention_pct": mean_acc_retention(base["metrics"], m["metrics"]),
@@ -191,6 +194,12 @@ def render_markdown(report: dict, figure_dir: Path | None = None) -> str:
                 cells += [_score(models[n]["metrics"][task][metric]), _delta(c),
                           _fmt(c['retention_pct'], '.1f') + ("%" if c['retention_pct'] is not None else "")]
             lines.append("| " + " | ".join(cells) + " |")
+    detectable = {t: m["acc"]["min_detectable"] for t, m in changes["distilled"]["tasks"].items()
+                  if "min_detectable" in m.get("acc", {})}
+    if detectable:
+        lines += ["", "Smallest accuracy change these documents detect (80% power, 5% level, paired): "
+                  + ", ".join(f"{t} {v:.3f}" for t, v in detectable.items())
+                  + ". A smaller true change can hide behind \"not significant\"."]
     lines += ["", "Mean accuracy retention: " + ", ".join(
         f"{n} {_fmt(changes[n]['mean_acc_retention_pct'], '.1f')}%" for n in MODELS[1:]), ""]
     if report.get("eval_limit") is not None:

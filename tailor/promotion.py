@@ -9,7 +9,10 @@ the original model (the challenger's own run) when there is none:
 * mean accuracy retention vs the original >= ``min_mean_retention_pct``;
 * generation speed-up vs the original >= ``min_speedup``: the lower bound of its bootstrap
   interval over interleaved timing rounds (inconclusive when the interval holds it);
-* no task's accuracy more than ``max_task_drop`` below the reference's;
+* no task's accuracy more than ``max_task_drop`` below the reference's: against the original,
+  the lower bound of the paired 95% interval of the change must clear -``max_task_drop``
+  (an interval that holds it is "inconclusive: not promoted", with the documents that would
+  decide it); against a champion, the point estimates (their documents are not paired here);
 * against a champion: evaluated the same way (tasks, limit, data), and a mean
   accuracy no lower than the champion's, so the alias never moves to a worse model.
 
@@ -20,6 +23,7 @@ task uses a global concurrency limit), and the champion is read inside it.
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -68,6 +72,10 @@ def evaluation_tags(report: dict, eval_signature: str) -> dict[str, str]:
         if "acc" in metrics:
             tags[f"tailor.acc.{task}"] = str(metrics["acc"]["value"])
             tags[f"tailor.original_acc.{task}"] = str(original["metrics"][task]["acc"]["value"])
+            paired = change["tasks"][task]["acc"]
+            if "paired_ci95" in paired:
+                tags[f"tailor.acc_delta.{task}"] = ",".join(
+                    str(x) for x in (paired["delta"], *paired["paired_ci95"], paired["n"]))
     return tags
 
 
@@ -97,7 +105,11 @@ def decide(challenger: dict[str, str], champion: dict[str, str] | None, gate: Pr
                                                  f"{'>=' if mean_new >= mean_old else '<'} {reference}'s {mean_old:.4f}"))
         else:
             reference, ref_acc = "original", _task_values(challenger, "tailor.original_acc.")
+        intervals = _task_intervals(challenger) if champion is None else {}
         for task, value in sorted(acc.items()):
+            if task in intervals:  # paired interval vs the original on the same documents
+                checks.append(_non_inferior(task, *intervals[task], gate.max_task_drop))
+                continue
             drop = ref_acc.get(task, value) - value
             # A drop equal to the threshold passes: 0.40 - 0.35 is 0.05000000000000004 in floats.
             within = drop <= gate.max_task_drop + _ROUNDING
@@ -107,6 +119,31 @@ def decide(challenger: dict[str, str], champion: dict[str, str] | None, gate: Pr
         ok &= passed
         reasons.append(("pass: " if passed else "FAIL: ") + reason)
     return ok, reference, reasons
+
+
+def _task_intervals(tags: dict[str, str]) -> dict[str, tuple[float, float, float, int]]:
+    """task -> (accuracy change vs the original, its paired 95% interval, documents), from the tags."""
+    out = {}
+    for key, value in tags.items():
+        if key.startswith("tailor.acc_delta."):
+            task = key.removeprefix("tailor.acc_delta.")
+            delta, low, high, n = value.split(",")
+            out[task] = (float(delta), float(low), float(high), int(n))
+    return out
+
+
+def _non_inferior(task: str, delta: float, low: float, high: float, n: int, margin: float) -> tuple[bool, str]:
+    """Shown not worse than the original by more than ``margin``: the interval's lower bound
+    clears -margin. Undecided intervals say how many documents would decide them."""
+    shown = f"{task} accuracy change {delta:+.4f} [{low:+.3f}, {high:+.3f}] over {n} documents"
+    if low >= -margin - _ROUNDING:
+        return True, f"{shown}: shown within -{margin}"
+    if high < -margin:
+        return False, f"{shown}: worse than -{margin}"
+    half, distance = (high - low) / 2, abs(delta + margin)
+    needed = f"about {math.ceil(n * (half / distance) ** 2):,} documents would decide it" if distance > 1e-9 \
+        else "the change sits on the margin"
+    return False, f"{shown}: inconclusive, the interval holds -{margin} (not promoted; {needed})"
 
 
 def _speed_check(challenger: dict[str, str], min_speedup: float) -> tuple[bool, str]:

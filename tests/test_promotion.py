@@ -171,3 +171,19 @@ def test_an_unreadable_champion_stops_the_promotion_instead_of_counting_as_none(
     with pytest.raises(PromotionError, match="cannot read alias 'champion'.*not promoting"):
         promote(FlakyRegistry(uri, registry_uri=uri), NAME, v, GATE)
     assert _champion(client) is None
+
+
+@pytest.mark.parametrize("interval, passes, word", [
+    ("-0.01,-0.04,0.02,500", True, "shown within -0.05"),
+    ("-0.12,-0.16,-0.08,500", False, "worse than -0.05"),
+    ("-0.04,-0.10,0.02,100", False, "inconclusive"),
+])
+def test_against_the_original_each_task_is_judged_by_its_paired_interval(interval, passes, word):
+    tags = {**_tags({"arc_easy": 0.58}, {"arc_easy": 0.60}, 1.10), "tailor.acc_delta.arc_easy": interval}
+    ok, _, reasons = decide(tags, None, GATE)
+    assert ok == passes
+    line = next(r for r in reasons if "arc_easy" in r)
+    assert word in line
+    if word == "inconclusive":
+        # half-width 0.06 at a distance 0.01 from the margin: 36 times the 100 documents
+        assert "about 3,600 documents would decide it" in line
