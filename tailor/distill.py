@@ -15,8 +15,8 @@ from .checkpoint import (CheckpointRef, existing_checkpoint, load_model, save_mo
                          write_file_atomically)
 from .config import DataConfig, DistillConfig, TailorError
 from .corpus import heldout_samples, training_samples
-from .perplexity import heldout_perplexity
 from .kd_loss import LossCounts, LossSpec, TopKTeacher, kd_loss_chunked, kd_loss_topk
+from .perplexity import heldout_perplexity
 from .precision import final_hidden, load_teacher, resolve_bf16_autocast, teacher_numerics
 from .teacher_cache import load_topk_cache
 
@@ -79,11 +79,16 @@ def distill(teacher, student, samples: dict[str, torch.Tensor], cfg: DistillConf
     else:
         torch.manual_seed(cfg.seed)
     curve: list[list[float]] = progress.setdefault("heldout_curve", [])
+    clock = {"start": None}  # training time starts after the first curve point
 
     def score_heldout(step: int) -> None:
+        """One point of the healing curve; its time is kept out of the training time."""
         if heldout and rank == 0 and not any(s == step for s, _ in curve):
+            began = time.perf_counter()
             ppl = heldout_perplexity(student, heldout)["perplexity"]
             curve.append([step, ppl])
+            if clock["start"] is not None:
+                clock["start"] += time.perf_counter() - began
             if on_heldout is not None:
                 on_heldout(step, ppl)
 
@@ -91,7 +96,7 @@ def distill(teacher, student, samples: dict[str, torch.Tensor], cfg: DistillConf
     spec = loss_spec(cfg)
     losses: list[float] = progress["losses"]
     window: list[float] = []  # losses of the micro-batches since the last optimiser step
-    start = time.perf_counter() - progress["seconds"]
+    clock["start"] = time.perf_counter() - progress["seconds"]
     for epoch in range(progress["epoch"], cfg.epochs):
         order = list(range(n))
         random.Random(cfg.seed + epoch).shuffle(order)
@@ -128,13 +133,13 @@ def distill(teacher, student, samples: dict[str, torch.Tensor], cfg: DistillConf
             window = []
             if cfg.heldout_every and len(losses) % cfg.heldout_every == 0:
                 score_heldout(len(losses))
-            progress.update(epoch=epoch, batch=batch + 1, seconds=time.perf_counter() - start)
+            progress.update(epoch=epoch, batch=batch + 1, seconds=time.perf_counter() - clock["start"])
             if resume_file is not None and rank == 0 and cfg.checkpoint_every \
                     and len(losses) % cfg.checkpoint_every == 0:
                 _save_resume_state(resume_file, student, optimizer, scheduler, progress)
             if on_step is not None:
                 on_step(len(losses), losses[-1])
-    elapsed = time.perf_counter() - start
+    elapsed = time.perf_counter() - clock["start"]
     score_heldout(len(losses))
     student.eval()
     if cfg.gradient_checkpointing:
