@@ -78,7 +78,7 @@ def write_checkpoint(folder: Path, writer: Callable[[Path], None]) -> Checkpoint
     folder = Path(folder)
     if (ref := existing_checkpoint(folder)) is not None:
         return ref
-    _refuse_foreign_folder(folder)
+    check_checkpoint_target(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     # A private temporary folder: two runs writing the same checkpoint at once (a sweep
     # beside a run) must not write into each other's files.
@@ -90,7 +90,7 @@ def write_checkpoint(folder: Path, writer: Callable[[Path], None]) -> Checkpoint
         with _LOAD_LOCK:
             if (ref := existing_checkpoint(folder)) is not None:
                 return ref  # another writer finished first; ours is discarded below
-            _refuse_foreign_folder(folder)
+            check_checkpoint_target(folder)
             try:
                 tmp.rename(folder)
             except OSError:
@@ -106,8 +106,8 @@ class CheckpointError(TailorError, RuntimeError):
     """A checkpoint cannot be written where it was asked for."""
 
 
-def _refuse_foreign_folder(folder: Path) -> None:
-    """A non-empty folder without a FINGERPRINT was not written by us (ours appear complete,
+def check_checkpoint_target(folder: Path) -> None:
+    """Before any work: a checkpoint can be written at ``folder``. A non-empty folder without a FINGERPRINT was not written by us (ours appear complete,
     by rename): it is the user's, and is never deleted or overwritten."""
     if folder.is_dir() and any(folder.iterdir()):
         raise CheckpointError(f"{folder} exists and is not an llm-tailor checkpoint (no {FINGERPRINT_FILE} file); "

@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from .checkpoint import (CheckpointRef, existing_checkpoint, load_model, save_model, stable_hash, write_checkpoint,
+from .checkpoint import (CheckpointRef, check_checkpoint_target, existing_checkpoint, load_model, save_model, stable_hash, write_checkpoint,
                          write_file_atomically)
 from .config import DataConfig, DistillConfig, TailorError
 from .corpus import heldout_samples, training_samples
@@ -326,6 +326,7 @@ def distill_checkpoint(teacher_ref: CheckpointRef, student_ref: CheckpointRef, c
     """
     if (done := existing_checkpoint(out_dir)) is not None:
         return done, json.loads((Path(done.path) / TRAINING_RECORD).read_text())
+    check_checkpoint_target(out_dir)
     student, tokenizer = load_model(student_ref, device=device)
     samples = training_samples(tokenizer, cfg, data)
     heldout = heldout_samples(tokenizer, cfg, data) if cfg.heldout_docs else None

@@ -88,3 +88,18 @@ def test_atomic_file_writes_leave_no_temporary_file_and_keep_the_old_file_on_fai
     with pytest.raises(RuntimeError):
         write_file_atomically(target, broken)
     assert target.read_text() == "first" and [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+
+def test_tailor_distill_into_a_users_folder_fails_before_training_and_keeps_it(tmp_path, capsys):
+    from tailor.cli import main
+    from tailor.config import ModelConfig
+    from tailor.sources import materialize
+
+    base = materialize(ModelConfig(source="tiny"), str(tmp_path))
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+    code = main(["distill", "--teacher", base.path, "--student", base.path, "--out", str(out), "--profile", "smoke"])
+    assert code == 2 and (out / "thesis.tex").read_text() == "years of work"
+    assert "is not an llm-tailor checkpoint" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["thesis.tex"]
