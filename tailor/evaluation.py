@@ -53,7 +53,8 @@ def check_tasks(tasks: tuple[str, ...], data: DataConfig, include_path: str = ""
     In offline mode the reference tasks read the offline data folder; any other task
     (stock or from ``include_path``) runs on the dataset its own YAML names.
     """
-    known = set((manager or _task_manager(include_path)).all_tasks)
+    manager = manager or _task_manager(include_path)
+    known = set(manager.all_tasks)
     for task in tasks:
         if task not in known:
             close = difflib.get_close_matches(task, sorted(known), n=5)
@@ -61,6 +62,29 @@ def check_tasks(tasks: tuple[str, ...], data: DataConfig, include_path: str = ""
                                  + (f"; close matches: {', '.join(close)}" if close else ""))
         if data.mode == "offline" and task in OFFLINE_SPLITS:
             _check_offline_file(task, Path(data.data_dir) / OFFLINE_SPLITS[task][0])
+        elif data.mode == "offline" and not _from_include_path(manager, task, include_path):
+            raise EvalSetupError(
+                f"eval.tasks: {task!r} has no offline data (data.mode=offline covers {', '.join(OFFLINE_SPLITS)}); "
+                "give it a task YAML with local data_files in eval.include_path, or set data.mode=hub")
+        metrics = _reported_metrics(manager, task)
+        if metrics is not None and not metrics & set(REPORTED_METRICS):
+            raise EvalSetupError(f"eval.tasks: {task!r} reports {sorted(metrics)}, none of {list(REPORTED_METRICS)} "
+                                 "that the report, the healing check and the gate read; choose another task")
+
+
+def _from_include_path(manager, task: str, include_path: str) -> bool:
+    entry = manager.task_index.get(task)
+    path = getattr(entry, "yaml_path", None)
+    return bool(include_path and path and Path(path).resolve().is_relative_to(Path(include_path).resolve()))
+
+
+def _reported_metrics(manager, task: str) -> set[str] | None:
+    """The metric names a YAML task declares (None for groups and Python tasks: not checked)."""
+    entry = manager.task_index.get(task)
+    if getattr(entry, "yaml_path", None) is None:
+        return None
+    metric_list = _stock_config(manager, task).get("metric_list")
+    return {m["metric"] for m in metric_list if isinstance(m.get("metric"), str)} if metric_list else None
 
 
 def _check_offline_file(task: str, path: Path) -> None:

@@ -10,7 +10,7 @@ from .corpus import check_corpus
 from .evaluation import OFFLINE_SPLITS, check_tasks
 from .importance import SCORED_STRATEGIES
 from .pruning import PruneError, resolve_indices
-from .sources import check_source, source_num_layers
+from .sources import check_source, source_limits, source_num_layers
 
 
 def ensure_offline_data(cfg: TailorConfig) -> None:
@@ -52,11 +52,24 @@ def check_trainable_layers(cfg: TailorConfig, num_layers: int) -> None:
                           f"layers left after pruning; allowed: 0 (all) to {left}")
 
 
+def check_model_limits(cfg: TailorConfig, vocab_size: int, context: int) -> None:
+    """Settings bounded by the model: top-k within the vocabulary, sample lengths within the context."""
+    if cfg.distill.teacher_topk > vocab_size:
+        raise ConfigError(f"distill.teacher_topk={cfg.distill.teacher_topk} exceeds the model's vocabulary of "
+                          f"{vocab_size:,} tokens; allowed: 0 (exact KD) to {vocab_size:,}")
+    for name, value in (("distill.seq_len", cfg.distill.seq_len), ("prune.calibration_seq_len",
+                                                                    cfg.prune.calibration_seq_len)):
+        if value > context:
+            raise ConfigError(f"{name}={value} exceeds the model's context of {context:,} tokens; "
+                              f"allowed: 2 to {context:,}")
+
+
 def preflight(cfg: TailorConfig) -> None:
     check_source(cfg.model)
     num_layers = source_num_layers(cfg.model)
     check_prune(cfg.prune, num_layers)
     check_trainable_layers(cfg, num_layers)
+    check_model_limits(cfg, *source_limits(cfg.model))
     ensure_offline_data(cfg)
     check_tasks(cfg.eval.tasks, cfg.data, cfg.eval.include_path)
     check_corpus(cfg.distill, cfg.data)

@@ -14,6 +14,9 @@ from .config import ModelConfig, TailorError
 
 
 EMBEDDED_NUM_LAYERS = 18
+# The embedded package pins one file by sha256 (gemma-3-270m): its vocabulary and context.
+EMBEDDED_VOCAB_SIZE = 262_144
+EMBEDDED_CONTEXT = 32_768
 
 
 class ModelSourceError(TailorError, ValueError):
@@ -104,3 +107,18 @@ def source_num_layers(cfg: ModelConfig) -> int:
 
     config = AutoConfig.from_pretrained(cfg.name_or_path, local_files_only=cfg.offline)
     return int(getattr(config, "num_hidden_layers", None) or config.get_text_config().num_hidden_layers)
+
+
+def source_limits(cfg: ModelConfig) -> tuple[int, int]:
+    """(vocabulary size, context length in tokens) of a source, without loading its weights."""
+    if cfg.source == "embedded":
+        return EMBEDDED_VOCAB_SIZE, EMBEDDED_CONTEXT
+    if cfg.source == "tiny":
+        from .tiny import TINY_CONTEXT, build_tiny_tokenizer
+
+        return len(build_tiny_tokenizer()), TINY_CONTEXT
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(cfg.name_or_path, local_files_only=cfg.offline)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(text.vocab_size), int(getattr(text, "max_position_embeddings", 0) or 10**9)

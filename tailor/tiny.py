@@ -16,6 +16,7 @@ _TRAINING_TEXT = (
 ) * 4
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>"]
 TINY_NUM_LAYERS = 4
+TINY_CONTEXT = 512
 
 
 def build_tiny_tokenizer(vocab_size: int = 384):
@@ -44,7 +45,7 @@ def build_tiny_gemma3(tokenizer, num_layers: int = TINY_NUM_LAYERS, seed: int = 
     config = Gemma3TextConfig(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
         num_hidden_layers=num_layers, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
-        max_position_embeddings=512, sliding_window=16, layer_types=layer_types,
+        max_position_embeddings=TINY_CONTEXT, sliding_window=16, layer_types=layer_types,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
     )

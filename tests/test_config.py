@@ -73,3 +73,16 @@ def test_every_setting_has_help():
 def test_settings_that_would_mislead_later_stages_are_refused(override, needle):
     with pytest.raises(ConfigError, match=needle):
         load_config("smoke", [override])
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("distill.teacher_topk=100000", "distill.teacher_topk=100000 exceeds the model's vocabulary of"),
+    ("distill.seq_len=4096", "distill.seq_len=4096 exceeds the model's context of 512 tokens"),
+])
+def test_settings_beyond_the_models_limits_fail_before_work(override, needle):
+    from tailor.preflight import check_model_limits
+    from tailor.sources import source_limits
+
+    cfg = load_config("smoke", [override])
+    with pytest.raises(ConfigError, match=needle):
+        check_model_limits(cfg, *source_limits(cfg.model))

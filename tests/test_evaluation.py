@@ -94,3 +94,15 @@ def test_the_evaluation_signature_follows_the_datas_bytes_not_its_folder(tmp_pat
     assert evaluation_signature(cfg, DataConfig(data_dir=str(copy))) != same
     assert evaluation_signature(cfg.model_copy(update={"backend": "hflm"}), DataConfig(data_dir=str(copy))) != \
         evaluation_signature(cfg, DataConfig(data_dir=str(copy)))
+
+
+def test_offline_tasks_without_local_data_or_without_accuracy_fail_before_work(shared_data, tmp_path):
+    from tailor.config import DataConfig
+    from tailor.evaluation import EvalSetupError, check_tasks
+
+    data = DataConfig(data_dir=str(shared_data))
+    with pytest.raises(EvalSetupError, match="'piqa' has no offline data"):
+        check_tasks(("arc_easy", "piqa"), data)
+    with pytest.raises(EvalSetupError, match=r"'wikitext' reports \['bits_per_byte', 'byte_perplexity', "
+                                              r"'word_perplexity'\], none of"):
+        check_tasks(("wikitext",), DataConfig(mode="hub"))
