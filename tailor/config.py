@@ -15,9 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "configs"
 REFERENCE_TASKS = ("arc_easy", "winogrande", "hellaswag", "lambada_openai")
-# Narrative text heals LAMBADA, encyclopedic and web text the knowledge tasks: see corpus.py.
-DEFAULT_CORPUS_MIX = {"corpus/tinystories_sample.jsonl": 0.5, "corpus/wikipedia_sample.jsonl": 0.3,
-                      "corpus/c4_sample.jsonl": 0.2}
+# Narrative and encyclopedic text; no C4, whose document starts are navigation menus and
+# link lists (distilling on them wrecked LAMBADA): see benchmarks/healing.py.
+DEFAULT_CORPUS_MIX = {"corpus/tinystories_sample.jsonl": 0.6, "corpus/wikipedia_sample.jsonl": 0.4}
 BOOK_PROMPTS = ("The capital of France is", "Machine learning is", "Climate change refers to")
 
 

@@ -13,8 +13,6 @@ says "cannot tell" instead of printing it.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 LEVEL = 0.95
@@ -126,6 +124,3 @@ def harmed_metrics(summary: dict) -> list[str]:
         harmed.append(f"{ppl['task']} perplexity")
     return harmed
 
-
-def finite(x: float | None) -> bool:
-    return x is not None and math.isfinite(x)
