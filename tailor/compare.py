@@ -262,7 +262,7 @@ def healing_markdown(report: dict) -> list[str]:
              "(distilled − pruned) / (original − pruned) with its interval: 0% = no healing, 100% = the original's "
              "quality back. The share is printed only where pruning's own damage is significant; elsewhere the "
              "sample cannot tell. Pooled weighs every task equally.", "",
-             "| task | pruning damage [95% CI] | distilled − pruned [95% CI] | verdict | recovered share [95% CI] | docs |",
+             "| task | pruned − original [95% CI] | distilled − pruned [95% CI] | verdict | recovered share [95% CI] | docs |",
              "|---|---|---|---|---|---|"]
     for task, r in [*healing["per_task"].items(), ("**pooled**", healing["pooled"])]:
         lines.append(f"| {task} | {_ci(-r['damage'], [-r['damage_ci95'][1], -r['damage_ci95'][0]])} | "
