@@ -13,7 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-PROFILE_DIR = Path(__file__).resolve().parent.parent / "configs"
+# Shipped inside the package, so a plain (non-editable) install has them too.
+PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
 REFERENCE_TASKS = ("arc_easy", "winogrande", "hellaswag", "lambada_openai")
 # Narrative and encyclopedic text; no C4, whose document starts are navigation menus and
 # link lists (distilling on them wrecked LAMBADA): see benchmarks/healing.py.
