@@ -49,11 +49,21 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(checkpo
     assert single["world_size"] == 1 and parallel["world_size"] == 2
     assert parallel["optimizer_steps"] == single["optimizer_steps"] == 2
     assert parallel["train_tokens"] == single["train_tokens"]
-    assert parallel["losses"] == pytest.approx(single["losses"], rel=1e-5)
+    assert parallel["losses"][0] == pytest.approx(single["losses"][0], rel=1e-5)  # same weights, same batch
+    assert parallel["losses"] == pytest.approx(single["losses"], rel=1e-3)
     ours = load_model(load_ref(parallel))[0].state_dict()
     reference = load_model(load_ref(single))[0].state_dict()
+    # Two ranks sum the gradient in another order than one process. AdamW's first steps move
+    # every weight by about lr * sign(gradient), so an element whose gradient is float-rounding
+    # close to zero can move the other way: at most 2 * lr per step, and only for a few elements.
+    steps, lr = single["optimizer_steps"], 1e-3
+    differ = total = 0
     for key in reference:
-        assert torch.allclose(ours[key], reference[key], rtol=1e-4, atol=1e-6), key
+        diff = (ours[key] - reference[key]).abs()
+        assert float(diff.max()) <= 2 * lr * steps + 1e-6, key
+        differ += int((diff > 1e-6 + 1e-4 * reference[key].abs()).sum())
+        total += diff.numel()
+    assert differ / total < 1e-3, f"{differ} of {total} weights differ"
 
 
 def load_ref(result: dict):
