@@ -23,8 +23,8 @@ def sample_nll(model, samples: dict[str, torch.Tensor], batch_size: int = 8) -> 
     """Per sample: summed next-token negative log-likelihood and the number of scored tokens.
 
     Matmuls run in bfloat16 where the device multiplies it natively (the 262k-row head is
-    most of the cost; about 2x faster on a CPU with AMX), softmax and sums in float32.
-    Every model compared is scored the same way, so their ratios are unaffected.
+    most of the cost), softmax and sums in float32. Every model compared is scored the same
+    way, so comparisons between them are like for like.
     """
     was_training = model.training
     model.eval()
