@@ -11,7 +11,7 @@ the pruned model on the same documents: per-task accuracy change with its paired
 interval, the pooled change and recovered share, LAMBADA perplexity, and the held-out
 corpus perplexity. The row `quick_as_shipped_before` rebuilds the samples the quick
 profile used before the fix (64 windows cut through documents without BOS, wikipedia
-first) to show the cause next to its fix. The last line is JSON.
+first) to show the old recipe beside the new sampling. The last line is JSON.
 """
 
 from __future__ import annotations
