@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .stats import doc_order
+
 LEVEL = 0.95
 ITERS = 2000
 
@@ -25,7 +27,7 @@ def _aligned(evals: dict[str, dict], task: str, metric: str) -> np.ndarray | Non
     if not all(items):
         return None
     shared = sorted(set.intersection(*(set(k for k, v in i.items() if metric in v) for i in items)),
-                    key=lambda k: (len(k), k))
+                    key=doc_order)
     if not shared:
         return None
     return np.array([[i[k][metric] for k in shared] for i in items], dtype=np.float64)
@@ -75,7 +77,7 @@ def lambada_loglikelihoods(evals: dict[str, dict], task: str = "lambada_openai")
         if not requests or len(doc_ids) != len(requests):
             return None
         rows.append(dict(zip(doc_ids, (r[0][0] for r in requests))))
-    shared = sorted(set(rows[0]) & set(rows[1]) & set(rows[2]), key=lambda k: (len(k), k))
+    shared = sorted(set(rows[0]) & set(rows[1]) & set(rows[2]), key=doc_order)
     return np.array([[r[k] for k in shared] for r in rows], dtype=np.float64) if shared else None
 
 

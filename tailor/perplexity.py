@@ -28,6 +28,7 @@ def sample_nll(model, samples: dict[str, torch.Tensor], batch_size: int = 8) -> 
     """
     was_training = model.training
     model.eval()
+    bf16 = fast_bfloat16(model.device)
     ids, mask = samples["input_ids"], samples["attention_mask"]
     sums: list[float] = []
     counts: list[int] = []
@@ -35,13 +36,13 @@ def sample_nll(model, samples: dict[str, torch.Tensor], batch_size: int = 8) -> 
         for start in range(0, ids.shape[0], batch_size):
             b_ids = ids[start:start + batch_size].to(model.device)
             b_mask = mask[start:start + batch_size].to(model.device)
-            with bfloat16_autocast(fast_bfloat16(model.device), model.device):
+            with bfloat16_autocast(bf16, model.device):
                 hidden = model.get_decoder()(input_ids=b_ids, attention_mask=b_mask,
                                              use_cache=False).last_hidden_state
             for row, row_ids, row_mask in zip(hidden, b_ids, b_mask):
                 n = int(row_mask.sum())
                 # One sequence through the head at a time: [seq, V] logits, never [B, seq, V].
-                with bfloat16_autocast(fast_bfloat16(model.device), model.device):
+                with bfloat16_autocast(bf16, model.device):
                     logits = output_logits(model, row[:n - 1]).float()
                 sums.append(float(F.cross_entropy(logits, row_ids[1:n], reduction="sum")))
                 counts.append(n - 1)

@@ -32,10 +32,15 @@ def paired_bootstrap(base: Sequence[float], other: Sequence[float], iters: int =
             "significant": bool(low > 0 or high < 0), "n": int(len(diffs))}
 
 
+def doc_order(doc_id: str) -> tuple[int, str]:
+    """Numeric order of lm-eval's string document ids ("2" before "10")."""
+    return len(doc_id), doc_id
+
+
 def paired_values(base_items: dict[str, dict[str, float]], other_items: dict[str, dict[str, float]],
                   metric: str) -> tuple[list[float], list[float]]:
     """``metric`` of the documents both evaluations scored, in one order for both."""
-    shared = sorted(set(base_items) & set(other_items), key=lambda k: (len(k), k))
+    shared = sorted(set(base_items) & set(other_items), key=doc_order)
     shared = [k for k in shared if metric in base_items[k] and metric in other_items[k]]
     return [base_items[k][metric] for k in shared], [other_items[k][metric] for k in shared]
 
