@@ -26,7 +26,7 @@ import torch
 from _common import SHARED_DATA, default_work_dir, print_summary
 from tailor.checkpoint import load_model, load_tokenizer, stable_hash, write_checkpoint, save_model, \
     existing_checkpoint
-from tailor.config import REFERENCE_TASKS, DataConfig, DistillConfig, EvalConfig, ModelConfig
+from tailor.config import REFERENCE_TASKS, load_config, DataConfig, DistillConfig, EvalConfig, ModelConfig
 from tailor.corpus import heldout_samples, pad_rows, read_documents, training_samples
 from tailor.distill import distill
 from tailor.evaluation import evaluate_checkpoint, evaluation_file
@@ -34,7 +34,7 @@ from tailor.healing import healing_summary
 from tailor.perplexity import heldout_perplexity
 from tailor.precision import load_teacher
 from tailor.pruning import prune_checkpoint
-from tailor.sources import materialize
+from tailor.sources import materialize, source_num_layers
 
 TS, WIKI, C4 = "corpus/tinystories_sample.jsonl", "corpus/wikipedia_sample.jsonl", "corpus/c4_sample.jsonl"
 # The quick profile's recipe before the fix (its optimiser settings; samples rebuilt below).
@@ -49,11 +49,24 @@ VARIANTS: dict[str, dict] = {
     "quick_as_shipped_before": dict(QUICK_BEFORE, corpus_mix={WIKI: 1, C4: 1, TS: 1}),
     "bos_first_same_corpus": dict(RECIPE, corpus_mix={WIKI: 1, C4: 1, TS: 1}),
     "tinystories_only": dict(RECIPE, corpus_mix={TS: 1}),
+    "tinystories_only_constant_lr": dict(QUICK_BEFORE, corpus_mix={TS: 1}),
+    "tinystories_only_constant_lr_256": dict(QUICK_BEFORE, corpus_mix={TS: 1}, num_samples=256),
+    "ts80_wiki20_constant_lr_256": dict(QUICK_BEFORE, corpus_mix={TS: 0.8, WIKI: 0.2}, num_samples=256),
     "ts60_wiki40_last4_layers": dict(RECIPE, corpus_mix=MIX, freeze_embeddings=True, train_last_layers=4),
     "ts60_wiki40_ce_alpha_0.5": dict(RECIPE, corpus_mix=MIX, alpha=0.5),
     "ts60_wiki40_lr1e-5": dict(RECIPE, corpus_mix=MIX, learning_rate=1e-5),
     "ts60_wiki40": dict(RECIPE, corpus_mix=MIX),
     "wikipedia_c4_only": dict(RECIPE, corpus_mix={WIKI: 0.6, C4: 0.4}),
+    # The shipped profiles' recipes, read from the profile files.
+    "quick_profile": load_config("quick").distill.model_dump(),
+    "heal_profile": load_config("heal").distill.model_dump(),
+    # Training noise: the quick recipe with other sample orders (the paired intervals cover
+    # the documents scored, not which run of training produced the model).
+    **{f"quick_profile_seed{seed}": dict(load_config("quick").distill.model_dump(), seed=seed) for seed in (1, 2)},
+    # Precision: the quick recipe with every matmul in float32 (what a CPU without native
+    # bfloat16 runs): does bfloat16 change what the recipe heals, and what does it save?
+    "quick_profile_float32": dict(load_config("quick").distill.model_dump(), bf16_autocast=False,
+                                  teacher_dtype="float32"),
 }
 
 
@@ -71,7 +84,10 @@ def windowed_samples_before_fix(tokenizer, data: DataConfig, seq_len: int, num_s
 
 def distilled_checkpoint(name: str, cfg: DistillConfig, base, pruned, data: DataConfig, work: Path):
     """The variant's distilled student (cached by everything it depends on) and its training record."""
-    out = work / "healing" / f"{name}-{stable_hash(cfg.model_dump(), base.fingerprint, pruned.fingerprint)}"
+    key = stable_hash(cfg.model_dump(), base.fingerprint, pruned.fingerprint)
+    # A variant with the same settings under another name (a profile's recipe) shares the checkpoint.
+    out = next((p for p in sorted((work / "healing").glob(f"*-{key}")) if existing_checkpoint(p)),
+               work / "healing" / f"{name}-{key}")
     if (done := existing_checkpoint(out)) is not None:
         return done, json.loads((out / "record.json").read_text())
     student, tokenizer = load_model(pruned)
@@ -92,6 +108,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--limit", type=int, default=500, help="documents per task")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--tasks", nargs="+", default=list(REFERENCE_TASKS),
+                   help="tasks to judge on (a screening run may use fewer; a recipe is judged on all four)")
+    p.add_argument("--remove-last", type=int, default=2,
+                   help="decoder layers removed from the end (the quick profile removes 2 of 18)")
     p.add_argument("--eval-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="evaluation precision (every model is scored the same way)")
     p.add_argument("--data-dir", default=str(SHARED_DATA))
@@ -100,9 +120,10 @@ def main() -> None:
     torch.manual_seed(0)
     work = Path(args.work_dir)
     data = DataConfig(data_dir=args.data_dir)
-    eval_cfg = EvalConfig(tasks=REFERENCE_TASKS, limit=args.limit, batch_size=32, dtype=args.eval_dtype)
+    eval_cfg = EvalConfig(tasks=args.tasks, limit=args.limit, batch_size=32, dtype=args.eval_dtype)
     base = materialize(ModelConfig(source="embedded"), str(work))
-    pruned = prune_checkpoint(base, [16, 17], str(work))[0]
+    layers = source_num_layers(ModelConfig(source="embedded"))
+    pruned = prune_checkpoint(base, list(range(layers - args.remove_last, layers)), str(work))[0]
 
     def evaluate(ref) -> dict:
         start = time.perf_counter()
@@ -131,7 +152,7 @@ def main() -> None:
     print()
     print(f"limit {args.limit} documents per task, evaluation {args.eval_dtype}; held-out perplexity "
           f"original {fixed_ppl['original']:.2f}, pruned {fixed_ppl['pruned']:.2f}")
-    header = ["variant", *[f"{t} Δacc [95% CI]" for t in REFERENCE_TASKS], "pooled Δacc [95% CI]",
+    header = ["variant", *[f"{t} Δacc [95% CI]" for t in args.tasks], "pooled Δacc [95% CI]",
               "recovered", "lambada ppl", "held-out ppl", "train s"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
@@ -154,7 +175,7 @@ def print_row(name: str, row: dict, markdown: bool = False) -> None:
     pooled = h["pooled"]
     share = "cannot tell" if pooled["recovered_share"] is None else f"{pooled['recovered_share']:.0%}"
     ppl = h["perplexity"]
-    cells = [name, *[d(h["per_task"][t]) for t in REFERENCE_TASKS], d(pooled), share,
+    cells = [name, *[d(r) for r in h["per_task"].values()], d(pooled), share,
              f"{ppl['pruned']:.1f} -> {ppl['distilled']:.1f}" if ppl else "n/a",
              f"{row['heldout_ppl']:.2f}", f"{row['train_seconds']:.0f}"]
     print(("| " + " | ".join(cells) + " |") if markdown else "  " + "  ".join(cells), flush=True)

@@ -54,7 +54,7 @@ def tailor_flow(profile: str = "quick", overrides: list[str] | None = None, out_
 
     stage = "materialize"
     try:
-        materialized = materialize_model(cfg.model, cfg.work_dir)
+        materialized = run_intact(materialize_model, cfg.model, cfg.work_dir)
         base = materialized["ref"]
         log("materialize", params=cfg.model.model_dump(), metrics={"seconds": materialized["seconds"]})
 
@@ -68,7 +68,7 @@ def tailor_flow(profile: str = "quick", overrides: list[str] | None = None, out_
             log("score-layers", params=cfg.prune.model_dump(), metrics={"seconds": scored["seconds"]},
                 artifacts=[scored["file"]])
             stage = "prune"
-        pruned = prune_model(base, cfg.prune, cfg.work_dir, scores)
+        pruned = run_intact(prune_model, base, cfg.prune, cfg.work_dir, scores)
         log("prune", params=cfg.prune.model_dump(), metrics={"params_before": pruned["params_before"],
             "params_after": pruned["params_after"], "layers_removed": len(pruned["removed_layers"])},
             artifacts=[pruned["plot"]] if pruned["plot"] else None)
@@ -81,8 +81,8 @@ def tailor_flow(profile: str = "quick", overrides: list[str] | None = None, out_
             log("cache-teacher-topk", params={"k": cfg.distill.teacher_topk},
                 metrics={"seconds": teacher_cache["seconds"], "mib": teacher_cache["mib"]})
             stage = "distill"
-        distilled = distill_model(base, pruned["ref"], cfg.distill, cfg.data, cfg.work_dir,
-                                  teacher_cache["path"] if teacher_cache else None)
+        distilled = run_intact(distill_model, base, pruned["ref"], cfg.distill, cfg.data, cfg.work_dir,
+                               teacher_cache["path"] if teacher_cache else None)
         kd = distilled["record"]
         log("distill", params=cfg.distill.model_dump(),
             series={"kd_loss": list(enumerate(kd["losses"], 1)), "heldout_perplexity": kd["heldout_curve"]},
@@ -155,6 +155,25 @@ def tailor_flow(profile: str = "quick", overrides: list[str] | None = None, out_
     tracking.end_run(client, parent)
     return {"report_json": json_path, "report_md": md_path, "registered_model": cfg.tracking.registered_model,
             "version": version, "alias": cfg.tracking.alias, "parent_run_id": parent, "promotion": decision}
+
+
+def run_intact(task, *args):
+    """Run a checkpoint-producing task; a cached result whose checkpoint folder has since been
+    deleted or edited is recomputed instead of handed on (where it would fail later, or
+    feed stale weights to stages keyed by its fingerprint)."""
+    result = task(*args)
+    if _checkpoint_intact(result["ref"]):
+        return result
+    get_run_logger().warning(f"{task.name}: cached checkpoint {result['ref'].path} is missing or changed; recomputing")
+    return task.with_options(refresh_cache=True)(*args)
+
+
+def _checkpoint_intact(ref: CheckpointRef) -> bool:
+    try:
+        ref.verify(contents=True)
+    except (OSError, RuntimeError):
+        return False
+    return True
 
 
 class _Done:

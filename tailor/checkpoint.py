@@ -36,13 +36,17 @@ class CheckpointRef:
     path: str
     fingerprint: str
 
-    def verify(self) -> "CheckpointRef":
-        """Fail loudly if the folder is gone or changed since the fingerprint was taken."""
+    def verify(self, contents: bool = False) -> "CheckpointRef":
+        """Fail loudly if the folder is gone or was rewritten since the fingerprint was taken;
+        ``contents=True`` also re-hashes every file (about 2 s per GB), so an edited weight
+        file is caught too."""
         stored = Path(self.path) / FINGERPRINT_FILE
         if not stored.exists():
             raise FileNotFoundError(f"checkpoint {self.path} is missing (was the work folder deleted?)")
         if stored.read_text().strip() != self.fingerprint:
             raise RuntimeError(f"checkpoint {self.path} does not match fingerprint {self.fingerprint[:12]}")
+        if contents and fingerprint_dir(Path(self.path)) != self.fingerprint:
+            raise RuntimeError(f"checkpoint {self.path}: its files changed since fingerprint {self.fingerprint[:12]}")
         return self
 
 

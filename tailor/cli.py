@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,11 +14,29 @@ from .preflight import preflight
 
 
 def _prefect_defaults(work_dir: str) -> None:
-    # A local run needs no Prefect server; keep its state in the work folder, quietly.
+    """Where Prefect keeps its state for this command.
+
+    A Prefect server the user pointed at (``PREFECT_API_URL`` in the environment or in the
+    active Prefect profile, as ``prefect config set`` writes it) is used as configured.
+    Otherwise the run needs no server: its temporary one keeps state in the work folder.
+    """
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    home = Path(os.environ.setdefault("PREFECT_HOME", str(Path(work_dir) / "prefect-home")))
+    if "PREFECT_HOME" in os.environ or _configured_api_url():
+        return
+    home = Path(work_dir) / "prefect-home"
     home.mkdir(parents=True, exist_ok=True)
+    os.environ["PREFECT_HOME"] = str(home)
+
+
+def _configured_api_url() -> str:
+    """The Prefect API URL from the environment or the active profile ('' when none).
+
+    Asked of a child process: importing Prefect here would fix its settings (PREFECT_HOME
+    included) for this process before the work folder's home could be chosen.
+    """
+    probe = "from prefect.settings import get_current_settings as s; print(s().api.url or '')"
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
 
 
 def cmd_flow(args: argparse.Namespace) -> int:

@@ -16,9 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 # Shipped inside the package, so a plain (non-editable) install has them too.
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
 REFERENCE_TASKS = ("arc_easy", "winogrande", "hellaswag", "lambada_openai")
-# Narrative and encyclopedic text; no C4, whose document starts are navigation menus and
-# link lists (distilling on them wrecked LAMBADA): see benchmarks/healing.py.
-DEFAULT_CORPUS_MIX = {"corpus/tinystories_sample.jsonl": 0.6, "corpus/wikipedia_sample.jsonl": 0.4}
+# Narrative text only: at 500 documents per task it is the one offline corpus measured to
+# leave no reference task worse than the pruned model (C4's document starts are menus and
+# link lists, and cost LAMBADA 0.28): see benchmarks/healing.py and the README.
+DEFAULT_CORPUS_MIX = {"corpus/tinystories_sample.jsonl": 1.0}
 BOOK_PROMPTS = ("The capital of France is", "Machine learning is", "Climate change refers to")
 
 

@@ -125,7 +125,8 @@ def register_checkpoint(tracking_uri: str, run_id: str, checkpoint_path: str, fi
                         model_name: str, alias: str, tags: dict[str, str]) -> str:
     """Log the checkpoint with the transformers flavour, register it, set the alias.
 
-    Idempotent: a version already holding this checkpoint fingerprint is reused.
+    Idempotent: a version already holding this checkpoint fingerprint is reused, and its
+    ``tailor.*`` tags are replaced by ``tags``.
     Returns the version number.
     """
     import mlflow
@@ -145,6 +146,12 @@ def register_checkpoint(tracking_uri: str, run_id: str, checkpoint_path: str, fi
             )
         existing = str(info.registered_model_version)
         client.set_model_version_tag(model_name, existing, "checkpoint_fingerprint", fingerprint)
+    else:
+        # The version now stands for this evaluation only: an earlier evaluation's figures
+        # (a task no longer reported, an old promotion decision) must not stay beside it.
+        for key in client.get_model_version(model_name, existing).tags:
+            if key.startswith("tailor.") and key not in tags:
+                client.delete_model_version_tag(model_name, existing, key)
     for key, value in tags.items():
         client.set_model_version_tag(model_name, existing, key, value)
     client.set_registered_model_alias(model_name, alias, existing)

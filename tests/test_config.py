@@ -6,7 +6,7 @@ from tailor.config import ConfigError, TailorConfig, available_profiles, describ
 def test_profiles_load_and_resolve_absolute_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("TAILOR_HOME", raising=False)
-    assert {"smoke", "quick", "book"} <= set(available_profiles())
+    assert {"smoke", "quick", "heal", "book"} <= set(available_profiles())
     for name in ("smoke", "quick", "book"):
         cfg = load_config(name)
         assert cfg.profile == name
@@ -86,3 +86,11 @@ def test_settings_beyond_the_models_limits_fail_before_work(override, needle):
     cfg = load_config("smoke", [override])
     with pytest.raises(ConfigError, match=needle):
         check_model_limits(cfg, *source_limits(cfg.model))
+
+
+@pytest.mark.parametrize("name", ["quick", "heal"])
+def test_shipped_cpu_profiles_pass_preflight_on_the_offline_data(name, shared_data, tmp_path):
+    from tailor.preflight import preflight
+
+    # Catches a recipe the corpus cannot feed (a share larger than a source holds) before a user's run does.
+    preflight(load_config(name, [f"work_dir={tmp_path}", f"data.data_dir={shared_data}"]))

@@ -32,7 +32,9 @@ def test_embedded_model_loads_with_the_published_shape(embedded):
     assert count_parameters(model) == BOOK_PARAMS["original"]
     enc = tokenizer("The capital of France is", return_tensors="pt")
     out = model.generate(**enc, max_new_tokens=5, do_sample=False)
-    assert "Paris" in tokenizer.decode(out[0]) or out.shape[1] == enc["input_ids"].shape[1] + 5
+    # Greedy decoding of the published weights, float32: a mis-converted tensor changes it.
+    assert out.shape[1] == enc["input_ids"].shape[1] + 5
+    assert tokenizer.decode(out[0], skip_special_tokens=True) == "The capital of France is the capital of the country"
 
 
 def test_prune_evaluate_and_distill_the_real_model(embedded, shared_data):

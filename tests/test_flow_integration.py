@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -108,6 +109,18 @@ def test_second_identical_run_is_served_from_cache(first_run, shared_data):
     assert _task_states(state) == {stage: "Cached" for stage in HEAVY}
     # The same weights are not registered twice.
     assert state.result()["version"] == result["version"]
+
+
+def test_a_cached_stage_whose_checkpoint_was_deleted_is_recomputed(first_run, shared_data):
+    import shutil
+
+    work, _, result = first_run
+    pruned = json.loads((work / "out" / "report.json").read_text())["checkpoints"]["pruned"]["path"]
+    shutil.rmtree(pruned)
+    states = _task_states(_run(work, shared_data))
+    assert (work / "out" / "report.json").exists() and (Path(pruned) / "FINGERPRINT").exists()
+    # The rebuilt checkpoint has the same fingerprint, so what follows stays cached.
+    assert states["materialize-model"] == states["distill-model"] == "Cached"
 
 
 def test_changing_a_distillation_setting_reruns_only_what_follows(first_run, shared_data):

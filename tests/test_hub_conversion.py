@@ -21,6 +21,32 @@ def test_hub_conversion_of_real_rows_reproduces_the_offline_file(task, shared_da
     assert [list(r) for r in converted] == [list(r) for r in reference]  # field order too
 
 
+def _hub_features(task: str):
+    """The features each hub dataset declares (its dataset card), extra columns included."""
+    from datasets import Features, Sequence, Value
+
+    s = Value("string")
+    return Features({
+        "arc_easy": {"id": s, "question": s, "choices": Sequence({"text": s, "label": s}), "answerKey": s},
+        "hellaswag": {"ind": Value("int32"), "activity_label": s, "ctx_a": s, "ctx_b": s, "ctx": s,
+                      "endings": Sequence(s), "source_id": s, "split": s, "split_type": s, "label": s},
+        "winogrande": {"sentence": s, "option1": s, "option2": s, "answer": s},
+        "lambada_openai": {"text": s, "domain": s},
+    }[task])
+
+
+@pytest.mark.parametrize("task", list(data_pull.BENCHMARK_FILES))
+def test_rows_typed_as_the_hub_declares_them_convert_to_the_offline_file(task, shared_data):
+    import datasets
+
+    reference = data_pull.read_jsonl(shared_data / data_pull.BENCHMARK_FILES[task])[:50]
+    features = _hub_features(task)
+    # Hub column order, plus the columns the hub has and the offline file does not.
+    rows = [{name: row.get(name, "hub-only") for name in features} for row in reference]
+    hub = datasets.Dataset.from_list(rows, features=features)
+    assert list(data_pull.benchmark_rows(task, hub, "hub")) == reference
+
+
 def test_hub_conversion_drops_extra_columns_and_names_a_missing_field(shared_data):
     rows = data_pull.read_jsonl(shared_data / data_pull.BENCHMARK_FILES["winogrande"])[:3]
     with_extra = [{**r, "hub_only": 1} for r in rows]

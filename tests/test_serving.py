@@ -37,6 +37,24 @@ def champion(tmp_path_factory, tiny_tokenizer):
     return uri, version
 
 
+def test_registering_the_same_checkpoint_again_replaces_its_evaluation_tags(tmp_path, tiny_tokenizer):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    model = build_tiny_gemma3(tiny_tokenizer, num_layers=1)
+    ref = write_checkpoint(tmp_path / "checkpoint", lambda tmp: save_model(model, tiny_tokenizer, tmp))
+    client = tracking.client_for(uri)
+    exp = tracking.ensure_experiment(client, "retag", tmp_path / "artifacts")
+    first = {"tailor.acc.arc_easy": "0.5", "tailor.acc.hellaswag": "0.4", "tailor.promotion.decision": "promoted"}
+    versions = []
+    for tags in (first, {"tailor.acc.arc_easy": "0.6"}):
+        run = tracking.start_run(client, exp, "register")
+        versions.append(tracking.register_checkpoint(uri, run, ref.path, ref.fingerprint, "retag", "latest-eval", tags))
+        tracking.end_run(client, run)
+    assert versions[0] == versions[1]
+    tags = client.get_model_version("retag", versions[1]).tags
+    assert {k: v for k, v in tags.items() if k.startswith("tailor.")} == {"tailor.acc.arc_easy": "0.6"}
+    assert tags["checkpoint_fingerprint"] == ref.fingerprint
+
+
 def test_registered_version_has_a_signature_and_loads_and_generates(champion, monkeypatch):
     import mlflow
 

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -26,11 +28,22 @@ def test_local_hf_folder_source(tmp_path, tiny_model, tiny_tokenizer):
         assert torch.equal(model(**enc).logits, tiny_model(**enc).logits)
 
 
-def test_changed_checkpoint_is_detected(tmp_path):
+def test_a_rewritten_fingerprint_is_detected(tmp_path):
     ref = materialize(ModelConfig(source="tiny"), str(tmp_path))
-    (tmp_path / "checkpoints" / ref.path.rsplit("/", 1)[-1] / FINGERPRINT_FILE).write_text("0" * 64)
+    (Path(ref.path) / FINGERPRINT_FILE).write_text("0" * 64)
     with pytest.raises(RuntimeError, match="does not match fingerprint"):
         ref.verify()
+
+
+def test_an_edited_weight_file_is_detected_by_a_contents_check(tmp_path):
+    ref = materialize(ModelConfig(source="tiny"), str(tmp_path))
+    weights = next(Path(ref.path).glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    ref.verify()  # the cheap check reads only the FINGERPRINT file
+    with pytest.raises(RuntimeError, match="files changed since fingerprint"):
+        ref.verify(contents=True)
 
 
 def test_unreachable_hub_id_offline():
