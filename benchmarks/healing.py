@@ -50,8 +50,7 @@ VARIANTS: dict[str, dict] = {
     "bos_first_same_corpus": dict(RECIPE, corpus_mix={WIKI: 1, C4: 1, TS: 1}),
     "tinystories_only": dict(RECIPE, corpus_mix={TS: 1}),
     "tinystories_only_constant_lr": dict(QUICK_BEFORE, corpus_mix={TS: 1}),
-    "tinystories_only_constant_lr_256": dict(QUICK_BEFORE, corpus_mix={TS: 1}, num_samples=256),
-    "ts80_wiki20_constant_lr_256": dict(QUICK_BEFORE, corpus_mix={TS: 0.8, WIKI: 0.2}, num_samples=256),
+    "tinystories_only_constant_lr_256": dict(QUICK_BEFORE, corpus_mix={TS: 1}, num_samples=256, heldout_every=8),
     "ts60_wiki40_last4_layers": dict(RECIPE, corpus_mix=MIX, freeze_embeddings=True, train_last_layers=4),
     "ts60_wiki40_ce_alpha_0.5": dict(RECIPE, corpus_mix=MIX, alpha=0.5),
     "ts60_wiki40_lr1e-5": dict(RECIPE, corpus_mix=MIX, learning_rate=1e-5),
@@ -94,7 +93,9 @@ def distilled_checkpoint(name: str, cfg: DistillConfig, base, pruned, data: Data
     samples = (windowed_samples_before_fix(tokenizer, data, cfg.seq_len, cfg.num_samples)
                if name == "quick_as_shipped_before" else training_samples(tokenizer, cfg, data))
     teacher = load_teacher(base, cfg.teacher_dtype, samples["input_ids"])
-    record = distill(teacher, student, samples, cfg)
+    # The healing curve (held-out perplexity every heldout_every steps), as the flow records it.
+    curve = heldout_samples(tokenizer, cfg, data) if cfg.heldout_every else None
+    record = distill(teacher, student, samples, cfg, heldout=curve)
     del teacher
 
     def save(tmp: Path) -> None:
