@@ -8,6 +8,7 @@ No maths here: the flow reads the config, opens the MLflow parent run and wires 
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -19,11 +20,11 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from tailor import tracking
 from tailor.checkpoint import CheckpointRef
 from tailor.config import TailorConfig, load_config
-from tailor.corpus import heldout_settings
-from tailor.evaluation import evaluation_signature
+from tailor.corpus import corpus_datasets, heldout_settings
+from tailor.evaluation import evaluation_datasets, evaluation_signature
 from tailor.importance import SCORED_STRATEGIES
 from tailor.preflight import preflight
-from tailor.promotion import evaluation_tags
+from tailor.promotion import evaluation_tags, version_description
 from tasks.measure import evaluate_model, measure_speed, score_heldout
 from tasks.models import cache_teacher_topk, distill_model, materialize_model, prune_model, score_layers
 from tasks.promotion import promote_model
@@ -48,6 +49,7 @@ def tailor_flow(profile: str = "quick", overrides: list[str] | None = None, out_
         uri, cfg.tracking.experiment, cfg.work_dir, f"{cfg.profile}-{flow_run_name}",
         tags={"tailor.profile": cfg.profile, "prefect.flow_run": flow_run_name})
     tracking.log_params(client, parent, cfg.model_dump())
+    tracking.log_datasets(client, parent, evaluation_datasets(cfg.eval, cfg.data) + corpus_datasets(cfg.distill, cfg.data))
     log = lambda stage, **kw: log_stage(uri, exp_id, parent, stage, **kw)  # noqa: E731
     create_link_artifact(key="mlflow-parent-run", link=run_link(uri, exp_id, parent),
                          description="MLflow parent run of this flow run")
@@ -138,7 +140,8 @@ def tailor_flow(profile: str = "quick", overrides: list[str] | None = None, out_
         eval_signature = evaluation_signature(cfg.eval, cfg.data)
         version = register_model(uri, exp_id, parent, distilled["ref"], cfg.tracking.registered_model,
                                  cfg.tracking.alias, {"profile": cfg.profile,
-                                                      **evaluation_tags(report, eval_signature)})
+                                                      **evaluation_tags(report, eval_signature)},
+                                 version_description(json.loads(Path(json_path).read_text()), md_path))
         decision = None
         if cfg.promotion.enabled:
             stage = "promote"

@@ -15,6 +15,7 @@ healing section):
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -52,6 +53,16 @@ def corpus_signature(cfg: DistillConfig) -> dict:
     """The settings that decide which text becomes samples (for cache keys)."""
     return {"corpus": cfg.corpus, "mix": cfg.corpus_mix, "heldout_docs": cfg.heldout_docs,
             "windows_per_doc": cfg.windows_per_doc, "sample_format": "bos-first-windows"}
+
+
+def corpus_datasets(cfg: DistillConfig, data: DataConfig) -> list[dict[str, str]]:
+    """The distillation corpus as dataset inputs for tracking: {"name", "digest", "source", "context"};
+    offline, one per corpus_mix file with its sha256; hub, the streamed dataset's name."""
+    if data.mode == "hub":
+        return [{"name": cfg.corpus, "digest": hashlib.sha256(cfg.corpus.encode()).hexdigest(),
+                 "source": f"hf://datasets/{cfg.corpus}", "context": "distillation"}]
+    return [{"name": Path(src).stem, "digest": hashlib.sha256((Path(data.data_dir) / src).read_bytes()).hexdigest(),
+             "source": str(Path(data.data_dir) / src), "context": "distillation"} for src in cfg.corpus_mix]
 
 
 def source_share(cfg: DistillConfig, total: int) -> dict[str, int]:

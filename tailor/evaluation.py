@@ -159,6 +159,20 @@ def evaluation_signature(cfg: EvalConfig, data: DataConfig) -> str:
     return h.hexdigest()[:16]
 
 
+def evaluation_datasets(cfg: EvalConfig, data: DataConfig) -> list[dict[str, str]]:
+    """Each task's data as a dataset input for tracking: {"name", "digest", "source", "context"};
+    the digest is the offline file's sha256 (hub tasks: of the task name and limit only)."""
+    out = []
+    for task in cfg.tasks:
+        path = Path(data.data_dir) / OFFLINE_SPLITS[task][0] if task in OFFLINE_SPLITS else None
+        if data.mode == "offline" and path is not None and path.exists():
+            digest, source = hashlib.sha256(path.read_bytes()).hexdigest(), str(path)
+        else:
+            digest, source = hashlib.sha256(json.dumps([task, cfg.limit]).encode()).hexdigest(), f"lm-eval task {task}"
+        out.append({"name": task, "digest": digest, "source": source, "context": "evaluation"})
+    return out
+
+
 def evaluation_file(ref: CheckpointRef, cfg: EvalConfig, data: DataConfig, work_dir: str) -> Path:
     """Where a checkpoint's evaluation under these settings and data is kept (and found again)."""
     return Path(work_dir) / "evals" / (

@@ -79,6 +79,38 @@ def evaluation_tags(report: dict, eval_signature: str) -> dict[str, str]:
     return tags
 
 
+MODEL_DESCRIPTION = ("A depth-pruned model healed by knowledge distillation from its original, made by llm-tailor. "
+                     "Each version's description says what was removed and how it was healed; its tailor.* tags "
+                     "hold its evaluation; the champion alias marks the version the promotion gate approved.")
+
+
+def version_description(report: dict, report_md: str) -> str:
+    """What a registry user needs to know about a version, from its report: where it came
+    from, what was removed and how it was healed, its headline figures with intervals."""
+    cfg, change = report["config"], report["vs_original"]["distilled"]
+    model, distill = cfg["model"], cfg["distill"]
+    source = model["name_or_path"] if model["source"] == "hf" else f"{model['source']} model"
+    kd = report["distillation"]
+    corpus = distill["corpus_mix"] if cfg["data"]["mode"] == "offline" else distill["corpus"]
+    speed = f"{change['speedup']:.2f}x"
+    if change.get("speedup_ci95"):
+        speed += " [{:.2f}, {:.2f}]".format(*change["speedup_ci95"])
+    lines = [f"Depth-pruned from {source}: decoder layers {report['pruning']['removed_layers']} removed "
+             f"({change['params_removed_pct']:.1f}% of the parameters), then distilled from the original: "
+             f"{kd['optimizer_steps']} optimiser steps on {kd['num_samples']} samples of {distill['seq_len']} tokens, "
+             f"lr {distill['learning_rate']}, T={distill['temperature']}, corpus {corpus}.",
+             f"Evaluated on {report['eval_limit'] or 'all'} documents per task. Generation speed-up vs the original: {speed}."]
+    if change["mean_acc_retention_pct"] is not None:
+        lines.append(f"Mean accuracy retention vs the original: {change['mean_acc_retention_pct']:.1f}%.")
+    pooled = (report.get("healing") or {}).get("pooled")
+    if pooled:
+        lo, hi = pooled["delta_ci95"]
+        lines.append(f"Distilled - pruned accuracy, pooled over tasks: {pooled['delta_vs_pruned']:+.3f} "
+                     f"[{lo:+.3f}, {hi:+.3f}] (paired 95% interval).")
+    lines.append(f"Report: {report_md}")
+    return "\n\n".join(lines)
+
+
 def decide(challenger: dict[str, str], champion: dict[str, str] | None, gate: PromotionConfig,
            champion_version: str | None = None) -> tuple[bool, str, list[str]]:
     """(passes, reference, reasons) from two versions' tags."""

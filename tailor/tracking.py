@@ -56,7 +56,21 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_root: Path | Non
     if exp is not None:
         return exp.experiment_id
     location = artifact_root.resolve().as_uri() if artifact_root else None
-    return client.create_experiment(name, artifact_location=location)
+    # Model development, not a GenAI app: the MLflow UI then opens the experiment on its runs.
+    return client.create_experiment(name, artifact_location=location,
+                                    tags={"mlflow.experimentKind": "custom_model_development"})
+
+
+def log_datasets(client: MlflowClient, run_id: str, datasets: Iterable[dict[str, str]]) -> None:
+    """Log data as the run's dataset inputs: each {"name", "digest", "source", "context"}
+    (context: "evaluation" or "distillation"), so the UI shows what the run read and its digest."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    client.log_inputs(run_id, datasets=[
+        DatasetInput(Dataset(name=d["name"], digest=d["digest"][:16], source_type="local",
+                             source=json.dumps({"uri": d["source"]})),
+                     tags=[InputTag("mlflow.data.context", d["context"])])
+        for d in datasets])
 
 
 def start_parent_run(tracking_uri: str, experiment: str, work_dir: str, run_name: str,
@@ -122,11 +136,12 @@ def end_run(client: MlflowClient, run_id: str, failed: bool = False) -> None:
 
 
 def register_checkpoint(tracking_uri: str, run_id: str, checkpoint_path: str, fingerprint: str,
-                        model_name: str, alias: str, tags: dict[str, str]) -> str:
+                        model_name: str, alias: str, tags: dict[str, str], description: str = "",
+                        model_description: str = "") -> str:
     """Log the checkpoint with the transformers flavour, register it, set the alias.
 
     Idempotent: a version already holding this checkpoint fingerprint is reused, and its
-    ``tailor.*`` tags are replaced by ``tags``.
+    ``tailor.*`` tags and description are replaced by this evaluation's.
     Returns the version number.
     """
     import mlflow
@@ -154,6 +169,11 @@ def register_checkpoint(tracking_uri: str, run_id: str, checkpoint_path: str, fi
                 client.delete_model_version_tag(model_name, existing, key)
     for key, value in tags.items():
         client.set_model_version_tag(model_name, existing, key, value)
+    if description:
+        client.update_model_version(model_name, existing, description=description)
+    # The registered model's description is the user's once set: only an empty one is filled.
+    if model_description and not client.get_registered_model(model_name).description:
+        client.update_registered_model(model_name, description=model_description)
     client.set_registered_model_alias(model_name, alias, existing)
     return existing
 

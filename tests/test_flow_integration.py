@@ -82,6 +82,24 @@ def test_first_run_reports_three_models_and_registers_challenger(first_run):
     assert distill_run.data.params["temperature"] == "2.0"
 
 
+def test_mlflow_shows_lineage_datasets_and_descriptions(first_run):
+    work, _, result = first_run
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("llm-tailor")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    inputs = client.get_run(result["parent_run_id"]).inputs.dataset_inputs
+    contexts = {i.dataset.name: {t.key: t.value for t in i.tags}["mlflow.data.context"] for i in inputs}
+    assert contexts == {"arc_easy": "evaluation", "winogrande": "evaluation", "hellaswag": "evaluation",
+                        "lambada_openai": "evaluation", "tinystories_sample": "distillation"}
+    assert all(len(i.dataset.digest) == 16 for i in inputs)
+    model = client.get_registered_model(result["registered_model"])
+    assert "distillation" in model.description
+    version = client.get_model_version(result["registered_model"], result["version"])
+    assert version.description.startswith("Depth-pruned from tiny model: decoder layers [")
+    assert "Report: " in version.description and version.run_id
+    assert client.get_run(version.run_id).data.tags["tailor.stage"] == "register"
+
+
 def test_report_shows_healing_and_heldout_perplexity_of_all_three(first_run):
     work, _, _ = first_run
     report = json.loads((work / "out" / "report.json").read_text())

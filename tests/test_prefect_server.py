@@ -50,6 +50,7 @@ def test_runs_show_up_on_a_live_server_as_the_readme_says(tmp_path, shared_data)
     # A user's machine: Prefect's profile in ~/.prefect, no PREFECT_* variables.
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != "TAILOR_HOME"}
     env["HOME"] = str(tmp_path / "home")
+    (tmp_path / "home").mkdir()
     port = _free_port()
     url = f"http://127.0.0.1:{port}/api"
     log_file = tmp_path / "server.log"
