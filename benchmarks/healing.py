@@ -56,7 +56,8 @@ VARIANTS: dict[str, dict] = {
     "ts60_wiki40_lr1e-5": dict(RECIPE, corpus_mix=MIX, learning_rate=1e-5),
     "ts60_wiki40": dict(RECIPE, corpus_mix=MIX),
     "wikipedia_c4_only": dict(RECIPE, corpus_mix={WIKI: 0.6, C4: 0.4}),
-    # The shipped profiles' recipes, read from the profile files.
+    # The shipped profiles' distillation recipes, read from the profile files (the heal
+    # profile removes 4 layers: run its row with --remove-last 4).
     "quick_profile": load_config("quick").distill.model_dump(),
     "heal_profile": load_config("heal").distill.model_dump(),
     # Training noise: the quick recipe with other sample orders (the paired intervals cover
