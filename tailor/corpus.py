@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .config import DataConfig, DistillConfig, TailorError
+from .data_pull import sha256_file
 
 
 class CorpusError(TailorError, ValueError):
@@ -61,7 +62,7 @@ def corpus_datasets(cfg: DistillConfig, data: DataConfig) -> list[dict[str, str]
     if data.mode == "hub":
         return [{"name": cfg.corpus, "digest": hashlib.sha256(cfg.corpus.encode()).hexdigest(),
                  "source": f"hf://datasets/{cfg.corpus}", "context": "distillation"}]
-    return [{"name": Path(src).stem, "digest": hashlib.sha256((Path(data.data_dir) / src).read_bytes()).hexdigest(),
+    return [{"name": Path(src).stem, "digest": sha256_file(Path(data.data_dir) / src),
              "source": str(Path(data.data_dir) / src), "context": "distillation"} for src in cfg.corpus_mix]
 
 

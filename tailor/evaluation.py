@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from .checkpoint import CheckpointRef, load_model, stable_hash, write_file_atomically
 from .config import DataConfig, EvalConfig, TailorError
+from .data_pull import sha256_file
 
 # Offline file and the split name the stock task reads it as.
 OFFLINE_SPLITS: dict[str, tuple[str, str]] = {
@@ -166,7 +167,7 @@ def evaluation_datasets(cfg: EvalConfig, data: DataConfig) -> list[dict[str, str
     for task in cfg.tasks:
         path = Path(data.data_dir) / OFFLINE_SPLITS[task][0] if task in OFFLINE_SPLITS else None
         if data.mode == "offline" and path is not None and path.exists():
-            digest, source = hashlib.sha256(path.read_bytes()).hexdigest(), str(path)
+            digest, source = sha256_file(path), str(path)
         else:
             digest, source = hashlib.sha256(json.dumps([task, cfg.limit]).encode()).hexdigest(), f"lm-eval task {task}"
         out.append({"name": task, "digest": digest, "source": source, "context": "evaluation"})
