@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from .config import TailorError, available_profiles, describe_settings, load_config
+from .console import setup_console
 from .preflight import preflight
 
 
@@ -130,7 +131,9 @@ def cmd_settings(args: argparse.Namespace) -> int:
 
 
 def _config_args(parser: argparse.ArgumentParser, set_example: str, profile_role: str = "") -> None:
-    """--profile and --set, the same for every command that reads the configuration."""
+    """--profile, --set and --verbose, the same for every command that reads the configuration."""
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the libraries' own logs, warnings and progress bars (Prefect, lm-eval, transformers)")
     parser.add_argument("--profile", default="quick",
                         help=f"profile name ({', '.join(available_profiles())}) or a YAML path"
                              + (f", {profile_role}" if profile_role else ""))
@@ -180,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_console(verbose=getattr(args, "verbose", False))
     try:
         return args.fn(args)
     except TailorError as exc:

@@ -9,6 +9,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from tailor.checkpoint import CheckpointRef
 from tailor.config import DataConfig, DistillConfig, EvalConfig, SpeedConfig
+from tailor.console import Progress
 from tailor.evaluation import evaluate_checkpoint, evaluation_file
 from tailor.perplexity import checkpoint_heldout_perplexity
 from tailor.resources import stage_cost
@@ -30,8 +31,15 @@ def evaluate_model(ref: CheckpointRef, eval_cfg: EvalConfig, data: DataConfig, w
     start = time.perf_counter()
     progress = create_progress_artifact(progress=0.0, key=f"evaluation-progress-{prefect_key(label)}",
                                         description=f"Evaluation of {label}: share of requests scored")
-    result = evaluate_checkpoint(ref.verify(), eval_cfg, data, out,
-                                 lambda done, total: update_progress_artifact(progress, 100.0 * done / total))
+    lines: list[Progress] = []
+
+    def on_progress(done: int, total: int) -> None:
+        update_progress_artifact(progress, 100.0 * done / total)
+        if not lines:
+            lines.append(Progress(f"evaluate-{label}", total, "requests"))
+        lines[0].update(done)
+
+    result = evaluate_checkpoint(ref.verify(), eval_cfg, data, out, on_progress)
     return {"metrics": result["metrics"], "n_samples": result["n_samples"], "items_file": str(out),
             **stage_cost(start)}
 

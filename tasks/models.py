@@ -12,6 +12,7 @@ from transformers import AutoConfig
 
 from tailor.checkpoint import CheckpointRef, load_model, stable_hash, write_file_atomically
 from tailor.config import DataConfig, DistillConfig, ModelConfig, PruneConfig
+from tailor.console import Progress
 from tailor.corpus import corpus_signature, training_samples
 from tailor.distill import distill_checkpoint, planned_steps
 from tailor.importance import SCORED_STRATEGIES, choose_layers, layer_scores, per_layer_series
@@ -92,11 +93,13 @@ def distill_model(teacher: CheckpointRef, student: CheckpointRef, distill: Disti
     progress = create_progress_artifact(progress=0.0, key="distillation-progress",
                                         description="Distillation: share of optimiser steps done")
     total = planned_steps(distill, distill.num_samples)
+    line = Progress("distill", total, "steps")
 
     def on_step(step: int, loss: float) -> None:
         if step % distill.log_every == 0:
             get_run_logger().info(f"distill step {step}/{total}: loss {loss:.4f}")
         update_progress_artifact(progress, progress=min(100.0, 100.0 * step / total))
+        line.update(step, f"loss {loss:.4f}")
 
     def on_heldout(step: int, perplexity: float) -> None:
         get_run_logger().info(f"distill step {step}/{total}: held-out perplexity {perplexity:.2f}")

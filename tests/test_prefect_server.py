@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import re
 import socket
 import subprocess
 import sys
@@ -65,6 +66,16 @@ def test_runs_show_up_on_a_live_server_as_the_readme_says(tmp_path, shared_data)
                               "--set", f"data.data_dir={shared_data}", "--out", str(tmp_path / "out")],
                              env=env, capture_output=True, text=True, timeout=1200)
         assert run.returncode == 0, run.stderr[-3000:]
+        # The console a person follows: numbered start and end lines per stage, no third-party noise.
+        console = run.stderr
+        stages = re.findall(r"\[(\d+)/(\d+)\] (\S+) done in", console)
+        assert [s for _, _, s in stages][:2] == ["materialize", "evaluate-original"], console[-3000:]
+        assert {s for _, _, s in stages} >= {"prune", "distill", "evaluate-distilled", "measure-speed", "compare",
+                                             "register", "promote"}, console[-3000:]
+        assert {int(k) for k, _, _ in stages} == set(range(1, int(stages[0][1]) + 1))
+        for noise in ("it/s]", "Loading weights", "fatal: not a git repository", "Beginning flow run",
+                      "Passed an already-initialized model", "bootstrapping for stddev"):
+            assert noise not in console, noise
 
         flow_runs = _api(url, "/flow_runs/filter", {})
         assert [r["state_type"] for r in flow_runs] == ["COMPLETED"]

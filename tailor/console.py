@@ -1,0 +1,111 @@
+"""What a person sees on the terminal: one line per stage, progress for long ones, and
+nothing from third-party libraries unless asked for (``--verbose``).
+
+Everything goes through the ``tailor`` logger, so a program embedding the library decides
+where it ends up; :func:`setup_console` is what the command line does.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import warnings
+
+LOGGER = logging.getLogger("tailor")
+
+# Loggers of the libraries a run drives; quiet mode lets only their errors through.
+_THIRD_PARTY_LOGGERS = ("lm-eval", "lm_eval", "transformers", "datasets", "mlflow", "prefect", "httpx",
+                        "alembic", "urllib3", "filelock", "torch", "accelerate", "evaluate", "huggingface_hub")
+
+
+def setup_console(verbose: bool) -> None:
+    """Stage lines on stderr; with ``verbose=False`` third-party logs below ERROR, their warnings
+    and progress bars are hidden. Call before Prefect, lm-eval or transformers are imported:
+    some of them read their settings from the environment once, at import."""
+    if not any(getattr(h, "_tailor_console", False) for h in LOGGER.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s  %(message)s", datefmt="%H:%M:%S"))
+        handler._tailor_console = True  # type: ignore[attr-defined]
+        LOGGER.addHandler(handler)
+    LOGGER.setLevel(logging.INFO)
+    LOGGER.propagate = False
+    if verbose:
+        return
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "ERROR")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")
+    warnings.filterwarnings("ignore")
+    for name in _THIRD_PARTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    # A library imported before this call has read its environment settings already.
+    if "transformers" in sys.modules:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+    if "datasets" in sys.modules:
+        import datasets
+
+        datasets.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
+
+
+def format_seconds(seconds: float) -> str:
+    """``42s``, ``3m05s``, ``1h02m``."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class Stages:
+    """Numbered start and end lines for a run's stages (``[3/11] evaluate-pruned ...``);
+    ``current`` names the stage under way, for error reports."""
+
+    def __init__(self, names: list[str]):
+        self.names = names
+        self.current = names[0] if names else ""
+        self._started: dict[str, float] = {}
+
+    def start(self, name: str) -> None:
+        self.current = name
+        self._started[name] = time.perf_counter()
+        LOGGER.info(f"{self._position(name)} {name} ...")
+
+    def done(self, name: str, summary: str = "") -> None:
+        took = format_seconds(time.perf_counter() - self._started.get(name, time.perf_counter()))
+        LOGGER.info(f"{self._position(name)} {name} done in {took}" + (f": {summary}" if summary else ""))
+
+    def _position(self, name: str) -> str:
+        k = self.names.index(name) + 1 if name in self.names else "?"
+        return f"[{k}/{len(self.names)}]"
+
+
+class Progress:
+    """Progress of a long loop as occasional log lines: at most one per ``every_pct`` percent
+    and never more often than ``min_seconds`` (a terminal, a log file and a CI log all read it)."""
+
+    def __init__(self, label: str, total: int, unit: str, every_pct: int = 10, min_seconds: float = 20.0):
+        self.label, self.total, self.unit = label, max(total, 1), unit
+        self.every_pct, self.min_seconds = every_pct, min_seconds
+        self._start = self._last_time = time.perf_counter()
+        self._last_pct = 0
+
+    def update(self, done: int, extra: str = "") -> None:
+        pct = 100 * done // self.total
+        now = time.perf_counter()
+        # The end of the loop is the stage's own "done" line.
+        if done >= self.total or pct < self._last_pct + self.every_pct or now - self._last_time < self.min_seconds:
+            return
+        self._last_pct, self._last_time = pct, now
+        elapsed = now - self._start
+        eta = "" if done == 0 else f", about {format_seconds(elapsed * (self.total - done) / done)} left"
+        LOGGER.info(f"      {self.label}: {pct}% ({done:,}/{self.total:,} {self.unit}{eta})" + (f" {extra}" if extra else ""))

@@ -1,0 +1,69 @@
+"""The console: numbered stage lines, sparse progress lines, third-party noise off unless verbose."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+
+import pytest
+
+from tailor.console import Progress, Stages, format_seconds
+
+
+@pytest.fixture
+def lines(caplog, monkeypatch):
+    tailor = logging.getLogger("tailor")
+    monkeypatch.setattr(tailor, "propagate", False)  # records reach caplog once, through its own handler
+    tailor.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="tailor")
+    yield lambda: [r.getMessage() for r in caplog.records if r.name == "tailor"]
+    tailor.removeHandler(caplog.handler)
+
+
+def test_stages_print_position_and_summary(lines):
+    stages = Stages(["materialize", "prune", "distill"])
+    stages.start("prune")
+    stages.done("prune", "layers [16, 17] removed")
+    assert lines() == ["[2/3] prune ...", "[2/3] prune done in 0s: layers [16, 17] removed"]
+    assert stages.current == "prune"
+
+
+def test_progress_is_sparse_and_leaves_the_end_to_the_stage_line(lines):
+    progress = Progress("evaluate-original", total=1000, unit="requests", every_pct=25, min_seconds=0)
+    for done in range(0, 1001, 10):
+        progress.update(done)
+    shown = lines()
+    assert [line.split(": ")[1].split("%")[0] for line in shown] == ["25", "50", "75"]
+    assert "(250/1,000 requests, about" in shown[0]
+
+
+def test_progress_waits_between_lines(lines):
+    progress = Progress("distill", total=10, unit="steps", every_pct=10, min_seconds=3600)
+    for step in range(1, 10):
+        progress.update(step)
+    assert lines() == []
+
+
+@pytest.mark.parametrize(("seconds", "text"), [(4.4, "4s"), (185, "3m05s"), (3720, "1h02m")])
+def test_format_seconds(seconds, text):
+    assert format_seconds(seconds) == text
+
+
+def test_quiet_console_silences_libraries_but_not_errors():
+    # A fresh interpreter: the settings apply at import time of the libraries.
+    code = (
+        "import logging, warnings\n"
+        "from tailor.console import setup_console\n"
+        "setup_console(verbose=False)\n"
+        "import transformers\n"
+        "transformers.logging.get_logger('transformers').warning('transformers-warning')\n"
+        "logging.getLogger('lm_eval').warning('lm-eval-warning')\n"
+        "logging.getLogger('lm_eval').error('lm-eval-error')\n"
+        "warnings.warn('python-warning')\n"
+        "logging.getLogger('tailor').info('tailor-line')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "tailor-line" in out.stderr and "lm-eval-error" in out.stderr
+    for hidden in ("transformers-warning", "lm-eval-warning", "python-warning"):
+        assert hidden not in out.stderr
