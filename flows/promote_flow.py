@@ -13,4 +13,5 @@ def promote_flow(version: str, profile: str = "quick", overrides: list[str] | No
                  force: bool = False) -> dict:
     """Judge ``version`` of the profile's registered model; ``force`` moves the alias regardless."""
     cfg = load_config(profile, overrides or [])
-    return promote_model(cfg.tracking_uri, cfg.tracking.registered_model, str(version), cfg.promotion, force)
+    return promote_model(cfg.tracking_uri, cfg.tracking.registered_model, str(version), cfg.promotion,
+                         cfg.work_dir, force)

@@ -17,15 +17,14 @@ the original model (the challenger's own run) when there is none:
   accuracy no lower than the champion's, so the alias never moves to a worse model.
 
 The decision and its reasons are written as tags on the version. Two promotions of
-the same registered model must not interleave: callers pass a lock (the Prefect
-task uses a global concurrency limit), and the champion is read inside it.
+the same registered model must not interleave: callers hold a lock around ``promote``
+(the Prefect task: a file lock and a global concurrency limit), which reads the champion.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 from mlflow.exceptions import MlflowException
@@ -194,33 +193,31 @@ def _speed_check(challenger: dict[str, str], min_speedup: float) -> tuple[bool, 
     return False, f"{shown}: inconclusive, the interval holds {min_speedup:.3f}x (not promoted; more speed.timed_runs)"
 
 
-def promote(client: MlflowClient, model_name: str, version: str, gate: PromotionConfig, force: bool = False,
-            lock: AbstractContextManager | None = None) -> Decision:
+def promote(client: MlflowClient, model_name: str, version: str, gate: PromotionConfig, force: bool = False) -> Decision:
     """Run the gate on ``version`` and move the champion alias when it passes (or ``force``)."""
-    with lock or nullcontext():
-        challenger = _version_tags(client, model_name, version)
-        current = _alias_version(client, model_name, gate.champion_alias)
-        judged = "tailor.mean_acc_retention_pct" in challenger
-        if not judged and not force:
-            raise PromotionError(f"version {version} of {model_name!r} carries no llm-tailor accuracy tags "
-                                 "(registered outside a tailor run, or none of its tasks reports accuracy); "
-                                 "promote it with --force")
-        if current == str(version):
-            decision = Decision(str(version), False, f"champion v{current}",
-                                [f"already {gate.champion_alias}"], current)
-        elif not judged:
-            decision = Decision(str(version), True, "none", ["forced by hand: no evaluation tags to check"], current)
+    challenger = _version_tags(client, model_name, version)
+    current = _alias_version(client, model_name, gate.champion_alias)
+    judged = "tailor.mean_acc_retention_pct" in challenger
+    if not judged and not force:
+        raise PromotionError(f"version {version} of {model_name!r} carries no llm-tailor accuracy tags "
+                             "(registered outside a tailor run, or none of its tasks reports accuracy); "
+                             "promote it with --force")
+    if current == str(version):
+        decision = Decision(str(version), False, f"champion v{current}",
+                            [f"already {gate.champion_alias}"], current)
+    elif not judged:
+        decision = Decision(str(version), True, "none", ["forced by hand: no evaluation tags to check"], current)
+        client.set_registered_model_alias(model_name, gate.champion_alias, str(version))
+    else:
+        champion = _version_tags(client, model_name, current) if current else None
+        passed, reference, reasons = decide(challenger, champion, gate, current)
+        if force and not passed:
+            reasons.append("forced by hand: thresholds overridden")
+        decision = Decision(str(version), passed or force, reference, reasons, current)
+        if decision.promoted:
             client.set_registered_model_alias(model_name, gate.champion_alias, str(version))
-        else:
-            champion = _version_tags(client, model_name, current) if current else None
-            passed, reference, reasons = decide(challenger, champion, gate, current)
-            if force and not passed:
-                reasons.append("forced by hand: thresholds overridden")
-            decision = Decision(str(version), passed or force, reference, reasons, current)
-            if decision.promoted:
-                client.set_registered_model_alias(model_name, gate.champion_alias, str(version))
-        for key, value in decision.as_tags().items():
-            client.set_model_version_tag(model_name, str(version), key, value)
+    for key, value in decision.as_tags().items():
+        client.set_model_version_tag(model_name, str(version), key, value)
     return decision
 
 

@@ -1,7 +1,9 @@
-"""The promotion gate as a Prefect task, serialised per registered model by a global concurrency limit."""
+"""The promotion gate as a Prefect task, serialised per registered model: by a file lock between
+processes of this machine and by a global concurrency limit between runs sharing a Prefect server."""
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import asdict
 
 from prefect import task
@@ -12,19 +14,22 @@ from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
 from tailor import tracking
 from tailor.config import PromotionConfig
+from tailor.locks import file_lock, promotion_lock_path
 from tailor.promotion import promote
 
 from ._common import UNCACHED, prefect_key
 
 
 @task(name="promote-model", cache_policy=UNCACHED, retries=2, retry_delay_seconds=[5, 15])
-def promote_model(tracking_uri: str, model_name: str, version: str, gate: PromotionConfig,
+def promote_model(tracking_uri: str, model_name: str, version: str, gate: PromotionConfig, work_dir: str,
                   force: bool = False) -> dict:
     """Judge ``version`` against the champion and move the alias when it passes; returns the decision."""
     limit = _promotion_limit(model_name)
-    # strict: without the limit there would be no mutual exclusion, so fail instead.
-    decision = promote(tracking.client_for(tracking_uri), model_name, version, gate, force,
-                       lock=concurrency(limit, occupy=1, strict=True, timeout_seconds=600))
+    with ExitStack() as lock:
+        lock.enter_context(file_lock(promotion_lock_path(tracking_uri, model_name, work_dir)))
+        # strict: without the limit there would be no mutual exclusion, so fail instead.
+        lock.enter_context(concurrency(limit, occupy=1, strict=True, timeout_seconds=600))
+        decision = promote(tracking.client_for(tracking_uri), model_name, version, gate, force)
     return asdict(decision)
 
 

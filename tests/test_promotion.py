@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from tailor.config import ConfigError, PromotionConfig, load_config
+from tailor.locks import LockTimeout, file_lock, promotion_lock_path
 from tailor.promotion import PromotionError, decide, promote
 
 NAME = "gate-test"
@@ -127,7 +133,7 @@ def test_decide_reads_only_tags():
 
 
 @pytest.mark.integration
-def test_two_runs_racing_to_promote_end_with_the_better_model(registry, monkeypatch):
+def test_two_runs_racing_to_promote_end_with_the_better_model(registry, monkeypatch, tmp_path):
     from prefect import flow
     from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -147,13 +153,87 @@ def test_two_runs_racing_to_promote_end_with_the_better_model(registry, monkeypa
 
     @flow(task_runner=ThreadPoolTaskRunner(max_workers=2))
     def race() -> list[dict]:
-        futures = [promote_model.submit(uri, NAME, v, GATE) for v in (good, better)]
+        futures = [promote_model.submit(uri, NAME, v, GATE, str(tmp_path)) for v in (good, better)]
         return [f.result() for f in futures]
 
     decisions = race()
     assert _champion(client) == better
     # Serialised: exactly one of the two saw no champion; the other judged against it.
     assert sorted(d["previous_champion"] is None for d in decisions) == [False, True]
+
+
+_RACER = """
+import json, sys, time
+from prefect import flow
+import tailor.promotion as promotion
+from tailor.config import PromotionConfig
+from tasks.promotion import promote_model
+
+uri, name, version, work_dir, start_at = sys.argv[1:6]
+real_decide = promotion.decide
+
+def slow_decide(*args, **kwargs):  # widen the window between reading the champion and moving it
+    time.sleep(2.0)
+    return real_decide(*args, **kwargs)
+
+promotion.decide = slow_decide
+
+@flow
+def promote_at_start_time() -> dict:
+    early = float(start_at) - time.time()
+    time.sleep(max(0.0, early))  # both processes call the gate together
+    return {"early_s": early, **promote_model(uri, name, version, PromotionConfig(**json.loads(sys.argv[6])), work_dir)}
+
+print(json.dumps(promote_at_start_time()))
+"""
+
+
+@pytest.mark.integration
+def test_two_processes_racing_to_promote_end_with_the_better_model(registry, tmp_path):
+    # Each process has its own temporary Prefect server, as two `tailor run`s do: only the
+    # file lock is shared between them.
+    uri, client, add = registry
+    good = add(_tags({"arc_easy": 0.60, "hellaswag": 0.40}, ORIGINAL, 1.10))
+    better = add(_tags({"arc_easy": 0.62, "hellaswag": 0.41}, ORIGINAL, 1.10))
+    start_at = time.time() + 60  # after both temporary servers have started
+    racers = []
+    for i, version in enumerate((better, good)):
+        env = {**os.environ, "PREFECT_HOME": str(tmp_path / f"prefect-{i}")}
+        racers.append(subprocess.Popen(
+            [sys.executable, "-c", _RACER, uri, NAME, version, str(tmp_path / f"work-{i}"), str(start_at),
+             GATE.model_dump_json()], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [r.communicate(timeout=600) for r in racers]
+    assert [r.returncode for r in racers] == [0, 0], [err[-2000:] for _, err in outputs]
+    decisions = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    assert all(d["early_s"] > 0 for d in decisions), f"a racer came late, the race did not happen: {decisions}"
+    assert _champion(client) == better
+    assert sorted(d["previous_champion"] is None for d in decisions) == [False, True]
+
+
+def test_a_promotion_killed_while_holding_the_lock_does_not_block_later_ones(tmp_path):
+    path = promotion_lock_path(f"sqlite:///{tmp_path / 'mlflow.db'}", NAME, str(tmp_path / "work"))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom pathlib import Path\nfrom tailor.locks import file_lock\n"
+         "with file_lock(Path(sys.argv[1])):\n    print('held', flush=True)\n    time.sleep(600)\n", str(path)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LockTimeout, match=f"pid {holder.pid}"):
+            with file_lock(path, timeout_s=0.5):
+                pass
+    finally:
+        holder.kill()  # SIGKILL: no clean-up code runs in the holder
+        holder.wait()
+    with file_lock(path, timeout_s=5):
+        assert path.exists()
+
+
+def test_the_lock_lives_beside_a_local_store_and_in_the_work_folder_otherwise(tmp_path):
+    db = tmp_path / "store" / "mlflow.db"
+    assert promotion_lock_path(f"sqlite:///{db}", NAME, "w").parent == Path(f"{db}.tailor-locks")
+    assert promotion_lock_path(str(tmp_path / "mlruns"), NAME, "w").parent == tmp_path / "mlruns.tailor-locks"
+    assert promotion_lock_path("http://127.0.0.1:5000", NAME, "w").parent == Path("w") / "locks"
+    assert promotion_lock_path(f"sqlite:///{db}", "a", "w") != promotion_lock_path(f"sqlite:///{db}", "b", "w")
 
 
 def test_an_unreadable_champion_stops_the_promotion_instead_of_counting_as_none(registry):
