@@ -58,6 +58,10 @@ class DataConfig(_Section):
     verify_checksums: bool = True
     """In offline mode, stop when a data file differs from the sha256 its folder records (MANIFEST.json or SHA256SUMS)."""
 
+    def cache_identity(self) -> dict:
+        """The settings cached results are keyed by: the check switch changes no result."""
+        return self.model_dump(exclude={"verify_checksums"})
+
 
 class EvalConfig(_Section):
     tasks: tuple[str, ...] = REFERENCE_TASKS

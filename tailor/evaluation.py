@@ -177,7 +177,7 @@ def evaluation_datasets(cfg: EvalConfig, data: DataConfig) -> list[dict[str, str
 def evaluation_file(ref: CheckpointRef, cfg: EvalConfig, data: DataConfig, work_dir: str) -> Path:
     """Where a checkpoint's evaluation under these settings and data is kept (and found again)."""
     return Path(work_dir) / "evals" / (
-        f"{stable_hash(ref.fingerprint, cfg.model_dump(), data.model_dump(), evaluation_signature(cfg, data))}.json")
+        f"{stable_hash(ref.fingerprint, cfg.model_dump(), data.cache_identity(), evaluation_signature(cfg, data))}.json")
 
 
 def evaluate_checkpoint(ref: CheckpointRef, cfg: EvalConfig, data: DataConfig, out_file: Path,

@@ -67,6 +67,9 @@ class FastHFLM(HFLM):
 
     share_context: bool = True
     pack_tokens: int = 256
+    score_chunk_tokens: int = 256
+    """Scored positions per output-head pass: their [n, vocabulary] logits and log-softmax are
+    the largest tensors of evaluation (262,144 floats each for Gemma), so they are bounded."""
     on_progress: Callable[[int, int], None] | None = None
     """Called with (requests scored, requests in this call) after every batch."""
 
@@ -160,9 +163,16 @@ class FastHFLM(HFLM):
             hidden = self.model.get_decoder()(
                 input_ids=ids.to(self.device), position_ids=pos.to(self.device), attention_mask=masks,
                 use_cache=False).last_hidden_state
-            logits = output_logits(self.model, hidden[torch.tensor(scored_rows, device=self.device),
-                                                      torch.tensor(scored_cols, device=self.device)])
-        return list(zip(owners, _answers(logits, targets)))
+            scored = hidden[torch.tensor(scored_rows, device=self.device), torch.tensor(scored_cols, device=self.device)]
+            del hidden
+            target = torch.tensor([tok for t in targets for tok in t], device=self.device)
+            token_lp, greedy = [], []
+            for start in range(0, len(target), self.score_chunk_tokens):
+                chunk = slice(start, start + self.score_chunk_tokens)
+                logprobs = F.log_softmax(output_logits(self.model, scored[chunk]).float(), dim=-1)
+                token_lp.append(logprobs.gather(1, target[chunk].unsqueeze(1)).squeeze(1))
+                greedy.append(logprobs.argmax(dim=-1) == target[chunk])
+        return list(zip(owners, _answers(torch.cat(token_lp), torch.cat(greedy), targets)))
 
     def _attention_masks(self, seg: torch.Tensor, branch: torch.Tensor, pos: torch.Tensor):
         """Additive [B, 1, T, T] masks: same segment, prefix or own branch, causal in true positions.
@@ -219,12 +229,8 @@ def _batches(rows: list[list[_Segment]], token_budget: int) -> list[list[list[_S
     return batches
 
 
-def _answers(logits: torch.Tensor, targets: list[list[int]]) -> list[tuple[float, bool]]:
-    """(sum of target log-probs, all targets greedy) per request, from the stacked scored logits."""
-    target = torch.tensor([tok for t in targets for tok in t], device=logits.device)
-    logprobs = F.log_softmax(logits.float(), dim=-1)
-    token_lp = logprobs.gather(1, target.unsqueeze(1)).squeeze(1)
-    greedy = logprobs.argmax(dim=-1) == target
+def _answers(token_lp: torch.Tensor, greedy: torch.Tensor, targets: list[list[int]]) -> list[tuple[float, bool]]:
+    """(sum of target log-probs, all targets greedy) per request, from the per-token scores."""
     answers, offset = [], 0
     for t in targets:
         n = len(t)

@@ -53,7 +53,7 @@ def topk_cache_key(teacher_ref: CheckpointRef, cfg: DistillConfig, data: DataCon
     """What the cache depends on: the teacher's fingerprint and precision, the samples' source and shape, k and T."""
     return stable_hash(teacher_ref.fingerprint, cfg.teacher_topk, cfg.temperature,
                        teacher_numerics(cfg.teacher_dtype, "cpu"), cfg.seq_len,
-                       cfg.num_samples, corpus_signature(cfg), data.model_dump())
+                       cfg.num_samples, corpus_signature(cfg), data.cache_identity())
 
 
 def write_topk_cache(teacher_ref: CheckpointRef, cfg: DistillConfig, data: DataConfig, out_dir: Path) -> Path:

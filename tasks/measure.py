@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
@@ -12,7 +11,7 @@ from tailor.config import DataConfig, DistillConfig, EvalConfig, SpeedConfig
 from tailor.console import Progress
 from tailor.evaluation import evaluate_checkpoint, evaluation_file
 from tailor.perplexity import checkpoint_heldout_perplexity
-from tailor.resources import stage_cost
+from tailor.resources import stage_cost, stage_start
 from tailor.speed import profile_checkpoints
 
 from ._common import CACHED, prefect_key
@@ -28,7 +27,7 @@ def evaluate_model(ref: CheckpointRef, eval_cfg: EvalConfig, data: DataConfig, w
     progress artifact keyed by ``label`` moves as requests are scored.
     """
     out = evaluation_file(ref, eval_cfg, data, work_dir)
-    start = time.perf_counter()
+    start = stage_start()
     progress = create_progress_artifact(progress=0.0, key=f"evaluation-progress-{prefect_key(label)}",
                                         description=f"Evaluation of {label}: share of requests scored")
     lines: list[Progress] = []
@@ -47,7 +46,7 @@ def evaluate_model(ref: CheckpointRef, eval_cfg: EvalConfig, data: DataConfig, w
 @task(name="score-heldout", cache_policy=CACHED, persist_result=True)
 def score_heldout(ref: CheckpointRef, distill: DistillConfig, data: DataConfig) -> dict:
     """Perplexity on the distillation corpus's held-out slice; returns {"perplexity", "sources", "tokens"}."""
-    start = time.perf_counter()
+    start = stage_start()
     return {**checkpoint_heldout_perplexity(ref, distill, data), **stage_cost(start)}
 
 
@@ -55,7 +54,7 @@ def score_heldout(ref: CheckpointRef, distill: DistillConfig, data: DataConfig) 
 def measure_speed(refs: dict[str, CheckpointRef], speed: SpeedConfig) -> dict[str, dict]:
     """Profile every checkpoint in one task, timed in interleaved rounds, so no other stage
     competes for the CPU and the machine's drift falls on every model alike."""
-    start = time.perf_counter()
+    start = stage_start()
     profiles = profile_checkpoints(refs, speed)
     cost = stage_cost(start)
     return {name: {**p, **cost} for name, p in profiles.items()}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -20,7 +19,7 @@ from tailor.plots import layer_scores_png
 from tailor.precision import resolve_bf16_autocast, teacher_numerics
 from tailor.pruning import prune_checkpoint
 from tailor.teacher_cache import write_topk_cache
-from tailor.resources import stage_cost
+from tailor.resources import stage_cost, stage_start
 from tailor.sources import materialize
 
 from ._common import CACHED
@@ -29,7 +28,7 @@ from ._common import CACHED
 @task(name="materialize-model", cache_policy=CACHED, persist_result=True, retries=2, retry_delay_seconds=[10, 30])
 def materialize_model(model: ModelConfig, work_dir: str) -> dict:
     """Base checkpoint; returns {"ref", "seconds"}. Retried: a hub download can fail transiently."""
-    start = time.perf_counter()
+    start = stage_start()
     ref = materialize(model, work_dir)
     return {"ref": ref, **stage_cost(start)}
 
@@ -38,10 +37,10 @@ def materialize_model(model: ModelConfig, work_dir: str) -> dict:
 def score_layers(base: CheckpointRef, prune: PruneConfig, strategies: tuple[str, ...], distill: DistillConfig,
                  data: DataConfig, work_dir: str) -> dict:
     """Layer-importance scores on a calibration set from the distillation corpus; returns {"scores", "file"}."""
-    start = time.perf_counter()
+    start = stage_start()
     calibration = prune.model_dump(include={"calibration_samples", "calibration_seq_len", "calibration_batch_size"})
     out = Path(work_dir) / "importance" / (
-        f"{stable_hash(base.fingerprint, calibration, strategies, corpus_signature(distill), data.model_dump())}.json")
+        f"{stable_hash(base.fingerprint, calibration, strategies, corpus_signature(distill), data.cache_identity())}.json")
     # The task's cache key also holds settings the scores do not depend on (num_layers,
     # strategy); the file is keyed by what they do depend on, so it is reused across those.
     if out.exists():
@@ -56,7 +55,7 @@ def score_layers(base: CheckpointRef, prune: PruneConfig, strategies: tuple[str,
 @task(name="prune-model", cache_policy=CACHED, persist_result=True)
 def prune_model(base: CheckpointRef, prune: PruneConfig, work_dir: str, scores: dict | None = None) -> dict:
     """Remove decoder layers; returns {"ref", "removed_layers", "params_before", "params_after", "plot"}."""
-    start = time.perf_counter()
+    start = stage_start()
     removed = choose_layers(prune, AutoConfig.from_pretrained(base.path).num_hidden_layers, scores)
     ref, before, after = prune_checkpoint(base, removed, work_dir)
     name = Path(ref.path).name
@@ -76,7 +75,7 @@ def cache_teacher_topk(teacher: CheckpointRef, distill: DistillConfig, data: Dat
     The file is named by teacher fingerprint, samples, k and T, so a run that only changes
     training settings (learning rate, epochs) reuses it even when this task re-runs.
     """
-    start = time.perf_counter()
+    start = stage_start()
     path = write_topk_cache(teacher.verify(), distill, data, Path(work_dir) / "teacher-cache")
     return {"path": str(path), "mib": path.stat().st_size / 2**20, **stage_cost(start)}
 
@@ -86,7 +85,7 @@ def distill_model(teacher: CheckpointRef, student: CheckpointRef, distill: Disti
                   data: DataConfig, work_dir: str, topk_cache: str | None = None) -> dict:
     """Distil the student from the teacher (or its top-k cache); returns {"ref", "record"} (losses, throughput)."""
     # "auto" precisions resolve per machine, and the result depends on what they became.
-    key = stable_hash(teacher.fingerprint, student.fingerprint, distill.model_dump(), data.model_dump(), topk_cache,
+    key = stable_hash(teacher.fingerprint, student.fingerprint, distill.model_dump(), data.cache_identity(), topk_cache,
                       teacher_numerics(distill.teacher_dtype, "cpu"),
                       resolve_bf16_autocast(distill.bf16_autocast, "cpu"))
     out = Path(work_dir) / "checkpoints" / f"distilled-{key}"
@@ -104,7 +103,7 @@ def distill_model(teacher: CheckpointRef, student: CheckpointRef, distill: Disti
     def on_heldout(step: int, perplexity: float) -> None:
         get_run_logger().info(f"distill step {step}/{total}: held-out perplexity {perplexity:.2f}")
 
-    start = time.perf_counter()
+    start = stage_start()
     ref, record = distill_checkpoint(teacher.verify(), student.verify(), distill, data, out, on_step,
                                      Path(topk_cache) if topk_cache else None, on_heldout=on_heldout)
     return {"ref": ref, "record": record, **stage_cost(start)}

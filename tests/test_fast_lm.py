@@ -55,6 +55,20 @@ def test_loglikelihood_greedy_and_rolling_requests(tiny_model, tiny_tokenizer):
     assert rolling_a == pytest.approx(rolling_b, abs=1e-4)
 
 
+def test_scoring_in_small_output_head_chunks_changes_nothing(tiny_model, tiny_tokenizer):
+    pairs = [("The capital of", " France is Paris"), ("A student learns from", " a teacher and more"),
+             ("Hello", " world"), ("The quick brown fox " * 30, " jumps over the lazy dog")]
+    answers = {}
+    for chunk in (1, 3, 10_000):  # a chunk boundary inside one request's continuation, and none at all
+        fast = FastHFLM(pretrained=tiny_model, tokenizer=tiny_tokenizer, batch_size=4)
+        fast.score_chunk_tokens = chunk
+        answers[chunk] = fast.loglikelihood(_requests("loglikelihood", pairs), disable_tqdm=True)
+    # Equal up to float rounding (a one-row matmul may sum in another order than a many-row one).
+    for chunk in (1, 3):
+        assert [g for _, g in answers[chunk]] == [g for _, g in answers[10_000]]
+        assert [ll for ll, _ in answers[chunk]] == pytest.approx([ll for ll, _ in answers[10_000]], abs=1e-4)
+
+
 def test_a_greedy_continuation_is_flagged(tiny_model, tiny_tokenizer):
     fast = FastHFLM(pretrained=tiny_model, tokenizer=tiny_tokenizer, batch_size=2)
     context = tiny_tokenizer("The capital of")["input_ids"]
