@@ -13,6 +13,8 @@ import sys
 import time
 import warnings
 
+import tqdm.std
+
 LOGGER = logging.getLogger("tailor")
 
 # Loggers of the libraries a run drives; quiet mode lets only their errors through.
@@ -41,6 +43,9 @@ def setup_console(verbose: bool) -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")
     warnings.filterwarnings("ignore")
+    _silence_progress_bars()
+    import mlflow  # noqa: F401  (it sets its logger's level when imported: import first, then quieten)
+
     for name in _THIRD_PARTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     # A library imported before this call has read its environment settings already.
@@ -54,6 +59,26 @@ def setup_console(verbose: bool) -> None:
 
         datasets.logging.set_verbosity_error()
         datasets.disable_progress_bars()
+
+
+class OwnBar(tqdm.std.tqdm):
+    """llm-tailor's own progress bars (``tailor eval``): shown in quiet mode too."""
+
+
+def _silence_progress_bars() -> None:
+    """Every tqdm bar off at construction, except :class:`OwnBar`. TQDM_DISABLE is not enough:
+    lm-eval passes ``disable=`` explicitly, and an explicit argument wins over the environment."""
+    original = tqdm.std.tqdm.__init__
+    if getattr(original, "_tailor_quiet", False):
+        return
+
+    def quiet_init(self, *args, **kwargs):
+        if not isinstance(self, OwnBar):
+            kwargs["disable"] = True
+        original(self, *args, **kwargs)
+
+    quiet_init._tailor_quiet = True  # type: ignore[attr-defined]
+    tqdm.std.tqdm.__init__ = quiet_init
 
 
 def format_seconds(seconds: float) -> str:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import subprocess
 from pathlib import Path
 from typing import Any, Callable
 
@@ -195,15 +196,26 @@ def evaluate_checkpoint(ref: CheckpointRef, cfg: EvalConfig, data: DataConfig, o
     return result
 
 
+def _git_hash_quietly() -> str | None:
+    """What lm-eval records as ``git_hash`` (``git describe`` of the working directory),
+    without git's "fatal: not a git repository" on the terminal outside a repository."""
+    try:
+        return subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL).strip().decode()
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return None
+
+
 def evaluate_model(model, tokenizer, cfg: EvalConfig, data: DataConfig,
                    on_progress: Callable[[int, int], None] | None = None) -> dict:
     import lm_eval
+    import lm_eval.evaluator
     from lm_eval.models.huggingface import HFLM
 
     from .fast_lm import FastHFLM
 
     manager = _task_manager(cfg.include_path)
     check_tasks(cfg.tasks, data, cfg.include_path, manager)
+    lm_eval.evaluator.get_git_commit_hash = _git_hash_quietly
     # lm-eval's bootstrap forks a process pool; forking a threaded process (a Prefect
     # task runner) can deadlock, so bootstrap in-process.
     os.environ["DISABLE_MULTIPROC"] = "1"

@@ -26,8 +26,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from lm_eval.models.huggingface import HFLM
-from tqdm import tqdm
 
+from .console import OwnBar
 from .kd_loss import output_logits
 
 Request = tuple[tuple[str, str] | None, list[int], list[int]]
@@ -83,7 +83,8 @@ class FastHFLM(HFLM):
         # Longest first (like HFLM): the first batch shows the worst-case memory at once.
         batches = _batches(rows, rows_per_batch * self.pack_tokens)
         results: list[tuple[float, bool] | None] = [None] * len(requests)
-        with tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0,
+        # A caller that follows progress itself (the flow's stage lines) gets no bar.
+        with OwnBar(total=len(requests), disable=disable_tqdm or self.rank != 0 or self.on_progress is not None,
                   desc="Scoring loglikelihood requests") as bar:
             done = 0
             for batch in batches:
