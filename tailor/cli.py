@@ -125,6 +125,35 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    """`tailor eval`: one model, the fast evaluator, lm-eval's files; optionally paired with another evaluation."""
+    from .eval_command import evaluate_to_folder, paired_comparison, read_samples, resolve_model
+    from .preflight import check_eval_inputs
+
+    cfg = load_config(args.profile, args.set)
+    check_eval_inputs(cfg)
+    against = read_samples(Path(args.against)) if args.against else None  # a bad path fails before scoring
+    out = Path(args.out).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    ref, name = resolve_model(args.model, cfg)
+    record = evaluate_to_folder(ref, name, cfg, out)
+    print(f"{name} ({cfg.eval.limit or 'all'} documents per task, {cfg.eval.backend} backend, {cfg.eval.dtype}):")
+    for task, metrics in record["metrics"].items():
+        print(f"  {task}: " + ", ".join(f"{m} {s['value']:.4f}" + (f" ± {s['stderr']:.4f}" if s["stderr"] else "")
+                                          for m, s in metrics.items()))
+    if against is not None:
+        comparison = paired_comparison(record["items"], against)
+        (out / "comparison.json").write_text(json.dumps({"against": str(args.against), "tasks": comparison}, indent=1))
+        print(f"paired with {args.against} (accuracy change, ours - theirs, 95% interval over shared documents):")
+        for task, c in comparison.items():
+            print(f"  {task}: {c['delta']:+.4f} [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}] over {c['n']} "
+                  f"documents: {c['verdict']}")
+        if not comparison:
+            print("  no task in common")
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_settings(args: argparse.Namespace) -> int:
     print(describe_settings())
     return 0
@@ -176,6 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     dist.add_argument("--out", required=True, help="folder for the distilled checkpoint")
     _config_args(dist, "distill.epochs=1", "whose distill and data settings apply")
     dist.set_defaults(fn=cmd_distill)
+    ev = sub.add_parser("eval", help="score one model with the fast evaluator on any lm-eval tasks")
+    ev.add_argument("model", help="checkpoint folder, models:/NAME@ALIAS or models:/NAME/VERSION, or a hub id")
+    ev.add_argument("--out", required=True, help="folder for lm-eval's results and sample files")
+    ev.add_argument("--against", default=None,
+                    help="another evaluation's folder or samples_<task>_*.jsonl file: paired per-task comparison")
+    _config_args(ev, "eval.tasks=[arc_easy,piqa]", "whose eval, data, model and tracking settings apply")
+    ev.set_defaults(fn=cmd_eval)
     settings = sub.add_parser("settings", help="list every setting with its default and meaning")
     settings.set_defaults(fn=cmd_settings)
     return p

@@ -206,7 +206,13 @@ def _git_hash_quietly() -> str | None:
 
 
 def evaluate_model(model, tokenizer, cfg: EvalConfig, data: DataConfig,
-                   on_progress: Callable[[int, int], None] | None = None) -> dict:
+                   on_progress: Callable[[int, int], None] | None = None, lm_eval_dir: Path | None = None,
+                   model_name: str = "") -> dict:
+    """Score ``model`` on ``cfg.tasks`` with lm-eval; returns {"metrics", "items", ...}.
+
+    ``lm_eval_dir``: also write lm-eval's own files there (results JSON and per-sample
+    JSONL, as ``lm_eval --output_path --log_samples`` does), under ``model_name``.
+    """
     import lm_eval
     import lm_eval.evaluator
     from lm_eval.models.huggingface import HFLM
@@ -224,11 +230,24 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, data: DataConfig,
     if isinstance(lm, FastHFLM):
         lm.share_context = cfg.share_context
         lm.on_progress = on_progress
+    tracker = None
+    if lm_eval_dir is not None:
+        from lm_eval.loggers import EvaluationTracker
+
+        tracker = EvaluationTracker(output_path=str(lm_eval_dir))
     out = lm_eval.simple_evaluate(
         model=lm, tasks=task_specs(cfg.tasks, data, manager), task_manager=manager, num_fewshot=0,
         limit=cfg.limit, log_samples=True, bootstrap_iters=cfg.bootstrap_iters, random_seed=0,
-        numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0,
+        numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0, evaluation_tracker=tracker,
     )
+    if tracker is not None:
+        tracker.general_config_tracker.model_name = model_name
+        tracker.general_config_tracker.model_name_sanitized = _sanitized(model_name)
+        samples = out.pop("samples")
+        tracker.save_results_aggregated(results=out, samples=samples)
+        for task in cfg.tasks:
+            tracker.save_results_samples(task_name=task, samples=samples[task])
+        out["samples"] = samples
     return {
         "metrics": {task: _task_metrics(out["results"][task]) for task in cfg.tasks},
         "items": {task: _item_scores(out["samples"][task]) for task in cfg.tasks},
@@ -240,6 +259,11 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, data: DataConfig,
         "data_mode": data.mode,
         "lm_eval_version": _lm_eval_version(),
     }
+
+
+def _sanitized(name: str) -> str:
+    """A folder name for lm-eval's output (its own rule: path separators and odd characters replaced)."""
+    return "".join(c if c.isalnum() or c in "-._" else "__" for c in name) or "model"
 
 
 def _task_metrics(raw: dict) -> dict[str, dict]:

@@ -15,6 +15,11 @@ replaced: ``_loglikelihood_tokens``. Two kinds of work HFLM does are skipped:
   with its true position ids. Segments are packed into rows with a block attention
   mask, so there is no batch-1 pass and almost no padding. Every scored position sees
   exactly the tokens it sees in HFLM's forward, so the numbers agree to float rounding.
+
+Importing this module registers it with lm-eval as ``tailor-fast``:
+``lm_eval.simple_evaluate(model="tailor-fast", model_args="pretrained=PATH", ...)``.
+lm-eval's command line has no hook to import it, so ``tailor-lm-eval`` is that command
+line with the model registered: ``tailor-lm-eval run --model tailor-fast ...``.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from .console import OwnBar
@@ -57,6 +63,7 @@ def _common_prefix_length(a: list[int], b: list[int]) -> int:
     return n
 
 
+@register_model("tailor-fast")
 class FastHFLM(HFLM):
     """HFLM with continuation-only output-head scoring and shared-prefix packing for causal models.
 
@@ -72,6 +79,11 @@ class FastHFLM(HFLM):
     the largest tensors of evaluation (262,144 floats each for Gemma), so they are bounded."""
     on_progress: Callable[[int, int], None] | None = None
     """Called with (requests scored, requests in this call) after every batch."""
+
+    def __init__(self, *args, device: str | None = None, **kwargs):
+        # HFLM defaults to "cuda" and fails on a machine without one; by name from lm-eval
+        # (model_args without device=) this model takes the GPU when there is one, else the CPU.
+        super().__init__(*args, device=device or ("cuda" if torch.cuda.is_available() else "cpu"), **kwargs)
 
     def _loglikelihood_tokens(self, requests: list[Request], disable_tqdm: bool = False,
                               override_bs: int | None = None) -> list[tuple[float, bool]]:
@@ -238,3 +250,10 @@ def _answers(token_lp: torch.Tensor, greedy: torch.Tensor, targets: list[list[in
         answers.append((float(token_lp[offset:offset + n].sum()), bool(greedy[offset:offset + n].all())))
         offset += n
     return answers
+
+
+def lm_eval_cli() -> None:
+    """lm-eval's own command line, with ``tailor-fast`` registered (this module is imported)."""
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()

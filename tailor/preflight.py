@@ -81,6 +81,13 @@ def check_model_limits(cfg: TailorConfig, vocab_size: int, context: int) -> None
                               f"allowed: 2 to {context:,}")
 
 
+def check_eval_inputs(cfg: TailorConfig) -> None:
+    """What ``tailor eval`` needs before it loads a model: its tasks and their data."""
+    ensure_offline_data(cfg)
+    check_data_checksums(cfg)
+    check_tasks(cfg.eval.tasks, cfg.data, cfg.eval.include_path)
+
+
 def preflight(cfg: TailorConfig) -> None:
     check_source(cfg.model)
     num_layers = source_num_layers(cfg.model)

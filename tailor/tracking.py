@@ -178,6 +178,33 @@ def register_checkpoint(tracking_uri: str, run_id: str, checkpoint_path: str, fi
     return existing
 
 
+def registered_version(tracking_uri: str, model_uri: str) -> tuple[str, str, str | None]:
+    """(name, version, checkpoint fingerprint tag) of ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``;
+    a clear error when the registry holds no such version."""
+    from mlflow.exceptions import MlflowException
+
+    spec = model_uri.removeprefix("models:/")
+    name, alias = spec.split("@", 1) if "@" in spec else (spec.rsplit("/", 1)[0], None)
+    if not name or (alias is None and "/" not in spec):
+        raise TailorError(f"{model_uri!r} is not a registered model URI; allowed: models:/NAME@ALIAS or models:/NAME/VERSION")
+    client = client_for(tracking_uri)
+    try:
+        version = (client.get_model_version_by_alias(name, alias) if alias is not None
+                   else client.get_model_version(name, spec.rsplit("/", 1)[1]))
+    except MlflowException as exc:
+        raise TailorError(f"{model_uri!r} is not in the registry at the configured tracking store: {exc}") from None
+    return name, str(version.version), version.tags.get("checkpoint_fingerprint")
+
+
+def load_registered(tracking_uri: str, name: str, version: str):
+    """(model, tokenizer) of a registered transformers-flavour version."""
+    import mlflow.transformers
+
+    with _fluent_store(tracking_uri):
+        components = mlflow.transformers.load_model(f"models:/{name}/{version}", return_type="components")
+    return components["model"], components["tokenizer"]
+
+
 _FLUENT_LOCK = threading.Lock()
 
 

@@ -1,0 +1,97 @@
+"""``tailor eval``: score one model with the fast evaluator on any lm-eval tasks, outside the flow.
+
+The model is a checkpoint folder (llm-tailor's or any Hugging Face folder), a registered
+MLflow model (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``) or a hub id. The output
+folder holds lm-eval's own files (results JSON, per-sample JSONL) so any lm-eval tooling
+reads them, and, with ``against``, a paired per-task comparison with another evaluation's
+samples over the documents both scored.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from .checkpoint import CheckpointRef, existing_checkpoint, load_model, save_model, write_checkpoint
+from .config import TailorConfig, TailorError
+from .stats import paired_item_deltas
+
+_SAMPLES_FILE = re.compile(r"samples_(?P<task>.+)_\d{4}-\d{2}-\d{2}T[\d\-.]+\.jsonl$")
+
+
+def resolve_model(spec: str, cfg: TailorConfig) -> tuple[CheckpointRef, str]:
+    """A checkpoint folder for ``spec`` (materialised into the work folder when it is not one
+    already) and the name lm-eval's files give the model."""
+    from . import tracking
+    from .sources import materialize
+
+    if spec.startswith("models:/"):
+        name, version, fingerprint = tracking.registered_version(cfg.tracking_uri, spec)
+        folder = Path(cfg.work_dir) / "checkpoints" / f"registered-{_safe(name)}-v{version}-{fingerprint or 'untagged'}"
+        ref = write_checkpoint(folder, lambda tmp: save_model(*tracking.load_registered(cfg.tracking_uri, name, version), tmp))
+        return ref, f"{name}-v{version}"
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        ref = existing_checkpoint(path)
+        if ref is None:
+            if not (path / "config.json").is_file():
+                raise TailorError(f"{spec} is neither an llm-tailor checkpoint (FINGERPRINT) nor a Hugging Face "
+                                  "model folder (config.json)")
+            ref = materialize(cfg.model.model_copy(update={"source": "hf", "name_or_path": str(path.resolve())}),
+                              cfg.work_dir)
+        return ref.verify(), path.resolve().name
+    if "/" not in spec:
+        raise TailorError(f"{spec!r} is not a folder, a models:/ URI or a hub id (owner/name)")
+    return materialize(cfg.model.model_copy(update={"source": "hf", "name_or_path": spec}), cfg.work_dir), spec
+
+
+def evaluate_to_folder(ref: CheckpointRef, name: str, cfg: TailorConfig, out_dir: Path) -> dict:
+    """Evaluate ``ref`` and write lm-eval's files plus ``tailor-eval.json`` (metrics, per-document
+    scores) into ``out_dir``; returns that record."""
+    from .evaluation import evaluate_model
+
+    model, tokenizer = load_model(ref, dtype=cfg.eval.dtype)
+    result = evaluate_model(model, tokenizer, cfg.eval, cfg.data, lm_eval_dir=out_dir, model_name=name)
+    record = {"model": name, "checkpoint": {"path": ref.path, "fingerprint": ref.fingerprint},
+              **{k: v for k, v in result.items() if k != "requests"}}
+    (out_dir / "tailor-eval.json").write_text(json.dumps(record, indent=1))
+    return record
+
+
+def read_samples(path: Path) -> dict[str, dict[str, dict[str, float]]]:
+    """Per-document scores {task: {doc_id: {"acc": .., "acc_norm": ..}}} from lm-eval sample files:
+    one ``samples_<task>_<time>.jsonl`` or a folder holding them (searched recursively)."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(path.rglob("samples_*.jsonl"))
+    items: dict[str, dict[str, dict[str, float]]] = {}
+    for file in files:
+        match = _SAMPLES_FILE.search(file.name)
+        if match is None:
+            continue
+        task = items.setdefault(match["task"], {})
+        for line in file.read_text().splitlines():
+            if line.strip():
+                sample = json.loads(line)
+                task[str(sample["doc_id"])] = {m: float(sample[m]) for m in ("acc", "acc_norm") if m in sample}
+    if not items:
+        raise TailorError(f"--against {path}: no lm-eval sample files (samples_<task>_<time>.jsonl) found")
+    return items
+
+
+def paired_comparison(ours: dict[str, dict], theirs: dict[str, dict]) -> dict[str, dict]:
+    """Per task both scored: accuracy change (ours - theirs) over the shared documents with its
+    paired bootstrap 95% interval and a verdict that says "cannot tell" when the interval holds 0."""
+    out = {}
+    for task in sorted(set(ours) & set(theirs)):
+        paired = paired_item_deltas(theirs[task], ours[task], "acc")
+        if paired is None:
+            continue
+        low, high = paired["ci_low"], paired["ci_high"]
+        out[task] = {"delta": paired["delta"], "ci95": [low, high], "n": paired["n"],
+                     "verdict": "better" if low > 0 else "worse" if high < 0 else "cannot tell"}
+    return out
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
