@@ -51,6 +51,12 @@ VARIANTS: dict[str, dict] = {
     "tinystories_only": dict(RECIPE, corpus_mix={TS: 1}),
     "tinystories_only_constant_lr": dict(QUICK_BEFORE, corpus_mix={TS: 1}),
     "tinystories_only_constant_lr_256": dict(QUICK_BEFORE, corpus_mix={TS: 1}, num_samples=256, heldout_every=8),
+    # The divergence: reverse KL (mode-seeking) and the symmetric JSD against forward KL's
+    # mass-covering fit, which lowers perplexity while LAMBADA's greedy last word can get worse.
+    "tinystories_only_constant_lr_256_reverse_kl": dict(QUICK_BEFORE, corpus_mix={TS: 1}, num_samples=256,
+                                                        heldout_every=8, loss="reverse_kl"),
+    "tinystories_only_constant_lr_256_jsd": dict(QUICK_BEFORE, corpus_mix={TS: 1}, num_samples=256,
+                                                 heldout_every=8, loss="jsd"),
     "ts60_wiki40_last4_layers": dict(RECIPE, corpus_mix=MIX, freeze_embeddings=True, train_last_layers=4),
     "ts60_wiki40_ce_alpha_0.5": dict(RECIPE, corpus_mix=MIX, alpha=0.5),
     "ts60_wiki40_lr1e-5": dict(RECIPE, corpus_mix=MIX, learning_rate=1e-5),
