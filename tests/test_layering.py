@@ -1,0 +1,79 @@
+"""The import layers, read from the source: the library knows nothing of Prefect, tasks know
+nothing of flows, and the library's modules import each other without cycles.
+
+    tailor (library, no Prefect)  <-  tasks (thin Prefect tasks)  <-  flows  <-  tailor.cli (entry point)
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# The command line is the application on top of every layer: it starts flows.
+ENTRY_POINTS = {"tailor.cli"}
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module ``path`` imports, at top level or inside functions, as absolute names."""
+    package = _module_name(path).rsplit(".", 1)[0] if path.name != "__init__.py" else _module_name(path)
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+                names.add(module)
+                if node.module is None:
+                    names |= {f"{module}.{alias.name}" for alias in node.names}
+            else:
+                names.add(node.module)
+    return names
+
+
+def _modules(package: str) -> dict[str, set[str]]:
+    return {_module_name(p): _imports(p) for p in sorted((ROOT / package).rglob("*.py"))}
+
+
+def _top(name: str) -> str:
+    return name.split(".")[0]
+
+
+@pytest.mark.parametrize(("package", "forbidden"), [
+    ("tailor", {"prefect", "prefect_dask", "flows", "tasks"}),
+    ("tasks", {"flows"}),
+])
+def test_a_layer_imports_nothing_above_it(package, forbidden):
+    offending = {module: sorted(n for n in names if _top(n) in forbidden)
+                 for module, names in _modules(package).items() if module not in ENTRY_POINTS}
+    assert {m: n for m, n in offending.items() if n} == {}
+
+
+def test_the_library_has_no_import_cycles():
+    graph = {module: {n for n in names if n in _modules("tailor") and n != module}
+             for module, names in _modules("tailor").items() if module not in ENTRY_POINTS}
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(module: str, trail: list[str]) -> None:
+        state[module] = 1
+        for dep in sorted(graph.get(module, ())):
+            if state.get(dep) == 1:
+                cycles.append(trail[trail.index(dep):] + [dep] if dep in trail else [module, dep])
+            elif dep not in state:
+                visit(dep, trail + [dep])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert cycles == []
