@@ -19,7 +19,8 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from prefect.context import get_run_context
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.tailor_flow import evaluate_stage, run_link, tailor_flow
+from flows.stages import evaluate_stage, run_link
+from flows.tailor_flow import tailor_flow
 from tailor import tracking
 from tailor.compare import load_scores
 from tailor.config import load_config

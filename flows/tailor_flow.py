@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact
 from prefect.context import get_run_context
+from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.stages import Done, RunContext, accuracy_summary, evaluate_stage, metric_values, run_intact, run_link
 from tailor import tracking
 from tailor.checkpoint import CheckpointRef
 from tailor.config import TailorConfig, load_config
@@ -26,7 +29,7 @@ from tailor.evaluation import evaluation_datasets, evaluation_signature
 from tailor.importance import SCORED_STRATEGIES
 from tailor.preflight import preflight
 from tailor.promotion import evaluation_tags, version_description
-from tasks.measure import evaluate_model, measure_speed, score_heldout
+from tasks.measure import measure_speed, score_heldout
 from tasks.models import cache_teacher_topk, distill_model, materialize_model, prune_model, score_layers
 from tasks.promotion import promote_model
 from tasks.report import compare_models, record_promotion
@@ -37,185 +40,204 @@ class StageFailed(RuntimeError):
     """A stage raised; the message names it. Earlier stages stay cached."""
 
 
+@dataclass
+class Models:
+    """What the model-producing stages returned; evaluations may still be running."""
+
+    materialized: dict
+    pruned: dict
+    distilled: dict
+    teacher_cache: dict | None = None
+    heldout: dict[str, dict] = field(default_factory=dict)
+    evals: dict[str, PrefectFuture | Done] = field(default_factory=dict)
+
+    @property
+    def refs(self) -> dict[str, CheckpointRef]:
+        return {"original": self.materialized["ref"], "pruned": self.pruned["ref"], "distilled": self.distilled["ref"]}
+
+
 @flow(name="llm-tailor", task_runner=ThreadPoolTaskRunner(max_workers=4), log_prints=False)
 def tailor_flow(profile: str = "quick", overrides: list[str] | None = None, out_dir: str | None = None) -> dict:
     """Run the whole cycle for a profile (+ ``section.key=value`` overrides); returns report paths."""
     start = time.perf_counter()
     cfg = load_config(profile, overrides or [])
     preflight(cfg)
-    logger = get_run_logger()
-    uri = cfg.tracking_uri
+    run = open_run(cfg)
+    try:
+        models = build_models(run)
+        results = collect_evaluations(run, models.evals)
+        run.stages.start("measure-speed")
+        profiles = measure_speed(models.refs, cfg.speed)
+        run.log("measure-speed", params=cfg.speed.model_dump(), metrics={
+            name: {k: v for k, v in p.items() if isinstance(v, (int, float))} for name, p in profiles.items()})
+        run.stages.done("measure-speed", ", ".join(f"{n} {p['tokens_per_s']:.1f} tokens/s" for n, p in profiles.items()))
+        report = compare(run, models, results, profiles, out_dir, time.perf_counter() - start)
+        version, decision = register_and_promote(run, models.distilled["ref"], report)
+    except Exception as exc:
+        raise mark_failed(run, exc) from exc
+    tracking.log_metrics(run.client, run.parent_id, {"flow_seconds": time.perf_counter() - start})
+    tracking.end_run(run.client, run.parent_id)
+    return {"report_json": report["report_json"], "report_md": report["report_md"],
+            "registered_model": cfg.tracking.registered_model, "version": version, "alias": cfg.tracking.alias,
+            "parent_run_id": run.parent_id, "promotion": decision}
+
+
+def open_run(cfg: TailorConfig) -> RunContext:
+    """The MLflow parent run (settings, dataset inputs), its link in Prefect, the stage lines."""
     flow_run_name = get_run_context().flow_run.name
     client, exp_id, parent = tracking.start_parent_run(
-        uri, cfg.tracking.experiment, cfg.work_dir, f"{cfg.profile}-{flow_run_name}",
+        cfg.tracking_uri, cfg.tracking.experiment, cfg.work_dir, f"{cfg.profile}-{flow_run_name}",
         tags={"tailor.profile": cfg.profile, "prefect.flow_run": flow_run_name})
     tracking.log_params(client, parent, cfg.model_dump())
     tracking.log_datasets(client, parent, evaluation_datasets(cfg.eval, cfg.data) + corpus_datasets(cfg.distill, cfg.data))
-    log = lambda stage, **kw: log_stage(uri, exp_id, parent, stage, **kw)  # noqa: E731
-    create_link_artifact(key="mlflow-parent-run", link=run_link(uri, exp_id, parent),
+    create_link_artifact(key="mlflow-parent-run", link=run_link(cfg.tracking_uri, exp_id, parent),
                          description="MLflow parent run of this flow run")
-    stages = Stages(stage_names(cfg))
     LOGGER.info(f"profile {cfg.profile}: Prefect flow run {flow_run_name!r}, MLflow run {parent}")
+    return RunContext(cfg, client, exp_id, parent, Stages(stage_names(cfg)))
 
-    try:
-        stages.start("materialize")
-        materialized = run_intact(materialize_model, cfg.model, cfg.work_dir)
-        base = materialized["ref"]
-        log("materialize", params=cfg.model.model_dump(), metrics={"seconds": materialized["seconds"]})
-        stages.done("materialize", base.path)
 
-        evals = {"original": evaluate_stage(cfg, stages, "original", base)}
-        scores = None
-        if cfg.prune.strategy in SCORED_STRATEGIES:
-            stages.start("score-layers")
-            scored = score_layers(base, cfg.prune, (cfg.prune.strategy,), cfg.distill, cfg.data, cfg.work_dir)
-            scores = scored["scores"]
-            log("score-layers", params=cfg.prune.model_dump(), metrics={"seconds": scored["seconds"]},
-                artifacts=[scored["file"]])
-            stages.done("score-layers")
-        stages.start("prune")
-        pruned = run_intact(prune_model, base, cfg.prune, cfg.work_dir, scores)
-        log("prune", params=cfg.prune.model_dump(), metrics={"params_before": pruned["params_before"],
-            "params_after": pruned["params_after"], "layers_removed": len(pruned["removed_layers"])},
-            artifacts=[pruned["plot"]] if pruned["plot"] else None)
-        stages.done("prune", f"layers {pruned['removed_layers']} removed, "
-                             f"{pruned['params_before']:,} -> {pruned['params_after']:,} parameters")
-        evals["pruned"] = evaluate_stage(cfg, stages, "pruned", pruned["ref"])
-        teacher_cache = None
-        if cfg.distill.teacher_topk:
-            stages.start("cache-teacher-topk")
-            teacher_cache = cache_teacher_topk(base, cfg.distill, cfg.data, cfg.work_dir)
-            log("cache-teacher-topk", params={"k": cfg.distill.teacher_topk},
+def build_models(run: RunContext) -> Models:
+    """Materialise, prune and distil; each model's evaluation starts as soon as it exists."""
+    cfg, stages = run.cfg, run.stages
+    stages.start("materialize")
+    materialized = run_intact(materialize_model, cfg.model, cfg.work_dir)
+    base = materialized["ref"]
+    run.log("materialize", params=cfg.model.model_dump(), metrics={"seconds": materialized["seconds"]})
+    stages.done("materialize", base.path)
+    evals = {"original": evaluate_stage(cfg, "original", base, stages)}
+    pruned = prune(run, base)
+    evals["pruned"] = evaluate_stage(cfg, "pruned", pruned["ref"], stages)
+    teacher_cache = None
+    if cfg.distill.teacher_topk:
+        stages.start("cache-teacher-topk")
+        teacher_cache = cache_teacher_topk(base, cfg.distill, cfg.data, cfg.work_dir)
+        run.log("cache-teacher-topk", params={"k": cfg.distill.teacher_topk},
                 metrics={"seconds": teacher_cache["seconds"], "mib": teacher_cache["mib"]})
-            stages.done("cache-teacher-topk", f"{teacher_cache['mib']:.0f} MiB")
-        stages.start("distill")
-        distilled = run_intact(distill_model, base, pruned["ref"], cfg.distill, cfg.data, cfg.work_dir,
-                               teacher_cache["path"] if teacher_cache else None)
-        kd = distilled["record"]
-        log("distill", params=cfg.distill.model_dump(),
+        stages.done("cache-teacher-topk", f"{teacher_cache['mib']:.0f} MiB")
+    stages.start("distill")
+    distilled = run_intact(distill_model, base, pruned["ref"], cfg.distill, cfg.data, cfg.work_dir,
+                           teacher_cache["path"] if teacher_cache else None)
+    kd = distilled["record"]
+    run.log("distill", params=cfg.distill.model_dump(),
             series={"kd_loss": list(enumerate(kd["losses"], 1)), "heldout_perplexity": kd["heldout_curve"]},
             metrics={k: v for k, v in kd.items() if k not in ("losses", "heldout_curve")})
-        stages.done("distill", f"{kd['optimizer_steps']} steps, KD loss {kd['losses'][0]:.3f} -> {kd['losses'][-1]:.3f}")
-        refs = {"original": base, "pruned": pruned["ref"], "distilled": distilled["ref"]}
-        heldout = {}
-        if cfg.distill.heldout_docs:
-            stages.start("score-heldout")
-            for name, ref in refs.items():
-                heldout[name] = score_heldout.with_options(task_run_name=f"score-heldout-{name}")(
-                    ref, heldout_settings(cfg.distill), cfg.data)
-            log("score-heldout", params={"heldout_docs": cfg.distill.heldout_docs},
-                metrics={name: {"perplexity": h["perplexity"], **{f"perplexity.{Path(s).stem}": v
-                                                                   for s, v in h["sources"].items()}}
-                         for name, h in heldout.items()})
-            stages.done("score-heldout", "perplexity " + ", ".join(f"{n} {h['perplexity']:.1f}"
-                                                                     for n, h in heldout.items()))
-        evals["distilled"] = evaluate_stage(cfg, stages, "distilled", distilled["ref"])
-        results = {}
-        for name, future in evals.items():
-            stages.current = f"evaluate-{name}"
-            results[name] = future.result()
-            log(stages.current, params=cfg.eval.model_dump(), metrics=_metric_values(results[name]["metrics"]),
+    stages.done("distill", f"{kd['optimizer_steps']} steps, KD loss {kd['losses'][0]:.3f} -> {kd['losses'][-1]:.3f}")
+    models = Models(materialized, pruned, distilled, teacher_cache, evals=evals)
+    models.heldout = score_heldout_all(run, models.refs)
+    models.evals["distilled"] = evaluate_stage(cfg, "distilled", distilled["ref"], stages)
+    return models
+
+
+def prune(run: RunContext, base: CheckpointRef) -> dict:
+    """Score the layers when the strategy needs scores, then remove the chosen ones."""
+    cfg, stages = run.cfg, run.stages
+    scores = None
+    if cfg.prune.strategy in SCORED_STRATEGIES:
+        stages.start("score-layers")
+        scored = score_layers(base, cfg.prune, (cfg.prune.strategy,), cfg.distill, cfg.data, cfg.work_dir)
+        scores = scored["scores"]
+        run.log("score-layers", params=cfg.prune.model_dump(), metrics={"seconds": scored["seconds"]},
+                artifacts=[scored["file"]])
+        stages.done("score-layers")
+    stages.start("prune")
+    pruned = run_intact(prune_model, base, cfg.prune, cfg.work_dir, scores)
+    run.log("prune", params=cfg.prune.model_dump(), metrics={
+        "params_before": pruned["params_before"], "params_after": pruned["params_after"],
+        "layers_removed": len(pruned["removed_layers"])}, artifacts=[pruned["plot"]] if pruned["plot"] else None)
+    stages.done("prune", f"layers {pruned['removed_layers']} removed, "
+                         f"{pruned['params_before']:,} -> {pruned['params_after']:,} parameters")
+    return pruned
+
+
+def score_heldout_all(run: RunContext, refs: dict[str, CheckpointRef]) -> dict[str, dict]:
+    """Held-out corpus perplexity of every model ({} when ``distill.heldout_docs`` is 0)."""
+    cfg = run.cfg
+    if not cfg.distill.heldout_docs:
+        return {}
+    run.stages.start("score-heldout")
+    heldout = {name: score_heldout.with_options(task_run_name=f"score-heldout-{name}")(
+        ref, heldout_settings(cfg.distill), cfg.data) for name, ref in refs.items()}
+    run.log("score-heldout", params={"heldout_docs": cfg.distill.heldout_docs}, metrics={
+        name: {"perplexity": h["perplexity"], **{f"perplexity.{Path(s).stem}": v for s, v in h["sources"].items()}}
+        for name, h in heldout.items()})
+    run.stages.done("score-heldout", "perplexity " + ", ".join(f"{n} {h['perplexity']:.1f}" for n, h in heldout.items()))
+    return heldout
+
+
+def collect_evaluations(run: RunContext, evals: dict) -> dict[str, dict]:
+    """Every evaluation's result, logged to MLflow (a stage line when it ran concurrently)."""
+    results = {}
+    for name, future in evals.items():
+        run.stages.current = f"evaluate-{name}"
+        results[name] = future.result()
+        run.log(run.stages.current, params=run.cfg.eval.model_dump(), metrics=metric_values(results[name]["metrics"]),
                 artifacts=[results[name]["items_file"]])
-            if cfg.runner.concurrent:
-                stages.done(stages.current, accuracy_summary(results[name]["metrics"]))
-        stages.start("measure-speed")
-        profiles = measure_speed(refs, cfg.speed)
-        log("measure-speed", params=cfg.speed.model_dump(),
-            metrics={name: {k: v for k, v in p.items() if isinstance(v, (int, float))} for name, p in profiles.items()})
-        stages.done("measure-speed", ", ".join(f"{n} {p['tokens_per_s']:.1f} tokens/s" for n, p in profiles.items()))
-        stages.start("compare")
-        out = Path(out_dir).expanduser().resolve() if out_dir else Path(cfg.work_dir) / "reports" / flow_run_name
-        report = compare_models(profiles, results, {
-            "profile": cfg.profile, "config": cfg.model_dump(), "eval_limit": cfg.eval.limit,
-            "pruning": {k: v for k, v in pruned.items() if k != "ref"},
-            "distillation": kd,
-            "heldout_perplexity": {name: {k: h[k] for k in ("perplexity", "sources", "tokens")}
-                                   for name, h in heldout.items()},
-            # Compute time and process peak memory of each stage when it ran (a cached
-            # stage keeps its original figures).
-            "stages": _stage_costs({"materialize": materialized, "prune": pruned,
-                                    **({"cache-teacher-topk": teacher_cache} if teacher_cache else {}),
-                                    "distill": distilled,
-                                    **{f"score-heldout-{n}": h for n, h in heldout.items()},
-                                    **{f"evaluate-{n}": r for n, r in results.items()},
-                                    **{f"measure-speed-{n}": p for n, p in profiles.items()}}),
-            "checkpoints": {k: {"path": r.path, "fingerprint": r.fingerprint} for k, r in refs.items()},
-            "mlflow": {"tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent},
-            "flow_seconds_before_report": time.perf_counter() - start,
-        }, str(out))
-        json_path, md_path = report["report_json"], report["report_md"]
-        log("compare", params={"out_dir": str(out)},
-            artifacts=[json_path, md_path, *(str(out / f) for f in report["figures"].values())],
+        if run.cfg.runner.concurrent:
+            run.stages.done(run.stages.current, accuracy_summary(results[name]["metrics"]))
+    return results
+
+
+def compare(run: RunContext, models: Models, results: dict, profiles: dict, out_dir: str | None,
+            seconds_so_far: float) -> dict:
+    """The report files and artifacts; returns the report with its paths."""
+    cfg = run.cfg
+    run.stages.start("compare")
+    out = Path(out_dir).expanduser().resolve() if out_dir else \
+        Path(cfg.work_dir) / "reports" / get_run_context().flow_run.name
+    heldout = models.heldout
+    report = compare_models(profiles, results, {
+        "profile": cfg.profile, "config": cfg.model_dump(), "eval_limit": cfg.eval.limit,
+        "pruning": {k: v for k, v in models.pruned.items() if k != "ref"},
+        "distillation": models.distilled["record"],
+        "heldout_perplexity": {name: {k: h[k] for k in ("perplexity", "sources", "tokens")} for name, h in heldout.items()},
+        # Compute time and process peak memory of each stage when it ran (a cached stage
+        # keeps its original figures).
+        "stages": _stage_costs({"materialize": models.materialized, "prune": models.pruned,
+                                **({"cache-teacher-topk": models.teacher_cache} if models.teacher_cache else {}),
+                                "distill": models.distilled,
+                                **{f"score-heldout-{n}": h for n, h in heldout.items()},
+                                **{f"evaluate-{n}": r for n, r in results.items()},
+                                **{f"measure-speed-{n}": p for n, p in profiles.items()}}),
+        "checkpoints": {k: {"path": r.path, "fingerprint": r.fingerprint} for k, r in models.refs.items()},
+        "mlflow": {"tracking_uri": cfg.tracking_uri, "experiment_id": run.experiment_id, "parent_run_id": run.parent_id},
+        "flow_seconds_before_report": seconds_so_far,
+    }, str(out))
+    run.log("compare", params={"out_dir": str(out)},
+            artifacts=[report["report_json"], report["report_md"], *(str(out / f) for f in report["figures"].values())],
             metrics={name: {"mean_acc_retention_pct": c["mean_acc_retention_pct"], "speedup": c["speedup"]}
                      for name, c in report["vs_original"].items()})
-        stages.done("compare", f"{md_path}; " + comparison_summary(report))
-        stages.start("register")
-        eval_signature = evaluation_signature(cfg.eval, cfg.data)
-        version = register_model(uri, exp_id, parent, distilled["ref"], cfg.tracking.registered_model,
-                                 cfg.tracking.alias, {"profile": cfg.profile,
-                                                      **evaluation_tags(report, eval_signature)},
-                                 version_description(json.loads(Path(json_path).read_text()), md_path))
-        stages.done("register", f"{cfg.tracking.registered_model} version {version} @{cfg.tracking.alias}")
-        decision = None
-        if cfg.promotion.enabled:
-            stages.start("promote")
-            decision = promote_model(uri, cfg.tracking.registered_model, version, cfg.promotion, cfg.work_dir)
-            record_promotion(json_path, decision)
-            client.set_tag(parent, "tailor.promotion", "promoted" if decision["promoted"] else "rejected")
-            stages.done("promote", f"{'promoted' if decision['promoted'] else 'not promoted'} "
-                                   f"(reference: {decision['reference']}): " + "; ".join(decision["reasons"]))
-    except Exception as exc:
-        stage = stages.current
-        logger.error(f"stage {stage} failed: {exc}")
-        client.set_tag(parent, "tailor.failed_stage", stage)
-        log_stage(uri, exp_id, parent, stage, params={}, metrics={}, failed=True)
-        tracking.end_run(client, parent, failed=True)
-        raise StageFailed(f"stage {stage!r} failed: {exc}") from exc
-    tracking.log_metrics(client, parent, {"flow_seconds": time.perf_counter() - start})
-    tracking.end_run(client, parent)
-    return {"report_json": json_path, "report_md": md_path, "registered_model": cfg.tracking.registered_model,
-            "version": version, "alias": cfg.tracking.alias, "parent_run_id": parent, "promotion": decision}
+    run.stages.done("compare", f"{report['report_md']}; " + comparison_summary(report))
+    return report
 
 
-def run_intact(task, *args):
-    """Run a checkpoint-producing task; a cached result whose checkpoint folder has since been
-    deleted or edited is recomputed instead of handed on (where it would fail later, or
-    feed stale weights to stages keyed by its fingerprint)."""
-    result = task(*args)
-    if _checkpoint_intact(result["ref"]):
-        return result
-    get_run_logger().warning(f"{task.name}: cached checkpoint {result['ref'].path} is missing or changed; recomputing")
-    return task.with_options(refresh_cache=True)(*args)
+def register_and_promote(run: RunContext, distilled: CheckpointRef, report: dict) -> tuple[str, dict | None]:
+    """Register the distilled checkpoint under the challenger alias, then run the gate."""
+    cfg, stages = run.cfg, run.stages
+    stages.start("register")
+    tags = {"profile": cfg.profile, **evaluation_tags(report, evaluation_signature(cfg.eval, cfg.data))}
+    description = version_description(json.loads(Path(report["report_json"]).read_text()), report["report_md"])
+    version = register_model(cfg.tracking_uri, run.experiment_id, run.parent_id, distilled,
+                             cfg.tracking.registered_model, cfg.tracking.alias, tags, description)
+    stages.done("register", f"{cfg.tracking.registered_model} version {version} @{cfg.tracking.alias}")
+    if not cfg.promotion.enabled:
+        return version, None
+    stages.start("promote")
+    decision = promote_model(cfg.tracking_uri, cfg.tracking.registered_model, version, cfg.promotion, cfg.work_dir)
+    record_promotion(report["report_json"], decision)
+    run.client.set_tag(run.parent_id, "tailor.promotion", "promoted" if decision["promoted"] else "rejected")
+    stages.done("promote", f"{'promoted' if decision['promoted'] else 'not promoted'} "
+                           f"(reference: {decision['reference']}): " + "; ".join(decision["reasons"]))
+    return version, decision
 
 
-def _checkpoint_intact(ref: CheckpointRef) -> bool:
-    try:
-        ref.verify(contents=True)
-    except (OSError, RuntimeError):
-        return False
-    return True
-
-
-class _Done:
-    """The ``.result()`` interface of a future, for a task already run in the flow's thread."""
-
-    def __init__(self, value):
-        self._value = value
-
-    def result(self):
-        return self._value
-
-
-def evaluate_stage(cfg: TailorConfig, stages: Stages, name: str, ref: CheckpointRef):
-    """The evaluation task for one model: submitted beside other stages with
-    ``runner.concurrent``, else run now (one stage at a time, bounded memory)."""
-    task = evaluate_model.with_options(task_run_name=f"evaluate-{name}")
-    stages.start(f"evaluate-{name}")
-    if cfg.runner.concurrent:
-        return task.submit(ref, cfg.eval, cfg.data, cfg.work_dir, name, evaluation_signature(cfg.eval, cfg.data))
-    result = completed(task)(ref, cfg.eval, cfg.data, cfg.work_dir, name, evaluation_signature(cfg.eval, cfg.data))
-    stages.done(f"evaluate-{name}", accuracy_summary(result.result()["metrics"]))
-    return result
+def mark_failed(run: RunContext, exc: Exception) -> StageFailed:
+    """Tag the failed stage on the parent run, end it FAILED; the error to raise."""
+    stage = run.stages.current
+    get_run_logger().error(f"stage {stage} failed: {exc}")
+    run.client.set_tag(run.parent_id, "tailor.failed_stage", stage)
+    log_stage(run.cfg.tracking_uri, run.experiment_id, run.parent_id, stage, params={}, metrics={}, failed=True)
+    tracking.end_run(run.client, run.parent_id, failed=True)
+    return StageFailed(f"stage {stage!r} failed: {exc}")
 
 
 def stage_names(cfg: TailorConfig) -> list[str]:
@@ -227,16 +249,6 @@ def stage_names(cfg: TailorConfig) -> list[str]:
             "distill", *(["score-heldout"] if cfg.distill.heldout_docs else []),
             "evaluate-distilled", "measure-speed", "compare", "register",
             *(["promote"] if cfg.promotion.enabled else [])]
-
-
-def accuracy_summary(metrics: dict) -> str:
-    """``arc_easy acc 0.604 ± 0.022, ...`` (± one standard error)."""
-    parts = []
-    for task, per_metric in metrics.items():
-        if "acc" in per_metric:
-            acc = per_metric["acc"]
-            parts.append(f"{task} acc {acc['value']:.3f}" + (f" ± {acc['stderr']:.3f}" if acc.get("stderr") else ""))
-    return ", ".join(parts)
 
 
 def comparison_summary(report: dict) -> str:
@@ -254,26 +266,5 @@ def comparison_summary(report: dict) -> str:
     return "; ".join(parts)
 
 
-def completed(task):
-    """Run ``task`` at once in the flow's thread, returning a future-like ``.result()`` holder
-    (``runner.concurrent=false``: one stage at a time, bounded memory)."""
-    return lambda *args: _Done(task(*args))
-
-
 def _stage_costs(records: dict[str, dict]) -> dict[str, dict]:
     return {stage: {"seconds": r["seconds"], "peak_rss_gib": r.get("peak_rss_gib")} for stage, r in records.items()}
-
-
-def _metric_values(metrics: dict) -> dict[str, float]:
-    flat = {}
-    for task, per_metric in metrics.items():
-        for metric, score in per_metric.items():
-            flat[f"{task}.{metric}"] = score["value"]
-            if score.get("stderr") is not None:
-                flat[f"{task}.{metric}_stderr"] = score["stderr"]
-    return flat
-
-
-def run_link(uri: str, exp_id: str, run_id: str) -> str:
-    base = uri if uri.startswith("http") else "http://127.0.0.1:5000"
-    return f"{base.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}"

@@ -1,0 +1,102 @@
+"""What the flows share: how a stage is run (cache-safe, one at a time or submitted), and
+how its outcome is told to MLflow and to the terminal."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prefect import get_run_logger
+from mlflow.tracking import MlflowClient
+
+from tailor.checkpoint import CheckpointRef
+from tailor.config import TailorConfig
+from tailor.console import Stages
+from tailor.evaluation import evaluation_signature
+from tasks.measure import evaluate_model
+from tasks.tracking import log_stage
+
+
+@dataclass
+class RunContext:
+    """One flow run: its settings, its MLflow parent run and its stage lines."""
+
+    cfg: TailorConfig
+    client: MlflowClient
+    experiment_id: str
+    parent_id: str
+    stages: Stages
+
+    def log(self, stage: str, **kwargs) -> None:
+        """The stage's child run under the parent (params, metrics, series, artifacts)."""
+        log_stage(self.cfg.tracking_uri, self.experiment_id, self.parent_id, stage, **kwargs)
+
+
+def run_intact(task, *args):
+    """Run a checkpoint-producing task; a cached result whose checkpoint folder has since been
+    deleted or edited is recomputed instead of handed on (where it would fail later, or
+    feed stale weights to stages keyed by its fingerprint)."""
+    result = task(*args)
+    if _checkpoint_intact(result["ref"]):
+        return result
+    get_run_logger().warning(f"{task.name}: cached checkpoint {result['ref'].path} is missing or changed; recomputing")
+    return task.with_options(refresh_cache=True)(*args)
+
+
+def _checkpoint_intact(ref: CheckpointRef) -> bool:
+    try:
+        ref.verify(contents=True)
+    except (OSError, RuntimeError):
+        return False
+    return True
+
+
+class Done:
+    """The ``.result()`` interface of a future, for a task already run in the flow's thread."""
+
+    def __init__(self, value):
+        self._value = value
+
+    def result(self):
+        return self._value
+
+
+def evaluate_stage(cfg: TailorConfig, name: str, ref: CheckpointRef, stages: Stages | None = None):
+    """The evaluation task for one model: submitted beside other stages with
+    ``runner.concurrent``, else run now (one stage at a time, bounded memory). Returns a
+    future-like ``.result()`` holder either way."""
+    task = evaluate_model.with_options(task_run_name=f"evaluate-{name}")
+    args = (ref, cfg.eval, cfg.data, cfg.work_dir, name, evaluation_signature(cfg.eval, cfg.data))
+    if stages is not None:
+        stages.start(f"evaluate-{name}")
+    if cfg.runner.concurrent:
+        return task.submit(*args)
+    done = Done(task(*args))
+    if stages is not None:
+        stages.done(f"evaluate-{name}", accuracy_summary(done.result()["metrics"]))
+    return done
+
+
+def accuracy_summary(metrics: dict) -> str:
+    """``arc_easy acc 0.604 ± 0.022, ...`` (± one standard error)."""
+    parts = []
+    for task, per_metric in metrics.items():
+        if "acc" in per_metric:
+            acc = per_metric["acc"]
+            parts.append(f"{task} acc {acc['value']:.3f}" + (f" ± {acc['stderr']:.3f}" if acc.get("stderr") else ""))
+    return ", ".join(parts)
+
+
+def metric_values(metrics: dict) -> dict[str, float]:
+    """``{task: {metric: {"value", "stderr"}}}`` as flat MLflow metrics ``task.metric`` and ``task.metric_stderr``."""
+    flat = {}
+    for task, per_metric in metrics.items():
+        for metric, score in per_metric.items():
+            flat[f"{task}.{metric}"] = score["value"]
+            if score.get("stderr") is not None:
+                flat[f"{task}.{metric}_stderr"] = score["stderr"]
+    return flat
+
+
+def run_link(uri: str, exp_id: str, run_id: str) -> str:
+    base = uri if uri.startswith("http") else "http://127.0.0.1:5000"
+    return f"{base.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}"
