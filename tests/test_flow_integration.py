@@ -82,6 +82,24 @@ def test_first_run_reports_three_models_and_registers_challenger(first_run):
     assert distill_run.data.params["temperature"] == "2.0"
 
 
+def test_tailor_eval_scores_the_registered_challenger_like_the_flow_scored_it(first_run, shared_data, tmp_path):
+    from tailor.config import load_config
+    from tailor.eval_command import evaluate_to_folder, resolve_model
+
+    work, _, result = first_run
+    cfg = load_config("smoke", [f"work_dir={work}", f"data.data_dir={shared_data}"])
+    ref, name = resolve_model(f"models:/{result['registered_model']}@challenger", cfg)
+    assert name == f"{result['registered_model']}-v{result['version']}"
+    record = evaluate_to_folder(ref, name, cfg, tmp_path)
+    report = json.loads((work / "out" / "report.json").read_text())
+    # The registry's copy of the distilled model scores what the flow's evaluation scored.
+    for task, metrics in report["models"]["distilled"]["metrics"].items():
+        assert record["metrics"][task]["acc"]["value"] == pytest.approx(metrics["acc"]["value"]), task
+    assert list(tmp_path.rglob("results_*.json"))
+    with pytest.raises(Exception, match="not in the registry"):
+        resolve_model(f"models:/{result['registered_model']}@no-such-alias", cfg)
+
+
 def test_mlflow_shows_lineage_datasets_and_descriptions(first_run):
     work, _, result = first_run
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
