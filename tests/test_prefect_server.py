@@ -69,9 +69,10 @@ def test_runs_show_up_on_a_live_server_as_the_readme_says(tmp_path, shared_data)
         # The console a person follows: numbered start and end lines per stage, no third-party noise.
         console = run.stderr
         stages = re.findall(r"\[(\d+)/(\d+)\] (\S+) done in", console)
-        assert [s for _, _, s in stages][:2] == ["materialize", "evaluate-original"], console[-3000:]
-        assert {s for _, _, s in stages} >= {"prune", "distill", "evaluate-distilled", "measure-speed", "compare",
-                                             "register", "promote"}, console[-3000:]
+        # The smoke profile runs evaluations concurrently: their "done" lines come when collected.
+        assert stages[0][2] == "materialize", console[-3000:]
+        assert {s for _, _, s in stages} >= {"evaluate-original", "prune", "distill", "evaluate-distilled",
+                                             "measure-speed", "compare", "register", "promote"}, console[-3000:]
         assert {int(k) for k, _, _ in stages} == set(range(1, int(stages[0][1]) + 1))
         for noise in ("it/s]", "Loading weights", "fatal: not a git repository", "Beginning flow run",
                       "Passed an already-initialized model", "bootstrapping for stddev"):
