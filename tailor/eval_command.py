@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .checkpoint import CheckpointRef, existing_checkpoint, load_model, save_model, write_checkpoint
 from .config import TailorConfig, TailorError
+from .evaluation import folder_name
 from .stats import paired_item_deltas
 
 _SAMPLES_FILE = re.compile(r"samples_(?P<task>.+)_\d{4}-\d{2}-\d{2}T[\d\-.]+\.jsonl$")
@@ -28,7 +29,7 @@ def resolve_model(spec: str, cfg: TailorConfig) -> tuple[CheckpointRef, str]:
 
     if spec.startswith("models:/"):
         name, version, fingerprint = tracking.registered_version(cfg.tracking_uri, spec)
-        folder = Path(cfg.work_dir) / "checkpoints" / f"registered-{_safe(name)}-v{version}-{fingerprint or 'untagged'}"
+        folder = Path(cfg.work_dir) / "checkpoints" / f"registered-{folder_name(name)}-v{version}-{fingerprint or 'untagged'}"
         ref = write_checkpoint(folder, lambda tmp: save_model(*tracking.load_registered(cfg.tracking_uri, name, version), tmp))
         return ref, f"{name}-v{version}"
     path = Path(spec).expanduser()
@@ -92,6 +93,3 @@ def paired_comparison(ours: dict[str, dict], theirs: dict[str, dict]) -> dict[st
                      "verdict": "better" if low > 0 else "worse" if high < 0 else "cannot tell"}
     return out
 
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)

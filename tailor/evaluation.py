@@ -242,7 +242,7 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, data: DataConfig,
     )
     if tracker is not None:
         tracker.general_config_tracker.model_name = model_name
-        tracker.general_config_tracker.model_name_sanitized = _sanitized(model_name)
+        tracker.general_config_tracker.model_name_sanitized = folder_name(model_name)
         samples = out.pop("samples")
         tracker.save_results_aggregated(results=out, samples=samples)
         for task in cfg.tasks:
@@ -261,8 +261,8 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, data: DataConfig,
     }
 
 
-def _sanitized(name: str) -> str:
-    """A folder name for lm-eval's output (its own rule: path separators and odd characters replaced)."""
+def folder_name(name: str) -> str:
+    """A model name as a folder name: path separators and odd characters replaced."""
     return "".join(c if c.isalnum() or c in "-._" else "__" for c in name) or "model"
 
 
