@@ -66,6 +66,11 @@ VARIANTS: dict[str, dict] = {
     # profile removes 4 layers: run its row with --remove-last 4).
     "quick_profile": load_config("quick").distill.model_dump(),
     "heal_profile": load_config("heal").distill.model_dump(),
+    # What trains: the tied embedding/output head fixed (the heal profile's choice) or trained
+    # with the rest (its recipe before 2026-11-29); the same question for the quick recipe.
+    "heal_profile_frozen_embeddings": dict(load_config("heal").distill.model_dump(), freeze_embeddings=True),
+    "heal_profile_trained_embeddings": dict(load_config("heal").distill.model_dump(), freeze_embeddings=False),
+    "quick_profile_frozen_embeddings": dict(load_config("quick").distill.model_dump(), freeze_embeddings=True),
     # Training noise: the quick recipe with other sample orders (the paired intervals cover
     # the documents scored, not which run of training produced the model).
     **{f"quick_profile_seed{seed}": dict(load_config("quick").distill.model_dump(), seed=seed) for seed in (1, 2)},

@@ -6,12 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from prefect import get_run_logger
+from prefect.context import get_run_context
 from mlflow.tracking import MlflowClient
 
+from tailor import tracking
 from tailor.checkpoint import CheckpointRef
 from tailor.config import TailorConfig
-from tailor.console import Stages
-from tailor.evaluation import evaluation_signature
+from tailor.console import LOGGER, Stages
 from tasks.measure import evaluate_model
 from tasks.tracking import log_stage
 
@@ -25,10 +26,57 @@ class RunContext:
     experiment_id: str
     parent_id: str
     stages: Stages
+    signature: str
+    """``evaluation_signature`` of the run's evaluation settings, computed once."""
+
+    def evaluate(self, name: str, ref: CheckpointRef):
+        """Start (or run) the evaluation of one model with its stage lines; see ``evaluate_stage``."""
+        return evaluate_stage(self.cfg, self.signature, name, ref, self.stages)
 
     def log(self, stage: str, **kwargs) -> None:
         """The stage's child run under the parent (params, metrics, series, artifacts)."""
         log_stage(self.cfg.tracking_uri, self.experiment_id, self.parent_id, stage, **kwargs)
+
+    def close(self, seconds: float) -> None:
+        """End the parent run FINISHED with the flow's wall time."""
+        tracking.log_metrics(self.client, self.parent_id, {"flow_seconds": seconds})
+        tracking.end_run(self.client, self.parent_id)
+        _OPEN_RUNS.pop(self.flow_run_id, None)
+
+    @property
+    def flow_run_id(self) -> str:
+        return str(get_run_context().flow_run.id)
+
+
+# The MLflow run each flow run opened, until it closes; the failure hooks find it here.
+_OPEN_RUNS: dict[str, RunContext] = {}
+
+
+def track(run: RunContext) -> RunContext:
+    """Register the flow run's MLflow run for ``close_failed_run``; returns ``run``."""
+    _OPEN_RUNS[run.flow_run_id] = run
+    return run
+
+
+def close_failed_run(flow, flow_run, state) -> None:
+    """Prefect state hook (``on_failure``, ``on_crashed``, ``on_cancellation``): tag the stage
+    that was under way on the flow's MLflow parent run, give that stage a FAILED child run and
+    end the parent FAILED. Earlier stages' child runs and cached results stay."""
+    run = _OPEN_RUNS.pop(str(flow_run.id), None)
+    if run is None:  # failed before its MLflow run was opened (bad settings): nothing to close
+        return
+    stage = run.stages.current
+    if stage:
+        LOGGER.error(f"stage {stage} failed: {state.message}")
+        run.client.set_tag(run.parent_id, "tailor.failed_stage", stage)
+        # The library call, not the task: a hook runs after the flow run's context has closed.
+        child = tracking.start_run(run.client, run.experiment_id, stage, run.parent_id, tags={"tailor.stage": stage})
+        tracking.end_run(run.client, child, failed=True)
+    tracking.end_run(run.client, run.parent_id, failed=True)
+
+
+FAILURE_HOOKS = {"on_failure": [close_failed_run], "on_crashed": [close_failed_run],
+                 "on_cancellation": [close_failed_run]}
 
 
 def run_intact(task, *args):
@@ -36,9 +84,9 @@ def run_intact(task, *args):
     deleted or edited is recomputed instead of handed on (where it would fail later, or
     feed stale weights to stages keyed by its fingerprint)."""
     result = task(*args)
-    if _checkpoint_intact(result["ref"]):
+    if _checkpoint_intact(result.ref):
         return result
-    get_run_logger().warning(f"{task.name}: cached checkpoint {result['ref'].path} is missing or changed; recomputing")
+    get_run_logger().warning(f"{task.name}: cached checkpoint {result.ref.path} is missing or changed; recomputing")
     return task.with_options(refresh_cache=True)(*args)
 
 
@@ -60,19 +108,19 @@ class Done:
         return self._value
 
 
-def evaluate_stage(cfg: TailorConfig, name: str, ref: CheckpointRef, stages: Stages | None = None):
+def evaluate_stage(cfg: TailorConfig, signature: str, name: str, ref: CheckpointRef, stages: Stages | None = None):
     """The evaluation task for one model: submitted beside other stages with
     ``runner.concurrent``, else run now (one stage at a time, bounded memory). Returns a
-    future-like ``.result()`` holder either way."""
+    future-like ``.result()`` holder either way. ``signature``: ``evaluation_signature``."""
     task = evaluate_model.with_options(task_run_name=f"evaluate-{name}")
-    args = (ref, cfg.eval, cfg.data, cfg.work_dir, name, evaluation_signature(cfg.eval, cfg.data))
+    args = (ref, cfg.eval, cfg.data, cfg.work_dir, name, signature)
     if stages is not None:
         stages.start(f"evaluate-{name}")
     if cfg.runner.concurrent:
         return task.submit(*args)
     done = Done(task(*args))
     if stages is not None:
-        stages.done(f"evaluate-{name}", accuracy_summary(done.result()["metrics"]))
+        stages.done(f"evaluate-{name}", accuracy_summary(done.result().metrics))
     return done
 
 

@@ -13,13 +13,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prefect import flow, get_run_logger
+from prefect import flow
 from prefect.artifacts import create_link_artifact
 from prefect.context import get_run_context
 from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.stages import Done, RunContext, accuracy_summary, evaluate_stage, metric_values, run_intact, run_link
+from flows.stages import FAILURE_HOOKS, Done, RunContext, accuracy_summary, metric_values, run_intact, run_link, track
 from tailor import tracking
 from tailor.checkpoint import CheckpointRef
 from tailor.config import TailorConfig, load_config
@@ -32,51 +32,40 @@ from tailor.promotion import evaluation_tags, version_description
 from tasks.measure import measure_speed, score_heldout
 from tasks.models import cache_teacher_topk, distill_model, materialize_model, prune_model, score_layers
 from tasks.promotion import promote_model
+from tasks.records import Distilled, Evaluation, HeldoutScore, Materialized, Pruned, SpeedProfiles, TeacherCache
 from tasks.report import compare_models, record_promotion
-from tasks.tracking import log_stage, register_model
-
-
-class StageFailed(RuntimeError):
-    """A stage raised; the message names it. Earlier stages stay cached."""
+from tasks.tracking import register_model
 
 
 @dataclass
 class Models:
     """What the model-producing stages returned; evaluations may still be running."""
 
-    materialized: dict
-    pruned: dict
-    distilled: dict
-    teacher_cache: dict | None = None
-    heldout: dict[str, dict] = field(default_factory=dict)
+    materialized: Materialized
+    pruned: Pruned
+    distilled: Distilled
+    teacher_cache: TeacherCache | None = None
+    heldout: dict[str, HeldoutScore] = field(default_factory=dict)
     evals: dict[str, PrefectFuture | Done] = field(default_factory=dict)
 
     @property
     def refs(self) -> dict[str, CheckpointRef]:
-        return {"original": self.materialized["ref"], "pruned": self.pruned["ref"], "distilled": self.distilled["ref"]}
+        return {"original": self.materialized.ref, "pruned": self.pruned.ref, "distilled": self.distilled.ref}
 
 
-@flow(name="llm-tailor", task_runner=ThreadPoolTaskRunner(max_workers=4), log_prints=False)
+@flow(name="llm-tailor", task_runner=ThreadPoolTaskRunner(max_workers=4), log_prints=False, **FAILURE_HOOKS)
 def tailor_flow(profile: str = "quick", overrides: list[str] | None = None, out_dir: str | None = None) -> dict:
     """Run the whole cycle for a profile (+ ``section.key=value`` overrides); returns report paths."""
     start = time.perf_counter()
     cfg = load_config(profile, overrides or [])
     preflight(cfg)
-    run = open_run(cfg)
-    try:
-        models = build_models(run)
-        results = collect_evaluations(run, models.evals)
-        run.stages.start("measure-speed")
-        profiles = measure_speed(models.refs, cfg.speed)
-        run.log("measure-speed", params=cfg.speed.model_dump(), metrics={
-            name: {k: v for k, v in p.items() if isinstance(v, (int, float))} for name, p in profiles.items()})
-        run.stages.done("measure-speed", ", ".join(f"{n} {p['tokens_per_s']:.1f} tokens/s" for n, p in profiles.items()))
-        report = compare(run, models, results, profiles, out_dir, time.perf_counter() - start)
-        version, decision = register_and_promote(run, models.distilled["ref"], report)
-    except Exception as exc:
-        raise mark_failed(run, exc) from exc
-    tracking.log_metrics(run.client, run.parent_id, {"flow_seconds": time.perf_counter() - start})
-    tracking.end_run(run.client, run.parent_id)
+    run = open_run(cfg)  # a failure from here on is closed in MLflow by FAILURE_HOOKS
+    models = build_models(run)
+    results = collect_evaluations(run, models.evals)
+    speed = time_models(run, models.refs)
+    report = compare(run, models, results, speed, out_dir, time.perf_counter() - start)
+    version, decision = register_and_promote(run, models.distilled.ref, report)
+    run.close(time.perf_counter() - start)
     return {"report_json": report["report_json"], "report_md": report["report_md"],
             "registered_model": cfg.tracking.registered_model, "version": version, "alias": cfg.tracking.alias,
             "parent_run_id": run.parent_id, "promotion": decision}
@@ -88,12 +77,14 @@ def open_run(cfg: TailorConfig) -> RunContext:
     client, exp_id, parent = tracking.start_parent_run(
         cfg.tracking_uri, cfg.tracking.experiment, cfg.work_dir, f"{cfg.profile}-{flow_run_name}",
         tags={"tailor.profile": cfg.profile, "prefect.flow_run": flow_run_name})
+    run = track(RunContext(cfg, client, exp_id, parent, Stages(stage_names(cfg)),
+                           evaluation_signature(cfg.eval, cfg.data)))
     tracking.log_params(client, parent, cfg.model_dump())
     tracking.log_datasets(client, parent, evaluation_datasets(cfg.eval, cfg.data) + corpus_datasets(cfg.distill, cfg.data))
     create_link_artifact(key="mlflow-parent-run", link=run_link(cfg.tracking_uri, exp_id, parent),
                          description="MLflow parent run of this flow run")
     LOGGER.info(f"profile {cfg.profile}: Prefect flow run {flow_run_name!r}, MLflow run {parent}")
-    return RunContext(cfg, client, exp_id, parent, Stages(stage_names(cfg)))
+    return run
 
 
 def build_models(run: RunContext) -> Models:
@@ -101,55 +92,55 @@ def build_models(run: RunContext) -> Models:
     cfg, stages = run.cfg, run.stages
     stages.start("materialize")
     materialized = run_intact(materialize_model, cfg.model, cfg.work_dir)
-    base = materialized["ref"]
-    run.log("materialize", params=cfg.model.model_dump(), metrics={"seconds": materialized["seconds"]})
+    base = materialized.ref
+    run.log("materialize", params=cfg.model.model_dump(), metrics={"seconds": materialized.cost.seconds})
     stages.done("materialize", base.path)
-    evals = {"original": evaluate_stage(cfg, "original", base, stages)}
+    evals = {"original": run.evaluate("original", base)}
     pruned = prune(run, base)
-    evals["pruned"] = evaluate_stage(cfg, "pruned", pruned["ref"], stages)
+    evals["pruned"] = run.evaluate("pruned", pruned.ref)
     teacher_cache = None
     if cfg.distill.teacher_topk:
         stages.start("cache-teacher-topk")
         teacher_cache = cache_teacher_topk(base, cfg.distill, cfg.data, cfg.work_dir)
         run.log("cache-teacher-topk", params={"k": cfg.distill.teacher_topk},
-                metrics={"seconds": teacher_cache["seconds"], "mib": teacher_cache["mib"]})
-        stages.done("cache-teacher-topk", f"{teacher_cache['mib']:.0f} MiB")
+                metrics={"seconds": teacher_cache.cost.seconds, "mib": teacher_cache.mib})
+        stages.done("cache-teacher-topk", f"{teacher_cache.mib:.0f} MiB")
     stages.start("distill")
-    distilled = run_intact(distill_model, base, pruned["ref"], cfg.distill, cfg.data, cfg.work_dir,
-                           teacher_cache["path"] if teacher_cache else None)
-    kd = distilled["record"]
+    distilled = run_intact(distill_model, base, pruned.ref, cfg.distill, cfg.data, cfg.work_dir,
+                           teacher_cache.path if teacher_cache else None)
+    kd = distilled.record
     run.log("distill", params=cfg.distill.model_dump(),
             series={"kd_loss": list(enumerate(kd["losses"], 1)), "heldout_perplexity": kd["heldout_curve"]},
             metrics={k: v for k, v in kd.items() if k not in ("losses", "heldout_curve")})
     stages.done("distill", f"{kd['optimizer_steps']} steps, KD loss {kd['losses'][0]:.3f} -> {kd['losses'][-1]:.3f}")
     models = Models(materialized, pruned, distilled, teacher_cache, evals=evals)
     models.heldout = score_heldout_all(run, models.refs)
-    models.evals["distilled"] = evaluate_stage(cfg, "distilled", distilled["ref"], stages)
+    models.evals["distilled"] = run.evaluate("distilled", distilled.ref)
     return models
 
 
-def prune(run: RunContext, base: CheckpointRef) -> dict:
+def prune(run: RunContext, base: CheckpointRef) -> Pruned:
     """Score the layers when the strategy needs scores, then remove the chosen ones."""
     cfg, stages = run.cfg, run.stages
     scores = None
     if cfg.prune.strategy in SCORED_STRATEGIES:
         stages.start("score-layers")
         scored = score_layers(base, cfg.prune, (cfg.prune.strategy,), cfg.distill, cfg.data, cfg.work_dir)
-        scores = scored["scores"]
-        run.log("score-layers", params=cfg.prune.model_dump(), metrics={"seconds": scored["seconds"]},
-                artifacts=[scored["file"]])
+        scores = scored.scores
+        run.log("score-layers", params=cfg.prune.model_dump(), metrics={"seconds": scored.cost.seconds},
+                artifacts=[scored.file])
         stages.done("score-layers")
     stages.start("prune")
     pruned = run_intact(prune_model, base, cfg.prune, cfg.work_dir, scores)
     run.log("prune", params=cfg.prune.model_dump(), metrics={
-        "params_before": pruned["params_before"], "params_after": pruned["params_after"],
-        "layers_removed": len(pruned["removed_layers"])}, artifacts=[pruned["plot"]] if pruned["plot"] else None)
-    stages.done("prune", f"layers {pruned['removed_layers']} removed, "
-                         f"{pruned['params_before']:,} -> {pruned['params_after']:,} parameters")
+        "params_before": pruned.params_before, "params_after": pruned.params_after,
+        "layers_removed": len(pruned.removed_layers)}, artifacts=[pruned.plot] if pruned.plot else None)
+    stages.done("prune", f"layers {pruned.removed_layers} removed, "
+                         f"{pruned.params_before:,} -> {pruned.params_after:,} parameters")
     return pruned
 
 
-def score_heldout_all(run: RunContext, refs: dict[str, CheckpointRef]) -> dict[str, dict]:
+def score_heldout_all(run: RunContext, refs: dict[str, CheckpointRef]) -> dict[str, HeldoutScore]:
     """Held-out corpus perplexity of every model ({} when ``distill.heldout_docs`` is 0)."""
     cfg = run.cfg
     if not cfg.distill.heldout_docs:
@@ -158,38 +149,52 @@ def score_heldout_all(run: RunContext, refs: dict[str, CheckpointRef]) -> dict[s
     heldout = {name: score_heldout.with_options(task_run_name=f"score-heldout-{name}")(
         ref, heldout_settings(cfg.distill), cfg.data) for name, ref in refs.items()}
     run.log("score-heldout", params={"heldout_docs": cfg.distill.heldout_docs}, metrics={
-        name: {"perplexity": h["perplexity"], **{f"perplexity.{Path(s).stem}": v for s, v in h["sources"].items()}}
+        name: {"perplexity": h.perplexity, **{f"perplexity.{Path(s).stem}": v for s, v in h.sources.items()}}
         for name, h in heldout.items()})
-    run.stages.done("score-heldout", "perplexity " + ", ".join(f"{n} {h['perplexity']:.1f}" for n, h in heldout.items()))
+    run.stages.done("score-heldout", "perplexity " + ", ".join(f"{n} {h.perplexity:.1f}" for n, h in heldout.items()))
     return heldout
 
 
-def collect_evaluations(run: RunContext, evals: dict) -> dict[str, dict]:
+def collect_evaluations(run: RunContext, evals: dict) -> dict[str, Evaluation]:
     """Every evaluation's result, logged to MLflow (a stage line when it ran concurrently)."""
     results = {}
     for name, future in evals.items():
         run.stages.current = f"evaluate-{name}"
         results[name] = future.result()
-        run.log(run.stages.current, params=run.cfg.eval.model_dump(), metrics=metric_values(results[name]["metrics"]),
-                artifacts=[results[name]["items_file"]])
+        run.log(run.stages.current, params=run.cfg.eval.model_dump(), metrics=metric_values(results[name].metrics),
+                artifacts=[results[name].items_file])
         if run.cfg.runner.concurrent:
-            run.stages.done(run.stages.current, accuracy_summary(results[name]["metrics"]))
+            run.stages.done(run.stages.current, accuracy_summary(results[name].metrics))
     return results
 
 
-def compare(run: RunContext, models: Models, results: dict, profiles: dict, out_dir: str | None,
-            seconds_so_far: float) -> dict:
+def time_models(run: RunContext, refs: dict[str, CheckpointRef]) -> SpeedProfiles:
+    """Generation speed of every model, timed in interleaved rounds once nothing else runs."""
+    run.stages.start("measure-speed")
+    speed = measure_speed(refs, run.cfg.speed)
+    run.log("measure-speed", params=run.cfg.speed.model_dump(), metrics={
+        name: {k: v for k, v in p.items() if isinstance(v, (int, float))} for name, p in speed.profiles.items()})
+    run.stages.done("measure-speed", ", ".join(f"{n} {p['tokens_per_s']:.1f} tokens/s"
+                                               for n, p in speed.profiles.items()))
+    return speed
+
+
+def compare(run: RunContext, models: Models, results: dict[str, Evaluation], speed: SpeedProfiles,
+            out_dir: str | None, seconds_so_far: float) -> dict:
     """The report files and artifacts; returns the report with its paths."""
     cfg = run.cfg
     run.stages.start("compare")
     out = Path(out_dir).expanduser().resolve() if out_dir else \
         Path(cfg.work_dir) / "reports" / get_run_context().flow_run.name
     heldout = models.heldout
-    report = compare_models(profiles, results, {
+    report = compare_models(speed.profiles, results, {
         "profile": cfg.profile, "config": cfg.model_dump(), "eval_limit": cfg.eval.limit,
-        "pruning": {k: v for k, v in models.pruned.items() if k != "ref"},
-        "distillation": models.distilled["record"],
-        "heldout_perplexity": {name: {k: h[k] for k in ("perplexity", "sources", "tokens")} for name, h in heldout.items()},
+        "pruning": {"removed_layers": models.pruned.removed_layers, "params_before": models.pruned.params_before,
+                    "params_after": models.pruned.params_after, "strategy": models.pruned.strategy,
+                    "plot": models.pruned.plot},
+        "distillation": models.distilled.record,
+        "heldout_perplexity": {name: {"perplexity": h.perplexity, "sources": h.sources, "tokens": h.tokens}
+                               for name, h in heldout.items()},
         # Compute time and process peak memory of each stage when it ran (a cached stage
         # keeps its original figures).
         "stages": _stage_costs({"materialize": models.materialized, "prune": models.pruned,
@@ -197,7 +202,7 @@ def compare(run: RunContext, models: Models, results: dict, profiles: dict, out_
                                 "distill": models.distilled,
                                 **{f"score-heldout-{n}": h for n, h in heldout.items()},
                                 **{f"evaluate-{n}": r for n, r in results.items()},
-                                **{f"measure-speed-{n}": p for n, p in profiles.items()}}),
+                                "measure-speed": speed}),
         "checkpoints": {k: {"path": r.path, "fingerprint": r.fingerprint} for k, r in models.refs.items()},
         "mlflow": {"tracking_uri": cfg.tracking_uri, "experiment_id": run.experiment_id, "parent_run_id": run.parent_id},
         "flow_seconds_before_report": seconds_so_far,
@@ -214,7 +219,7 @@ def register_and_promote(run: RunContext, distilled: CheckpointRef, report: dict
     """Register the distilled checkpoint under the challenger alias, then run the gate."""
     cfg, stages = run.cfg, run.stages
     stages.start("register")
-    tags = {"profile": cfg.profile, **evaluation_tags(report, evaluation_signature(cfg.eval, cfg.data))}
+    tags = {"profile": cfg.profile, **evaluation_tags(report, run.signature)}
     description = version_description(json.loads(Path(report["report_json"]).read_text()), report["report_md"])
     version = register_model(cfg.tracking_uri, run.experiment_id, run.parent_id, distilled,
                              cfg.tracking.registered_model, cfg.tracking.alias, tags, description)
@@ -228,16 +233,6 @@ def register_and_promote(run: RunContext, distilled: CheckpointRef, report: dict
     stages.done("promote", f"{'promoted' if decision['promoted'] else 'not promoted'} "
                            f"(reference: {decision['reference']}): " + "; ".join(decision["reasons"]))
     return version, decision
-
-
-def mark_failed(run: RunContext, exc: Exception) -> StageFailed:
-    """Tag the failed stage on the parent run, end it FAILED; the error to raise."""
-    stage = run.stages.current
-    get_run_logger().error(f"stage {stage} failed: {exc}")
-    run.client.set_tag(run.parent_id, "tailor.failed_stage", stage)
-    log_stage(run.cfg.tracking_uri, run.experiment_id, run.parent_id, stage, params={}, metrics={}, failed=True)
-    tracking.end_run(run.client, run.parent_id, failed=True)
-    return StageFailed(f"stage {stage!r} failed: {exc}")
 
 
 def stage_names(cfg: TailorConfig) -> list[str]:
@@ -266,5 +261,5 @@ def comparison_summary(report: dict) -> str:
     return "; ".join(parts)
 
 
-def _stage_costs(records: dict[str, dict]) -> dict[str, dict]:
-    return {stage: {"seconds": r["seconds"], "peak_rss_gib": r.get("peak_rss_gib")} for stage, r in records.items()}
+def _stage_costs(records: dict) -> dict[str, dict]:
+    return {stage: {"seconds": r.cost.seconds, "peak_rss_gib": r.cost.peak_rss_gib} for stage, r in records.items()}

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +36,8 @@ IGNORE = -100
 @dataclass(frozen=True)
 class LossSpec:
     temperature: float = 2.0
-    kind: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    kind: str = "forward_kl"
+    """A key of ``DIVERGENCES``."""
     alpha: float = 0.0
     jsd_beta: float = 0.5
     book: bool = False
@@ -52,18 +52,89 @@ def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+class Divergence:
+    """A divergence between the temperature-softened teacher p and student q, per token.
+
+    A new divergence is a subclass registered in ``DIVERGENCES`` (and named in
+    ``DistillConfig.loss``) with ``per_token``, the reference every path is tested against
+    (autograd differentiates it, chunk by chunk, where no closed form is given). With a
+    closed-form gradient it also implements ``fused_chunk``, which ``_FusedHeadKD`` pushes
+    through the output head without keeping logits.
+    """
+
+    fused = False
+    """Whether ``fused_chunk`` is implemented."""
+
+    def per_token(self, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+        """[N, V] log-probabilities -> [N] divergences."""
+        raise NotImplementedError
+
+    def fused_chunk(self, teacher, start: int, stop: int, log_q: torch.Tensor, a: torch.Tensor,
+                    c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-token divergence, its gradient with respect to the student's logits / T) for the
+        chunk's rows ``start:stop``; ``log_q``, ``a`` and ``c`` are [rows, V] float32 buffers that
+        may be overwritten (``log_q`` holds log q on entry, ``a`` the student's logits / T)."""
+        raise NotImplementedError
+
+
+class ForwardKL(Divergence):
+    """KL(p || q): mass-covering; the book's choice. Its logit gradient is q - p."""
+
+    fused = True
+
+    def per_token(self, log_p, log_q):
+        return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+    def fused_chunk(self, teacher, start, stop, log_q, a, c):
+        return teacher.forward_kl(start, stop, log_q, (a, c))  # grad: q - p, in log_q's memory
+
+
+class ReverseKL(Divergence):
+    """KL(q || p): mode-seeking. Live teacher only (a top-k cache has no full log p)."""
+
+    fused = True
+
+    def per_token(self, log_p, log_q):
+        return (log_q.exp() * (log_q - log_p)).sum(-1)
+
+    def fused_chunk(self, teacher, start, stop, log_q, a, c):
+        # d/ds KL(q||p) = q * (log q - log p - KL(q||p)), per row
+        log_p = teacher.log_probs(start, stop, scratch=a, out=c)
+        log_ratio = torch.sub(log_q, log_p, out=c)
+        q = torch.exp(log_q, out=a)
+        per_token = torch.mul(q, log_ratio, out=log_q).sum(-1)  # log q is spent
+        return per_token, log_ratio.sub_(per_token[:, None]).mul_(q)  # in c
+
+
+class JSD(Divergence):
+    """Generalised Jensen-Shannon divergence, teacher weight ``beta`` in the mixture m."""
+
+    def __init__(self, beta: float):
+        self.beta = beta
+
+    def per_token(self, log_p, log_q):
+        beta = self.beta
+        log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_q + math.log(1 - beta)]), dim=0)
+        return beta * (log_p.exp() * (log_p - log_m)).sum(-1) + (1 - beta) * (log_q.exp() * (log_q - log_m)).sum(-1)
+
+
+DIVERGENCES = {"forward_kl": lambda spec: ForwardKL(), "reverse_kl": lambda spec: ReverseKL(),
+               "jsd": lambda spec: JSD(spec.jsd_beta)}
+
+
+def divergence(spec: "LossSpec") -> Divergence:
+    """The divergence ``spec.kind`` names."""
+    if spec.kind not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {spec.kind!r}; allowed: {', '.join(DIVERGENCES)}")
+    return DIVERGENCES[spec.kind](spec)
+
+
 def divergence_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, spec: LossSpec) -> torch.Tensor:
     """Sum over tokens of the chosen divergence between softened distributions (float32)."""
     T = spec.temperature
     log_p = F.log_softmax(teacher_logits.float() / T, dim=-1)
     log_q = F.log_softmax(student_logits.float() / T, dim=-1)
-    if spec.kind == "forward_kl":
-        return (log_p.exp() * (log_p - log_q)).sum()
-    if spec.kind == "reverse_kl":
-        return (log_q.exp() * (log_q - log_p)).sum()
-    beta = spec.jsd_beta
-    log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_q + math.log(1 - beta)]), dim=0)
-    return beta * (log_p.exp() * (log_p - log_m)).sum() + (1 - beta) * (log_q.exp() * (log_q - log_m)).sum()
+    return divergence(spec).per_token(log_p, log_q).sum()
 
 
 def next_token_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -136,7 +207,7 @@ def kd_loss_chunked(student, teacher, student_hidden: torch.Tensor, teacher_hidd
     """
     keep, targets, div_scale, ce_scale = _positions_and_scales(attention_mask, input_ids, spec, counts)
     s_h, t_h = student_hidden[keep], teacher_hidden[keep]
-    if _plain_head(student) and _plain_head(teacher) and spec.kind != "jsd":
+    if _plain_head(student) and _plain_head(teacher) and divergence(spec).fused:
         return _FusedHeadKD.apply(s_h, student.get_output_embeddings().weight,
                                   _LiveTeacher(t_h, teacher.get_output_embeddings().weight, spec.temperature),
                                   targets, spec, div_scale, ce_scale, chunk_tokens, matmul_dtype)
@@ -286,7 +357,7 @@ class _FusedHeadKD(torch.autograd.Function):
     def _chunks(s_h, head: "_HeadMatmuls", teacher, targets, spec: LossSpec, div_scale: float, ce_scale: float,
                 chunk_tokens: int, grad_h: torch.Tensor) -> torch.Tensor:
         """The loss summed over chunks; each chunk's gradients handed to ``head``."""
-        T = spec.temperature
+        T, div = spec.temperature, divergence(spec)
         total = torch.zeros((), dtype=torch.float32, device=s_h.device)
         rows = min(chunk_tokens, s_h.shape[0])
         # Three [chunk, V] buffers reused by every chunk: allocating vocabulary-sized
@@ -299,14 +370,7 @@ class _FusedHeadKD(torch.autograd.Function):
             head.logits(h / T, out=a)  # student logits / T
             ce_grad = _cross_entropy_terms(a * T, targets[start:stop]) if ce_scale else None
             log_q = torch._log_softmax(a, -1, False, out=b)
-            if spec.kind == "forward_kl":
-                per_token, grad = teacher.forward_kl(start, stop, log_q, (a, c))  # grad: q - p, in b
-            else:  # reverse_kl (live teacher only): d/ds KL(q||p) = q * (log q - log p - KL) / T
-                log_p = teacher.log_probs(start, stop, scratch=a, out=c)
-                log_ratio = torch.sub(log_q, log_p, out=c)
-                q = torch.exp(log_q, out=a)
-                per_token = torch.mul(q, log_ratio, out=b).sum(-1)  # log q (in b) is spent
-                grad = log_ratio.sub_(per_token[:, None]).mul_(q)  # in c
+            per_token, grad = div.fused_chunk(teacher, start, stop, log_q, a, c)
             total = total + div_scale * per_token.sum()
             scale = div_scale / T
             if ce_grad is not None:

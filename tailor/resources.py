@@ -8,6 +8,7 @@ import gc
 import resource
 import sys
 import time
+from dataclasses import dataclass
 
 
 def peak_rss_gib() -> float:
@@ -16,9 +17,17 @@ def peak_rss_gib() -> float:
     return peak / 2**30 if sys.platform == "darwin" else peak / 2**20  # bytes on macOS, KiB elsewhere
 
 
-def stage_cost(start: float) -> dict[str, float]:
+@dataclass(frozen=True)
+class StageCost:
+    """What a stage took: wall seconds and the process's peak RSS when it ended."""
+
+    seconds: float
+    peak_rss_gib: float
+
+
+def stage_cost(start: float) -> StageCost:
     """Seconds since ``start`` (a ``time.perf_counter()`` reading) and the process's peak RSS."""
-    return {"seconds": time.perf_counter() - start, "peak_rss_gib": peak_rss_gib()}
+    return StageCost(time.perf_counter() - start, peak_rss_gib())
 
 
 def stage_start() -> float:

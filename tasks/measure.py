@@ -15,11 +15,12 @@ from tailor.resources import stage_cost, stage_start
 from tailor.speed import profile_checkpoints
 
 from ._common import CACHED, prefect_key
+from .records import Evaluation, HeldoutScore, SpeedProfiles
 
 
 @task(name="evaluate-model", cache_policy=CACHED, persist_result=True)
 def evaluate_model(ref: CheckpointRef, eval_cfg: EvalConfig, data: DataConfig, work_dir: str,
-                   label: str = "model", signature: str = "") -> dict:
+                   label: str = "model", signature: str = "") -> Evaluation:
     """lm-eval metrics of one checkpoint; per-item scores are kept in the work folder.
 
     ``signature`` (``evaluation_signature``: the data's and task files' content, lm-eval's
@@ -39,23 +40,21 @@ def evaluate_model(ref: CheckpointRef, eval_cfg: EvalConfig, data: DataConfig, w
         lines[0].update(done)
 
     result = evaluate_checkpoint(ref.verify(), eval_cfg, data, out, on_progress)
-    return {"metrics": result["metrics"], "n_samples": result["n_samples"], "items_file": str(out),
-            **stage_cost(start)}
+    return Evaluation(result["metrics"], result["n_samples"], str(out), stage_cost(start))
 
 
 @task(name="score-heldout", cache_policy=CACHED, persist_result=True)
-def score_heldout(ref: CheckpointRef, distill: DistillConfig, data: DataConfig) -> dict:
-    """Perplexity on the distillation corpus's held-out slice; returns {"perplexity", "sources", "tokens"}."""
+def score_heldout(ref: CheckpointRef, distill: DistillConfig, data: DataConfig) -> HeldoutScore:
+    """Perplexity on the distillation corpus's held-out slice, overall and per source."""
     start = stage_start()
-    return {**checkpoint_heldout_perplexity(ref, distill, data), **stage_cost(start)}
+    scored = checkpoint_heldout_perplexity(ref, distill, data)
+    return HeldoutScore(scored["perplexity"], scored["sources"], scored["tokens"], stage_cost(start))
 
 
 @task(name="measure-speed", cache_policy=CACHED, persist_result=True)
-def measure_speed(refs: dict[str, CheckpointRef], speed: SpeedConfig) -> dict[str, dict]:
+def measure_speed(refs: dict[str, CheckpointRef], speed: SpeedConfig) -> SpeedProfiles:
     """Profile every checkpoint in one task, timed in interleaved rounds, so no other stage
     competes for the CPU and the machine's drift falls on every model alike."""
     start = stage_start()
-    profiles = profile_checkpoints(refs, speed)
-    cost = stage_cost(start)
-    return {name: {**p, **cost} for name, p in profiles.items()}
+    return SpeedProfiles(profile_checkpoints(refs, speed), stage_cost(start))
 

@@ -23,20 +23,21 @@ from tailor.resources import stage_cost, stage_start
 from tailor.sources import materialize
 
 from ._common import CACHED
+from .records import Distilled, LayerScores, Materialized, Pruned, TeacherCache
 
 
 @task(name="materialize-model", cache_policy=CACHED, persist_result=True, retries=2, retry_delay_seconds=[10, 30])
-def materialize_model(model: ModelConfig, work_dir: str) -> dict:
-    """Base checkpoint; returns {"ref", "seconds"}. Retried: a hub download can fail transiently."""
+def materialize_model(model: ModelConfig, work_dir: str) -> Materialized:
+    """The base checkpoint. Retried: a hub download can fail transiently."""
     start = stage_start()
     ref = materialize(model, work_dir)
-    return {"ref": ref, **stage_cost(start)}
+    return Materialized(ref, stage_cost(start))
 
 
 @task(name="score-layers", cache_policy=CACHED, persist_result=True)
 def score_layers(base: CheckpointRef, prune: PruneConfig, strategies: tuple[str, ...], distill: DistillConfig,
-                 data: DataConfig, work_dir: str) -> dict:
-    """Layer-importance scores on a calibration set from the distillation corpus; returns {"scores", "file"}."""
+                 data: DataConfig, work_dir: str) -> LayerScores:
+    """Layer-importance scores on a calibration set from the distillation corpus."""
     start = stage_start()
     calibration = prune.model_dump(include={"calibration_samples", "calibration_seq_len", "calibration_batch_size"})
     out = Path(work_dir) / "importance" / (
@@ -44,17 +45,17 @@ def score_layers(base: CheckpointRef, prune: PruneConfig, strategies: tuple[str,
     # The task's cache key also holds settings the scores do not depend on (num_layers,
     # strategy); the file is keyed by what they do depend on, so it is reused across those.
     if out.exists():
-        return {"scores": json.loads(out.read_text()), "file": str(out), **stage_cost(start)}
+        return LayerScores(json.loads(out.read_text()), str(out), stage_cost(start))
     model, tokenizer = load_model(base.verify())
     samples = training_samples(tokenizer, distill, data, prune.calibration_samples, prune.calibration_seq_len)
     scores = layer_scores(model, samples, prune.calibration_batch_size, strategies)
     write_file_atomically(out, lambda tmp: tmp.write_text(json.dumps(scores)))
-    return {"scores": scores, "file": str(out), **stage_cost(start)}
+    return LayerScores(scores, str(out), stage_cost(start))
 
 
 @task(name="prune-model", cache_policy=CACHED, persist_result=True)
-def prune_model(base: CheckpointRef, prune: PruneConfig, work_dir: str, scores: dict | None = None) -> dict:
-    """Remove decoder layers; returns {"ref", "removed_layers", "params_before", "params_after", "plot"}."""
+def prune_model(base: CheckpointRef, prune: PruneConfig, work_dir: str, scores: dict | None = None) -> Pruned:
+    """Remove the decoder layers the strategy chooses."""
     start = stage_start()
     removed = choose_layers(prune, AutoConfig.from_pretrained(base.path).num_hidden_layers, scores)
     ref, before, after = prune_checkpoint(base, removed, work_dir)
@@ -64,26 +65,25 @@ def prune_model(base: CheckpointRef, prune: PruneConfig, work_dir: str, scores: 
         series = {s: per_layer_series(scores, s, prune.num_layers) for s in SCORED_STRATEGIES if s in scores}
         plot = str(layer_scores_png(series, {prune.strategy: removed},
                                     Path(work_dir) / "plots" / f"layer-scores-{prune.strategy}-{name}.png"))
-    return {"ref": ref, "removed_layers": removed, "params_before": before,
-            "params_after": after, "strategy": prune.strategy, "plot": plot, **stage_cost(start)}
+    return Pruned(ref, removed, before, after, prune.strategy, plot, stage_cost(start))
 
 
 @task(name="cache-teacher-topk", cache_policy=CACHED, persist_result=True)
-def cache_teacher_topk(teacher: CheckpointRef, distill: DistillConfig, data: DataConfig, work_dir: str) -> dict:
-    """The teacher's top-k logits for every distillation sample, on disk; returns {"path", "mib"}.
+def cache_teacher_topk(teacher: CheckpointRef, distill: DistillConfig, data: DataConfig, work_dir: str) -> TeacherCache:
+    """The teacher's top-k logits for every distillation sample, on disk.
 
     The file is named by teacher fingerprint, samples, k and T, so a run that only changes
     training settings (learning rate, epochs) reuses it even when this task re-runs.
     """
     start = stage_start()
     path = write_topk_cache(teacher.verify(), distill, data, Path(work_dir) / "teacher-cache")
-    return {"path": str(path), "mib": path.stat().st_size / 2**20, **stage_cost(start)}
+    return TeacherCache(str(path), path.stat().st_size / 2**20, stage_cost(start))
 
 
 @task(name="distill-model", cache_policy=CACHED, persist_result=True)
 def distill_model(teacher: CheckpointRef, student: CheckpointRef, distill: DistillConfig,
-                  data: DataConfig, work_dir: str, topk_cache: str | None = None) -> dict:
-    """Distil the student from the teacher (or its top-k cache); returns {"ref", "record"} (losses, throughput)."""
+                  data: DataConfig, work_dir: str, topk_cache: str | None = None) -> Distilled:
+    """Distil the student from the teacher (or its top-k cache)."""
     # "auto" precisions resolve per machine, and the result depends on what they became.
     key = stable_hash(teacher.fingerprint, student.fingerprint, distill.model_dump(), data.cache_identity(), topk_cache,
                       teacher_numerics(distill.teacher_dtype, "cpu"),
@@ -106,4 +106,4 @@ def distill_model(teacher: CheckpointRef, student: CheckpointRef, distill: Disti
     start = stage_start()
     ref, record = distill_checkpoint(teacher.verify(), student.verify(), distill, data, out, on_step,
                                      Path(topk_cache) if topk_cache else None, on_heldout=on_heldout)
-    return {"ref": ref, "record": record, **stage_cost(start)}
+    return Distilled(ref, record, stage_cost(start))

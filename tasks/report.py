@@ -10,12 +10,14 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from tailor.compare import build_report, comparison_table, load_scores, render_markdown, write_figures, write_report
 
 from ._common import UNCACHED
+from .records import Evaluation
 
 
 @task(name="compare-models", cache_policy=UNCACHED)
-def compare_models(profiles: dict[str, dict], evals: dict[str, dict], extra: dict, out_dir: str) -> dict:
+def compare_models(profiles: dict[str, dict], evals: dict[str, Evaluation], extra: dict, out_dir: str) -> dict:
     """Write the report files, publish the report as a Prefect artifact; returns the report."""
-    with_items = {name: {**record, **load_scores(record["items_file"])} for name, record in evals.items()}
+    with_items = {name: {"metrics": e.metrics, **load_scores(e.items_file)}
+                  for name, e in evals.items()}
     report = build_report(profiles, with_items, extra)
     report["figures"] = write_figures(report, Path(out_dir), extra.get("pruning", {}).get("plot"))
     json_path, md_path = write_report(report, Path(out_dir))

@@ -130,3 +130,45 @@ def test_vocabulary_mismatch_is_refused(tiny_model, tiny_tokenizer):
     samples = build_samples(tiny_tokenizer, ["some text here"], seq_len=8, num_samples=1, windows_per_doc=64)
     with pytest.raises(DistillError, match="vocabulary"):
         distill(tiny_model, other, samples, DistillConfig(num_samples=1))
+
+
+def test_every_registered_divergence_is_a_setting_and_back():
+    from typing import get_args
+
+    from tailor.kd_loss import DIVERGENCES
+
+    allowed = get_args(DistillConfig.model_fields["loss"].annotation)
+    assert set(allowed) == set(DIVERGENCES)
+
+
+def test_a_new_divergence_is_one_class_and_trains_through_the_chunked_loss(tiny_model, tiny_tokenizer, monkeypatch):
+    from tailor import kd_loss
+    from tailor.tiny import build_tiny_gemma3
+
+    class SymmetricKL(kd_loss.Divergence):  # no closed-form gradient: autograd per chunk
+        def per_token(self, log_p, log_q):
+            return ((log_p.exp() - log_q.exp()) * (log_p - log_q)).sum(-1)
+
+    monkeypatch.setitem(kd_loss.DIVERGENCES, "symmetric_kl", lambda spec: SymmetricKL())
+    spec = LossSpec(kind="symmetric_kl")
+    student = build_tiny_gemma3(tiny_tokenizer, num_layers=3, seed=1)
+    batch = tiny_tokenizer(["a student learns from a teacher", "the quick brown fox"], padding=True,
+                           return_tensors="pt")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        t_h = _hidden(tiny_model, ids, mask)
+    s_logits, t_logits = output_logits(student, _hidden(student, ids, mask)), output_logits(tiny_model, t_h)
+    ref = kd_loss_reference(s_logits, t_logits, mask, ids, spec)
+    forward_plus_reverse = (kd_loss_reference(s_logits, t_logits, mask, ids, LossSpec()) +
+                            kd_loss_reference(s_logits, t_logits, mask, ids, LossSpec(kind="reverse_kl")))
+    assert ref.item() == pytest.approx(forward_plus_reverse.item(), rel=1e-5)
+    chunked = kd_loss_chunked(student, tiny_model, _hidden(student, ids, mask), t_h, mask, ids, spec, chunk_tokens=3)
+    chunked.backward()
+    assert chunked.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
+
+
+def test_an_unknown_divergence_names_the_allowed_ones():
+    with pytest.raises(ValueError, match="forward_kl, reverse_kl, jsd"):
+        kd_loss_reference(torch.randn(1, 2, 5), torch.randn(1, 2, 5), torch.ones(1, 2, dtype=torch.long),
+                          torch.zeros(1, 2, dtype=torch.long), LossSpec(kind="hellinger"))

@@ -1,0 +1,80 @@
+"""What each task returns: small typed records the flows read by attribute.
+
+Every record is a reference (a ``CheckpointRef`` or a file in the work folder) plus the
+figures a flow logs; never a model. Each carries its stage's ``StageCost`` as measured when
+the stage ran (a cached result keeps the figures of the run that computed it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tailor.checkpoint import CheckpointRef
+from tailor.resources import StageCost
+
+
+@dataclass(frozen=True)
+class Materialized:
+    ref: CheckpointRef
+    cost: StageCost
+
+
+@dataclass(frozen=True)
+class LayerScores:
+    scores: dict
+    """``layer_scores`` output: per strategy, per layer."""
+    file: str
+    cost: StageCost
+
+
+@dataclass(frozen=True)
+class Pruned:
+    ref: CheckpointRef
+    removed_layers: list[int]
+    params_before: int
+    params_after: int
+    strategy: str
+    plot: str | None
+    """The layer-score plot with the removed layers marked (scored strategies only)."""
+    cost: StageCost
+
+
+@dataclass(frozen=True)
+class TeacherCache:
+    path: str
+    mib: float
+    cost: StageCost
+
+
+@dataclass(frozen=True)
+class Distilled:
+    ref: CheckpointRef
+    record: dict
+    """``distill``'s training record: losses, healing curve, throughput, settings resolved."""
+    cost: StageCost
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    metrics: dict
+    """``{task: {metric: {"value", "stderr"}}}``"""
+    n_samples: dict
+    items_file: str
+    """Per-document scores (``tailor.compare.load_scores`` reads them)."""
+    cost: StageCost
+
+
+@dataclass(frozen=True)
+class HeldoutScore:
+    perplexity: float
+    sources: dict[str, float]
+    """Perplexity per corpus source file."""
+    tokens: int
+    cost: StageCost
+
+
+@dataclass(frozen=True)
+class SpeedProfiles:
+    profiles: dict[str, dict]
+    """Per model: ``tailor.speed.profile_checkpoints``'s figures (tokens/s, intervals, sizes)."""
+    cost: StageCost
