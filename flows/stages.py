@@ -112,16 +112,19 @@ def evaluate_stage(cfg: TailorConfig, signature: str, name: str, ref: Checkpoint
     """The evaluation task for one model: submitted beside other stages with
     ``runner.concurrent``, else run now (one stage at a time, bounded memory). Returns a
     future-like ``.result()`` holder either way. ``signature``: ``evaluation_signature``."""
-    task = evaluate_model.with_options(task_run_name=f"evaluate-{name}")
-    args = (ref, cfg.eval, cfg.data, cfg.work_dir, name, signature)
     if stages is not None:
         stages.start(f"evaluate-{name}")
-    if cfg.runner.concurrent:
-        return task.submit(*args)
-    done = Done(task(*args))
-    if stages is not None:
-        stages.done(f"evaluate-{name}", accuracy_summary(done.result().metrics))
-    return done
+    run = launch(cfg, evaluate_model.with_options(task_run_name=f"evaluate-{name}"),
+                ref, cfg.eval, cfg.data, cfg.work_dir, name, signature)
+    if stages is not None and isinstance(run, Done):
+        stages.done(f"evaluate-{name}", accuracy_summary(run.result().metrics))
+    return run
+
+
+def launch(cfg: TailorConfig, task, *args):
+    """Submit ``task`` to the flow's task runner (threads, or Dask workers) with
+    ``runner.concurrent``, else run it now in the flow's thread; ``.result()`` either way."""
+    return task.submit(*args) if cfg.runner.concurrent else Done(task(*args))
 
 
 def accuracy_summary(metrics: dict) -> str:

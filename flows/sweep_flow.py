@@ -19,7 +19,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from prefect.context import get_run_context
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.stages import FAILURE_HOOKS, RunContext, evaluate_stage, run_link, track
+from flows.stages import FAILURE_HOOKS, RunContext, evaluate_stage, launch, run_link, track
 from flows.tailor_flow import tailor_flow
 from tailor import tracking
 from tailor.compare import load_scores
@@ -48,8 +48,12 @@ def sweep_flow(profile: str = "quick", overrides: list[str] | None = None, out_d
     original_eval = evaluate_stage(cfg, run.signature, "original", base)
     scored = tuple(s for s in cfg.sweep.strategies if s in SCORED_STRATEGIES)
     scores = score_layers(base, cfg.prune, scored, cfg.distill, cfg.data, cfg.work_dir).scores if scored else None
-    pruned = {(s, n): prune_model(base, p, cfg.work_dir, scores if s in SCORED_STRATEGIES else None)
-              for (s, n), p in combos.items()}
+    # Each combination's pruning and evaluation are tasks of their own: on Dask workers with
+    # runner.dask_workers / runner.dask_address.
+    pruning = {(s, n): launch(cfg, prune_model.with_options(task_run_name=f"prune-{s}-n{n}"),
+                              base, p, cfg.work_dir, scores if s in SCORED_STRATEGIES else None)
+               for (s, n), p in combos.items()}
+    pruned = {key: future.result() for key, future in pruning.items()}
     evals = {(s, n): evaluate_stage(cfg, run.signature, f"{s}-n{n}", p.ref) for (s, n), p in pruned.items()}
     results = {key: future.result() for key, future in [("original", original_eval), *evals.items()]}
     # Timed only once every evaluation is done, so nothing competes for the CPU; combinations

@@ -50,7 +50,10 @@ def cmd_flow(args: argparse.Namespace) -> int:
     else:
         from flows.tailor_flow import tailor_flow as flow
 
-    result = flow(profile=args.profile, overrides=args.set, out_dir=args.out)
+    from flows.runners import task_runner_for
+
+    result = flow.with_options(task_runner=task_runner_for(cfg.runner))(
+        profile=args.profile, overrides=args.set, out_dir=args.out)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -115,7 +118,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     try:
         ref, record = distill_checkpoint(refs["teacher"], refs["student"], cfg.distill, cfg.data,
-                                         Path(args.out).resolve(), device=device)
+                                         Path(args.out).resolve(), device=device,
+                                         topk_cache=Path(args.topk_cache) if args.topk_cache else None)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -203,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     dist.add_argument("--teacher", required=True, help="teacher checkpoint folder")
     dist.add_argument("--student", required=True, help="student checkpoint folder")
     dist.add_argument("--out", required=True, help="folder for the distilled checkpoint")
+    dist.add_argument("--topk-cache", default=None, help="train from this teacher top-k cache file (distill.teacher_topk)")
     _config_args(dist, "distill.epochs=1", "whose distill and data settings apply")
     dist.set_defaults(fn=cmd_distill)
     ev = sub.add_parser("eval", help="score one model with the fast evaluator on any lm-eval tasks")

@@ -192,6 +192,8 @@ class DistillConfig(_Section):
     """Save a resumable training state (student, optimiser, RNG, data position) every this many optimiser steps; 0 = never."""
     log_every: int = Field(1, ge=1)
     """Log the loss every this many optimiser steps."""
+    nproc_per_node: int = Field(1, ge=1)
+    """Data-parallel processes for the flow's distillation: above 1, torchrun runs this many on this machine (gloo on CPU, nccl with one GPU each), each taking batch_size samples of every global batch of batch_size x nproc_per_node."""
     teacher_topk: int = Field(0, ge=0)
     """0: exact KD against the live teacher. k >= 1: compute the teacher's top-k logits (plus the rest's log-sum-exp) once, cache them on disk, and train from the cache (forward_kl only)."""
     teacher_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
@@ -331,7 +333,24 @@ class SweepConfig(_Section):
 
 class RunnerConfig(_Section):
     concurrent: bool = True
-    """Run independent stages at once (evaluations beside pruning and distillation); faster with spare cores, more peak memory."""
+    """Run independent stages at once (evaluations beside pruning and distillation, the sweep's combinations); faster with spare cores, more peak memory."""
+    dask_workers: int = Field(0, ge=0)
+    """Run the stages that run at once on a local Dask cluster of this many worker processes (needs prefect-dask); 0 = threads of the flow's process."""
+    dask_address: str = ""
+    """Run them on the Dask cluster whose scheduler is at this address instead (tcp://HOST:8786); its workers need this package and the work folder on shared storage."""
+
+    @model_validator(mode="after")
+    def _one_dask(self):
+        if self.dask_workers and self.dask_address:
+            raise ValueError("set runner.dask_workers (a local cluster) or runner.dask_address (a running one), not both")
+        if (self.dask_workers or self.dask_address) and not self.concurrent:
+            raise ValueError("runner.dask_workers and runner.dask_address need runner.concurrent=true: "
+                             "only stages that run at once go to the cluster")
+        return self
+
+    @property
+    def on_dask(self) -> bool:
+        return bool(self.dask_workers or self.dask_address)
 
 
 class TailorConfig(_Section):

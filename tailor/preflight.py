@@ -90,7 +90,18 @@ def check_eval_inputs(cfg: TailorConfig) -> None:
     check_tasks(cfg.eval.tasks, cfg.data, cfg.eval.include_path)
 
 
+def check_runner(cfg: TailorConfig) -> None:
+    """A Dask runner needs prefect-dask installed (an optional dependency)."""
+    if cfg.runner.on_dask:
+        import importlib.util
+
+        if importlib.util.find_spec("prefect_dask") is None:
+            raise ConfigError("runner.dask_workers / runner.dask_address need prefect-dask: "
+                              "pip install 'llm-tailor[dask]' (or set runner.dask_workers=0)")
+
+
 def preflight(cfg: TailorConfig) -> None:
+    check_runner(cfg)
     check_source(cfg.model)
     num_layers = source_num_layers(cfg.model)
     check_prune(cfg.prune, num_layers)

@@ -13,6 +13,7 @@ from tailor.checkpoint import CheckpointRef, load_model, stable_hash, write_file
 from tailor.config import DataConfig, DistillConfig, ModelConfig, PruneConfig
 from tailor.console import Progress
 from tailor.corpus import corpus_signature, training_samples
+from tailor.data_parallel import distill_data_parallel
 from tailor.distill import distill_checkpoint, planned_steps
 from tailor.importance import SCORED_STRATEGIES, choose_layers, layer_scores, per_layer_series
 from tailor.plots import layer_scores_png
@@ -104,6 +105,11 @@ def distill_model(teacher: CheckpointRef, student: CheckpointRef, distill: Disti
         get_run_logger().info(f"distill step {step}/{total}: held-out perplexity {perplexity:.2f}")
 
     start = stage_start()
-    ref, record = distill_checkpoint(teacher.verify(), student.verify(), distill, data, out, on_step,
-                                     Path(topk_cache) if topk_cache else None, on_heldout=on_heldout)
+    if distill.nproc_per_node > 1:
+        get_run_logger().info(f"distill: {distill.nproc_per_node} data-parallel processes under torchrun")
+        ref, record = distill_data_parallel(teacher.verify(), student.verify(), distill, data, out,
+                                            Path(topk_cache) if topk_cache else None)
+    else:
+        ref, record = distill_checkpoint(teacher.verify(), student.verify(), distill, data, out, on_step,
+                                         Path(topk_cache) if topk_cache else None, on_heldout=on_heldout)
     return Distilled(ref, record, stage_cost(start))

@@ -70,3 +70,28 @@ def load_ref(result: dict):
     from tailor.checkpoint import CheckpointRef
 
     return CheckpointRef(result["path"], result["fingerprint"])
+
+
+def test_the_flow_distils_data_parallel_like_one_process_on_the_same_global_batch(tmp_path, shared_data):
+    from pathlib import Path
+
+    from flows.tailor_flow import tailor_flow
+    from tailor.checkpoint import existing_checkpoint
+    from tailor.config import load_config
+    from tailor.distill import distill_checkpoint
+
+    common = [f"work_dir={tmp_path}", f"data.data_dir={shared_data}", *SETTINGS]
+    state = tailor_flow(profile="smoke", overrides=[*common, "distill.nproc_per_node=2", "distill.batch_size=2"],
+                        out_dir=str(tmp_path / "out"), return_state=True)
+    assert state.is_completed(), state.message
+    report = json.loads(Path(state.result()["report_json"]).read_text())
+    parallel = report["distillation"]
+    assert parallel["world_size"] == 2
+    # One process on the flow's own teacher and pruned student, with the same global batch.
+    teacher, student = (existing_checkpoint(Path(report["checkpoints"][m]["path"])) for m in ("original", "pruned"))
+    cfg = load_config("smoke", [*common, "distill.batch_size=4"])
+    _, single = distill_checkpoint(teacher, student, cfg.distill, cfg.data, tmp_path / "single")
+    assert single["world_size"] == 1
+    assert parallel["optimizer_steps"] == single["optimizer_steps"] == 2
+    assert parallel["train_tokens"] == single["train_tokens"]
+    assert parallel["losses"] == pytest.approx(single["losses"], rel=1e-3)
