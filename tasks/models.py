@@ -106,6 +106,7 @@ def distill_model(teacher: CheckpointRef, student: CheckpointRef, distill: Disti
 
     start = stage_start()
     if distill.nproc_per_node > 1:
+        # The processes' memory is their own: this stage's peak RSS covers the launcher only.
         get_run_logger().info(f"distill: {distill.nproc_per_node} data-parallel processes under torchrun")
         ref, record = distill_data_parallel(teacher.verify(), student.verify(), distill, data, out,
                                             Path(topk_cache) if topk_cache else None)
