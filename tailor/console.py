@@ -7,6 +7,8 @@ where it ends up; :func:`setup_console` is what the command line does.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import sys
@@ -33,6 +35,8 @@ def setup_console(verbose: bool) -> None:
         LOGGER.addHandler(handler)
     LOGGER.setLevel(logging.INFO)
     LOGGER.propagate = False
+    global _QUIET
+    _QUIET = not verbose
     if verbose:
         return
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "ERROR")
@@ -59,6 +63,17 @@ def setup_console(verbose: bool) -> None:
 
         datasets.logging.set_verbosity_error()
         datasets.disable_progress_bars()
+
+
+_QUIET = False  # set by setup_console
+
+
+def third_party_prints():
+    """Around a library call that prints to stdout (lm-eval's "bootstrapping for stddev"):
+    swallows its output in quiet mode, passes it through otherwise. stdout is per process,
+    so while it runs, other threads' prints are swallowed too; the console's own lines go
+    to stderr through the logger."""
+    return contextlib.redirect_stdout(io.StringIO()) if _QUIET else contextlib.nullcontext()
 
 
 class OwnBar(tqdm.std.tqdm):

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from .checkpoint import CheckpointRef, load_model, stable_hash, write_file_atomically
 from .config import DataConfig, EvalConfig, TailorError
+from .console import third_party_prints
 from .data_pull import sha256_file
 
 # Offline file and the split name the stock task reads it as.
@@ -235,11 +236,12 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, data: DataConfig,
         from lm_eval.loggers import EvaluationTracker
 
         tracker = EvaluationTracker(output_path=str(lm_eval_dir))
-    out = lm_eval.simple_evaluate(
-        model=lm, tasks=task_specs(cfg.tasks, data, manager), task_manager=manager, num_fewshot=0,
-        limit=cfg.limit, log_samples=True, bootstrap_iters=cfg.bootstrap_iters, random_seed=0,
-        numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0, evaluation_tracker=tracker,
-    )
+    with third_party_prints():
+        out = lm_eval.simple_evaluate(
+            model=lm, tasks=task_specs(cfg.tasks, data, manager), task_manager=manager, num_fewshot=0,
+            limit=cfg.limit, log_samples=True, bootstrap_iters=cfg.bootstrap_iters, random_seed=0,
+            numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0, evaluation_tracker=tracker,
+        )
     if tracker is not None:
         tracker.general_config_tracker.model_name = model_name
         tracker.general_config_tracker.model_name_sanitized = folder_name(model_name)

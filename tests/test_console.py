@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 
@@ -67,3 +68,20 @@ def test_quiet_console_silences_libraries_but_not_errors():
     assert "tailor-line" in out.stderr and "lm-eval-error" in out.stderr
     for hidden in ("transformers-warning", "lm-eval-warning", "python-warning"):
         assert hidden not in out.stderr
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_lm_evals_own_prints_are_hidden_only_in_quiet_mode(verbose):
+    # lm-eval prints "bootstrapping for stddev: ..." with print(), not through a logger.
+    code = (
+        "from tailor.console import setup_console, third_party_prints\n"
+        f"setup_console(verbose={verbose})\n"
+        "from lm_eval.api.metrics import bootstrap_stderr, mean\n"
+        "with third_party_prints():\n"
+        "    bootstrap_stderr(mean, [0.0, 1.0, 1.0], iters=10)\n"
+        "print('our-result')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "DISABLE_MULTIPROC": "1"})
+    assert "our-result" in out.stdout
+    assert ("bootstrapping for stddev" in out.stdout) == verbose, out.stdout

@@ -77,6 +77,7 @@ def test_runs_show_up_on_a_live_server_as_the_readme_says(tmp_path, shared_data)
         for noise in ("it/s]", "Loading weights", "fatal: not a git repository", "Beginning flow run",
                       "Passed an already-initialized model", "bootstrapping for stddev"):
             assert noise not in console, noise
+            assert noise not in run.stdout, noise  # lm-eval prints some of it to stdout
 
         flow_runs = _api(url, "/flow_runs/filter", {})
         assert [r["state_type"] for r in flow_runs] == ["COMPLETED"]
