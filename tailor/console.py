@@ -12,6 +12,7 @@ import io
 import logging
 import os
 import sys
+import threading
 import time
 import warnings
 
@@ -66,14 +67,31 @@ def setup_console(verbose: bool) -> None:
 
 
 _QUIET = False  # set by setup_console
+# stdout is one per process and evaluations run in threads side by side: the first of
+# overlapping third_party_prints() blocks swaps it out and the last one puts it back.
+_PRINTS_LOCK = threading.Lock()
+_PRINTS_STATE: dict = {"depth": 0, "saved": None}
 
 
+@contextlib.contextmanager
 def third_party_prints():
     """Around a library call that prints to stdout (lm-eval's "bootstrapping for stddev"):
-    swallows its output in quiet mode, passes it through otherwise. stdout is per process,
-    so while it runs, other threads' prints are swallowed too; the console's own lines go
-    to stderr through the logger."""
-    return contextlib.redirect_stdout(io.StringIO()) if _QUIET else contextlib.nullcontext()
+    swallows its output in quiet mode, passes it through otherwise. While it runs, other
+    threads' prints are swallowed too; the console's own lines go to stderr."""
+    if not _QUIET:
+        yield
+        return
+    with _PRINTS_LOCK:
+        if _PRINTS_STATE["depth"] == 0:
+            _PRINTS_STATE["saved"], sys.stdout = sys.stdout, io.StringIO()
+        _PRINTS_STATE["depth"] += 1
+    try:
+        yield
+    finally:
+        with _PRINTS_LOCK:
+            _PRINTS_STATE["depth"] -= 1
+            if _PRINTS_STATE["depth"] == 0:
+                sys.stdout = _PRINTS_STATE["saved"]
 
 
 class OwnBar(tqdm.std.tqdm):

@@ -85,3 +85,37 @@ def test_lm_evals_own_prints_are_hidden_only_in_quiet_mode(verbose):
                          env={**os.environ, "DISABLE_MULTIPROC": "1"})
     assert "our-result" in out.stdout
     assert ("bootstrapping for stddev" in out.stdout) == verbose, out.stdout
+
+
+def test_overlapping_quiet_blocks_in_threads_give_stdout_back(monkeypatch, capsys):
+    # Two evaluations run side by side: A enters, B enters, A leaves, B leaves. A plain
+    # redirect_stdout per block would leave B's buffer in place of stdout for good.
+    import threading
+
+    from tailor import console
+
+    monkeypatch.setattr(console, "_QUIET", True)
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+
+    def a():
+        with console.third_party_prints():
+            print("hidden-a")
+            a_in.set()
+            b_in.wait()
+        a_out.set()
+
+    def b():
+        a_in.wait()
+        with console.third_party_prints():
+            b_in.set()
+            a_out.wait()
+            print("hidden-b")
+
+    threads = [threading.Thread(target=a), threading.Thread(target=b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print("after")
+    out = capsys.readouterr().out
+    assert "after" in out and "hidden" not in out

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from tailor.checkpoint import load_model, save_model, write_checkpoint
 from tailor.pruning import prune_layers
