@@ -8,7 +8,6 @@ the result equals one process trained on the same global batch (``tests/test_dis
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import tempfile
@@ -18,7 +17,7 @@ import yaml
 
 from .checkpoint import CheckpointRef, existing_checkpoint
 from .config import DataConfig, DistillConfig
-from .distill import TRAINING_RECORD, DistillError
+from .distill import DistillError, training_record
 
 
 def distill_data_parallel(teacher: CheckpointRef, student: CheckpointRef, cfg: DistillConfig, data: DataConfig,
@@ -41,4 +40,4 @@ def distill_data_parallel(teacher: CheckpointRef, student: CheckpointRef, cfg: D
         done = existing_checkpoint(out_dir)
         if done is None:
             raise DistillError(f"data-parallel distillation finished without writing {out_dir}")
-    return done, json.loads((Path(done.path) / TRAINING_RECORD).read_text())
+    return done, training_record(done)

@@ -325,7 +325,7 @@ def distill_checkpoint(teacher_ref: CheckpointRef, student_ref: CheckpointRef, c
     In a process group every rank trains; rank 0 writes the checkpoint and the others wait for it.
     """
     if (done := existing_checkpoint(out_dir)) is not None:
-        return done, json.loads((Path(done.path) / TRAINING_RECORD).read_text())
+        return done, training_record(done)
     check_checkpoint_target(out_dir)
     student, tokenizer = load_model(student_ref, device=device)
     samples = training_samples(tokenizer, cfg, data)
@@ -340,7 +340,7 @@ def distill_checkpoint(teacher_ref: CheckpointRef, student_ref: CheckpointRef, c
         distill(teacher, student, samples, cfg, None, resume_file, topk)
         _barrier(world)
         done = existing_checkpoint(out_dir)
-        return done, json.loads((Path(done.path) / TRAINING_RECORD).read_text())
+        return done, training_record(done)
 
     def train_and_save(tmp: Path) -> None:
         record = distill(teacher, student, samples, cfg, on_step, resume_file, topk, heldout, on_heldout)
@@ -350,7 +350,12 @@ def distill_checkpoint(teacher_ref: CheckpointRef, student_ref: CheckpointRef, c
     ref = write_checkpoint(out_dir, train_and_save)
     resume_file.unlink(missing_ok=True)
     _barrier(world)
-    return ref, json.loads((Path(ref.path) / TRAINING_RECORD).read_text())
+    return ref, training_record(ref)
+
+
+def training_record(ref: CheckpointRef) -> dict:
+    """The training record a distilled checkpoint folder keeps beside its weights."""
+    return json.loads((Path(ref.path) / TRAINING_RECORD).read_text())
 
 
 def resume_path(out_dir: Path, cfg: DistillConfig, teacher_ref: CheckpointRef, student_ref: CheckpointRef,
