@@ -22,10 +22,10 @@ import torch
 
 from _common import SHARED_DATA, default_work_dir, print_summary
 from eval_throughput import build_requests, score
-from tailor.checkpoint import load_model
-from tailor.config import DataConfig, ModelConfig
-from tailor.fast_lm import FastHFLM
-from tailor.sources import materialize
+from tailor.config.settings import DataConfig, ModelConfig
+from tailor.evaluate.fast_lm import FastHFLM
+from tailor.models.sources import materialize
+from tailor.store.checkpoint import load_model
 
 
 class PeakRSS:

@@ -19,11 +19,11 @@ import torch
 from lm_eval.models.huggingface import HFLM
 
 from _common import SHARED_DATA, default_work_dir, matmul_gflops, print_summary
-from tailor.checkpoint import count_parameters, load_model
-from tailor.config import REFERENCE_TASKS, DataConfig, ModelConfig
-from tailor.evaluation import _task_manager, task_specs
-from tailor.fast_lm import FastHFLM
-from tailor.sources import materialize
+from tailor.config.settings import REFERENCE_TASKS, DataConfig, ModelConfig
+from tailor.evaluate.fast_lm import FastHFLM
+from tailor.evaluate.harness import _task_manager, task_specs
+from tailor.models.sources import materialize
+from tailor.store.checkpoint import count_parameters, load_model
 
 
 def build_requests(tasks, data, limit):

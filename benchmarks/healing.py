@@ -24,17 +24,17 @@ from pathlib import Path
 import torch
 
 from _common import SHARED_DATA, default_work_dir, print_summary
-from tailor.checkpoint import load_model, load_tokenizer, stable_hash, write_checkpoint, save_model, \
+from tailor.store.checkpoint import load_model, load_tokenizer, stable_hash, write_checkpoint, save_model, \
     existing_checkpoint
-from tailor.config import REFERENCE_TASKS, load_config, DataConfig, DistillConfig, EvalConfig, ModelConfig
-from tailor.corpus import heldout_samples, pad_rows, read_documents, training_samples
-from tailor.distill import distill
-from tailor.evaluation import evaluate_checkpoint, evaluation_file
-from tailor.healing import healing_summary
-from tailor.perplexity import heldout_perplexity
-from tailor.precision import load_teacher
-from tailor.pruning import prune_checkpoint
-from tailor.sources import materialize, source_num_layers
+from tailor.config.settings import REFERENCE_TASKS, load_config, DataConfig, DistillConfig, EvalConfig, ModelConfig
+from tailor.data.corpus import heldout_samples, pad_rows, read_documents, training_samples
+from tailor.distill.trainer import Distiller
+from tailor.evaluate.harness import evaluate_checkpoint, evaluation_file
+from tailor.evaluate.perplexity import heldout_perplexity
+from tailor.models.precision import load_teacher
+from tailor.models.sources import materialize, source_num_layers
+from tailor.prune.pruning import prune_checkpoint
+from tailor.report.healing import healing_summary
 
 TS, WIKI, C4 = "corpus/tinystories_sample.jsonl", "corpus/wikipedia_sample.jsonl", "corpus/c4_sample.jsonl"
 # The quick profile's recipe before the fix (its optimiser settings; samples rebuilt below).
@@ -107,7 +107,7 @@ def distilled_checkpoint(name: str, cfg: DistillConfig, base, pruned, data: Data
     teacher = load_teacher(base, cfg.teacher_dtype, samples["input_ids"])
     # The healing curve (held-out perplexity every heldout_every steps), as the flow records it.
     curve = heldout_samples(tokenizer, cfg, data) if cfg.heldout_every else None
-    record = distill(teacher, student, samples, cfg, heldout=curve)
+    record = Distiller(teacher, student, samples, cfg, heldout=curve).fit()
     del teacher
 
     def save(tmp: Path) -> None:

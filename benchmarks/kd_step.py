@@ -50,15 +50,15 @@ import torch
 import torch.nn.functional as F
 
 from _common import SHARED_DATA, default_work_dir, matmul_gflops, print_summary
-from tailor.checkpoint import count_parameters, load_model
-from tailor.config import DataConfig, DistillConfig, ModelConfig
-from tailor.corpus import training_samples
-from tailor.distill import distill
-from tailor.kd_loss import TopKTeacher
-from tailor.precision import load_teacher, resolve_teacher_dtype
-from tailor.pruning import prune_layers
-from tailor.sources import materialize
-from tailor.teacher_cache import compute_topk
+from tailor.config.settings import DataConfig, DistillConfig, ModelConfig
+from tailor.data.corpus import training_samples
+from tailor.distill.kd_loss import TopKTeacher
+from tailor.distill.teacher_cache import compute_topk
+from tailor.distill.trainer import Distiller
+from tailor.models.precision import load_teacher, resolve_teacher_dtype
+from tailor.models.sources import materialize
+from tailor.prune.pruning import prune_layers
+from tailor.store.checkpoint import count_parameters, load_model
 
 TEMPERATURE = 2.0
 TOPK = 64
@@ -114,8 +114,8 @@ def run_ours(ref, samples, steps: int, cfg: DistillConfig, topk: TopKTeacher | N
     teacher = None if topk is not None else load_teacher(ref, cfg.teacher_dtype, samples["input_ids"])
     prune_layers(student, REMOVED)
     stamps = [time.perf_counter()]
-    record = distill(teacher, student, samples, cfg, on_step=lambda step, loss: stamps.append(time.perf_counter()),
-                     topk=topk)
+    record = Distiller(teacher, student, samples, cfg, topk=topk,
+                       on_step=lambda step, loss: stamps.append(time.perf_counter())).fit()
     return {"losses": record["losses"], "stamps": stamps}
 
 

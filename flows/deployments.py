@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 from prefect.client.schemas.schedules import CronSchedule
 
-from tailor.config import TailorError, load_config
+from tailor.config.settings import TailorError, load_config
 
 
 class DeploymentError(TailorError, ValueError):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tailor.config import load_config
+from tailor.config.settings import load_config
 from tasks.promotion import promote_model
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from tailor.config import RunnerConfig
+from tailor.config.settings import RunnerConfig
 
 
 def task_runner_for(runner: RunnerConfig) -> TaskRunner:

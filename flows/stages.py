@@ -9,10 +9,11 @@ from prefect import get_run_logger
 from prefect.context import get_run_context
 from mlflow.tracking import MlflowClient
 
-from tailor import tracking
-from tailor.checkpoint import CheckpointRef
-from tailor.config import TailorConfig
-from tailor.console import LOGGER, Stages
+from tailor.common.console import LOGGER, Stages
+from tailor.config.settings import TailorConfig
+from tailor.data.tokenised import TokensRef
+from tailor.registry import tracking
+from tailor.store.checkpoint import CheckpointRef
 from tasks.measure import evaluate_model
 from tasks.tracking import log_stage
 
@@ -80,17 +81,22 @@ FAILURE_HOOKS = {"on_failure": [close_failed_run], "on_crashed": [close_failed_r
 
 
 def run_intact(task, *args):
-    """Run a checkpoint-producing task; a cached result whose checkpoint folder has since been
-    deleted or edited is recomputed instead of handed on (where it would fail later, or
-    feed stale weights to stages keyed by its fingerprint)."""
+    """Run a task whose record holds references (checkpoints, token files); a cached result
+    whose files have since been deleted or edited is recomputed instead of handed on (where
+    it would fail later, or feed stale data to stages keyed by its fingerprints)."""
     result = task(*args)
-    if _checkpoint_intact(result.ref):
+    broken = [ref.path for ref in _references(result) if not _intact(ref)]
+    if not broken:
         return result
-    get_run_logger().warning(f"{task.name}: cached checkpoint {result.ref.path} is missing or changed; recomputing")
+    get_run_logger().warning(f"{task.name}: cached {', '.join(broken)} missing or changed; recomputing")
     return task.with_options(refresh_cache=True)(*args)
 
 
-def _checkpoint_intact(ref: CheckpointRef) -> bool:
+def _references(record) -> list:
+    return [value for value in vars(record).values() if isinstance(value, (CheckpointRef, TokensRef))]
+
+
+def _intact(ref: CheckpointRef | TokensRef) -> bool:
     try:
         ref.verify(contents=True)
     except (OSError, RuntimeError):

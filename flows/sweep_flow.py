@@ -19,20 +19,20 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from prefect.context import get_run_context
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.stages import FAILURE_HOOKS, RunContext, evaluate_stage, launch, run_link, track
+from flows.stages import FAILURE_HOOKS, RunContext, evaluate_stage, launch, run_intact, run_link, track
 from flows.tailor_flow import tailor_flow
-from tailor import tracking
-from tailor.compare import load_scores
-from tailor.config import PruneConfig, TailorConfig, load_config
-from tailor.console import Stages
-from tailor.evaluation import evaluation_signature
-from tailor.importance import SCORED_STRATEGIES, per_layer_series
-from tailor.plots import embed_markdown, layer_scores_png
+from tailor.common.console import Stages
+from tailor.config.settings import PruneConfig, TailorConfig, load_config
+from tailor.evaluate.harness import evaluation_signature
+from tailor.models.sources import source_num_layers
 from tailor.preflight import check_prune, preflight
-from tailor.sources import source_num_layers
-from tailor.sweep import BEST_RULE, best_row, render_markdown, retention_plot, sweep_rows, table
+from tailor.prune.importance import SCORED_STRATEGIES, per_layer_series
+from tailor.registry import tracking
+from tailor.report.compare import load_scores
+from tailor.report.plots import embed_markdown, layer_scores_png
+from tailor.report.sweep import BEST_RULE, best_row, render_markdown, retention_plot, sweep_rows, table
 from tasks.measure import measure_speed
-from tasks.models import materialize_model, prune_model, score_layers
+from tasks.models import materialize_model, prune_model, score_layers, tokenise
 from tasks.records import Evaluation, Pruned
 
 
@@ -47,7 +47,10 @@ def sweep_flow(profile: str = "quick", overrides: list[str] | None = None, out_d
     base = materialize_model(cfg.model, cfg.work_dir).ref
     original_eval = evaluate_stage(cfg, run.signature, "original", base)
     scored = tuple(s for s in cfg.sweep.strategies if s in SCORED_STRATEGIES)
-    scores = score_layers(base, cfg.prune, scored, cfg.distill, cfg.data, cfg.work_dir).scores if scored else None
+    scores = None
+    if scored:
+        calibration = run_intact(tokenise, base, cfg.distill, cfg.prune, cfg.data, cfg.work_dir).calibration
+        scores = score_layers(base, cfg.prune, scored, calibration, cfg.work_dir).scores
     # Each combination's pruning and evaluation are tasks of their own: on Dask workers with
     # runner.dask_workers / runner.dask_address.
     pruning = {(s, n): launch(cfg, prune_model.with_options(task_run_name=f"prune-{s}-n{n}"),

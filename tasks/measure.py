@@ -6,13 +6,14 @@ from __future__ import annotations
 from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-from tailor.checkpoint import CheckpointRef
-from tailor.config import DataConfig, DistillConfig, EvalConfig, SpeedConfig
-from tailor.console import Progress
-from tailor.evaluation import evaluate_checkpoint, evaluation_file
-from tailor.perplexity import checkpoint_heldout_perplexity
-from tailor.resources import stage_cost, stage_start
-from tailor.speed import profile_checkpoints
+from tailor.common.console import Progress
+from tailor.common.resources import stage_cost, stage_start
+from tailor.config.settings import DataConfig, EvalConfig, SpeedConfig
+from tailor.data.tokenised import TokensRef
+from tailor.evaluate.harness import evaluate_checkpoint, evaluation_file
+from tailor.evaluate.perplexity import checkpoint_heldout_perplexity
+from tailor.evaluate.speed import profile_checkpoints
+from tailor.store.checkpoint import CheckpointRef
 
 from ._common import CACHED, prefect_key
 from .records import Evaluation, HeldoutScore, SpeedProfiles
@@ -44,10 +45,10 @@ def evaluate_model(ref: CheckpointRef, eval_cfg: EvalConfig, data: DataConfig, w
 
 
 @task(name="score-heldout", cache_policy=CACHED, persist_result=True)
-def score_heldout(ref: CheckpointRef, distill: DistillConfig, data: DataConfig) -> HeldoutScore:
+def score_heldout(ref: CheckpointRef, heldout: TokensRef) -> HeldoutScore:
     """Perplexity on the distillation corpus's held-out slice, overall and per source."""
     start = stage_start()
-    scored = checkpoint_heldout_perplexity(ref, distill, data)
+    scored = checkpoint_heldout_perplexity(ref, heldout)
     return HeldoutScore(scored["perplexity"], scored["sources"], scored["tokens"], stage_cost(start))
 
 

@@ -1,4 +1,5 @@
-"""Tasks that produce checkpoints: materialise the base model, prune it, distil it."""
+"""Tasks that produce checkpoints and what they are built from: materialise the base model,
+tokenise the corpus, score and prune layers, cache the teacher, distil."""
 
 from __future__ import annotations
 
@@ -9,22 +10,22 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from transformers import AutoConfig
 
-from tailor.checkpoint import CheckpointRef, load_model, stable_hash, write_file_atomically
-from tailor.config import DataConfig, DistillConfig, ModelConfig, PruneConfig
-from tailor.console import Progress
-from tailor.corpus import corpus_signature, training_samples
-from tailor.data_parallel import distill_data_parallel
-from tailor.distill import distill_checkpoint, planned_steps
-from tailor.importance import SCORED_STRATEGIES, choose_layers, layer_scores, per_layer_series
-from tailor.plots import layer_scores_png
-from tailor.precision import resolve_bf16_autocast, teacher_numerics
-from tailor.pruning import prune_checkpoint
-from tailor.teacher_cache import write_topk_cache
-from tailor.resources import stage_cost, stage_start
-from tailor.sources import materialize
+from tailor.common.console import Progress
+from tailor.common.resources import stage_cost, stage_start
+from tailor.config.settings import DataConfig, DistillConfig, ModelConfig, PruneConfig
+from tailor.data.tokenised import TokensRef, tokenise_corpus
+from tailor.distill.data_parallel import distill_data_parallel
+from tailor.distill.teacher_cache import write_topk_cache
+from tailor.distill.trainer import distill_checkpoint, planned_steps
+from tailor.models.precision import resolve_bf16_autocast, teacher_numerics
+from tailor.models.sources import materialize
+from tailor.prune.importance import SCORED_STRATEGIES, choose_layers, layer_scores, per_layer_series
+from tailor.prune.pruning import prune_checkpoint
+from tailor.report.plots import layer_scores_png
+from tailor.store.checkpoint import CheckpointRef, load_model, stable_hash, write_file_atomically
 
 from ._common import CACHED
-from .records import Distilled, LayerScores, Materialized, Pruned, TeacherCache
+from .records import Distilled, LayerScores, Materialized, Pruned, TeacherCache, Tokenised
 
 
 @task(name="materialize-model", cache_policy=CACHED, persist_result=True, retries=2, retry_delay_seconds=[10, 30])
@@ -35,21 +36,28 @@ def materialize_model(model: ModelConfig, work_dir: str) -> Materialized:
     return Materialized(ref, stage_cost(start))
 
 
-@task(name="score-layers", cache_policy=CACHED, persist_result=True)
-def score_layers(base: CheckpointRef, prune: PruneConfig, strategies: tuple[str, ...], distill: DistillConfig,
-                 data: DataConfig, work_dir: str) -> LayerScores:
-    """Layer-importance scores on a calibration set from the distillation corpus."""
+@task(name="tokenise-corpus", cache_policy=CACHED, persist_result=True)
+def tokenise(base: CheckpointRef, distill: DistillConfig, prune: PruneConfig, data: DataConfig,
+             work_dir: str) -> Tokenised:
+    """The distillation corpus tokenised once: training samples, calibration windows, held-out documents."""
     start = stage_start()
-    calibration = prune.model_dump(include={"calibration_samples", "calibration_seq_len", "calibration_batch_size"})
+    sets = tokenise_corpus(base.verify(), distill, prune, data, work_dir)
+    return Tokenised(sets["train"], sets["calibration"], sets["heldout"], stage_cost(start))
+
+
+@task(name="score-layers", cache_policy=CACHED, persist_result=True)
+def score_layers(base: CheckpointRef, prune: PruneConfig, strategies: tuple[str, ...], calibration: TokensRef,
+                 work_dir: str) -> LayerScores:
+    """Layer-importance scores on the calibration windows of the distillation corpus."""
+    start = stage_start()
     out = Path(work_dir) / "importance" / (
-        f"{stable_hash(base.fingerprint, calibration, strategies, corpus_signature(distill), data.cache_identity())}.json")
+        f"{stable_hash(base.fingerprint, prune.calibration_batch_size, strategies, calibration.fingerprint)}.json")
     # The task's cache key also holds settings the scores do not depend on (num_layers,
     # strategy); the file is keyed by what they do depend on, so it is reused across those.
     if out.exists():
         return LayerScores(json.loads(out.read_text()), str(out), stage_cost(start))
-    model, tokenizer = load_model(base.verify())
-    samples = training_samples(tokenizer, distill, data, prune.calibration_samples, prune.calibration_seq_len)
-    scores = layer_scores(model, samples, prune.calibration_batch_size, strategies)
+    model = load_model(base.verify())[0]
+    scores = layer_scores(model, calibration.samples(), prune.calibration_batch_size, strategies)
     write_file_atomically(out, lambda tmp: tmp.write_text(json.dumps(scores)))
     return LayerScores(scores, str(out), stage_cost(start))
 
@@ -70,23 +78,24 @@ def prune_model(base: CheckpointRef, prune: PruneConfig, work_dir: str, scores: 
 
 
 @task(name="cache-teacher-topk", cache_policy=CACHED, persist_result=True)
-def cache_teacher_topk(teacher: CheckpointRef, distill: DistillConfig, data: DataConfig, work_dir: str) -> TeacherCache:
+def cache_teacher_topk(teacher: CheckpointRef, distill: DistillConfig, train: TokensRef, work_dir: str) -> TeacherCache:
     """The teacher's top-k logits for every distillation sample, on disk.
 
-    The file is named by teacher fingerprint, samples, k and T, so a run that only changes
-    training settings (learning rate, epochs) reuses it even when this task re-runs.
+    The file is named by teacher fingerprint, training tokens, k and T, so a run that only
+    changes training settings (learning rate, epochs) reuses it even when this task re-runs.
     """
     start = stage_start()
-    path = write_topk_cache(teacher.verify(), distill, data, Path(work_dir) / "teacher-cache")
+    path = write_topk_cache(teacher.verify(), distill, train, Path(work_dir) / "teacher-cache")
     return TeacherCache(str(path), path.stat().st_size / 2**20, stage_cost(start))
 
 
 @task(name="distill-model", cache_policy=CACHED, persist_result=True)
-def distill_model(teacher: CheckpointRef, student: CheckpointRef, distill: DistillConfig,
-                  data: DataConfig, work_dir: str, topk_cache: str | None = None) -> Distilled:
-    """Distil the student from the teacher (or its top-k cache)."""
+def distill_model(teacher: CheckpointRef, student: CheckpointRef, distill: DistillConfig, data: DataConfig,
+                  tokens: Tokenised, work_dir: str, topk_cache: str | None = None) -> Distilled:
+    """Distil the student from the teacher (or its top-k cache) on the tokenised corpus."""
     # "auto" precisions resolve per machine, and the result depends on what they became.
-    key = stable_hash(teacher.fingerprint, student.fingerprint, distill.model_dump(), data.cache_identity(), topk_cache,
+    key = stable_hash(teacher.fingerprint, student.fingerprint, distill.model_dump(), tokens.train.fingerprint,
+                      tokens.heldout.fingerprint, topk_cache,
                       teacher_numerics(distill.teacher_dtype, "cpu"),
                       resolve_bf16_autocast(distill.bf16_autocast, "cpu"))
     out = Path(work_dir) / "checkpoints" / f"distilled-{key}"
@@ -108,9 +117,10 @@ def distill_model(teacher: CheckpointRef, student: CheckpointRef, distill: Disti
     if distill.nproc_per_node > 1:
         # The processes' memory is their own: this stage's peak RSS covers the launcher only.
         get_run_logger().info(f"distill: {distill.nproc_per_node} data-parallel processes under torchrun")
-        ref, record = distill_data_parallel(teacher.verify(), student.verify(), distill, data, out,
+        ref, record = distill_data_parallel(teacher.verify(), student.verify(), distill, data, tokens.train, out,
                                             Path(topk_cache) if topk_cache else None)
     else:
-        ref, record = distill_checkpoint(teacher.verify(), student.verify(), distill, data, out, on_step,
-                                         Path(topk_cache) if topk_cache else None, on_heldout=on_heldout)
+        ref, record = distill_checkpoint(teacher.verify(), student.verify(), distill, tokens.train, out,
+                                         heldout=tokens.heldout, topk_cache=Path(topk_cache) if topk_cache else None,
+                                         on_step=on_step, on_heldout=on_heldout)
     return Distilled(ref, record, stage_cost(start))

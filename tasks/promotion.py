@@ -12,10 +12,10 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
-from tailor import tracking
-from tailor.config import PromotionConfig
-from tailor.locks import file_lock, promotion_lock_path
-from tailor.promotion import promote
+from tailor.config.settings import PromotionConfig
+from tailor.registry import tracking
+from tailor.registry.promotion import promote
+from tailor.store.locks import file_lock, promotion_lock_path
 
 from ._common import UNCACHED, prefect_key
 

@@ -9,13 +9,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tailor.checkpoint import CheckpointRef
-from tailor.resources import StageCost
+from tailor.common.resources import StageCost
+from tailor.data.tokenised import TokensRef
+from tailor.store.checkpoint import CheckpointRef
 
 
 @dataclass(frozen=True)
 class Materialized:
     ref: CheckpointRef
+    cost: StageCost
+
+
+@dataclass(frozen=True)
+class Tokenised:
+    """The corpus tokenised once: each consumer is handed the one set it reads."""
+    train: TokensRef
+    calibration: TokensRef
+    heldout: TokensRef
     cost: StageCost
 
 
@@ -60,7 +70,7 @@ class Evaluation:
     """``{task: {metric: {"value", "stderr"}}}``"""
     n_samples: dict
     items_file: str
-    """Per-document scores (``tailor.compare.load_scores`` reads them)."""
+    """Per-document scores (``tailor.report.compare.load_scores`` reads them)."""
     cost: StageCost
 
 
@@ -76,5 +86,5 @@ class HeldoutScore:
 @dataclass(frozen=True)
 class SpeedProfiles:
     profiles: dict[str, dict]
-    """Per model: ``tailor.speed.profile_checkpoints``'s figures (tokens/s, intervals, sizes)."""
+    """Per model: ``tailor.evaluate.speed.profile_checkpoints``'s figures (tokens/s, intervals, sizes)."""
     cost: StageCost

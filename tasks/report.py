@@ -7,7 +7,8 @@ from pathlib import Path
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from tailor.compare import build_report, comparison_table, load_scores, render_markdown, write_figures, write_report
+from tailor.report.compare import (build_report, comparison_table, load_scores, render_markdown, write_figures,
+                                   write_report)
 
 from ._common import UNCACHED
 from .records import Evaluation

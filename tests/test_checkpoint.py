@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from tailor.checkpoint import existing_checkpoint, fingerprint_dir, write_checkpoint
+from tailor.store.checkpoint import existing_checkpoint, fingerprint_dir, write_checkpoint
 
 
 def _writer(tag: str, started: threading.Barrier | None = None):
@@ -58,7 +58,7 @@ def test_a_failed_writer_leaves_nothing_that_looks_complete(tmp_path):
 def test_a_users_folder_at_the_checkpoint_path_is_never_deleted(tmp_path):
     import pytest
 
-    from tailor.checkpoint import CheckpointError
+    from tailor.store.checkpoint import CheckpointError
 
     folder = tmp_path / "my-model"
     folder.mkdir()
@@ -76,7 +76,7 @@ def test_a_users_folder_at_the_checkpoint_path_is_never_deleted(tmp_path):
 def test_atomic_file_writes_leave_no_temporary_file_and_keep_the_old_file_on_failure(tmp_path):
     import pytest
 
-    from tailor.checkpoint import write_file_atomically
+    from tailor.store.checkpoint import write_file_atomically
 
     target = tmp_path / "report.json"
     write_file_atomically(target, lambda tmp: tmp.write_text("first"))
@@ -92,8 +92,8 @@ def test_atomic_file_writes_leave_no_temporary_file_and_keep_the_old_file_on_fai
 
 def test_tailor_distill_into_a_users_folder_fails_before_training_and_keeps_it(tmp_path, capsys):
     from tailor.cli import main
-    from tailor.config import ModelConfig
-    from tailor.sources import materialize
+    from tailor.config.settings import ModelConfig
+    from tailor.models.sources import materialize
 
     base = materialize(ModelConfig(source="tiny"), str(tmp_path))
     out = tmp_path / "results"

@@ -1,6 +1,6 @@
 import pytest
 
-from tailor.compare import build_report, render_markdown, retention_pct
+from tailor.report.compare import build_report, render_markdown, retention_pct
 
 
 def _profile(params, layers, t):

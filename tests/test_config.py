@@ -1,6 +1,6 @@
 import pytest
 
-from tailor.config import ConfigError, TailorConfig, available_profiles, describe_settings, load_config
+from tailor.config.settings import ConfigError, TailorConfig, available_profiles, describe_settings, load_config
 
 
 def test_profiles_load_and_resolve_absolute_paths(tmp_path, monkeypatch):
@@ -80,8 +80,8 @@ def test_settings_that_would_mislead_later_stages_are_refused(override, needle):
     ("distill.seq_len=4096", "distill.seq_len=4096 exceeds the model's context of 512 tokens"),
 ])
 def test_settings_beyond_the_models_limits_fail_before_work(override, needle):
+    from tailor.models.sources import source_limits
     from tailor.preflight import check_model_limits
-    from tailor.sources import source_limits
 
     cfg = load_config("smoke", [override])
     with pytest.raises(ConfigError, match=needle):

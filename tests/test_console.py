@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tailor.console import Progress, Stages, format_seconds
+from tailor.common.console import Progress, Stages, format_seconds
 
 
 @pytest.fixture
@@ -55,7 +55,7 @@ def test_quiet_console_silences_libraries_but_not_errors():
     # A fresh interpreter: the settings apply at import time of the libraries.
     code = (
         "import logging, warnings\n"
-        "from tailor.console import setup_console\n"
+        "from tailor.common.console import setup_console\n"
         "setup_console(verbose=False)\n"
         "import transformers\n"
         "transformers.logging.get_logger('transformers').warning('transformers-warning')\n"
@@ -74,7 +74,7 @@ def test_quiet_console_silences_libraries_but_not_errors():
 def test_lm_evals_own_prints_are_hidden_only_in_quiet_mode(verbose):
     # lm-eval prints "bootstrapping for stddev: ..." with print(), not through a logger.
     code = (
-        "from tailor.console import setup_console, third_party_prints\n"
+        "from tailor.common.console import setup_console, third_party_prints\n"
         f"setup_console(verbose={verbose})\n"
         "from lm_eval.api.metrics import bootstrap_stderr, mean\n"
         "with third_party_prints():\n"
@@ -92,7 +92,7 @@ def test_overlapping_quiet_blocks_in_threads_give_stdout_back(monkeypatch, capsy
     # redirect_stdout per block would leave B's buffer in place of stdout for good.
     import threading
 
-    from tailor import console
+    from tailor.common import console
 
     monkeypatch.setattr(console, "_QUIET", True)
     a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from tailor.config import ConfigError, DataConfig, DistillConfig, load_config
-from tailor.corpus import (CorpusError, build_samples, check_corpus, heldout_samples, source_share,
-                           training_samples)
+from tailor.config.settings import ConfigError, DataConfig, DistillConfig, load_config
+from tailor.data.corpus import (CorpusError, build_samples, check_corpus, heldout_samples, source_share,
+                                training_samples)
 
 
 def _write(folder, name: str, texts: list[str]) -> str:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tailor.config import DistillConfig
-from tailor.corpus import build_samples
-from tailor.distill import DistillError, distill
-from tailor.kd_loss import LossSpec, kd_loss_chunked
-from tailor.perplexity import heldout_perplexity
-from tailor.tiny import build_tiny_gemma3
+from tailor.config.settings import DistillConfig
+from tailor.data.corpus import build_samples
+from tailor.distill.kd_loss import LossSpec, kd_loss_chunked
+from tailor.distill.trainer import DistillError, Distiller
+from tailor.evaluate.perplexity import heldout_perplexity
+from tailor.models.tiny import build_tiny_gemma3
 
 TEXTS = ["The capital of France is Paris. Machine learning is the study of algorithms.",
          "Once upon a time a small cat found a red ball in the garden and played all day."] * 4
@@ -47,7 +47,7 @@ def test_train_last_layers_and_frozen_embeddings_leave_the_rest_untouched(tiny_t
     before = {k: v.clone() for k, v in student.state_dict().items()}
     cfg = DistillConfig(learning_rate=1e-2, batch_size=4, grad_accum=1, seq_len=16, epochs=1, num_samples=8,
                         freeze_embeddings=True, train_last_layers=1)
-    record = distill(teacher, student, samples, cfg)
+    record = Distiller(teacher, student, samples, cfg).fit()
     after = student.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith(("model.layers.2.", "model.norm.")) for k in changed)
@@ -55,7 +55,7 @@ def test_train_last_layers_and_frozen_embeddings_leave_the_rest_untouched(tiny_t
     assert record["trainable_parameters"] == trainable
     assert all(p.requires_grad for p in student.parameters())  # switched back on for whoever uses it next
     with pytest.raises(DistillError, match="distill.train_last_layers=5 exceeds the student's 3 decoder layers"):
-        distill(teacher, student, samples, cfg.model_copy(update={"train_last_layers": 5}))
+        Distiller(teacher, student, samples, cfg.model_copy(update={"train_last_layers": 5})).fit()
 
 
 def test_the_healing_curve_scores_heldout_perplexity_before_every_n_steps_and_at_the_end(tiny_tokenizer):
@@ -65,7 +65,8 @@ def test_the_healing_curve_scores_heldout_perplexity_before_every_n_steps_and_at
     seen = []
     cfg = DistillConfig(learning_rate=3e-3, batch_size=2, grad_accum=1, seq_len=16, epochs=2, num_samples=8,
                         heldout_every=3)
-    record = distill(teacher, student, samples, cfg, heldout=heldout, on_heldout=lambda s, p: seen.append(s))
+    record = Distiller(teacher, student, samples, cfg, heldout=heldout,
+                       on_heldout=lambda s, p: seen.append(s)).fit()
     steps = [s for s, _ in record["heldout_curve"]]
     assert steps == seen == [0, 3, 6, 8]
     # The last point is the trained student's held-out perplexity, scored like any checkpoint's.
@@ -74,9 +75,9 @@ def test_the_healing_curve_scores_heldout_perplexity_before_every_n_steps_and_at
 
 
 def test_training_more_layers_than_pruning_leaves_fails_before_work():
-    from tailor.config import ConfigError, load_config
+    from tailor.config.settings import ConfigError, load_config
+    from tailor.models.sources import source_num_layers
     from tailor.preflight import check_trainable_layers
-    from tailor.sources import source_num_layers
 
     cfg = load_config("smoke", ["distill.train_last_layers=99"])
     layers = source_num_layers(cfg.model)

@@ -12,10 +12,10 @@ WORKER = textwrap.dedent("""
     import sys
     from pathlib import Path
     import torch
-    from tailor.config import DistillConfig
-    from tailor.corpus import build_samples
-    from tailor.distill import distill
-    from tailor.tiny import build_tiny_gemma3, build_tiny_tokenizer
+    from tailor.config.settings import DistillConfig
+    from tailor.data.corpus import build_samples
+    from tailor.distill.trainer import Distiller
+    from tailor.models.tiny import build_tiny_gemma3, build_tiny_tokenizer
 
     resume, out = Path(sys.argv[1]), sys.argv[2]
     tok = build_tiny_tokenizer()
@@ -27,8 +27,8 @@ WORKER = textwrap.dedent("""
     samples = build_samples(tok, texts, seq_len=24, num_samples=16, windows_per_doc=64)
     cfg = DistillConfig(learning_rate=1e-3, batch_size=2, grad_accum=2, seq_len=24, epochs=6,
                         num_samples=16, checkpoint_every=1)
-    record = distill(teacher, student, samples, cfg,
-                     on_step=lambda step, loss: print(f"step {step}", flush=True), resume_file=resume)
+    record = Distiller(teacher, student, samples, cfg,
+                       on_step=lambda step, loss: print(f"step {step}", flush=True), resume_file=resume).fit()
     torch.save(student.state_dict(), out)
     print(f"resumed_at {record['resumed_at_step']} steps {record['optimizer_steps']}", flush=True)
 """)
@@ -65,10 +65,11 @@ def test_killed_distillation_resumes_to_identical_weights(tmp_path):
 
 
 def test_a_resume_state_of_another_run_is_never_read(tmp_path):
-    from tailor.config import DataConfig, DistillConfig, ModelConfig
-    from tailor.distill import distill_checkpoint, resume_path
-    from tailor.pruning import prune_checkpoint
-    from tailor.sources import materialize
+    from tailor.config.settings import DataConfig, DistillConfig, ModelConfig, PruneConfig
+    from tailor.data.tokenised import tokenise_corpus
+    from tailor.distill.trainer import distill_checkpoint, resume_path
+    from tailor.models.sources import materialize
+    from tailor.prune.pruning import prune_checkpoint
 
     data = tmp_path / "data"
     (data / "corpus").mkdir(parents=True)
@@ -78,10 +79,12 @@ def test_a_resume_state_of_another_run_is_never_read(tmp_path):
     pruned = prune_checkpoint(base, [3], str(tmp_path))[0]
     cfg = DistillConfig(corpus_mix={"corpus/c.jsonl": 1}, heldout_docs=2, num_samples=8, batch_size=4,
                         grad_accum=1, seq_len=16, epochs=1, learning_rate=1e-3)
+    tokens = tokenise_corpus(base, cfg, PruneConfig(calibration_samples=4, calibration_seq_len=8),
+                             DataConfig(data_dir=str(data)), tmp_path)
     out = tmp_path / "distilled"
-    other = resume_path(out, cfg.model_copy(update={"learning_rate": 5e-3}), base, pruned, None, 1)
-    assert other != resume_path(out, cfg, base, pruned, None, 1)
+    other = resume_path(out, cfg.model_copy(update={"learning_rate": 5e-3}), base, pruned, tokens["train"], None, 1)
+    assert other != resume_path(out, cfg, base, pruned, tokens["train"], None, 1)
     other.write_bytes(b"a state from another run: unreadable on purpose")
-    ref, record = distill_checkpoint(base, pruned, cfg, DataConfig(data_dir=str(data)), out)
+    ref, record = distill_checkpoint(base, pruned, cfg, tokens["train"], out, heldout=tokens["heldout"])
     assert record["resumed_at_step"] == 0 and record["optimizer_steps"] == 2 and ref.verify()
     assert other.read_bytes().startswith(b"a state from another run")

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tailor.checkpoint import count_parameters, load_model
-from tailor.config import DataConfig, DistillConfig, EvalConfig, ModelConfig
-from tailor.corpus import training_samples
-from tailor.distill import distill
-from tailor.evaluation import evaluate_model
-from tailor.pruning import prune_layers
-from tailor.sources import EMBEDDED_NUM_LAYERS, materialize
+from tailor.config.settings import DataConfig, DistillConfig, EvalConfig, ModelConfig
+from tailor.data.corpus import training_samples
+from tailor.distill.trainer import Distiller
+from tailor.evaluate.harness import evaluate_model
+from tailor.models.sources import EMBEDDED_NUM_LAYERS, materialize
+from tailor.prune.pruning import prune_layers
+from tailor.store.checkpoint import count_parameters, load_model
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +53,7 @@ def test_prune_evaluate_and_distill_the_real_model(embedded, shared_data):
     cfg = DistillConfig(learning_rate=5e-5, batch_size=2, grad_accum=1, seq_len=64, epochs=1, num_samples=4)
     samples = training_samples(tokenizer, cfg, data)
     before = student.model.layers[0].mlp.up_proj.weight.clone()
-    record = distill(teacher, student, samples, cfg)
+    record = Distiller(teacher, student, samples, cfg).fit()
     assert record["optimizer_steps"] == 2
     assert all(0 < loss < 50 for loss in record["losses"])
     assert not torch.equal(before, student.model.layers[0].mlp.up_proj.weight)

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tailor.config import DataConfig, EvalConfig, ModelConfig
-from tailor.evaluation import _stock_config, _task_manager, evaluate_model, task_specs
-from tailor.sources import materialize
+from tailor.config.settings import DataConfig, EvalConfig, ModelConfig
+from tailor.evaluate.harness import _stock_config, _task_manager, evaluate_model, task_specs
+from tailor.models.sources import materialize
 
 pytestmark = pytest.mark.integration
 
@@ -66,13 +66,13 @@ def test_bad_model_and_against_paths_fail_before_scoring(two_models, tmp_path, s
 def test_lm_eval_users_name_the_fast_evaluator_in_python_and_on_its_command_line(two_models, tmp_path, shared_data):
     import lm_eval
 
-    import tailor.fast_lm  # noqa: F401  (registers "tailor-fast")
+    import tailor.evaluate.fast_lm  # noqa: F401  (registers "tailor-fast")
 
     _, (a, _) = two_models
     data = DataConfig(data_dir=str(shared_data))
     out = lm_eval.simple_evaluate(model="tailor-fast", model_args=f"pretrained={a.path}",
                                   tasks=task_specs(("arc_easy",), data), limit=8, num_fewshot=0)
-    from tailor.checkpoint import load_model
+    from tailor.store.checkpoint import load_model
 
     model, tokenizer = load_model(a)
     ours = evaluate_model(model, tokenizer, EvalConfig(tasks=("arc_easy",), limit=8), data)

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from tailor.config import DataConfig, EvalConfig
-from tailor.evaluation import EvalSetupError, check_tasks, evaluate_model
+from tailor.config.settings import DataConfig, EvalConfig
+from tailor.evaluate.harness import EvalSetupError, check_tasks, evaluate_model
 
 
 def _offline(path) -> DataConfig:
@@ -79,8 +79,8 @@ def test_a_task_from_the_users_folder(tiny_model, tiny_tokenizer, tmp_path, shar
 def test_the_evaluation_signature_follows_the_datas_bytes_not_its_folder(tmp_path, shared_data):
     import shutil
 
-    from tailor.config import DataConfig, EvalConfig
-    from tailor.evaluation import OFFLINE_SPLITS, evaluation_signature
+    from tailor.config.settings import DataConfig, EvalConfig
+    from tailor.evaluate.harness import OFFLINE_SPLITS, evaluation_signature
 
     cfg = EvalConfig(tasks=("winogrande",), limit=5)
     copy = tmp_path / "copy"
@@ -97,8 +97,8 @@ def test_the_evaluation_signature_follows_the_datas_bytes_not_its_folder(tmp_pat
 
 
 def test_offline_tasks_without_local_data_or_without_accuracy_fail_before_work(shared_data, tmp_path):
-    from tailor.config import DataConfig
-    from tailor.evaluation import EvalSetupError, check_tasks
+    from tailor.config.settings import DataConfig
+    from tailor.evaluate.harness import EvalSetupError, check_tasks
 
     data = DataConfig(data_dir=str(shared_data))
     with pytest.raises(EvalSetupError, match="'piqa' has no offline data"):

@@ -7,9 +7,9 @@ import torch
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
-from tailor.config import DataConfig, EvalConfig
-from tailor.evaluation import evaluate_model
-from tailor.fast_lm import FastHFLM, _batches, _pack, _Segment
+from tailor.config.settings import DataConfig, EvalConfig
+from tailor.evaluate.fast_lm import FastHFLM, _batches, _pack, _Segment
+from tailor.evaluate.harness import evaluate_model
 
 
 def assert_same_evaluation(ours: dict, theirs: dict, tol: float = 1e-4) -> float:

@@ -83,7 +83,7 @@ def test_first_run_reports_three_models_and_registers_challenger(first_run):
 
 
 def test_tailor_eval_scores_the_registered_challenger_like_the_flow_scored_it(first_run, shared_data, tmp_path):
-    from tailor.config import load_config
+    from tailor.config.settings import load_config
     from tailor.eval_command import evaluate_to_folder, resolve_model
 
     work, _, result = first_run

@@ -7,10 +7,10 @@ import math
 import numpy as np
 import pytest
 
-from tailor.compare import build_report, render_markdown
-from tailor.config import PromotionConfig
-from tailor.healing import healing_summary, perplexity_recovery, recovery
-from tailor.promotion import decide
+from tailor.config.settings import PromotionConfig
+from tailor.registry.promotion import decide
+from tailor.report.compare import build_report, render_markdown
+from tailor.report.healing import healing_summary, perplexity_recovery, recovery
 
 
 def _items(correct: list[int]) -> dict[str, dict[str, float]]:
@@ -72,7 +72,7 @@ def _profile():
 
 
 def test_a_harmful_distillation_is_flagged_at_the_top_of_the_report_and_refused_by_the_gate():
-    from tailor.promotion import evaluation_tags
+    from tailor.registry.promotion import evaluation_tags
 
     evals = _evals([1] * 200, [1] * 150 + [0] * 50, [1] * 100 + [0] * 100)
     report = build_report({n: _profile() for n in evals}, evals, {"pruning": {"removed_layers": [1]}})

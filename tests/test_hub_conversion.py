@@ -2,7 +2,7 @@
 
 import pytest
 
-from tailor import data_pull
+from tailor.data import offline
 
 
 def _as_hub_dataset(rows: list[dict]):
@@ -12,11 +12,11 @@ def _as_hub_dataset(rows: list[dict]):
     return datasets.Dataset.from_list(rows)
 
 
-@pytest.mark.parametrize("task", list(data_pull.BENCHMARK_FILES))
+@pytest.mark.parametrize("task", list(offline.BENCHMARK_FILES))
 def test_hub_conversion_of_real_rows_reproduces_the_offline_file(task, shared_data):
-    reference = data_pull.read_jsonl(shared_data / data_pull.BENCHMARK_FILES[task])[:200]
+    reference = offline.read_jsonl(shared_data / offline.BENCHMARK_FILES[task])[:200]
     hub = _as_hub_dataset(reference)
-    converted = list(data_pull.benchmark_rows(task, hub, "hub"))
+    converted = list(offline.benchmark_rows(task, hub, "hub"))
     assert converted == reference
     assert [list(r) for r in converted] == [list(r) for r in reference]  # field order too
 
@@ -35,40 +35,40 @@ def _hub_features(task: str):
     }[task])
 
 
-@pytest.mark.parametrize("task", list(data_pull.BENCHMARK_FILES))
+@pytest.mark.parametrize("task", list(offline.BENCHMARK_FILES))
 def test_rows_typed_as_the_hub_declares_them_convert_to_the_offline_file(task, shared_data):
     import datasets
 
-    reference = data_pull.read_jsonl(shared_data / data_pull.BENCHMARK_FILES[task])[:50]
+    reference = offline.read_jsonl(shared_data / offline.BENCHMARK_FILES[task])[:50]
     features = _hub_features(task)
     # Hub column order, plus the columns the hub has and the offline file does not.
     rows = [{name: row.get(name, "hub-only") for name in features} for row in reference]
     hub = datasets.Dataset.from_list(rows, features=features)
-    assert list(data_pull.benchmark_rows(task, hub, "hub")) == reference
+    assert list(offline.benchmark_rows(task, hub, "hub")) == reference
 
 
 def test_hub_conversion_drops_extra_columns_and_names_a_missing_field(shared_data):
-    rows = data_pull.read_jsonl(shared_data / data_pull.BENCHMARK_FILES["winogrande"])[:3]
+    rows = offline.read_jsonl(shared_data / offline.BENCHMARK_FILES["winogrande"])[:3]
     with_extra = [{**r, "hub_only": 1} for r in rows]
-    assert list(data_pull.benchmark_rows("winogrande", with_extra, "hub")) == rows
+    assert list(offline.benchmark_rows("winogrande", with_extra, "hub")) == rows
     broken = [rows[0], {k: v for k, v in rows[1].items() if k != "option2"}]
     with pytest.raises(ValueError, match=r"hub row 1: field 'option2' is missing"):
-        list(data_pull.benchmark_rows("winogrande", broken, "hub"))
+        list(offline.benchmark_rows("winogrande", broken, "hub"))
 
 
 def test_hub_conversion_turns_integer_labels_into_the_offline_strings(shared_data):
-    row = data_pull.read_jsonl(shared_data / data_pull.BENCHMARK_FILES["hellaswag"])[0]
-    assert data_pull.offline_benchmark_row("hellaswag", {**row, "label": int(row["label"])}, "x") == row
+    row = offline.read_jsonl(shared_data / offline.BENCHMARK_FILES["hellaswag"])[0]
+    assert offline.offline_benchmark_row("hellaswag", {**row, "label": int(row["label"])}, "x") == row
 
 
-@pytest.mark.parametrize("rel", data_pull.CORPUS_FILES)
+@pytest.mark.parametrize("rel", offline.CORPUS_FILES)
 def test_corpus_conversion_of_real_documents(rel, shared_data):
-    reference = data_pull.read_jsonl(shared_data / rel)[:50]
-    assert list(data_pull.corpus_rows(rel, _as_hub_dataset(reference), "hub", n=20)) == reference[:20]
+    reference = offline.read_jsonl(shared_data / rel)[:50]
+    assert list(offline.corpus_rows(rel, _as_hub_dataset(reference), "hub", n=20)) == reference[:20]
 
 
 def test_wikipedia_documents_keep_their_title_as_first_line(shared_data):
-    first = data_pull.read_jsonl(shared_data / data_pull.CORPUS_FILES[1])[0]["text"]
+    first = offline.read_jsonl(shared_data / offline.CORPUS_FILES[1])[0]["text"]
     title, body = first.split("\n\n", 1)
     row = {"id": "1", "url": "u", "title": title, "text": body}
-    assert data_pull.corpus_document(data_pull.CORPUS_FILES[1], row, "hub") == {"text": first}
+    assert offline.corpus_document(offline.CORPUS_FILES[1], row, "hub") == {"text": first}

@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from tailor.config import PruneConfig
-from tailor.corpus import build_samples
-from tailor.importance import _perplexity, choose_layers, layer_scores, per_layer_series
+from tailor.config.settings import PruneConfig
+from tailor.data.corpus import build_samples
 from tailor.preflight import check_prune
-from tailor.pruning import PruneError, prune_layers
+from tailor.prune.importance import _perplexity, choose_layers, layer_scores, per_layer_series
+from tailor.prune.pruning import PruneError, prune_layers
 
 TEXTS = ["The capital of France is Paris. Machine learning is the study of algorithms. " * 2,
          "A student learns from a teacher.", "The quick brown fox jumps over the lazy dog. " * 3]

@@ -1,12 +1,13 @@
 import pytest
 import torch
 
-from tailor.config import DistillConfig
-from tailor.corpus import CorpusError, build_samples
-from tailor.distill import DistillError, distill
+from tailor.config.settings import DistillConfig
+from tailor.data.corpus import CorpusError, build_samples
+from tailor.distill.trainer import DistillError, Distiller
 import torch.nn.functional as F
 
-from tailor.kd_loss import IGNORE, LossSpec, kd_loss_chunked, kd_loss_reference, next_token_targets, output_logits
+from tailor.distill.kd_loss import IGNORE, LossSpec, kd_loss_chunked, kd_loss_reference, next_token_targets
+from tailor.models.heads import output_logits
 
 
 def _hidden(model, ids, mask):
@@ -77,7 +78,7 @@ def test_book_switch_is_the_notebooks_batchmean_kl():
                                   LossSpec(alpha=0.5), LossSpec(book=True)])
 def test_chunked_loss_equals_reference_in_value_and_gradient(tiny_model, tiny_tokenizer, spec):
     teacher = tiny_model
-    from tailor.tiny import build_tiny_gemma3
+    from tailor.models.tiny import build_tiny_gemma3
 
     student = build_tiny_gemma3(tiny_tokenizer, num_layers=3, seed=1)
     batch = tiny_tokenizer(["a student learns from a teacher", "the quick brown fox"], padding=True,
@@ -99,7 +100,7 @@ def test_chunked_loss_equals_reference_in_value_and_gradient(tiny_model, tiny_to
 
 
 def test_distillation_lowers_the_loss(tiny_model, tiny_tokenizer):
-    from tailor.tiny import build_tiny_gemma3
+    from tailor.models.tiny import build_tiny_gemma3
 
     # A random teacher is nearly uniform; sharpen it (tied embeddings scale the logits) so
     # there is something to learn, and start from an unrelated student.
@@ -109,7 +110,7 @@ def test_distillation_lowers_the_loss(tiny_model, tiny_tokenizer):
     texts = ["The capital of France is Paris. Machine learning is the study of algorithms."] * 8
     samples = build_samples(tiny_tokenizer, texts, seq_len=16, num_samples=8, windows_per_doc=64)
     cfg = DistillConfig(learning_rate=3e-3, batch_size=4, grad_accum=1, seq_len=16, epochs=6, num_samples=8)
-    record = distill(tiny_model, student, samples, cfg)
+    record = Distiller(tiny_model, student, samples, cfg).fit()
     assert record["optimizer_steps"] == 12
     assert record["losses"][-1] < 0.8 * record["losses"][0]
 
@@ -129,21 +130,21 @@ def test_vocabulary_mismatch_is_refused(tiny_model, tiny_tokenizer):
     other = Gemma3ForCausalLM(tiny_model.config.__class__(**{**tiny_model.config.to_dict(), "vocab_size": 99}))
     samples = build_samples(tiny_tokenizer, ["some text here"], seq_len=8, num_samples=1, windows_per_doc=64)
     with pytest.raises(DistillError, match="vocabulary"):
-        distill(tiny_model, other, samples, DistillConfig(num_samples=1))
+        Distiller(tiny_model, other, samples, DistillConfig(num_samples=1)).fit()
 
 
 def test_every_registered_divergence_is_a_setting_and_back():
     from typing import get_args
 
-    from tailor.kd_loss import DIVERGENCES
+    from tailor.distill.kd_loss import DIVERGENCES
 
     allowed = get_args(DistillConfig.model_fields["loss"].annotation)
     assert set(allowed) == set(DIVERGENCES)
 
 
 def test_a_new_divergence_is_one_class_and_trains_through_the_chunked_loss(tiny_model, tiny_tokenizer, monkeypatch):
-    from tailor import kd_loss
-    from tailor.tiny import build_tiny_gemma3
+    from tailor.distill import kd_loss
+    from tailor.models.tiny import build_tiny_gemma3
 
     class SymmetricKL(kd_loss.Divergence):  # no closed-form gradient: autograd per chunk
         def per_token(self, log_p, log_q):

@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tailor.config import ConfigError, DistillConfig, load_config
-from tailor.corpus import build_samples
-from tailor.distill import distill, lr_factor
-from tailor.kd_loss import LossSpec, TopKTeacher, kd_loss_chunked, kd_loss_topk, output_logits
-from tailor.teacher_cache import TeacherCacheError, compute_topk, load_topk_cache
-from tailor.tiny import build_tiny_gemma3
+from tailor.config.settings import ConfigError, DistillConfig, load_config
+from tailor.data.corpus import build_samples
+from tailor.distill.kd_loss import LossSpec, TopKTeacher, kd_loss_chunked, kd_loss_topk
+from tailor.distill.teacher_cache import TeacherCacheError, compute_topk, load_topk_cache
+from tailor.distill.trainer import Distiller, lr_factor
+from tailor.models.heads import output_logits
+from tailor.models.tiny import build_tiny_gemma3
 
 TEXTS = ["The capital of France is Paris. A student learns from a teacher. " * 3] * 8
 
@@ -108,7 +109,7 @@ def test_training_from_the_cache_lowers_the_loss(pair, tiny_tokenizer):
                         num_samples=8)
     cache = compute_topk(teacher, samples, 16, cfg.temperature)
     topk = TopKTeacher(cache["values"], cache["indices"], cache["rest_logsumexp"], cfg.temperature)
-    record = distill(None, student, samples, cfg, topk=topk)
+    record = Distiller(None, student, samples, cfg, topk=topk).fit()
     assert record["teacher"] == "cached top-16"
     assert record["losses"][-1] < record["losses"][0]
 

@@ -1,7 +1,11 @@
 """The import layers, read from the source: the library knows nothing of Prefect, tasks know
-nothing of flows, and the library's modules import each other without cycles.
+nothing of flows, the library's sub-packages import only those below them, and its modules
+import each other without cycles.
 
     tailor (library, no Prefect)  <-  tasks (thin Prefect tasks)  <-  flows  <-  tailor.cli (entry point)
+
+Inside the library, lowest first (``LIBRARY_LAYERS``); the modules directly in ``tailor/``
+(the command line, preflight checks, the eval command) are the application on top of them.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # The command line is the application on top of every layer: it starts flows.
 ENTRY_POINTS = {"tailor.cli"}
+LIBRARY_LAYERS = ["common", "config", "store", "data", "models", "prune", "evaluate", "distill", "report",
+                  "registry"]
 
 
 def _module_name(path: Path) -> str:
@@ -77,3 +83,28 @@ def test_the_library_has_no_import_cycles():
         if module not in state:
             visit(module, [module])
     assert cycles == []
+
+
+def _layer(module: str) -> int | None:
+    parts = module.split(".")
+    if parts[0] != "tailor" or len(parts) < 2 or parts[1] not in LIBRARY_LAYERS:
+        return None
+    return LIBRARY_LAYERS.index(parts[1])
+
+
+def test_the_library_is_only_sub_packages_in_the_declared_layers_and_the_application():
+    packages = {p.parent.name for p in (ROOT / "tailor").glob("*/__init__.py")}
+    assert packages == set(LIBRARY_LAYERS)
+
+
+def test_a_library_layer_imports_only_layers_below_it_or_itself():
+    upward = {}
+    for module, names in _modules("tailor").items():
+        own = _layer(module)
+        if own is None:
+            continue
+        above = sorted(n for n in names if (_layer(n) or 0) > own or n.split(".")[:2] in (["tailor", m] for m in (
+            "cli", "preflight", "eval_command")))
+        if above:
+            upward[module] = above
+    assert upward == {}

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tailor.config import DistillConfig
-from tailor.corpus import build_samples
-from tailor.distill import distill
-from tailor.kd_loss import LossSpec, kd_loss_chunked, logits_into
-from tailor.precision import (fast_bfloat16, final_hidden, has_bfloat16_matmuls, resolve_bf16_autocast,
-                              resolve_teacher_dtype, to_bfloat16_matmuls)
-from tailor.teacher_cache import compute_topk
-from tailor.tiny import build_tiny_gemma3
+from tailor.config.settings import DistillConfig
+from tailor.data.corpus import build_samples
+from tailor.distill.kd_loss import LossSpec, kd_loss_chunked, logits_into
+from tailor.distill.teacher_cache import compute_topk
+from tailor.distill.trainer import Distiller
+from tailor.models.precision import (fast_bfloat16, final_hidden, has_bfloat16_matmuls, resolve_bf16_autocast,
+                                     resolve_teacher_dtype, to_bfloat16_matmuls)
+from tailor.models.tiny import build_tiny_gemma3
 
 TEXTS = ["The capital of France is Paris. A student learns from a teacher. " * 3] * 8
 
@@ -95,7 +95,7 @@ def _train(tokenizer, **options):
     student = build_tiny_gemma3(tokenizer, num_layers=2, seed=1)
     cfg = DistillConfig(batch_size=3, grad_accum=1, epochs=2, seq_len=24, num_samples=6, learning_rate=1e-3,
                         teacher_dtype="float32", checkpoint_every=0, **options)
-    record = distill(teacher, student, _samples(tokenizer), cfg)
+    record = Distiller(teacher, student, _samples(tokenizer), cfg).fit()
     return student, record
 
 
@@ -148,7 +148,7 @@ def test_bfloat16_head_matmuls_stay_close_to_float32(tiny_tokenizer, kind):
 
 
 def test_bfloat16_weight_gradient_does_not_depend_on_how_chunks_are_grouped(tiny_tokenizer, monkeypatch):
-    from tailor import kd_loss
+    from tailor.distill import kd_loss
 
     teacher, student, ids, mask, t_hidden = _models_and_batch(tiny_tokenizer)
     grads = []
@@ -169,7 +169,7 @@ def test_bfloat16_weight_gradient_does_not_depend_on_how_chunks_are_grouped(tiny
 
 
 def test_sparse_lookup_gradient_of_a_tied_embedding_sums_to_the_dense_one(tiny_tokenizer):
-    from tailor.distill import _sparse_tied_embedding_gradient
+    from tailor.distill.trainer import _sparse_tied_embedding_gradient
 
     teacher, student, ids, mask, t_hidden = _models_and_batch(tiny_tokenizer, teacher_layers=2)
     weight = student.get_input_embeddings().weight

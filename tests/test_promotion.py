@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tailor.config import ConfigError, PromotionConfig, load_config
-from tailor.locks import LockTimeout, file_lock, promotion_lock_path
-from tailor.promotion import PromotionError, decide, promote
+from tailor.config.settings import ConfigError, PromotionConfig, load_config
+from tailor.registry.promotion import PromotionError, decide, promote
+from tailor.store.locks import LockTimeout, file_lock, promotion_lock_path
 
 NAME = "gate-test"
 GATE = PromotionConfig(min_mean_retention_pct=90, min_speedup=1.05, max_task_drop=0.05)
@@ -137,7 +137,7 @@ def test_two_runs_racing_to_promote_end_with_the_better_model(registry, monkeypa
     from prefect import flow
     from prefect.task_runners import ThreadPoolTaskRunner
 
-    import tailor.promotion as promotion
+    import tailor.registry.promotion as promotion
     from tasks.promotion import promote_model
 
     uri, client, add = registry
@@ -165,8 +165,8 @@ def test_two_runs_racing_to_promote_end_with_the_better_model(registry, monkeypa
 _RACER = """
 import json, sys, time
 from prefect import flow
-import tailor.promotion as promotion
-from tailor.config import PromotionConfig
+from tailor.config.settings import PromotionConfig
+import tailor.registry.promotion as promotion
 from tasks.promotion import promote_model
 
 uri, name, version, work_dir, start_at = sys.argv[1:6]
@@ -213,7 +213,7 @@ def test_two_processes_racing_to_promote_end_with_the_better_model(registry, tmp
 def test_a_promotion_killed_while_holding_the_lock_does_not_block_later_ones(tmp_path):
     path = promotion_lock_path(f"sqlite:///{tmp_path / 'mlflow.db'}", NAME, str(tmp_path / "work"))
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom pathlib import Path\nfrom tailor.locks import file_lock\n"
+        [sys.executable, "-c", "import sys, time\nfrom pathlib import Path\nfrom tailor.store.locks import file_lock\n"
          "with file_lock(Path(sys.argv[1])):\n    print('held', flush=True)\n    time.sleep(600)\n", str(path)],
         stdout=subprocess.PIPE, text=True)
     try:

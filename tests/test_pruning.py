@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tailor.pruning import PruneError, find_layers, prune_layers, resolve_indices
+from tailor.prune.pruning import PruneError, find_layers, prune_layers, resolve_indices
 
 
 def _state(model):

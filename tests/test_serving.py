@@ -12,9 +12,9 @@ import urllib.request
 
 import pytest
 
-from tailor import tracking
-from tailor.checkpoint import save_model, write_checkpoint
-from tailor.tiny import build_tiny_gemma3
+from tailor.models.tiny import build_tiny_gemma3
+from tailor.registry import tracking
+from tailor.store.checkpoint import save_model, write_checkpoint
 
 pytestmark = pytest.mark.integration
 NAME = "tailor-serving-test"

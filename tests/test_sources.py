@@ -3,9 +3,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tailor.checkpoint import FINGERPRINT_FILE, fingerprint_dir, load_model
-from tailor.config import ModelConfig
-from tailor.sources import ModelSourceError, check_source, materialize
+from tailor.config.settings import ModelConfig
+from tailor.models.sources import ModelSourceError, check_source, materialize
+from tailor.store.checkpoint import FINGERPRINT_FILE, fingerprint_dir, load_model
 
 
 def test_tiny_source_is_deterministic_and_fingerprinted(tmp_path):

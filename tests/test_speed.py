@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from tailor.compare import speed_tie
-from tailor.config import PromotionConfig, SpeedConfig
-from tailor.promotion import decide
-from tailor.speed import speedup_interval, time_interleaved
+from tailor.config.settings import PromotionConfig, SpeedConfig
+from tailor.evaluate.speed import speedup_interval, time_interleaved
+from tailor.registry.promotion import decide
+from tailor.report.compare import speed_tie
 
 
 def test_rounds_time_every_model_once_in_turn(tiny_tokenizer, tiny_model):

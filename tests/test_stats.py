@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from tailor.stats import paired_bootstrap, paired_item_deltas
+from tailor.common.stats import paired_bootstrap, paired_item_deltas
 
 
 def test_identical_models_have_a_zero_interval():

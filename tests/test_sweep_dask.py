@@ -16,7 +16,7 @@ OVERRIDES = ["sweep.num_layers=[1,2]", "sweep.strategies=[last]", "sweep.distill
 def _sweep(work, shared_data, runner: str, address: str = "") -> list[dict]:
     from flows.runners import task_runner_for
     from flows.sweep_flow import sweep_flow
-    from tailor.config import load_config
+    from tailor.config.settings import load_config
 
     overrides = [f"work_dir={work}", f"data.data_dir={shared_data}", *OVERRIDES, *([runner] if runner else [])]
     cfg = load_config("smoke", overrides)
@@ -46,7 +46,7 @@ def test_each_combination_runs_on_a_dask_worker_with_the_thread_runners_results(
 
 
 def test_dask_settings_are_checked_before_any_work():
-    from tailor.config import ConfigError, load_config
+    from tailor.config.settings import ConfigError, load_config
 
     with pytest.raises(ConfigError, match="runner.dask_workers .* or runner.dask_address"):
         load_config("smoke", ["runner.dask_workers=2", "runner.dask_address=tcp://127.0.0.1:8786"])

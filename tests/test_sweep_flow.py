@@ -7,7 +7,7 @@ import json
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tailor.sweep import BEST_RULE
+from tailor.report.sweep import BEST_RULE
 
 pytestmark = pytest.mark.integration
 

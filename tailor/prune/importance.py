@@ -26,8 +26,8 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from .config import PruneConfig
-from .pruning import PruneError, find_layers, prune_layers, resolve_indices
+from tailor.config.settings import PruneConfig
+from tailor.prune.pruning import PruneError, find_layers, prune_layers, resolve_indices
 
 SCORED_STRATEGIES = ("block_influence", "angular", "leave_one_out")
 

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from .checkpoint import CheckpointRef, count_parameters, load_model, save_model, stable_hash, write_checkpoint
-from .config import TailorError
+from tailor.config.settings import TailorError
+from tailor.store.checkpoint import (CheckpointRef, count_parameters, load_model, save_model, stable_hash,
+                                     write_checkpoint)
 
 # Attribute paths under which known architectures keep their decoder layer list.
 _LAYER_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "model.language_model.layers")

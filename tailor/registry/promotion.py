@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from .config import PromotionConfig, TailorError
+from tailor.config.settings import PromotionConfig, TailorError
 
 # Accuracies are ratios of counts; their differences carry float rounding of this order.
 _ROUNDING = 1e-9

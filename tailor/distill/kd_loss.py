@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from tailor.models.heads import output_logits
+
 IGNORE = -100
 
 
@@ -41,15 +43,6 @@ class LossSpec:
     alpha: float = 0.0
     jsd_beta: float = 0.5
     book: bool = False
-
-
-def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    """The model's own output head (with Gemma-style final soft-capping when configured)."""
-    logits = model.get_output_embeddings()(hidden)
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
 
 
 class Divergence:

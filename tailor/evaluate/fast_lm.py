@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from .console import OwnBar
-from .kd_loss import output_logits
+from tailor.common.console import OwnBar
+from tailor.models.heads import output_logits
 
 Request = tuple[tuple[str, str] | None, list[int], list[int]]
 

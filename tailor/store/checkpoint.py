@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from .config import TailorError
+from tailor.config.settings import TailorError
 
 FINGERPRINT_FILE = "FINGERPRINT"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -18,7 +18,7 @@ from typing import Any, Iterable
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 
-from .config import TailorError
+from tailor.config.settings import TailorError
 
 PARAM_MAX_LEN = 6000
 
@@ -146,7 +146,7 @@ def register_checkpoint(tracking_uri: str, run_id: str, checkpoint_path: str, fi
     """
     import mlflow
 
-    from .checkpoint import CheckpointRef, load_model
+    from tailor.store.checkpoint import CheckpointRef, load_model
 
     client = client_for(tracking_uri)
     existing = _version_with_fingerprint(client, model_name, fingerprint)

@@ -108,7 +108,7 @@ def load_teacher(ref, dtype: str, token_ids: torch.Tensor, device: str = "cpu"):
 
     ``dtype`` float32, bfloat16 or auto (see ``to_bfloat16_matmuls``).
     """
-    from .checkpoint import load_model
+    from tailor.store.checkpoint import load_model
 
     teacher = load_model(ref, device=device)[0]
     teacher.eval().requires_grad_(False)

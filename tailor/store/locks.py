@@ -17,8 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .checkpoint import stable_hash
-from .config import TailorError
+from tailor.config.settings import TailorError
+from tailor.store.checkpoint import stable_hash
 
 
 class LockTimeout(TailorError):

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .checkpoint import CheckpointRef, save_model, stable_hash, torch_dtype, write_checkpoint
-from .config import ModelConfig, TailorError
+from tailor.config.settings import ModelConfig, TailorError
+from tailor.store.checkpoint import CheckpointRef, save_model, stable_hash, torch_dtype, write_checkpoint
 
 
 EMBEDDED_NUM_LAYERS = 18
@@ -55,7 +55,7 @@ def materialize(cfg: ModelConfig, work_dir: str) -> CheckpointRef:
 
 def _write_source(cfg: ModelConfig, out: Path) -> None:
     if cfg.source == "tiny":
-        from .tiny import build_tiny_gemma3, build_tiny_tokenizer
+        from tailor.models.tiny import build_tiny_gemma3, build_tiny_tokenizer
 
         tok = build_tiny_tokenizer()
         model = build_tiny_gemma3(tok, seed=cfg.seed)
@@ -97,7 +97,7 @@ def _load_embedded():
 def source_num_layers(cfg: ModelConfig) -> int:
     """Decoder layer count of a source, read from metadata without loading weights."""
     if cfg.source == "tiny":
-        from .tiny import TINY_NUM_LAYERS
+        from tailor.models.tiny import TINY_NUM_LAYERS
 
         return TINY_NUM_LAYERS
     if cfg.source == "embedded":
@@ -114,7 +114,7 @@ def source_limits(cfg: ModelConfig) -> tuple[int, int]:
     if cfg.source == "embedded":
         return EMBEDDED_VOCAB_SIZE, EMBEDDED_CONTEXT
     if cfg.source == "tiny":
-        from .tiny import TINY_CONTEXT, build_tiny_tokenizer
+        from tailor.models.tiny import TINY_CONTEXT, build_tiny_tokenizer
 
         return len(build_tiny_tokenizer()), TINY_CONTEXT
     from transformers import AutoConfig

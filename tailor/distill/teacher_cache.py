@@ -12,11 +12,13 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointRef, load_tokenizer, stable_hash, write_file_atomically
-from .config import DataConfig, DistillConfig, TailorError
-from .corpus import corpus_signature, training_samples
-from .kd_loss import TopKTeacher, output_logits
-from .precision import bfloat16_autocast, final_hidden, has_bfloat16_matmuls, load_teacher, teacher_numerics
+from tailor.config.settings import DistillConfig, TailorError
+from tailor.data.tokenised import TokensRef
+from tailor.distill.kd_loss import TopKTeacher
+from tailor.models.heads import output_logits
+from tailor.models.precision import (bfloat16_autocast, final_hidden, has_bfloat16_matmuls, load_teacher,
+                                     teacher_numerics)
+from tailor.store.checkpoint import CheckpointRef, stable_hash, write_file_atomically
 
 
 class TeacherCacheError(TailorError, ValueError):
@@ -49,19 +51,18 @@ def compute_topk(teacher, samples: dict[str, torch.Tensor], k: int, temperature:
             "k": torch.tensor(k), "temperature": torch.tensor(temperature)}
 
 
-def topk_cache_key(teacher_ref: CheckpointRef, cfg: DistillConfig, data: DataConfig) -> str:
-    """What the cache depends on: the teacher's fingerprint and precision, the samples' source and shape, k and T."""
+def topk_cache_key(teacher_ref: CheckpointRef, cfg: DistillConfig, train: TokensRef) -> str:
+    """What the cache depends on: the teacher's fingerprint and precision, the training tokens, k and T."""
     return stable_hash(teacher_ref.fingerprint, cfg.teacher_topk, cfg.temperature,
-                       teacher_numerics(cfg.teacher_dtype, "cpu"), cfg.seq_len,
-                       cfg.num_samples, corpus_signature(cfg), data.cache_identity())
+                       teacher_numerics(cfg.teacher_dtype, "cpu"), train.fingerprint)
 
 
-def write_topk_cache(teacher_ref: CheckpointRef, cfg: DistillConfig, data: DataConfig, out_dir: Path) -> Path:
+def write_topk_cache(teacher_ref: CheckpointRef, cfg: DistillConfig, train: TokensRef, out_dir: Path) -> Path:
     """Compute and store the cache under ``out_dir`` (write, then rename); an existing file is reused."""
-    path = Path(out_dir) / f"teacher-top{cfg.teacher_topk}-{topk_cache_key(teacher_ref, cfg, data)}.pt"
+    path = Path(out_dir) / f"teacher-top{cfg.teacher_topk}-{topk_cache_key(teacher_ref, cfg, train)}.pt"
     if path.exists():
         return path
-    samples = training_samples(load_tokenizer(teacher_ref), cfg, data)
+    samples = train.samples()
     teacher = load_teacher(teacher_ref, cfg.teacher_dtype, samples["input_ids"])
     check_topk(cfg.teacher_topk, teacher.config.vocab_size)
     cache = compute_topk(teacher, samples, cfg.teacher_topk, cfg.temperature, cfg.batch_size)

@@ -6,10 +6,10 @@ import json
 import shutil
 from pathlib import Path
 
-from .checkpoint import write_file_atomically
-from .healing import healing_summary
-from .speed import speedup_interval
-from .stats import paired_item_deltas
+from tailor.common.stats import paired_item_deltas
+from tailor.evaluate.speed import speedup_interval
+from tailor.report.healing import healing_summary
+from tailor.store.checkpoint import write_file_atomically
 
 MODELS = ("original", "pruned", "distilled")
 # Lower is better for these; retention is then original / model.
@@ -102,7 +102,7 @@ def write_figures(report: dict, out_dir: Path, layer_scores_png: str | None = No
     """PNG figures beside the report: per-task accuracy, distillation loss, generation speed
     (and the pruning's layer scores when a scored strategy chose the layers). Returns
     {caption: file name}."""
-    from .plots import grouped_bars_png, lines_png
+    from tailor.report.plots import grouped_bars_png, lines_png
 
     out_dir = Path(out_dir)
     models = report["models"]
@@ -231,7 +231,7 @@ def render_markdown(report: dict, figure_dir: Path | None = None) -> str:
     for n in MODELS:
         lines.append(f"- **{n}**: {prompt}**{models[n]['sample_continuation']}**")
     if report.get("figures"):
-        from .plots import embed_markdown
+        from tailor.report.plots import embed_markdown
 
         lines += ["", "## Figures", ""]
         for caption, name in report["figures"].items():

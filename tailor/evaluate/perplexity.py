@@ -11,11 +11,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import CheckpointRef, load_model
-from .config import DataConfig, DistillConfig
-from .corpus import heldout_samples
-from .kd_loss import output_logits
-from .precision import bfloat16_autocast, fast_bfloat16
+from tailor.data.tokenised import TokensRef
+from tailor.models.heads import output_logits
+from tailor.models.precision import bfloat16_autocast, fast_bfloat16
+from tailor.store.checkpoint import CheckpointRef, load_model
 
 
 @torch.no_grad()
@@ -63,7 +62,6 @@ def heldout_perplexity(model, heldout: dict[str, dict[str, torch.Tensor]]) -> di
             "sources": per_source, "tokens": total_tokens}
 
 
-def checkpoint_heldout_perplexity(ref: CheckpointRef, cfg: DistillConfig, data: DataConfig) -> dict:
+def checkpoint_heldout_perplexity(ref: CheckpointRef, heldout: TokensRef) -> dict:
     """``heldout_perplexity`` of a saved checkpoint on the recipe's held-out corpus slice."""
-    model, tokenizer = load_model(ref.verify())
-    return heldout_perplexity(model, heldout_samples(tokenizer, cfg, data))
+    return heldout_perplexity(load_model(ref.verify())[0], heldout.per_source())

@@ -16,10 +16,10 @@ import subprocess
 from pathlib import Path
 from typing import Any, Callable
 
-from .checkpoint import CheckpointRef, load_model, stable_hash, write_file_atomically
-from .config import DataConfig, EvalConfig, TailorError
-from .console import third_party_prints
-from .data_pull import sha256_file
+from tailor.common.console import third_party_prints
+from tailor.config.settings import DataConfig, EvalConfig, TailorError
+from tailor.data.offline import sha256_file
+from tailor.store.checkpoint import CheckpointRef, load_model, stable_hash, write_file_atomically
 
 # Offline file and the split name the stock task reads it as.
 OFFLINE_SPLITS: dict[str, tuple[str, str]] = {
@@ -218,7 +218,7 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, data: DataConfig,
     import lm_eval.evaluator
     from lm_eval.models.huggingface import HFLM
 
-    from .fast_lm import FastHFLM
+    from tailor.evaluate.fast_lm import FastHFLM
 
     manager = _task_manager(cfg.include_path)
     check_tasks(cfg.tasks, data, cfg.include_path, manager)

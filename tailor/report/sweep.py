@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .compare import mean_acc_retention
-from .plots import lines_png
-from .stats import paired_bootstrap, paired_values
+from tailor.common.stats import paired_bootstrap, paired_values
+from tailor.report.compare import mean_acc_retention
+from tailor.report.plots import lines_png
 
 BEST_RULE = ("among the combinations removing the most layers, the highest mean accuracy retention "
              "(ties: the higher speed-up)")

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from .config import DataConfig, DistillConfig, TailorError
-from .data_pull import sha256_file
+from tailor.config.settings import DataConfig, DistillConfig, TailorError
+from tailor.data.offline import sha256_file
 
 
 class CorpusError(TailorError, ValueError):

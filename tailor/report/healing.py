@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .stats import doc_order
+from tailor.common.stats import doc_order
 
 LEVEL = 0.95
 ITERS = 2000

@@ -1,0 +1,1 @@
+"""Settings: the validated configuration schema and the bundled profiles (profiles/*.yaml)."""

@@ -1,0 +1,94 @@
+"""The tokenised corpus: every set of token windows the cycle reads, built once and kept on disk.
+
+Layer scoring reads the calibration windows, the teacher cache and the trainer the training
+samples, held-out perplexity (and the trainer's healing curve) the held-out documents. One
+stage tokenises all three with the base model's tokenizer into one folder named by what they
+depend on; each consumer is handed only the file it reads, as a ``TokensRef`` (path and
+sha256), so its cache key changes exactly when its tokens do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tailor.config.settings import DataConfig, DistillConfig, PruneConfig
+from tailor.data.corpus import corpus_signature, heldout_samples, heldout_settings, training_samples
+from tailor.data.offline import sha256_file
+from tailor.store.checkpoint import CheckpointRef, load_tokenizer, stable_hash, write_file_atomically
+
+SETS = ("train", "calibration", "heldout")
+# Held-out windows are kept per source: "<source>/input_ids", "<source>/attention_mask".
+_SEP = "/"
+
+
+@dataclass(frozen=True)
+class TokensRef:
+    """One tokenised set on disk (a safetensors file) and the sha256 of its bytes."""
+
+    path: str
+    fingerprint: str
+
+    def verify(self, contents: bool = True) -> "TokensRef":
+        """Fail loudly if the file is gone or (``contents``) its bytes changed since the fingerprint was taken."""
+        if not Path(self.path).exists():
+            raise FileNotFoundError(f"tokenised samples {self.path} are missing (was the work folder deleted?)")
+        if contents and sha256_file(Path(self.path)) != self.fingerprint:
+            raise RuntimeError(f"tokenised samples {self.path} do not match fingerprint {self.fingerprint[:12]}")
+        return self
+
+    def samples(self) -> dict[str, torch.Tensor]:
+        """``{"input_ids", "attention_mask"}`` of the training or calibration set."""
+        return load_file(self.verify().path)
+
+    def per_source(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The held-out set: ``{source: {"input_ids", "attention_mask"}}``."""
+        grouped: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in load_file(self.verify().path).items():
+            source, _, name = key.rpartition(_SEP)
+            grouped.setdefault(source, {})[name] = tensor
+        return grouped
+
+
+def tokenised_folder(base: CheckpointRef, distill: DistillConfig, prune: PruneConfig, data: DataConfig,
+                     work_dir: str | Path) -> Path:
+    """Where the sets live: named by the tokenizer's checkpoint, the corpus and data, and every shape."""
+    shapes = {"train": [distill.num_samples, distill.seq_len, distill.windows_per_doc],
+              "calibration": [prune.calibration_samples, prune.calibration_seq_len],
+              "heldout": heldout_settings(distill).model_dump()}
+    key = stable_hash(base.fingerprint, corpus_signature(distill), shapes, data.cache_identity())
+    return Path(work_dir) / "tokenised" / key
+
+
+def tokenise_corpus(base: CheckpointRef, distill: DistillConfig, prune: PruneConfig, data: DataConfig,
+                    work_dir: str | Path) -> dict[str, TokensRef]:
+    """The three sets (``SETS``) as files, tokenised once; existing files are reused."""
+    folder = tokenised_folder(base, distill, prune, data, work_dir)
+    paths = {name: folder / f"{name}.safetensors" for name in SETS}
+    if not all(p.exists() for p in paths.values()):
+        tokenizer = load_tokenizer(base)
+        built = {
+            "train": training_samples(tokenizer, distill, data),
+            "calibration": training_samples(tokenizer, distill, data, prune.calibration_samples,
+                                            prune.calibration_seq_len),
+            "heldout": {f"{source}{_SEP}{name}": t
+                        for source, s in (heldout_samples(tokenizer, distill, data) if distill.heldout_docs
+                                          else {}).items() for name, t in s.items()},
+        }
+        for name, tensors in built.items():
+            if not paths[name].exists():
+                write_file_atomically(paths[name], lambda tmp, t=tensors: save_file(
+                    {k: v.contiguous() for k, v in t.items()}, str(tmp)))
+    return {name: TokensRef(str(p), sha256_file(p)) for name, p in paths.items()}
+
+
+def tokens_in(folder: str | Path) -> dict[str, TokensRef]:
+    """The sets of a folder ``tokenise_corpus`` wrote (fingerprinted as they are now)."""
+    paths = {name: Path(folder) / f"{name}.safetensors" for name in SETS}
+    missing = [str(p) for p in paths.values() if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"{folder} is not a tokenised corpus folder: missing {', '.join(missing)}")
+    return {name: TokensRef(str(p), sha256_file(p)) for name, p in paths.items()}

@@ -1,0 +1,444 @@
+"""Heal a pruned student by logit distillation from the original (teacher)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from tailor.config.settings import DistillConfig, TailorError
+from tailor.data.tokenised import TokensRef
+from tailor.distill.kd_loss import LossCounts, LossSpec, TopKTeacher, kd_loss_chunked, kd_loss_topk
+from tailor.distill.teacher_cache import load_topk_cache
+from tailor.evaluate.perplexity import heldout_perplexity
+from tailor.models.precision import final_hidden, load_teacher, resolve_bf16_autocast, teacher_numerics
+from tailor.store.checkpoint import (CheckpointRef, check_checkpoint_target, existing_checkpoint, load_model,
+                                     save_model, stable_hash, write_checkpoint, write_file_atomically)
+
+
+TRAINING_RECORD = "distill_record.json"
+
+
+class DistillError(TailorError, RuntimeError):
+    """Distillation cannot start or cannot go on."""
+
+
+class Distiller:
+    """Distil ``teacher`` into ``student`` in place: ``setup``, ``step`` per optimiser step, ``teardown``.
+
+    ``fit()`` runs the whole lifecycle and returns the training record (losses per optimiser
+    step, throughput, the healing curve). The teacher is either a live model or, with
+    ``topk``, its cached top-k logits for these samples (``teacher`` may then be None).
+
+    With ``resume_file``, ``state_dict()`` (student, optimiser, scheduler, RNG state and data
+    position) is saved there, write then rename, every ``cfg.checkpoint_every`` optimiser
+    steps, and a run that finds the file continues from it: on CPU with the same seed the
+    final weights equal an uninterrupted run's.
+
+    Under ``torchrun`` (an initialised process group) the student trains inside
+    ``DistributedDataParallel``: each rank takes its share of every global batch of
+    ``batch_size x world_size`` samples and normalises its loss by the global batch's token
+    counts, so the gradient DDP reduces equals one process's on the global batch; only rank
+    0 writes the resume state.
+
+    With ``heldout`` samples, the student's held-out perplexity is taken before the first
+    step, every ``cfg.heldout_every`` optimiser steps and after the last (the healing curve,
+    ``on_heldout(step, perplexity)``).
+    """
+
+    def __init__(self, teacher, student, samples: dict[str, torch.Tensor], cfg: DistillConfig, *,
+                 topk: TopKTeacher | None = None, heldout: dict[str, dict[str, torch.Tensor]] | None = None,
+                 resume_file: Path | None = None, on_step: Callable[[int, float], None] | None = None,
+                 on_heldout: Callable[[int, float], None] | None = None) -> None:
+        if topk is None and teacher.config.vocab_size != student.config.vocab_size:
+            raise DistillError(f"student vocabulary ({student.config.vocab_size}) differs from the "
+                               f"teacher's ({teacher.config.vocab_size}); logit distillation needs the same one")
+        self.teacher, self.student, self.samples, self.cfg = teacher, student, samples, cfg
+        self.topk, self.heldout, self.resume_file = topk, heldout, resume_file
+        self.on_step, self.on_heldout = on_step, on_heldout
+        self.rank, self.world = _process_group()
+        self.spec = loss_spec(cfg)
+        self.num_samples = samples["input_ids"].shape[0]
+        self.batches_per_epoch = -(-self.num_samples // (cfg.batch_size * self.world))
+        # Position of the next micro-batch and everything counted so far.
+        self.progress: dict = {"epoch": 0, "batch": 0, "losses": [], "grad_norms": [], "micro": 0, "tokens": 0,
+                               "seconds": 0.0, "resumed_at": 0, "heldout_curve": []}
+        self.model = None  # what forward and backward run through: the decoder, or its DDP wrapper
+        self._started = 0.0  # perf_counter of training start, less the seconds of earlier sessions
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Freeze what the recipe keeps fixed, build the optimiser, resume, wrap for data parallelism."""
+        cfg, student = self.cfg, self.student
+        if self.teacher is not None:
+            self.teacher.eval().requires_grad_(False)
+        self.trainable = select_trainable(student, cfg)
+        student.train()
+        if cfg.gradient_checkpointing:
+            student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        self.autocast = resolve_bf16_autocast(cfg.bf16_autocast, student.device)
+        self.optimizer = _adamw(self.trainable, cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_factor(cfg, planned_steps(cfg, self.num_samples, self.world)))
+        if self.resume_file is not None and self.resume_file.exists():
+            self.load_state_dict(torch.load(self.resume_file, weights_only=True))
+        else:
+            torch.manual_seed(cfg.seed)
+        self.model = _FinalHidden(student, self.autocast)
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # DDP averages gradients over ranks; step() scales each rank's loss by the world
+            # size so the average is the sum of the global batch's normalised shares.
+            self.model = DistributedDataParallel(self.model, gradient_as_bucket_view=True, broadcast_buffers=False)
+        # After wrapping: DDP would expect a sparse gradient from a sparse lookup, but the tied
+        # head's dense gradient is summed into it before any hook sees it.
+        self._sparse_before = _sparse_tied_embedding_gradient(student, True)
+        self._score_heldout(len(self.progress["losses"]))
+        self._started = time.perf_counter() - self.progress["seconds"]
+
+    def fit(self) -> dict:
+        """The whole run: setup, every remaining optimiser step, teardown; returns the record."""
+        self.setup()
+        for window in self.windows():
+            self.step(window)
+        return self.teardown()
+
+    def windows(self) -> Iterator[list[tuple[int, int, list[int]]]]:
+        """The remaining gradient-accumulation windows, from the saved data position.
+
+        Each is a list of micro-batches (epoch, batch, this rank's sample indices); windows
+        run across epoch boundaries, and the last one of a run may be short.
+        """
+        cfg, progress, window = self.cfg, self.progress, []
+        global_batch = cfg.batch_size * self.world
+        micro = progress["micro"]
+        for epoch in range(progress["epoch"], cfg.epochs):
+            order = list(range(self.num_samples))
+            random.Random(cfg.seed + epoch).shuffle(order)
+            first = progress["batch"] if epoch == progress["epoch"] else 0
+            for batch in range(first, self.batches_per_epoch):
+                shard = order[batch * global_batch:(batch + 1) * global_batch][self.rank::self.world]
+                window.append((epoch, batch, shard))
+                micro += 1
+                last = epoch == cfg.epochs - 1 and batch == self.batches_per_epoch - 1
+                if micro % cfg.grad_accum == 0 or last:
+                    yield window
+                    window = []
+
+    def step(self, window: list[tuple[int, int, list[int]]]) -> float:
+        """One optimiser step over an accumulation window; returns its mean loss."""
+        cfg, progress, losses = self.cfg, self.progress, self.progress["losses"]
+        micro_losses = []
+        for i, (epoch, _, idx) in enumerate(window):
+            # Gradients are reduced across ranks once per window, on its last backward.
+            sync = i == len(window) - 1 or self.world == 1
+            with contextlib.nullcontext() if sync else self.model.no_sync():
+                value = self._micro_batch(idx)
+            if not math.isfinite(value):
+                raise DistillError(f"non-finite distillation loss at optimiser step {len(losses) + 1} "
+                                   f"(epoch {epoch + 1}); check distill.learning_rate and distill.temperature")
+            micro_losses.append(value)
+        progress["micro"] += len(window)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
+        if not torch.isfinite(grad_norm):
+            raise DistillError(f"non-finite gradient norm at optimiser step {len(losses) + 1} "
+                               f"(epoch {window[-1][0] + 1}); check distill.learning_rate and distill.temperature")
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        losses.append(sum(micro_losses) / len(micro_losses))
+        progress["grad_norms"].append(float(grad_norm))
+        if cfg.heldout_every and len(losses) % cfg.heldout_every == 0:
+            self._score_heldout(len(losses))
+        epoch, batch, _ = window[-1]
+        progress.update(epoch=epoch, batch=batch + 1, seconds=time.perf_counter() - self._started)
+        if self.resume_file is not None and self.rank == 0 and cfg.checkpoint_every \
+                and len(losses) % cfg.checkpoint_every == 0:
+            state = self.state_dict()
+            write_file_atomically(self.resume_file, lambda tmp: torch.save(state, tmp))
+        if self.on_step is not None:
+            self.on_step(len(losses), losses[-1])
+        return losses[-1]
+
+    def teardown(self) -> dict:
+        """The last curve point, the student back in eval mode as it came; returns the record."""
+        cfg, student, progress = self.cfg, self.student, self.progress
+        elapsed = time.perf_counter() - self._started
+        self._score_heldout(len(progress["losses"]))
+        student.eval()
+        if cfg.gradient_checkpointing:
+            student.activation_checkpointing_disable()
+        _sparse_tied_embedding_gradient(student, self._sparse_before)
+        student.requires_grad_(True)
+        tokens = progress["tokens"]
+        if self.world > 1:
+            if not _ranks_in_sync(student):
+                raise DistillError("data-parallel ranks ended with different student weights")
+            tokens = int(_all_sum(tokens))
+        spec = self.spec
+        return {"losses": progress["losses"], "grad_norms": progress["grad_norms"],
+                "optimizer_steps": len(progress["losses"]),
+                "micro_batches": progress["micro"], "train_tokens": tokens, "train_seconds": elapsed,
+                "train_tokens_per_s": tokens / elapsed, "num_samples": self.num_samples,
+                "resumed_at_step": progress["resumed_at"], "world_size": self.world,
+                "final_learning_rate": self.scheduler.get_last_lr()[0],
+                "teacher": (f"cached top-{cfg.teacher_topk}" if self.topk is not None
+                            else f"live ({teacher_numerics(cfg.teacher_dtype, student.device)})"),
+                "gradient_checkpointing": cfg.gradient_checkpointing, "bf16_autocast": self.autocast,
+                "trainable_parameters": sum(p.numel() for p in self.trainable),
+                "heldout_curve": progress["heldout_curve"],
+                "loss": {"kind": spec.kind, "temperature": spec.temperature, "alpha": spec.alpha, "book": spec.book}}
+
+    # -- state --------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs (loadable with ``torch.load(weights_only=True)``)."""
+        return {"student": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+                "progress": self.progress}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.student.load_state_dict(state["student"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        self.progress = {**state["progress"], "resumed_at": len(state["progress"]["losses"])}
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _micro_batch(self, idx: list[int]) -> float:
+        """Forward and backward of this rank's share of a global batch; returns the global batch's loss."""
+        counts = _batch_counts(self.samples, idx, self.spec, self.world)
+        # A rank whose share is empty (the last global batch of an epoch) still joins DDP's
+        # reduction, with a zero-weighted loss on one sample.
+        loss = self._loss(idx or [0], counts) * (1.0 if idx else 0.0)
+        (loss * (self.world / self.cfg.grad_accum)).backward()
+        if idx:
+            self.progress["tokens"] += int(self.samples["attention_mask"][idx].sum())
+        value = loss.item()
+        return _all_sum(value) if self.world > 1 else value  # every rank holds its share of the loss
+
+    def _loss(self, idx: list[int], counts: LossCounts) -> torch.Tensor:
+        student, samples, cfg = self.student, self.samples, self.cfg
+        ids = samples["input_ids"][idx].to(student.device)
+        mask = samples["attention_mask"][idx].to(student.device)
+        s_hidden = self.model(ids, mask)
+        matmuls = torch.bfloat16 if self.autocast else torch.float32  # the student's output head
+        if self.topk is not None:
+            rows = torch.tensor(idx)
+            topk = self.topk
+            batch_topk = TopKTeacher(topk.values[rows], topk.indices[rows], topk.rest_logsumexp[rows], topk.temperature)
+            return kd_loss_topk(student, s_hidden, batch_topk, mask, ids, self.spec, cfg.loss_chunk_tokens, counts,
+                                matmuls)
+        teacher = self.teacher
+        with torch.no_grad():
+            t_hidden = final_hidden(teacher, ids.to(teacher.device), mask.to(teacher.device)).to(student.device)
+        return kd_loss_chunked(student, teacher, s_hidden, t_hidden, mask, ids, self.spec, cfg.loss_chunk_tokens,
+                               counts, matmuls)
+
+    def _score_heldout(self, step: int) -> None:
+        """One point of the healing curve; its time is kept out of the training time."""
+        curve = self.progress["heldout_curve"]
+        if self.heldout and self.rank == 0 and not any(s == step for s, _ in curve):
+            began = time.perf_counter()
+            ppl = heldout_perplexity(self.student, self.heldout)["perplexity"]
+            curve.append([step, ppl])
+            self._started += time.perf_counter() - began
+            if self.on_heldout is not None:
+                self.on_heldout(step, ppl)
+
+
+class _FinalHidden(torch.nn.Module):
+    """The student's decoder as one module whose forward returns the output head's input.
+
+    The losses apply the (tied) output head themselves, chunk by chunk, so the module that
+    ``DistributedDataParallel`` wraps is the part of the model its forward runs; the head's
+    weight still belongs to it, and its gradient is reduced like every other.
+    """
+
+    def __init__(self, student, autocast: bool) -> None:
+        super().__init__()
+        self.student = student
+        self.autocast = autocast
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return final_hidden(self.student, input_ids, attention_mask, autocast=self.autocast)
+
+
+def select_trainable(student, cfg: DistillConfig) -> list[torch.nn.Parameter]:
+    """Freeze what the recipe keeps fixed (the tied embedding, the early layers); the rest trains."""
+    layers = student.get_decoder().layers
+    if cfg.train_last_layers > len(layers):
+        raise DistillError(f"distill.train_last_layers={cfg.train_last_layers} exceeds the student's "
+                           f"{len(layers)} decoder layers; allowed: 0 (all) to {len(layers)}")
+    student.requires_grad_(True)
+    if cfg.freeze_embeddings:
+        student.get_input_embeddings().requires_grad_(False)
+        student.get_output_embeddings().requires_grad_(False)
+    if cfg.train_last_layers:
+        for layer in layers[:len(layers) - cfg.train_last_layers]:
+            layer.requires_grad_(False)
+    return [p for p in student.parameters() if p.requires_grad]
+
+
+def _sparse_tied_embedding_gradient(student, on: bool) -> bool:
+    """Let the input lookup's gradient be sparse where the weight is tied to the output head.
+
+    The head's dense gradient arrives too, so the sum autograd stores is dense as ever, but
+    the lookup no longer builds a dense vocabulary-sized gradient of its own (640 MiB of
+    mostly zeros for gemma-3-270m, per micro-batch). Returns whether it was sparse already.
+    """
+    lookup, head = student.get_input_embeddings(), student.get_output_embeddings()
+    before = bool(lookup.sparse)
+    if head is not None and head.weight is lookup.weight:
+        lookup.sparse = on
+    return before
+
+
+def _batch_counts(samples: dict[str, torch.Tensor], idx: list[int], spec: LossSpec, world: int) -> LossCounts:
+    """The micro-batch's loss counts; in a process group, the whole global batch's."""
+    if idx:
+        local = LossCounts.of(samples["attention_mask"][idx], samples["input_ids"][idx], spec)
+    else:
+        local = LossCounts(0, 0, 0)
+    if world == 1:
+        return local
+    import torch.distributed as dist
+
+    totals = torch.tensor([local.tokens, local.targets, local.sequences], dtype=torch.float64)
+    dist.all_reduce(totals)
+    return LossCounts(*(int(v) for v in totals))
+
+
+def _ranks_in_sync(model) -> bool:
+    """Every rank holds bit-identical weights (compared through a float64 checksum)."""
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        checksum = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()])
+                                for p in model.parameters()]).sum(0)
+    gathered = [torch.zeros_like(checksum) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, checksum)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
+def _all_sum(value: float) -> float:
+    import torch.distributed as dist
+
+    total = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(total)
+    return float(total)
+
+
+def planned_steps(cfg: DistillConfig, num_samples: int, world: int = 1) -> int:
+    """Optimiser steps of a whole run (accumulation windows run across epoch boundaries)."""
+    micro_batches = cfg.epochs * -(-num_samples // (cfg.batch_size * world))
+    return max(1, -(-micro_batches // cfg.grad_accum))
+
+
+def lr_factor(cfg: DistillConfig, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of the learning rate before optimiser step ``step`` (0-based)."""
+    warmup = cfg.warmup_steps
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if cfg.lr_schedule == "cosine":
+            done = (step - warmup) / max(1, total_steps - warmup)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
+        return 1.0
+
+    return factor
+
+
+def _process_group() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _adamw(params: list[torch.nn.Parameter], cfg: DistillConfig) -> torch.optim.AdamW:
+    # The fused kernel updates in place; the default multi-tensor path allocates
+    # parameter-sized temporaries (another ~1 GB for gemma-3-270m).
+    kwargs = {"lr": cfg.learning_rate, "weight_decay": cfg.weight_decay}
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(params, **kwargs)
+
+
+def loss_spec(cfg: DistillConfig) -> LossSpec:
+    return LossSpec(temperature=cfg.temperature, kind=cfg.loss, alpha=cfg.alpha, jsd_beta=cfg.jsd_beta,
+                    book=cfg.book_loss)
+
+
+def distill_checkpoint(teacher_ref: CheckpointRef, student_ref: CheckpointRef, cfg: DistillConfig,
+                       train: TokensRef, out_dir: Path, *, heldout: TokensRef | None = None,
+                       topk_cache: Path | None = None, device: str = "cpu",
+                       on_step: Callable[[int, float], None] | None = None,
+                       on_heldout: Callable[[int, float], None] | None = None) -> tuple[CheckpointRef, dict]:
+    """Distil the student checkpoint from the teacher checkpoint (or its top-k cache) on the
+    ``train`` tokens and save the result; with ``heldout`` tokens it records the healing curve.
+
+    In a process group every rank trains; rank 0 writes the checkpoint and the others wait for it.
+    """
+    if (done := existing_checkpoint(out_dir)) is not None:
+        return done, training_record(done)
+    check_checkpoint_target(out_dir)
+    student, tokenizer = load_model(student_ref, device=device)
+    samples = train.samples()
+    heldout_sets = heldout.per_source() if heldout is not None else None
+    if topk_cache is not None:
+        teacher, topk = None, load_topk_cache(topk_cache, samples, cfg)
+    else:
+        teacher, topk = load_teacher(teacher_ref, cfg.teacher_dtype, samples["input_ids"], device), None
+    resume_file = resume_path(out_dir, cfg, teacher_ref, student_ref, train, topk_cache, _process_group()[1])
+    rank, world = _process_group()
+    if rank != 0:
+        Distiller(teacher, student, samples, cfg, topk=topk, resume_file=resume_file).fit()
+        _barrier(world)
+        done = existing_checkpoint(out_dir)
+        return done, training_record(done)
+
+    def train_and_save(tmp: Path) -> None:
+        record = Distiller(teacher, student, samples, cfg, topk=topk, heldout=heldout_sets, resume_file=resume_file,
+                           on_step=on_step, on_heldout=on_heldout).fit()
+        save_model(student, tokenizer, tmp)
+        (tmp / TRAINING_RECORD).write_text(json.dumps(record))
+
+    ref = write_checkpoint(out_dir, train_and_save)
+    resume_file.unlink(missing_ok=True)
+    _barrier(world)
+    return ref, training_record(ref)
+
+
+def training_record(ref: CheckpointRef) -> dict:
+    """The training record a distilled checkpoint folder keeps beside its weights."""
+    return json.loads((Path(ref.path) / TRAINING_RECORD).read_text())
+
+
+def resume_path(out_dir: Path, cfg: DistillConfig, teacher_ref: CheckpointRef, student_ref: CheckpointRef,
+                train: TokensRef, topk_cache: Path | None, world: int) -> Path:
+    """Where a distillation keeps its resumable state: keyed by everything the training depends
+    on (settings, both checkpoints, the training tokens, the teacher cache, the number of
+    processes), so a different run never resumes from it."""
+    key = stable_hash(cfg.model_dump(), teacher_ref.fingerprint, student_ref.fingerprint, train.fingerprint,
+                      str(topk_cache), world)
+    return out_dir.with_name(f"{out_dir.name}.resume-{key}.pt")
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()

@@ -1,0 +1,1 @@
+"""MLflow: tracking runs and the model registry's promotion gate."""

@@ -1,0 +1,1 @@
+"""Checkpoints on disk: content fingerprints, atomic writes, checkpoint references, file locks."""
