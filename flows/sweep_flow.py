@@ -22,6 +22,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.stages import FAILURE_HOOKS, RunContext, evaluate_stage, launch, run_intact, run_link, track
 from flows.tailor_flow import tailor_flow
 from tailor.common.console import Stages
+from tailor.common.layout import WorkDir
 from tailor.config.settings import PruneConfig, TailorConfig, load_config
 from tailor.evaluate.harness import evaluation_signature
 from tailor.models.sources import source_num_layers
@@ -109,7 +110,7 @@ def write_sweep_report(run: RunContext, rows: list[dict], best: dict, pruned: di
     artifacts and on the MLflow parent run; returns the folder."""
     cfg = run.cfg
     out = Path(out_dir).expanduser().resolve() if out_dir else \
-        Path(cfg.work_dir) / "sweeps" / get_run_context().flow_run.name
+        WorkDir(cfg.work_dir).sweeps / get_run_context().flow_run.name
     plot = retention_plot(rows, out / "sweep_retention.png")
     files = [str(plot)]
     if scores is not None:

@@ -21,6 +21,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.stages import FAILURE_HOOKS, Done, RunContext, accuracy_summary, metric_values, run_intact, run_link, track
 from tailor.common.console import LOGGER, Stages
+from tailor.common.layout import WorkDir
 from tailor.config.settings import TailorConfig, load_config
 from tailor.data.corpus import corpus_datasets
 from tailor.data.tokenised import TokensRef
@@ -109,8 +110,8 @@ def build_models(run: RunContext) -> Models:
                 metrics={"seconds": teacher_cache.cost.seconds, "mib": teacher_cache.mib})
         stages.done("cache-teacher-topk", f"{teacher_cache.mib:.0f} MiB")
     stages.start("distill")
-    distilled = run_intact(distill_model, base, pruned.ref, cfg.distill, cfg.data, tokens, cfg.work_dir,
-                           teacher_cache.path if teacher_cache else None)
+    distilled = run_intact(distill_model, base, pruned.ref, cfg.distill, cfg.data, tokens.train, tokens.heldout,
+                           cfg.work_dir, teacher_cache.path if teacher_cache else None)
     kd = distilled.record
     run.log("distill", params=cfg.distill.model_dump(),
             series={"kd_loss": list(enumerate(kd["losses"], 1)), "grad_norm": list(enumerate(kd["grad_norms"], 1)),
@@ -203,7 +204,7 @@ def compare(run: RunContext, models: Models, results: dict[str, Evaluation], spe
     cfg = run.cfg
     run.stages.start("compare")
     out = Path(out_dir).expanduser().resolve() if out_dir else \
-        Path(cfg.work_dir) / "reports" / get_run_context().flow_run.name
+        WorkDir(cfg.work_dir).reports / get_run_context().flow_run.name
     heldout = models.heldout
     report = compare_models(speed.profiles, results, {
         "profile": cfg.profile, "config": cfg.model_dump(), "eval_limit": cfg.eval.limit,

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from tailor.common.console import setup_console
+from tailor.common.layout import WorkDir
 from tailor.config.settings import TailorError, available_profiles, describe_settings, load_config
 from tailor.preflight import preflight
 
@@ -25,7 +26,7 @@ def _prefect_defaults(work_dir: str) -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     if "PREFECT_HOME" in os.environ or _configured_api_url():
         return
-    home = Path(work_dir) / "prefect-home"
+    home = WorkDir(work_dir).prefect_home
     home.mkdir(parents=True, exist_ok=True)
     os.environ["PREFECT_HOME"] = str(home)
 

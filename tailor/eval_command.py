@@ -13,6 +13,7 @@ import json
 import re
 from pathlib import Path
 
+from tailor.common.layout import WorkDir
 from tailor.common.stats import paired_item_deltas
 from tailor.config.settings import TailorConfig, TailorError
 from tailor.evaluate.harness import folder_name
@@ -29,7 +30,7 @@ def resolve_model(spec: str, cfg: TailorConfig) -> tuple[CheckpointRef, str]:
 
     if spec.startswith("models:/"):
         name, version, fingerprint = tracking.registered_version(cfg.tracking_uri, spec)
-        folder = Path(cfg.work_dir) / "checkpoints" / f"registered-{folder_name(name)}-v{version}-{fingerprint or 'untagged'}"
+        folder = WorkDir(cfg.work_dir).checkpoints / f"registered-{folder_name(name)}-v{version}-{fingerprint or 'untagged'}"
         ref = write_checkpoint(folder, lambda tmp: save_model(*tracking.load_registered(cfg.tracking_uri, name, version), tmp))
         return ref, f"{name}-v{version}"
     path = Path(spec).expanduser()

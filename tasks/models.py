@@ -11,6 +11,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from transformers import AutoConfig
 
 from tailor.common.console import Progress
+from tailor.common.layout import WorkDir
 from tailor.common.resources import stage_cost, stage_start
 from tailor.config.settings import DataConfig, DistillConfig, ModelConfig, PruneConfig
 from tailor.data.tokenised import TokensRef, tokenise_corpus
@@ -50,7 +51,7 @@ def score_layers(base: CheckpointRef, prune: PruneConfig, strategies: tuple[str,
                  work_dir: str) -> LayerScores:
     """Layer-importance scores on the calibration windows of the distillation corpus."""
     start = stage_start()
-    out = Path(work_dir) / "importance" / (
+    out = WorkDir(work_dir).importance / (
         f"{stable_hash(base.fingerprint, prune.calibration_batch_size, strategies, calibration.fingerprint)}.json")
     # The task's cache key also holds settings the scores do not depend on (num_layers,
     # strategy); the file is keyed by what they do depend on, so it is reused across those.
@@ -73,7 +74,7 @@ def prune_model(base: CheckpointRef, prune: PruneConfig, work_dir: str, scores: 
     if scores is not None:
         series = {s: per_layer_series(scores, s, prune.num_layers) for s in SCORED_STRATEGIES if s in scores}
         plot = str(layer_scores_png(series, {prune.strategy: removed},
-                                    Path(work_dir) / "plots" / f"layer-scores-{prune.strategy}-{name}.png"))
+                                    WorkDir(work_dir).plots / f"layer-scores-{prune.strategy}-{name}.png"))
     return Pruned(ref, removed, before, after, prune.strategy, plot, stage_cost(start))
 
 
@@ -85,20 +86,21 @@ def cache_teacher_topk(teacher: CheckpointRef, distill: DistillConfig, train: To
     changes training settings (learning rate, epochs) reuses it even when this task re-runs.
     """
     start = stage_start()
-    path = write_topk_cache(teacher.verify(), distill, train, Path(work_dir) / "teacher-cache")
+    path = write_topk_cache(teacher.verify(), distill, train, WorkDir(work_dir).teacher_cache)
     return TeacherCache(str(path), path.stat().st_size / 2**20, stage_cost(start))
 
 
 @task(name="distill-model", cache_policy=CACHED, persist_result=True)
 def distill_model(teacher: CheckpointRef, student: CheckpointRef, distill: DistillConfig, data: DataConfig,
-                  tokens: Tokenised, work_dir: str, topk_cache: str | None = None) -> Distilled:
-    """Distil the student from the teacher (or its top-k cache) on the tokenised corpus."""
+                  train: TokensRef, heldout: TokensRef, work_dir: str, topk_cache: str | None = None) -> Distilled:
+    """Distil the student from the teacher (or its top-k cache) on the ``train`` tokens; the
+    ``heldout`` tokens give the healing curve."""
     # "auto" precisions resolve per machine, and the result depends on what they became.
-    key = stable_hash(teacher.fingerprint, student.fingerprint, distill.model_dump(), tokens.train.fingerprint,
-                      tokens.heldout.fingerprint, topk_cache,
+    key = stable_hash(teacher.fingerprint, student.fingerprint, distill.model_dump(), train.fingerprint,
+                      heldout.fingerprint, topk_cache,
                       teacher_numerics(distill.teacher_dtype, "cpu"),
                       resolve_bf16_autocast(distill.bf16_autocast, "cpu"))
-    out = Path(work_dir) / "checkpoints" / f"distilled-{key}"
+    out = WorkDir(work_dir).checkpoints / f"distilled-{key}"
     progress = create_progress_artifact(progress=0.0, key="distillation-progress",
                                         description="Distillation: share of optimiser steps done")
     total = planned_steps(distill, distill.num_samples)
@@ -117,10 +119,10 @@ def distill_model(teacher: CheckpointRef, student: CheckpointRef, distill: Disti
     if distill.nproc_per_node > 1:
         # The processes' memory is their own: this stage's peak RSS covers the launcher only.
         get_run_logger().info(f"distill: {distill.nproc_per_node} data-parallel processes under torchrun")
-        ref, record = distill_data_parallel(teacher.verify(), student.verify(), distill, data, tokens.train, out,
+        ref, record = distill_data_parallel(teacher.verify(), student.verify(), distill, data, train, out,
                                             Path(topk_cache) if topk_cache else None)
     else:
-        ref, record = distill_checkpoint(teacher.verify(), student.verify(), distill, tokens.train, out,
-                                         heldout=tokens.heldout, topk_cache=Path(topk_cache) if topk_cache else None,
+        ref, record = distill_checkpoint(teacher.verify(), student.verify(), distill, train, out,
+                                         heldout=heldout, topk_cache=Path(topk_cache) if topk_cache else None,
                                          on_step=on_step, on_heldout=on_heldout)
     return Distilled(ref, record, stage_cost(start))

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 import yaml
 
 from tailor.config.settings import DataConfig, EvalConfig, ModelConfig
-from tailor.evaluate.harness import _stock_config, _task_manager, evaluate_model, task_specs
+from tailor.evaluate.harness import evaluate_model, task_specs
 from tailor.models.sources import materialize
 
 pytestmark = pytest.mark.integration

@@ -108,3 +108,17 @@ def test_a_library_layer_imports_only_layers_below_it_or_itself():
         if above:
             upward[module] = above
     assert upward == {}
+
+
+def test_importing_the_whole_library_and_its_command_line_loads_no_prefect():
+    """The command line reaches the flows only inside the commands that run one, so a
+    torchrun process of ``tailor distill`` (or any library user) never imports Prefect."""
+    import subprocess
+    import sys
+
+    modules = sorted(m for m in _modules("tailor"))
+    code = "import sys\n" + "".join(f"import {m}\n" for m in modules) + (
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('prefect', 'flows', 'tasks')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"

@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tailor.common.layout import WorkDir
+
 # Shipped inside the package, so a plain (non-editable) install has them too.
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
 REFERENCE_TASKS = ("arc_easy", "winogrande", "hellaswag", "lambada_openai")
@@ -388,7 +390,7 @@ class TailorConfig(_Section):
     @property
     def tracking_uri(self) -> str:
         return (self.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-                or f"sqlite:///{Path(self.work_dir) / 'mlflow.db'}")
+                or f"sqlite:///{WorkDir(self.work_dir).mlflow_db}")
 
 
 # ---------------------------------------------------------------- loading

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from tailor.common.layout import WorkDir
 from tailor.config.settings import DataConfig, DistillConfig, PruneConfig
 from tailor.data.corpus import corpus_signature, heldout_samples, heldout_settings, training_samples
 from tailor.data.offline import sha256_file
@@ -60,7 +61,7 @@ def tokenised_folder(base: CheckpointRef, distill: DistillConfig, prune: PruneCo
               "calibration": [prune.calibration_samples, prune.calibration_seq_len],
               "heldout": heldout_settings(distill).model_dump()}
     key = stable_hash(base.fingerprint, corpus_signature(distill), shapes, data.cache_identity())
-    return Path(work_dir) / "tokenised" / key
+    return WorkDir(work_dir).tokenised / key
 
 
 def tokenise_corpus(base: CheckpointRef, distill: DistillConfig, prune: PruneConfig, data: DataConfig,

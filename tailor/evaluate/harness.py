@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tailor.common.console import third_party_prints
+from tailor.common.layout import WorkDir
 from tailor.config.settings import DataConfig, EvalConfig, TailorError
 from tailor.data.offline import sha256_file
 from tailor.store.checkpoint import CheckpointRef, load_model, stable_hash, write_file_atomically
@@ -178,7 +179,7 @@ def evaluation_datasets(cfg: EvalConfig, data: DataConfig) -> list[dict[str, str
 
 def evaluation_file(ref: CheckpointRef, cfg: EvalConfig, data: DataConfig, work_dir: str) -> Path:
     """Where a checkpoint's evaluation under these settings and data is kept (and found again)."""
-    return Path(work_dir) / "evals" / (
+    return WorkDir(work_dir).evals / (
         f"{stable_hash(ref.fingerprint, cfg.model_dump(), data.cache_identity(), evaluation_signature(cfg, data))}.json")
 
 

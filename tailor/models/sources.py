@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tailor.common.layout import WorkDir
 from tailor.config.settings import ModelConfig, TailorError
 from tailor.store.checkpoint import CheckpointRef, save_model, stable_hash, torch_dtype, write_checkpoint
 
@@ -24,7 +25,7 @@ class ModelSourceError(TailorError, ValueError):
 
 
 def checkpoint_dir(cfg: ModelConfig, work_dir: str) -> Path:
-    return Path(work_dir) / "checkpoints" / f"base-{cfg.source}-{stable_hash(cfg.model_dump())}"
+    return WorkDir(work_dir).checkpoints / f"base-{cfg.source}-{stable_hash(cfg.model_dump())}"
 
 
 def check_source(cfg: ModelConfig) -> None:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch.nn as nn
 
+from tailor.common.layout import WorkDir
 from tailor.config.settings import TailorError
 from tailor.store.checkpoint import (CheckpointRef, count_parameters, load_model, save_model, stable_hash,
                                      write_checkpoint)
@@ -89,5 +89,5 @@ def prune_checkpoint(base: CheckpointRef, remove: Sequence[int], work_dir: str) 
     before = count_parameters(model)
     prune_layers(model, remove)
     name = f"pruned-{stable_hash(base.fingerprint, sorted(remove))}"
-    ref = write_checkpoint(Path(work_dir) / "checkpoints" / name, lambda tmp: save_model(model, tokenizer, tmp))
+    ref = write_checkpoint(WorkDir(work_dir).checkpoints / name, lambda tmp: save_model(model, tokenizer, tmp))
     return ref, before, count_parameters(model)

@@ -18,6 +18,7 @@ from typing import Any, Iterable
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 
+from tailor.common.layout import WorkDir
 from tailor.config.settings import TailorError
 
 PARAM_MAX_LEN = 6000
@@ -78,7 +79,7 @@ def start_parent_run(tracking_uri: str, experiment: str, work_dir: str, run_name
     """(client, experiment id, run id) of a flow's parent run; a local sqlite store keeps
     its artifacts under ``work_dir``/mlartifacts."""
     client = client_for(tracking_uri)
-    artifact_root = Path(work_dir) / "mlartifacts" if tracking_uri.startswith("sqlite:") else None
+    artifact_root = WorkDir(work_dir).mlflow_artifacts if tracking_uri.startswith("sqlite:") else None
     exp_id = ensure_experiment(client, experiment, artifact_root)
     return client, exp_id, start_run(client, exp_id, run_name, tags=tags)
 

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
+from tailor.common.layout import WorkDir
 from tailor.config.settings import TailorError
 from tailor.store.checkpoint import stable_hash
 
@@ -67,6 +68,6 @@ def promotion_lock_path(tracking_uri: str, model_name: str, work_dir: str) -> Pa
     elif parsed.scheme in ("", "file"):
         store = parsed.path or tracking_uri
     else:
-        return Path(work_dir) / "locks" / name
+        return WorkDir(work_dir).locks / name
     # A sibling folder: inside a file store MLflow would take it for an experiment.
     return Path(f"{store}.tailor-locks") / name
