@@ -103,7 +103,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
     from tailor.data.tokenised import tokenise_corpus, tokens_in
     from tailor.distill.trainer import distill_checkpoint
-    from tailor.store.checkpoint import existing_checkpoint
+    from tailor.store.checkpoint import check_checkpoint_target, existing_checkpoint
 
     cfg = load_config(args.profile, args.set)
     refs = {}
@@ -118,12 +118,15 @@ def cmd_distill(args: argparse.Namespace) -> int:
             torch.cuda.set_device(local_rank)
             device = f"cuda:{local_rank}"
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    out = Path(args.out).resolve()
+    if existing_checkpoint(out) is None:
+        check_checkpoint_target(out)  # before any work: never train towards a folder we may not write
     # The flow's launcher hands over the tokens it made; by hand they are made (or found) in work_dir.
     tokens = (tokens_in(args.tokens) if args.tokens
               else tokenise_corpus(refs["teacher"], cfg.distill, cfg.prune, cfg.data, cfg.work_dir))
     try:
         ref, record = distill_checkpoint(refs["teacher"], refs["student"], cfg.distill, tokens["train"],
-                                         Path(args.out).resolve(), heldout=tokens["heldout"], device=device,
+                                         out, heldout=tokens["heldout"], device=device,
                                          topk_cache=Path(args.topk_cache) if args.topk_cache else None)
     finally:
         if dist.is_initialized():
