@@ -11,6 +11,7 @@ Inside the library, lowest first (``LIBRARY_LAYERS``); the modules directly in `
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,7 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
+@functools.lru_cache(maxsize=None)
 def _modules(package: str) -> dict[str, set[str]]:
     return {_module_name(p): _imports(p) for p in sorted((ROOT / package).rglob("*.py"))}
 
@@ -65,8 +67,9 @@ def test_a_layer_imports_nothing_above_it(package, forbidden):
 
 
 def test_the_library_has_no_import_cycles():
-    graph = {module: {n for n in names if n in _modules("tailor") and n != module}
-             for module, names in _modules("tailor").items() if module not in ENTRY_POINTS}
+    library = _modules("tailor")
+    graph = {module: {n for n in names if n in library and n != module}
+             for module, names in library.items() if module not in ENTRY_POINTS}
     state: dict[str, int] = {}
     cycles = []
 
