@@ -111,6 +111,12 @@ def cmd_distill(args: argparse.Namespace) -> int:
         refs[role] = existing_checkpoint(Path(getattr(args, role)))
         if refs[role] is None:
             raise TailorError(f"--{role} {getattr(args, role)} is not a llm-tailor checkpoint folder (no FINGERPRINT)")
+    out = Path(args.out).resolve()
+    if existing_checkpoint(out) is None:
+        check_checkpoint_target(out)  # before any work: never train towards a folder we may not write
+    # The flow's launcher hands over the tokens it made; by hand they are made (or found) in work_dir.
+    tokens = (tokens_in(args.tokens) if args.tokens
+              else tokenise_corpus(refs["teacher"], cfg.distill, cfg.prune, cfg.data, cfg.work_dir))
     device = "cpu"
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -118,12 +124,6 @@ def cmd_distill(args: argparse.Namespace) -> int:
             torch.cuda.set_device(local_rank)
             device = f"cuda:{local_rank}"
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    out = Path(args.out).resolve()
-    if existing_checkpoint(out) is None:
-        check_checkpoint_target(out)  # before any work: never train towards a folder we may not write
-    # The flow's launcher hands over the tokens it made; by hand they are made (or found) in work_dir.
-    tokens = (tokens_in(args.tokens) if args.tokens
-              else tokenise_corpus(refs["teacher"], cfg.distill, cfg.prune, cfg.data, cfg.work_dir))
     try:
         ref, record = distill_checkpoint(refs["teacher"], refs["student"], cfg.distill, tokens["train"],
                                          out, heldout=tokens["heldout"], device=device,

@@ -68,7 +68,7 @@ def tokenise_corpus(base: CheckpointRef, distill: DistillConfig, prune: PruneCon
                     work_dir: str | Path) -> dict[str, TokensRef]:
     """The three sets (``SETS``) as files, tokenised once; existing files are reused."""
     folder = tokenised_folder(base, distill, prune, data, work_dir)
-    paths = {name: folder / f"{name}.safetensors" for name in SETS}
+    paths = _set_files(folder)
     if not all(p.exists() for p in paths.values()):
         tokenizer = load_tokenizer(base)
         built = {
@@ -83,13 +83,17 @@ def tokenise_corpus(base: CheckpointRef, distill: DistillConfig, prune: PruneCon
             if not paths[name].exists():
                 write_file_atomically(paths[name], lambda tmp, t=tensors: save_file(
                     {k: v.contiguous() for k, v in t.items()}, str(tmp)))
-    return {name: TokensRef(str(p), sha256_file(p)) for name, p in paths.items()}
+    return tokens_in(folder)
 
 
 def tokens_in(folder: str | Path) -> dict[str, TokensRef]:
     """The sets of a folder ``tokenise_corpus`` wrote (fingerprinted as they are now)."""
-    paths = {name: Path(folder) / f"{name}.safetensors" for name in SETS}
+    paths = _set_files(Path(folder))
     missing = [str(p) for p in paths.values() if not p.exists()]
     if missing:
         raise FileNotFoundError(f"{folder} is not a tokenised corpus folder: missing {', '.join(missing)}")
     return {name: TokensRef(str(p), sha256_file(p)) for name, p in paths.items()}
+
+
+def _set_files(folder: Path) -> dict[str, Path]:
+    return {name: folder / f"{name}.safetensors" for name in SETS}
