@@ -33,7 +33,7 @@ from tailor.evaluate.harness import evaluate_checkpoint, evaluation_file
 from tailor.evaluate.perplexity import heldout_perplexity
 from tailor.models.precision import load_teacher
 from tailor.models.sources import materialize, source_num_layers
-from tailor.prune.pruning import prune_checkpoint
+from tailor.prune.pruning import prune_checkpoint, replace_removed_block
 from tailor.report.healing import healing_summary
 
 TS, WIKI, C4 = "corpus/tinystories_sample.jsonl", "corpus/wikipedia_sample.jsonl", "corpus/c4_sample.jsonl"
@@ -43,6 +43,11 @@ QUICK_BEFORE = dict(learning_rate=5e-5, batch_size=4, grad_accum=2, seq_len=128,
 # Every other row: BOS-first document starts, a held-out slice, warm-up and cosine decay.
 RECIPE = dict(QUICK_BEFORE, warmup_steps=2, lr_schedule="cosine")
 MIX = {TS: 0.6, WIKI: 0.4}  # no C4: its document starts are navigation menus and link lists
+# Hidden-state rows: two BOS-first windows of most TinyStories and Wikipedia training documents.
+HIDDEN = dict(objective="hidden", hidden_loss="mse", learning_rate=1e-4, warmup_steps=8, lr_schedule="cosine",
+              batch_size=8, grad_accum=2, seq_len=128, epochs=1, num_samples=2048, windows_per_doc=2,
+              corpus_mix={TS: 1, WIKI: 3}, freeze_embeddings=True, teacher_dtype="float32", bf16_autocast=False,
+              heldout_every=32)
 # In order of what they answer: the cause, its fix, the corpus domain, what trains, the
 # learning rate, a cross-entropy mix.
 VARIANTS: dict[str, dict] = {
@@ -74,6 +79,14 @@ VARIANTS: dict[str, dict] = {
     # Training noise: the quick recipe with other sample orders (the paired intervals cover
     # the documents scored, not which run of training produced the model).
     **{f"quick_profile_seed{seed}": dict(load_config("quick").distill.model_dump(), seed=seed) for seed in (1, 2)},
+    # Objectives beyond logit KD (4 layers removed): the teacher's final hidden state matched
+    # by the last remaining layers and the final norm, the embedding/head and every earlier
+    # layer fixed, so the student runs from the teacher's own trunk (float32 on both sides).
+    "hidden_mse_last2": dict(HIDDEN, train_last_layers=2),
+    "hidden_mse_last4": dict(HIDDEN, train_last_layers=4),
+    "hidden_mse_replacement": dict(HIDDEN, replacement_layer=True, train_last_layers=1),
+    "hidden_cosine_last4": dict(HIDDEN, train_last_layers=4, hidden_loss="cosine"),
+    "logits_last4": dict(HIDDEN, train_last_layers=4, objective="logits"),
     # Precision: the quick recipe with every matmul in float32 (what a CPU without native
     # bfloat16 runs): does bfloat16 change what the recipe heals, and what does it save?
     "quick_profile_float32": dict(load_config("quick").distill.model_dump(), bf16_autocast=False,
@@ -102,6 +115,8 @@ def distilled_checkpoint(name: str, cfg: DistillConfig, base, pruned, data: Data
     if (done := existing_checkpoint(out)) is not None:
         return done, json.loads((out / "record.json").read_text())
     student, tokenizer = load_model(pruned)
+    if cfg.replacement_layer:
+        replace_removed_block(student, load_model(base)[0])
     samples = (windowed_samples_before_fix(tokenizer, data, cfg.seq_len, cfg.num_samples)
                if name == "quick_as_shipped_before" else training_samples(tokenizer, cfg, data))
     teacher = load_teacher(base, cfg.teacher_dtype, samples["input_ids"])
@@ -159,6 +174,7 @@ def main() -> None:
         ref, record = distilled_checkpoint(name, cfg, base, pruned, data, work)
         summary = healing_summary({**fixed, "distilled": evaluate(ref)})
         rows[name] = {"healing": summary, "heldout_ppl": heldout_ppl(ref), "train_seconds": record["train_seconds"],
+                      "train_tokens": record["train_tokens"], "trainable_parameters": record["trainable_parameters"],
                       "optimizer_steps": record["optimizer_steps"], "final_loss": record["losses"][-1]}
         print_row(name, rows[name])
 
@@ -166,7 +182,7 @@ def main() -> None:
     print(f"limit {args.limit} documents per task, evaluation {args.eval_dtype}; held-out perplexity "
           f"original {fixed_ppl['original']:.2f}, pruned {fixed_ppl['pruned']:.2f}")
     header = ["variant", *[f"{t} Δacc [95% CI]" for t in args.tasks], "pooled Δacc [95% CI]",
-              "recovered", "lambada ppl", "held-out ppl", "train s"]
+              "recovered [95% CI]", "lambada ppl", "held-out ppl", "train s", "train tokens", "trainable"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for name, row in rows.items():
@@ -174,7 +190,8 @@ def main() -> None:
     print_summary({"limit": args.limit, "eval_dtype": args.eval_dtype, "heldout_ppl": fixed_ppl,
                    "variants": {n: {"pooled": r["healing"]["pooled"], "per_task": r["healing"]["per_task"],
                                     "perplexity": r["healing"]["perplexity"], "harmed": r["healing"]["harmed"],
-                                    "heldout_ppl": r["heldout_ppl"], "train_seconds": r["train_seconds"]}
+                                    "heldout_ppl": r["heldout_ppl"], "train_seconds": r["train_seconds"],
+                                    "train_tokens": r["train_tokens"], "trainable_parameters": r["trainable_parameters"]}
                                 for n, r in rows.items()}})
 
 
@@ -187,10 +204,13 @@ def print_row(name: str, row: dict, markdown: bool = False) -> None:
 
     pooled = h["pooled"]
     share = "cannot tell" if pooled["recovered_share"] is None else f"{pooled['recovered_share']:.0%}"
+    if pooled.get("recovered_share_ci95") and pooled["recovered_share"] is not None:
+        share += " [{:.0%}, {:.0%}]".format(*pooled["recovered_share_ci95"])
     ppl = h["perplexity"]
     cells = [name, *[d(r) for r in h["per_task"].values()], d(pooled), share,
              f"{ppl['pruned']:.1f} -> {ppl['distilled']:.1f}" if ppl else "n/a",
-             f"{row['heldout_ppl']:.2f}", f"{row['train_seconds']:.0f}"]
+             f"{row['heldout_ppl']:.2f}", f"{row['train_seconds']:.0f}", f"{row.get('train_tokens', 0):,}",
+             f"{row.get('trainable_parameters', 0):,}"]
     print(("| " + " | ".join(cells) + " |") if markdown else "  " + "  ".join(cells), flush=True)
 
 

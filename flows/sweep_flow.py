@@ -23,7 +23,7 @@ from flows.stages import FAILURE_HOOKS, RunContext, evaluate_stage, launch, run_
 from flows.tailor_flow import tailor_flow
 from tailor.common.console import Stages
 from tailor.common.layout import WorkDir
-from tailor.config.settings import PruneConfig, TailorConfig, load_config
+from tailor.config.settings import TEACHER_SOURCE, PruneConfig, TailorConfig, load_config
 from tailor.evaluate.harness import evaluation_signature
 from tailor.models.sources import source_num_layers
 from tailor.preflight import check_prune, preflight
@@ -33,7 +33,7 @@ from tailor.report.compare import load_scores
 from tailor.report.plots import embed_markdown, layer_scores_png
 from tailor.report.sweep import BEST_RULE, best_row, render_markdown, retention_plot, sweep_rows, table
 from tasks.measure import measure_speed
-from tasks.models import materialize_model, prune_model, score_layers, tokenise
+from tasks.models import generate_teacher_text, materialize_model, prune_model, score_layers, tokenise
 from tasks.records import Evaluation, Pruned
 
 
@@ -50,7 +50,9 @@ def sweep_flow(profile: str = "quick", overrides: list[str] | None = None, out_d
     scored = tuple(s for s in cfg.sweep.strategies if s in SCORED_STRATEGIES)
     scores = None
     if scored:
-        calibration = run_intact(tokenise, base, cfg.distill, cfg.prune, cfg.data, cfg.work_dir).calibration
+        teacher_text = generate_teacher_text(base, cfg).tokens if TEACHER_SOURCE in cfg.distill.corpus_mix else None
+        calibration = run_intact(tokenise, base, cfg.distill, cfg.prune, cfg.data, cfg.work_dir,
+                                 teacher_text).calibration
         scores = score_layers(base, cfg.prune, scored, calibration, cfg.work_dir).scores
     # Each combination's pruning and evaluation are tasks of their own: on Dask workers with
     # runner.dask_workers / runner.dask_address.

@@ -22,7 +22,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.stages import FAILURE_HOOKS, Done, RunContext, accuracy_summary, metric_values, run_intact, run_link, track
 from tailor.common.console import LOGGER, Stages
 from tailor.common.layout import WorkDir
-from tailor.config.settings import TailorConfig, load_config
+from tailor.config.settings import TEACHER_SOURCE, TailorConfig, load_config
 from tailor.data.corpus import corpus_datasets
 from tailor.data.tokenised import TokensRef
 from tailor.evaluate.harness import evaluation_datasets, evaluation_signature
@@ -32,10 +32,11 @@ from tailor.registry import tracking
 from tailor.registry.promotion import evaluation_tags, version_description
 from tailor.store.checkpoint import CheckpointRef
 from tasks.measure import measure_speed, score_heldout
-from tasks.models import cache_teacher_topk, distill_model, materialize_model, prune_model, score_layers, tokenise
+from tasks.models import (cache_teacher_topk, distill_model, generate_teacher_text, materialize_model, prune_model,
+                          score_layers, tokenise)
 from tasks.promotion import promote_model
 from tasks.records import (Distilled, Evaluation, HeldoutScore, Materialized, Pruned, SpeedProfiles, TeacherCache,
-                           Tokenised)
+                           TeacherText, Tokenised)
 from tasks.report import compare_models, record_promotion
 from tasks.tracking import register_model
 
@@ -127,8 +128,10 @@ def build_models(run: RunContext) -> Models:
 def tokenise_corpus(run: RunContext, base: CheckpointRef) -> Tokenised:
     """The corpus tokenised once for layer scoring, the teacher cache, distillation and held-out scoring."""
     cfg = run.cfg
+    teacher_text = generate_text(run, base) if TEACHER_SOURCE in cfg.distill.corpus_mix else None
     run.stages.start("tokenise")
-    tokens = run_intact(tokenise, base, cfg.distill, cfg.prune, cfg.data, cfg.work_dir)
+    tokens = run_intact(tokenise, base, cfg.distill, cfg.prune, cfg.data, cfg.work_dir,
+                        teacher_text.tokens if teacher_text else None)
     run.log("tokenise", params={"num_samples": cfg.distill.num_samples, "seq_len": cfg.distill.seq_len,
                                 "calibration_samples": cfg.prune.calibration_samples,
                                 "calibration_seq_len": cfg.prune.calibration_seq_len,
@@ -136,6 +139,21 @@ def tokenise_corpus(run: RunContext, base: CheckpointRef) -> Tokenised:
             metrics={"seconds": tokens.cost.seconds})
     run.stages.done("tokenise", str(Path(tokens.train.path).parent))
     return tokens
+
+
+def generate_text(run: RunContext, base: CheckpointRef) -> TeacherText:
+    """The teacher's own text, its share of the training samples (a corpus source)."""
+    cfg = run.cfg
+    run.stages.start("generate-text")
+    text = generate_teacher_text(base, cfg)
+    run.log("generate-text", params={**cfg.generate.model_dump(), "sequences": text.sequences,
+                                     "seq_len": cfg.distill.seq_len},
+            metrics={"seconds": text.cost.seconds})
+    tracking.log_datasets(run.client, run.parent_id, [{
+        "name": "teacher_text", "digest": text.tokens.fingerprint, "source": text.tokens.path,
+        "context": "distillation"}])
+    run.stages.done("generate-text", f"{text.sequences} sequences of {cfg.distill.seq_len} tokens")
+    return text
 
 
 def prune(run: RunContext, base: CheckpointRef, tokens: Tokenised) -> Pruned:
@@ -256,7 +274,8 @@ def register_and_promote(run: RunContext, distilled: CheckpointRef, report: dict
 
 def stage_names(cfg: TailorConfig) -> list[str]:
     """The flow's stages in the order they start, for "stage k of n"."""
-    return ["materialize", "evaluate-original", "tokenise",
+    return ["materialize", "evaluate-original",
+            *(["generate-text"] if TEACHER_SOURCE in cfg.distill.corpus_mix else []), "tokenise",
             *(["score-layers"] if cfg.prune.strategy in SCORED_STRATEGIES else []),
             "prune", "evaluate-pruned",
             *(["cache-teacher-topk"] if cfg.distill.teacher_topk else []),

@@ -102,6 +102,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from tailor.data.tokenised import tokenise_corpus, tokens_in
+    from tailor.distill.generated import teacher_text_for
     from tailor.distill.trainer import distill_checkpoint
     from tailor.store.checkpoint import check_checkpoint_target, existing_checkpoint
 
@@ -116,7 +117,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
         check_checkpoint_target(out)  # before any work: never train towards a folder we may not write
     # The flow's launcher hands over the tokens it made; by hand they are made (or found) in work_dir.
     tokens = (tokens_in(args.tokens) if args.tokens
-              else tokenise_corpus(refs["teacher"], cfg.distill, cfg.prune, cfg.data, cfg.work_dir))
+              else tokenise_corpus(refs["teacher"], cfg.distill, cfg.prune, cfg.data, cfg.work_dir,
+                                   teacher_text_for(cfg, refs["teacher"])))
     device = "cpu"
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))

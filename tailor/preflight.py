@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tailor.config.settings import ConfigError, PruneConfig, TailorConfig
-from tailor.data.corpus import check_corpus
+from tailor.data.corpus import check_corpus, file_sources
 from tailor.evaluate.harness import OFFLINE_SPLITS, check_tasks
 from tailor.models.sources import check_source, source_limits, source_num_layers
 from tailor.prune.importance import SCORED_STRATEGIES
@@ -19,7 +19,7 @@ def ensure_offline_data(cfg: TailorConfig) -> None:
         return
     data_dir = Path(cfg.data.data_dir)
     needed = [data_dir / OFFLINE_SPLITS[t][0] for t in cfg.eval.tasks if t in OFFLINE_SPLITS]
-    needed += [data_dir / f for f in cfg.distill.corpus_mix]
+    needed += [data_dir / f for f in file_sources(cfg.distill)]
     from tailor.data.offline import BENCHMARK_FILES, CORPUS_FILES, pull_missing_files
 
     # Only the stock files can be pulled: a missing file of the user's own is check_corpus's to report.
@@ -41,7 +41,7 @@ def check_data_checksums(cfg: TailorConfig) -> None:
         return
     from tailor.data.offline import changed_files
 
-    needed = [OFFLINE_SPLITS[t][0] for t in cfg.eval.tasks if t in OFFLINE_SPLITS] + list(cfg.distill.corpus_mix)
+    needed = [OFFLINE_SPLITS[t][0] for t in cfg.eval.tasks if t in OFFLINE_SPLITS] + file_sources(cfg.distill)
     changed = changed_files(Path(cfg.data.data_dir), needed)
     if changed:
         listed = "; ".join(f"{rel}: sha256 {actual[:12]}…, recorded {recorded[:12]}…"
@@ -65,7 +65,13 @@ def check_prune(prune: PruneConfig, num_layers: int) -> None:
 def check_trainable_layers(cfg: TailorConfig, num_layers: int) -> None:
     """distill.train_last_layers fits the student the pruning leaves."""
     removed = len(cfg.prune.indices) if cfg.prune.strategy == "indices" else cfg.prune.num_layers
-    left = num_layers - removed
+    left = num_layers - removed + (1 if cfg.distill.replacement_layer else 0)
+    if cfg.prune.strategy == "indices" and cfg.distill.replacement_layer:
+        kept = sorted(cfg.prune.indices)
+        if kept != list(range(kept[0], kept[-1] + 1)):
+            raise ConfigError(f"distill.replacement_layer=true needs one contiguous removed block; prune.indices="
+                              f"{list(cfg.prune.indices)} is not (allowed: consecutive indices, or "
+                              "prune.strategy last or angular)")
     if cfg.distill.train_last_layers > left:
         raise ConfigError(f"distill.train_last_layers={cfg.distill.train_last_layers} exceeds the {left} decoder "
                           f"layers left after pruning; allowed: 0 (all) to {left}")

@@ -13,9 +13,11 @@ from transformers import AutoConfig
 from tailor.common.console import Progress
 from tailor.common.layout import WorkDir
 from tailor.common.resources import stage_cost, stage_start
-from tailor.config.settings import DataConfig, DistillConfig, ModelConfig, PruneConfig
+from tailor.config.settings import TEACHER_SOURCE, DataConfig, DistillConfig, ModelConfig, PruneConfig, TailorConfig
+from tailor.data.corpus import source_share
 from tailor.data.tokenised import TokensRef, tokenise_corpus
 from tailor.distill.data_parallel import distill_data_parallel
+from tailor.distill.generated import teacher_text_for
 from tailor.distill.teacher_cache import write_topk_cache
 from tailor.distill.trainer import distill_checkpoint, planned_steps
 from tailor.models.precision import resolve_bf16_autocast, teacher_numerics
@@ -26,7 +28,7 @@ from tailor.report.plots import layer_scores_png
 from tailor.store.checkpoint import CheckpointRef, load_model, stable_hash, write_file_atomically
 
 from ._common import CACHED
-from .records import Distilled, LayerScores, Materialized, Pruned, TeacherCache, Tokenised
+from .records import Distilled, LayerScores, Materialized, Pruned, TeacherCache, TeacherText, Tokenised
 
 
 @task(name="materialize-model", cache_policy=CACHED, persist_result=True, retries=2, retry_delay_seconds=[10, 30])
@@ -37,12 +39,24 @@ def materialize_model(model: ModelConfig, work_dir: str) -> Materialized:
     return Materialized(ref, stage_cost(start))
 
 
+@task(name="generate-teacher-text", cache_policy=CACHED, persist_result=True)
+def generate_teacher_text(teacher: CheckpointRef, cfg: TailorConfig) -> TeacherText:
+    """Sequences the teacher samples itself (the corpus mix's "teacher" source); a killed run
+    continues at its first missing batch."""
+    start = stage_start()
+    sequences = source_share(cfg.distill, cfg.distill.num_samples)[TEACHER_SOURCE]
+    line = Progress("generate-text", -(-sequences // cfg.generate.batch_size), "batches")
+    tokens = teacher_text_for(cfg, teacher.verify(), on_batch=lambda done, total: line.update(done))
+    return TeacherText(tokens, sequences, stage_cost(start))
+
+
 @task(name="tokenise-corpus", cache_policy=CACHED, persist_result=True)
 def tokenise(base: CheckpointRef, distill: DistillConfig, prune: PruneConfig, data: DataConfig,
-             work_dir: str) -> Tokenised:
+             work_dir: str, teacher_text: TokensRef | None = None) -> Tokenised:
     """The distillation corpus tokenised once: training samples, calibration windows, held-out documents."""
     start = stage_start()
-    sets = tokenise_corpus(base.verify(), distill, prune, data, work_dir)
+    sets = tokenise_corpus(base.verify(), distill, prune, data, work_dir,
+                           teacher_text.verify() if teacher_text is not None else None)
     return Tokenised(sets["train"], sets["calibration"], sets["heldout"], stage_cost(start))
 
 

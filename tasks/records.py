@@ -30,6 +30,14 @@ class Tokenised:
 
 
 @dataclass(frozen=True)
+class TeacherText:
+    """Text the teacher sampled itself (token ids), a corpus source."""
+    tokens: TokensRef
+    sequences: int
+    cost: StageCost
+
+
+@dataclass(frozen=True)
 class LayerScores:
     scores: dict
     """``layer_scores`` output: per strategy, per layer."""

@@ -5,6 +5,7 @@ read the layout off this class instead of from a dozen call sites::
 
     checkpoints/     base-*, pruned-*, distilled-*, registered-* model folders (each with FINGERPRINT)
     tokenised/       the tokenise stage's train / calibration / heldout token files
+    teacher-text/    text the teacher sampled (distill.corpus_mix source "teacher")
     importance/      layer scores                teacher-cache/   the teacher's top-k logits
     evals/           per-document scores         plots/           layer-score figures
     reports/         flow reports (no --out)     sweeps/          sweep reports (no --out)
@@ -32,6 +33,10 @@ class WorkDir:
     @property
     def tokenised(self) -> Path:
         return self.root / "tokenised"
+
+    @property
+    def teacher_text(self) -> Path:
+        return self.root / "teacher-text"
 
     @property
     def importance(self) -> Path:

@@ -22,6 +22,8 @@ REFERENCE_TASKS = ("arc_easy", "winogrande", "hellaswag", "lambada_openai")
 # leave no reference task worse than the pruned model (C4's document starts are menus and
 # link lists, and cost LAMBADA 0.28): see benchmarks/healing.py and the README.
 DEFAULT_CORPUS_MIX = {"corpus/tinystories_sample.jsonl": 1.0}
+# The distill.corpus_mix key that names text the teacher samples itself (settings: generate.*).
+TEACHER_SOURCE = "teacher"
 BOOK_PROMPTS = ("The capital of France is", "Machine learning is", "Climate change refers to")
 
 
@@ -146,6 +148,10 @@ class SpeedConfig(_Section):
 
 
 class DistillConfig(_Section):
+    objective: Literal["logits", "hidden"] = "logits"
+    """What the student learns to match: logits (the teacher's softened next-token distribution, through the output head) or hidden (the teacher's final hidden state, the head's input: no output head or 262k softmax for either model, so several times more tokens per second)."""
+    hidden_loss: Literal["mse", "cosine"] = "mse"
+    """objective=hidden: per-token distance between final hidden states: mse (squared error relative to the teacher's squared norm) or cosine (1 - cosine similarity)."""
     temperature: float = 2.0
     """Softmax temperature T for teacher and student; the loss is scaled by T^2."""
     loss: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
@@ -173,7 +179,7 @@ class DistillConfig(_Section):
     corpus: str = "DKYoon/SlimPajama-6B"
     """Hub dataset streamed in hub mode (its 'text' column)."""
     corpus_mix: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_CORPUS_MIX))
-    """Offline corpus: JSONL text files (relative to data_dir) and their weights; each gives its weight's share of num_samples."""
+    """Offline corpus: JSONL text files (relative to data_dir) and their weights; each gives its weight's share of num_samples. The name "teacher" is text the teacher samples itself (settings generate.*)."""
     heldout_docs: int = Field(16, ge=0)
     """The last this many documents of every corpus source are never trained on; their perplexity measures damage and healing."""
     windows_per_doc: int = Field(1, ge=1)
@@ -184,6 +190,8 @@ class DistillConfig(_Section):
     """Keep the token embedding (tied to the output head in Gemma) fixed: less compute and optimiser memory."""
     train_last_layers: int = Field(0, ge=0)
     """Train only the last this many decoder layers (and the final norm); 0 = every layer."""
+    replacement_layer: bool = False
+    """Insert one decoder layer where the pruned block was (LLM-Streamline), a copy of the block's first layer to start, before training: the distilled model has one layer more than the pruned one (the report states its parameters). With a last-N cut, train_last_layers=1 trains only it and the final norm."""
     max_grad_norm: float = Field(1.0, gt=0)
     """Gradient-norm clipping threshold."""
     loss_chunk_tokens: int = Field(128, ge=1)
@@ -238,6 +246,13 @@ class DistillConfig(_Section):
         return v
 
     @model_validator(mode="after")
+    def _topk_needs_logits(self):
+        if self.teacher_topk and self.objective != "logits":
+            raise ValueError(f"distill.teacher_topk={self.teacher_topk} caches logits and needs distill.objective="
+                             f"'logits' (got {self.objective!r}); set distill.teacher_topk=0")
+        return self
+
+    @model_validator(mode="after")
     def _topk_needs_forward_kl(self):
         if self.teacher_topk and self.loss != "forward_kl":
             raise ValueError(f"distill.teacher_topk={self.teacher_topk} needs distill.loss='forward_kl' "
@@ -260,6 +275,20 @@ class DistillConfig(_Section):
         if not v > 0:
             raise ValueError("distill.learning_rate must be > 0")
         return v
+
+
+class GenerateConfig(_Section):
+    """The teacher's own text, used when distill.corpus_mix names the source "teacher": its share of
+    distill.num_samples is how many sequences the teacher samples, each distill.seq_len tokens from BOS."""
+
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature of the teacher's text."""
+    top_p: float = Field(0.95, gt=0, le=1)
+    """Nucleus sampling: draw from the smallest set of tokens holding this share of the probability."""
+    batch_size: int = Field(16, ge=1)
+    """Sequences sampled at once (each batch is a resumable shard on disk)."""
+    seed: int = 0
+    """Seed of the first batch; batch b uses seed + b."""
 
 
 def _check_alias(setting: str, alias: str) -> str:
@@ -366,6 +395,7 @@ class TailorConfig(_Section):
     prune: PruneConfig = PruneConfig()
     speed: SpeedConfig = SpeedConfig()
     distill: DistillConfig = DistillConfig()
+    generate: GenerateConfig = GenerateConfig()
     tracking: TrackingConfig = TrackingConfig()
     runner: RunnerConfig = RunnerConfig()
     sweep: SweepConfig = SweepConfig()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from tailor.config.settings import DataConfig, DistillConfig, TailorError
+from tailor.config.settings import TEACHER_SOURCE, DataConfig, DistillConfig, TailorError
 from tailor.data.offline import sha256_file
 
 
@@ -63,7 +63,12 @@ def corpus_datasets(cfg: DistillConfig, data: DataConfig) -> list[dict[str, str]
         return [{"name": cfg.corpus, "digest": hashlib.sha256(cfg.corpus.encode()).hexdigest(),
                  "source": f"hf://datasets/{cfg.corpus}", "context": "distillation"}]
     return [{"name": Path(src).stem, "digest": sha256_file(Path(data.data_dir) / src),
-             "source": str(Path(data.data_dir) / src), "context": "distillation"} for src in cfg.corpus_mix]
+             "source": str(Path(data.data_dir) / src), "context": "distillation"} for src in file_sources(cfg)]
+
+
+def file_sources(cfg: DistillConfig) -> list[str]:
+    """The corpus_mix entries that are files (all but the teacher's own text)."""
+    return [src for src in cfg.corpus_mix if src != TEACHER_SOURCE]
 
 
 def source_share(cfg: DistillConfig, total: int) -> dict[str, int]:
@@ -89,7 +94,7 @@ def split_documents(docs: list[str], heldout: int) -> tuple[list[str], list[str]
 def offline_sources(cfg: DistillConfig, data: DataConfig) -> dict[str, tuple[list[str], list[str]]]:
     """Each offline source's (training, held-out) documents."""
     return {src: split_documents(read_documents(Path(data.data_dir) / src), cfg.heldout_docs)
-            for src in cfg.corpus_mix}
+            for src in file_sources(cfg)}
 
 
 def check_corpus(cfg: DistillConfig, data: DataConfig) -> None:
@@ -184,9 +189,11 @@ def pad_rows(tokenizer, rows: list[list[int]], seq_len: int) -> dict[str, torch.
 
 
 def training_samples(tokenizer, cfg: DistillConfig, data: DataConfig, num_samples: int | None = None,
-                     seq_len: int | None = None) -> dict[str, torch.Tensor]:
+                     seq_len: int | None = None, teacher_text: dict[str, torch.Tensor] | None = None
+                     ) -> dict[str, torch.Tensor]:
     """The recipe's training samples: each source's share of ``num_samples`` (default
-    ``cfg.num_samples``), interleaved by weight so any prefix keeps the mix."""
+    ``cfg.num_samples``), interleaved by weight so any prefix keeps the mix. ``teacher_text``
+    (token ids and mask) is the source ``TEACHER_SOURCE`` when the mix names it."""
     num_samples = num_samples or cfg.num_samples
     seq_len = seq_len or cfg.seq_len
     if data.mode == "hub":
@@ -194,6 +201,11 @@ def training_samples(tokenizer, cfg: DistillConfig, data: DataConfig, num_sample
                              cfg.windows_per_doc)
     wanted = source_share(cfg, num_samples)
     per_source: dict[str, list[list[int]]] = {src: [] for src in wanted}
+    if TEACHER_SOURCE in wanted:
+        if teacher_text is None:
+            raise CorpusError(f"distill.corpus_mix names {TEACHER_SOURCE!r} but no teacher text was generated")
+        rows = [ids[:int(m.sum())].tolist() for ids, m in zip(teacher_text["input_ids"], teacher_text["attention_mask"])]
+        per_source[TEACHER_SOURCE] = [r[:seq_len] for r in rows[:wanted[TEACHER_SOURCE]] if len(r) >= 2]
     for src, text in training_texts(cfg, data):
         if len(per_source[src]) >= wanted[src]:
             continue

@@ -1,4 +1,4 @@
-"""Heal a pruned student by logit distillation from the original (teacher)."""
+"""Heal a pruned student by distillation from the original (teacher): its logits or its final hidden state."""
 
 from __future__ import annotations
 
@@ -14,10 +14,14 @@ import torch
 
 from tailor.config.settings import DistillConfig, TailorError
 from tailor.data.tokenised import TokensRef
-from tailor.distill.kd_loss import LossCounts, LossSpec, TopKTeacher, kd_loss_chunked, kd_loss_topk
+from tailor.distill.kd_loss import LossCounts, TopKTeacher
+from tailor.distill.objectives import Objective, build_objective
 from tailor.distill.teacher_cache import load_topk_cache
 from tailor.evaluate.perplexity import heldout_perplexity
-from tailor.models.precision import final_hidden, load_teacher, resolve_bf16_autocast, teacher_numerics
+from tailor.models.precision import (bfloat16_autocast, final_hidden, has_bfloat16_matmuls, load_teacher,
+                                     resolve_bf16_autocast, teacher_numerics)
+from tailor.prune.pruning import replace_removed_block
+from tailor.prune.trunk import decoder_layers, hidden_states_at, shared_prefix, tail_hidden, tail_model
 from tailor.store.checkpoint import (CheckpointRef, check_checkpoint_target, existing_checkpoint, load_model,
                                      save_model, stable_hash, write_checkpoint, write_file_atomically)
 
@@ -55,15 +59,16 @@ class Distiller:
     def __init__(self, teacher, student, samples: dict[str, torch.Tensor], cfg: DistillConfig, *,
                  topk: TopKTeacher | None = None, heldout: dict[str, dict[str, torch.Tensor]] | None = None,
                  resume_file: Path | None = None, on_step: Callable[[int, float], None] | None = None,
-                 on_heldout: Callable[[int, float], None] | None = None) -> None:
-        if topk is None and teacher.config.vocab_size != student.config.vocab_size:
+                 on_heldout: Callable[[int, float], None] | None = None, share_trunk: bool = True) -> None:
+        if topk is None and cfg.objective == "logits" and teacher.config.vocab_size != student.config.vocab_size:
             raise DistillError(f"student vocabulary ({student.config.vocab_size}) differs from the "
                                f"teacher's ({teacher.config.vocab_size}); logit distillation needs the same one")
         self.teacher, self.student, self.samples, self.cfg = teacher, student, samples, cfg
         self.topk, self.heldout, self.resume_file = topk, heldout, resume_file
         self.on_step, self.on_heldout = on_step, on_heldout
+        self.share_trunk = share_trunk
+        self.trunk = 0  # decoder layers the student shares with the teacher and does not train
         self.rank, self.world = _process_group()
-        self.spec = loss_spec(cfg)
         self.num_samples = samples["input_ids"].shape[0]
         self.batches_per_epoch = -(-self.num_samples // (cfg.batch_size * self.world))
         # Position of the next micro-batch and everything counted so far.
@@ -84,6 +89,8 @@ class Distiller:
         if cfg.gradient_checkpointing:
             student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.autocast = resolve_bf16_autocast(cfg.bf16_autocast, student.device)
+        # The student's output-head matmuls (logit objectives) follow its autocast setting.
+        self.objective = build_objective(cfg, torch.bfloat16 if self.autocast else torch.float32)
         self.optimizer = _adamw(self.trainable, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_factor(cfg, planned_steps(cfg, self.num_samples, self.world)))
@@ -91,7 +98,8 @@ class Distiller:
             self.load_state_dict(torch.load(self.resume_file, weights_only=True))
         else:
             torch.manual_seed(cfg.seed)
-        self.model = _FinalHidden(student, self.autocast)
+        self.trunk = self._shared_trunk() if self.share_trunk else 0
+        self.model = _FinalHidden(student, self.autocast, self.trunk)
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -183,7 +191,6 @@ class Distiller:
             if not _ranks_in_sync(student):
                 raise DistillError("data-parallel ranks ended with different student weights")
             tokens = int(_all_sum(tokens))
-        spec = self.spec
         return {"losses": progress["losses"], "grad_norms": progress["grad_norms"],
                 "optimizer_steps": len(progress["losses"]),
                 "micro_batches": progress["micro"], "train_tokens": tokens, "train_seconds": elapsed,
@@ -193,9 +200,9 @@ class Distiller:
                 "teacher": (f"cached top-{cfg.teacher_topk}" if self.topk is not None
                             else f"live ({teacher_numerics(cfg.teacher_dtype, student.device)})"),
                 "gradient_checkpointing": cfg.gradient_checkpointing, "bf16_autocast": self.autocast,
-                "trainable_parameters": sum(p.numel() for p in self.trainable),
+                "trainable_parameters": sum(p.numel() for p in self.trainable), "shared_trunk_layers": self.trunk,
                 "heldout_curve": progress["heldout_curve"],
-                "loss": {"kind": spec.kind, "temperature": spec.temperature, "alpha": spec.alpha, "book": spec.book}}
+                "loss": self.objective.describe()}
 
     # -- state --------------------------------------------------------------------------------
 
@@ -216,7 +223,7 @@ class Distiller:
 
     def _micro_batch(self, idx: list[int]) -> float:
         """Forward and backward of this rank's share of a global batch; returns the global batch's loss."""
-        counts = _batch_counts(self.samples, idx, self.spec, self.world)
+        counts = _batch_counts(self.samples, idx, self.objective, self.world)
         # A rank whose share is empty (the last global batch of an epoch) still joins DDP's
         # reduction, with a zero-weighted loss on one sample.
         loss = self._loss(idx or [0], counts) * (1.0 if idx else 0.0)
@@ -227,22 +234,43 @@ class Distiller:
         return _all_sum(value) if self.world > 1 else value  # every rank holds its share of the loss
 
     def _loss(self, idx: list[int], counts: LossCounts) -> torch.Tensor:
-        student, samples, cfg = self.student, self.samples, self.cfg
+        student, samples = self.student, self.samples
         ids = samples["input_ids"][idx].to(student.device)
         mask = samples["attention_mask"][idx].to(student.device)
-        s_hidden = self.model(ids, mask)
-        matmuls = torch.bfloat16 if self.autocast else torch.float32  # the student's output head
         if self.topk is not None:
-            rows = torch.tensor(idx)
-            topk = self.topk
-            batch_topk = TopKTeacher(topk.values[rows], topk.indices[rows], topk.rest_logsumexp[rows], topk.temperature)
-            return kd_loss_topk(student, s_hidden, batch_topk, mask, ids, self.spec, cfg.loss_chunk_tokens, counts,
-                                matmuls)
-        teacher = self.teacher
-        with torch.no_grad():
-            t_hidden = final_hidden(teacher, ids.to(teacher.device), mask.to(teacher.device)).to(student.device)
-        return kd_loss_chunked(student, teacher, s_hidden, t_hidden, mask, ids, self.spec, cfg.loss_chunk_tokens,
-                               counts, matmuls)
+            topk, rows = self.topk, torch.tensor(idx)
+            target = TopKTeacher(topk.values[rows], topk.indices[rows], topk.rest_logsumexp[rows], topk.temperature)
+        else:
+            teacher = self.teacher
+            with torch.no_grad():
+                if self.trunk:
+                    # One forward of the shared layers: the teacher's state at the branch point is
+                    # the student's own, so the student runs only its remaining layers from it.
+                    states, t_hidden = hidden_states_at(teacher, ids, mask, (self.trunk,))
+                    trunk_hidden = states[self.trunk]
+                else:
+                    t_hidden = final_hidden(teacher, ids.to(teacher.device), mask.to(teacher.device))
+            target = (teacher, t_hidden.float().to(student.device))
+        s_hidden = self.model(ids, mask, trunk_hidden) if self.trunk else self.model(ids, mask)
+        return self.objective(student, s_hidden, target, mask, ids, counts)
+
+    def _shared_trunk(self) -> int:
+        """How many leading layers the student runs from the teacher's hidden state instead of its own.
+
+        Those layers must hold the teacher's weights (checked, not assumed), stay frozen, and
+        compute in the same precision in both models, so that the student's result is its own
+        full forward's to the bit; 0 when any of that does not hold.
+        """
+        teacher, student = self.teacher, self.student
+        if teacher is None or self.autocast or has_bfloat16_matmuls(teacher) \
+                or teacher.device != student.device or student.get_input_embeddings().weight.requires_grad:
+            return 0
+        frozen = 0
+        for layer in decoder_layers(student):
+            if any(p.requires_grad for p in layer.parameters()):
+                break
+            frozen += 1
+        return min(frozen, shared_prefix(teacher, student))
 
     def _score_heldout(self, step: int) -> None:
         """One point of the healing curve; its time is kept out of the training time."""
@@ -264,13 +292,19 @@ class _FinalHidden(torch.nn.Module):
     weight still belongs to it, and its gradient is reduced like every other.
     """
 
-    def __init__(self, student, autocast: bool) -> None:
+    def __init__(self, student, autocast: bool, trunk: int = 0) -> None:
         super().__init__()
         self.student = student
         self.autocast = autocast
+        # Its layers from ``trunk`` on, run from the teacher's state at that depth (shared trunk).
+        self.tail = tail_model(student, trunk) if trunk else None
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return final_hidden(self.student, input_ids, attention_mask, autocast=self.autocast)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                trunk_hidden: torch.Tensor | None = None) -> torch.Tensor:
+        if trunk_hidden is None:
+            return final_hidden(self.student, input_ids, attention_mask, autocast=self.autocast)
+        with bfloat16_autocast(self.autocast, input_ids.device):
+            return tail_hidden(self.tail, trunk_hidden, attention_mask).float()
 
 
 def select_trainable(student, cfg: DistillConfig) -> list[torch.nn.Parameter]:
@@ -303,10 +337,10 @@ def _sparse_tied_embedding_gradient(student, on: bool) -> bool:
     return before
 
 
-def _batch_counts(samples: dict[str, torch.Tensor], idx: list[int], spec: LossSpec, world: int) -> LossCounts:
+def _batch_counts(samples: dict[str, torch.Tensor], idx: list[int], objective: Objective, world: int) -> LossCounts:
     """The micro-batch's loss counts; in a process group, the whole global batch's."""
     if idx:
-        local = LossCounts.of(samples["attention_mask"][idx], samples["input_ids"][idx], spec)
+        local = objective.counts(samples["attention_mask"][idx], samples["input_ids"][idx])
     else:
         local = LossCounts(0, 0, 0)
     if world == 1:
@@ -377,11 +411,6 @@ def _adamw(params: list[torch.nn.Parameter], cfg: DistillConfig) -> torch.optim.
         return torch.optim.AdamW(params, **kwargs)
 
 
-def loss_spec(cfg: DistillConfig) -> LossSpec:
-    return LossSpec(temperature=cfg.temperature, kind=cfg.loss, alpha=cfg.alpha, jsd_beta=cfg.jsd_beta,
-                    book=cfg.book_loss)
-
-
 def distill_checkpoint(teacher_ref: CheckpointRef, student_ref: CheckpointRef, cfg: DistillConfig,
                        train: TokensRef, out_dir: Path, *, heldout: TokensRef | None = None,
                        topk_cache: Path | None = None, device: str = "cpu",
@@ -396,6 +425,8 @@ def distill_checkpoint(teacher_ref: CheckpointRef, student_ref: CheckpointRef, c
         return done, training_record(done)
     check_checkpoint_target(out_dir)
     student, tokenizer = load_model(student_ref, device=device)
+    if cfg.replacement_layer:
+        replace_removed_block(student, load_model(teacher_ref, device=device)[0])
     samples = train.samples()
     heldout_sets = heldout.per_source() if heldout is not None else None
     if topk_cache is not None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
+import torch
 import torch.nn as nn
 
 from tailor.common.layout import WorkDir
@@ -72,13 +74,7 @@ def prune_layers(model: nn.Module, remove: Sequence[int]) -> nn.Module:
         if isinstance(value, (list, tuple)) and len(value) == n and key != "architectures":
             setattr(config, key, type(value)(value[i] for i in keep))
     config.num_hidden_layers = len(keep)
-
-    for new_idx, layer in enumerate(getattr(parent, attr)):
-        for module in layer.modules():
-            if hasattr(module, "layer_idx"):
-                module.layer_idx = new_idx
-        if hasattr(layer, "layer_idx"):
-            layer.layer_idx = new_idx
+    _renumber(getattr(parent, attr))
     return model
 
 
@@ -91,3 +87,78 @@ def prune_checkpoint(base: CheckpointRef, remove: Sequence[int], work_dir: str) 
     name = f"pruned-{stable_hash(base.fingerprint, sorted(remove))}"
     ref = write_checkpoint(WorkDir(work_dir).checkpoints / name, lambda tmp: save_model(model, tokenizer, tmp))
     return ref, before, count_parameters(model)
+
+
+def insert_layer(model: nn.Module, index: int, layer: nn.Module, layer_config: dict | None = None) -> nn.Module:
+    """Insert ``layer`` as decoder layer ``index`` in place and return the model.
+
+    ``layer_config`` holds the new layer's entry of every per-layer config list (Gemma3's
+    ``layer_types``: the attention pattern it computes with); the rest is kept consistent
+    as ``prune_layers`` keeps it.
+    """
+    parent, attr, layers = find_layers(model)
+    n = len(layers)
+    if not 0 <= index <= n:
+        raise PruneError(f"cannot insert a decoder layer at {index}; allowed: 0..{n}")
+    config = model.config
+    for key, value in list(vars(config).items()):
+        if isinstance(value, (list, tuple)) and len(value) == n and key != "architectures":
+            if not layer_config or key not in layer_config:
+                raise PruneError(f"inserting a decoder layer needs its entry of config.{key}")
+            items = list(value)
+            items.insert(index, layer_config[key])
+            setattr(config, key, type(value)(items))
+    new = list(layers)
+    new.insert(index, layer)
+    setattr(parent, attr, nn.ModuleList(new))
+    config.num_hidden_layers = n + 1
+    _renumber(getattr(parent, attr))
+    return model
+
+
+def _renumber(layers: nn.ModuleList) -> None:
+    for new_idx, layer in enumerate(layers):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_idx
+
+
+def equal_weights(a: nn.Module, b: nn.Module) -> bool:
+    """The two modules hold the same tensors under the same names, value for value."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def removed_layers(pruned: nn.Module, original: nn.Module) -> list[int]:
+    """The original's decoder layers that ``pruned`` no longer holds, found by their weights."""
+    kept, j = [], 0
+    theirs = find_layers(original)[2]
+    for layer in find_layers(pruned)[2]:
+        while j < len(theirs) and not equal_weights(layer, theirs[j]):
+            j += 1
+        if j == len(theirs):
+            raise PruneError("a decoder layer of the pruned model is not among the original's (was it trained?): "
+                             "the removed block cannot be located")
+        kept.append(j)
+        j += 1
+    return [i for i in range(len(theirs)) if i not in kept]
+
+
+def replace_removed_block(pruned: nn.Module, original: nn.Module) -> int:
+    """Put one decoder layer where ``pruned`` lost a contiguous block of ``original``'s (LLM-Streamline).
+
+    The new layer starts as a copy of the block's first layer, which reads the very state the
+    block read; training it to produce the block's output is the caller's. Returns its index.
+    """
+    removed = removed_layers(pruned, original)
+    if not removed:
+        raise PruneError("the pruned model holds every layer of the original: there is no block to replace")
+    if removed != list(range(removed[0], removed[-1] + 1)):
+        raise PruneError(f"distill.replacement_layer needs one contiguous removed block; layers {removed} were "
+                         "removed (use prune.strategy last or angular)")
+    first = removed[0]
+    n = len(find_layers(original)[2])
+    per_layer = {key: value[first] for key, value in vars(original.config).items()
+                 if isinstance(value, (list, tuple)) and len(value) == n and key != "architectures"}
+    insert_layer(pruned, first, copy.deepcopy(find_layers(original)[2][first]), per_layer)
+    return first

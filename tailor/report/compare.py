@@ -214,10 +214,21 @@ def render_markdown(report: dict, figure_dir: Path | None = None) -> str:
     kd = report.get("distillation", {})
     if kd:
         if "loss" in kd:
-            loss = kd["loss"]
-            lines.append("- distillation loss: " + ("the book's (batchmean KL over padded positions)" if loss["book"]
-                         else f"{loss['kind']} at T={loss['temperature']} scaled by T², alpha={loss['alpha']}, "
-                              "real tokens only"))
+            lines.append(f"- distillation objective: {objective_text(kd['loss'])}")
+        if "trainable_parameters" in kd:
+            distill_cfg = report.get("config", {}).get("distill", {})
+            what = (f"the last {distill_cfg['train_last_layers']} decoder layers and the final norm"
+                    if distill_cfg.get("train_last_layers") else "every decoder layer and the final norm")
+            if distill_cfg.get("replacement_layer"):
+                what += ", with one new layer in the removed block's place"
+            if distill_cfg.get("freeze_embeddings"):
+                what += "; embedding and output head fixed"
+            lines.append(f"- trained: {kd['trainable_parameters']:,} parameters ({what})"
+                         + (f"; the first {kd['shared_trunk_layers']} layers run once for teacher and student"
+                            if kd.get("shared_trunk_layers") else ""))
+            if distill_cfg.get("corpus_mix"):
+                lines.append("- data: " + ", ".join(f"{src} (weight {w:g})"
+                                                    for src, w in distill_cfg["corpus_mix"].items()))
         if "teacher" in kd:
             student = ("bfloat16 autocast" if kd.get("bf16_autocast") else "float32") \
                 + (", gradient checkpointing" if kd.get("gradient_checkpointing") else "")
@@ -333,3 +344,12 @@ def write_report(report: dict, out_dir: Path) -> tuple[Path, Path]:
     write_file_atomically(json_path, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
     write_file_atomically(md_path, lambda tmp: tmp.write_text(render_markdown(report)))
     return json_path, md_path
+
+
+def objective_text(loss: dict) -> str:
+    """What the student was trained to match, in words (a training record's ``loss``)."""
+    if loss.get("objective") == "hidden":
+        return f"the teacher's final hidden state ({loss['hidden_loss']} per token, real tokens only)"
+    if loss["book"]:
+        return "the book's logit KD (batchmean KL over padded positions)"
+    return f"logit KD, {loss['kind']} at T={loss['temperature']} scaled by T², alpha={loss['alpha']}, real tokens only"

@@ -1,0 +1,91 @@
+"""Two models that share their first decoder layers: run the shared trunk once, branch into each tail.
+
+Removing the last N layers leaves layers 0..L-N-1 untouched, and a student that trains only
+its last k layers keeps its first L-N-k as they were: up to that depth the student's hidden
+states *are* the teacher's. Sharing is checked on the weights (``shared_prefix``), never
+assumed from how a model was made. ``tail_hidden`` runs a decoder from a hidden state at a
+given depth to its final norm, with the same masks and rotary embeddings its full forward
+builds, so the result equals the full forward's to the bit.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+from tailor.prune.pruning import equal_weights, find_layers
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return find_layers(model)[2]
+
+
+def shared_prefix(a: nn.Module, b: nn.Module) -> int:
+    """How many leading decoder layers (and the input embedding) the two models hold with equal weights.
+
+    Zero when the input embeddings differ: the trunk then starts from different states.
+    """
+    if not equal_weights(a.get_input_embeddings(), b.get_input_embeddings()):
+        return 0
+    shared = 0
+    for la, lb in zip(decoder_layers(a), decoder_layers(b)):
+        if not equal_weights(la, lb):
+            break
+        shared += 1
+    return shared
+
+
+def tail_model(model: nn.Module, start: int) -> nn.Module:
+    """A view of ``model``'s decoder that runs layers ``start..`` and the final norm from ``inputs_embeds``.
+
+    It shares every module (and so every weight and gradient) with ``model``; only its layer
+    list and the per-layer lists of its config are cut, so each layer keeps its attention type.
+    """
+    decoder = model.get_decoder()
+    layers = decoder_layers(model)
+    if not 0 <= start <= len(layers):
+        raise ValueError(f"tail start {start} outside 0..{len(layers)}")
+    tail = copy.copy(decoder)
+    tail._modules = dict(decoder._modules)
+    tail.layers = nn.ModuleList(list(layers)[start:])
+    config = copy.copy(decoder.config)
+    n = len(layers)
+    for key, value in list(vars(config).items()):
+        if isinstance(value, (list, tuple)) and len(value) == n and key != "architectures":
+            setattr(config, key, type(value)(value[start:]))
+    config.num_hidden_layers = n - start
+    tail.config = config
+    return tail
+
+
+def tail_hidden(tail: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The final normed hidden states of ``tail`` (a ``tail_model``) run from ``hidden``."""
+    return tail(inputs_embeds=hidden, attention_mask=attention_mask, position_ids=position_ids,
+                use_cache=False).last_hidden_state
+
+
+def hidden_states_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     depths: tuple[int, ...]) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """({depth: hidden state entering layer ``depth``}, final normed hidden) from one forward.
+
+    Depth 0 is the scaled input embedding; depth d > 0 is layer d-1's output.
+    """
+    layers = decoder_layers(model)
+    captured: dict[int, torch.Tensor] = {}
+    hooks = []
+    for d in depths:
+        if d == 0:
+            hooks.append(model.get_input_embeddings().register_forward_hook(
+                lambda m, args, out, d=d: captured.__setitem__(d, out)))
+        else:
+            hooks.append(layers[d - 1].register_forward_hook(
+                lambda m, args, out, d=d: captured.__setitem__(d, out[0] if isinstance(out, tuple) else out)))
+    try:
+        final = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    finally:
+        for h in hooks:
+            h.remove()
+    return captured, final
