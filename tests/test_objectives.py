@@ -134,3 +134,22 @@ def test_a_replacement_layer_takes_the_removed_blocks_place_as_a_copy_of_its_fir
 
         check_trainable_layers(load_config("smoke", ["prune.strategy=indices", "prune.indices=[0,2]",
                                                      "distill.replacement_layer=true"]), 4)
+
+
+def test_a_bfloat16_teacher_shares_its_trunk_and_hands_over_the_state_its_matmuls_computed(tiny_tokenizer):
+    import copy
+
+    from tailor.models.precision import to_bfloat16_matmuls
+    from tailor.prune.pruning import prune_layers
+
+    teacher = build_tiny_gemma3(tiny_tokenizer, num_layers=6, seed=0).eval()
+    samples = build_samples(tiny_tokenizer, TEXTS, seq_len=16, num_samples=8)
+    cfg = DistillConfig(objective="hidden", learning_rate=3e-3, batch_size=4, grad_accum=1, seq_len=16, epochs=2,
+                        num_samples=8, freeze_embeddings=True, train_last_layers=2)
+    students = [prune_layers(copy.deepcopy(teacher), [4, 5]) for _ in range(2)]
+    to_bfloat16_matmuls(teacher, samples["input_ids"])
+    shared = Distiller(teacher, students[0], samples, cfg).fit()
+    separate = Distiller(teacher, students[1], samples, cfg, share_trunk=False).fit()
+    assert shared["shared_trunk_layers"] == 2
+    # The student's float32 trunk and the teacher's bfloat16 one differ by rounding only.
+    torch.testing.assert_close(torch.tensor(shared["losses"]), torch.tensor(separate["losses"]), rtol=0.05, atol=0.01)

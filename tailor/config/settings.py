@@ -287,6 +287,8 @@ class GenerateConfig(_Section):
     """Nucleus sampling: draw from the smallest set of tokens holding this share of the probability."""
     batch_size: int = Field(16, ge=1)
     """Sequences sampled at once (each batch is a resumable shard on disk)."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """The teacher's matmuls while sampling: bfloat16 under autocast, float32, or auto (bfloat16 where the device multiplies it natively)."""
     seed: int = 0
     """Seed of the first batch; batch b uses seed + b."""
 

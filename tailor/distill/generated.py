@@ -24,13 +24,17 @@ from tailor.config.settings import TEACHER_SOURCE, GenerateConfig, TailorConfig
 from tailor.data.corpus import source_share
 from tailor.data.offline import sha256_file
 from tailor.data.tokenised import TokensRef
+from tailor.models.precision import bfloat16_autocast, resolve_teacher_dtype
 from tailor.store.checkpoint import CheckpointRef, load_model, stable_hash, write_file_atomically
 
 GENERATED_FILE = "teacher_text.safetensors"
+_NUCLEUS_CANDIDATES = 4096
 
 
 def generated_folder(teacher: CheckpointRef, cfg: GenerateConfig, count: int, seq_len: int, root: Path) -> Path:
-    return Path(root) / stable_hash(teacher.fingerprint, cfg.model_dump(), count, seq_len)
+    """Named by what the text depends on, the precision as it resolves on this machine included."""
+    return Path(root) / stable_hash(teacher.fingerprint, cfg.model_dump(), count, seq_len,
+                                    resolve_teacher_dtype(cfg.dtype, "cpu"))
 
 
 def generate_corpus(teacher_ref: CheckpointRef, cfg: GenerateConfig, count: int, seq_len: int, root: Path,
@@ -47,7 +51,8 @@ def generate_corpus(teacher_ref: CheckpointRef, cfg: GenerateConfig, count: int,
         shard = folder / f"shard-{b:05d}.safetensors"
         if not shard.exists():
             rows = min(cfg.batch_size, count - b * cfg.batch_size)
-            ids, mask = sample_batch(model, tokenizer, rows, seq_len, cfg, seed=cfg.seed + b)
+            with bfloat16_autocast(resolve_teacher_dtype(cfg.dtype, "cpu") == "bfloat16", "cpu"):
+                ids, mask = sample_batch(model, tokenizer, rows, seq_len, cfg, seed=cfg.seed + b)
             write_file_atomically(shard, lambda tmp, i=ids, m=mask: save_file(
                 {"input_ids": i.contiguous(), "attention_mask": m.contiguous()}, str(tmp)))
         if on_batch is not None:
@@ -99,7 +104,12 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: t
     """One token per row from softmax(logits / T), restricted to the smallest set holding ``top_p`` of the mass."""
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # The nucleus almost always lies within the most likely few thousand tokens: a partial
+        # top-k is much cheaper than sorting 262k entries per row, and exactly as good when its
+        # mass reaches top_p (else the full sort).
+        sorted_probs, order = probs.topk(min(_NUCLEUS_CANDIDATES, probs.shape[-1]), dim=-1)
+        if bool((sorted_probs.sum(-1) < top_p).any()):
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
         # Keep a token while the mass before it is below top_p (the most likely is always kept).
         keep = sorted_probs.cumsum(-1) - sorted_probs < top_p
         sorted_probs = sorted_probs * keep

@@ -246,8 +246,9 @@ class Distiller:
                 if self.trunk:
                     # One forward of the shared layers: the teacher's state at the branch point is
                     # the student's own, so the student runs only its remaining layers from it.
-                    states, t_hidden = hidden_states_at(teacher, ids, mask, (self.trunk,))
-                    trunk_hidden = states[self.trunk]
+                    with bfloat16_autocast(has_bfloat16_matmuls(teacher), teacher.device):
+                        states, t_hidden = hidden_states_at(teacher, ids, mask, (self.trunk,))
+                    trunk_hidden = states[self.trunk].float()
                 else:
                     t_hidden = final_hidden(teacher, ids.to(teacher.device), mask.to(teacher.device))
             target = (teacher, t_hidden.float().to(student.device))
@@ -257,20 +258,21 @@ class Distiller:
     def _shared_trunk(self) -> int:
         """How many leading layers the student runs from the teacher's hidden state instead of its own.
 
-        Those layers must hold the teacher's weights (checked, not assumed), stay frozen, and
-        compute in the same precision in both models, so that the student's result is its own
-        full forward's to the bit; 0 when any of that does not hold.
+        Those layers must hold the teacher's weights (checked, not assumed) and stay frozen; 0
+        otherwise. When both models compute in float32 the student's result is its own full
+        forward's to the bit; a bfloat16 teacher hands over the state its bfloat16 matmuls
+        computed (the student's own float32 trunk would differ by that rounding).
         """
         teacher, student = self.teacher, self.student
-        if teacher is None or self.autocast or has_bfloat16_matmuls(teacher) \
-                or teacher.device != student.device or student.get_input_embeddings().weight.requires_grad:
+        if teacher is None or teacher.device != student.device \
+                or student.get_input_embeddings().weight.requires_grad:
             return 0
         frozen = 0
         for layer in decoder_layers(student):
             if any(p.requires_grad for p in layer.parameters()):
                 break
             frozen += 1
-        return min(frozen, shared_prefix(teacher, student))
+        return min(frozen, shared_prefix(student, teacher))
 
     def _score_heldout(self, step: int) -> None:
         """One point of the healing curve; its time is kept out of the training time."""

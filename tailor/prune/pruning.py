@@ -123,10 +123,12 @@ def _renumber(layers: nn.ModuleList) -> None:
                 module.layer_idx = new_idx
 
 
-def equal_weights(a: nn.Module, b: nn.Module) -> bool:
-    """The two modules hold the same tensors under the same names, value for value."""
+def equal_weights(a: nn.Module, b: nn.Module, as_second: bool = False) -> bool:
+    """The two modules hold the same tensors under the same names, value for value
+    (``as_second``: ``a``'s values rounded to ``b``'s dtypes)."""
     sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa)
+    return sa.keys() == sb.keys() and all(
+        sa[k].shape == sb[k].shape and torch.equal(sa[k].to(sb[k].dtype) if as_second else sa[k], sb[k]) for k in sa)
 
 
 def removed_layers(pruned: nn.Module, original: nn.Module) -> list[int]:

@@ -22,16 +22,18 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return find_layers(model)[2]
 
 
-def shared_prefix(a: nn.Module, b: nn.Module) -> int:
-    """How many leading decoder layers (and the input embedding) the two models hold with equal weights.
+def shared_prefix(student: nn.Module, teacher: nn.Module) -> int:
+    """How many leading decoder layers (and the input embedding) the student holds with the teacher's weights.
 
-    Zero when the input embeddings differ: the trunk then starts from different states.
+    A teacher that stores its matmul weights in bfloat16 (``to_bfloat16_matmuls``) shares a
+    layer whose student weights round to its own. Zero when the input embeddings differ: the
+    trunk then starts from different states.
     """
-    if not equal_weights(a.get_input_embeddings(), b.get_input_embeddings()):
+    if not equal_weights(student.get_input_embeddings(), teacher.get_input_embeddings(), as_second=True):
         return 0
     shared = 0
-    for la, lb in zip(decoder_layers(a), decoder_layers(b)):
-        if not equal_weights(la, lb):
+    for ls, lt in zip(decoder_layers(student), decoder_layers(teacher)):
+        if not equal_weights(ls, lt, as_second=True):
             break
         shared += 1
     return shared
