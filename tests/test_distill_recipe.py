@@ -7,7 +7,8 @@ import torch
 
 from tailor.config.settings import DistillConfig
 from tailor.data.corpus import build_samples
-from tailor.distill.kd_loss import LossSpec, kd_loss_chunked
+from tailor.distill.kd_loss import LossSpec
+from tailor.distill.losses import LiveTeacherKDLoss
 from tailor.distill.trainer import DistillError, Distiller
 from tailor.evaluate.perplexity import heldout_perplexity
 from tailor.models.tiny import build_tiny_gemma3
@@ -32,8 +33,8 @@ def test_a_frozen_head_gets_no_gradient_and_the_same_hidden_gradient(tiny_tokeni
     for frozen in (False, True):
         student.get_output_embeddings().weight.requires_grad_(not frozen)
         s_h = student.model(input_ids=ids, attention_mask=mask).last_hidden_state.detach().requires_grad_(True)
-        loss = kd_loss_chunked(student, teacher, s_h, t_h, mask, ids, LossSpec(), chunk_tokens=8,
-                               matmul_dtype=matmuls)
+        kd = LiveTeacherKDLoss(LossSpec(), chunk_tokens=8, matmul_dtype=matmuls)
+        loss = kd(student, s_h, teacher, t_h, mask, ids)
         loss.backward()
         grads.append((loss.detach(), s_h.grad.clone()))
     assert student.get_output_embeddings().weight.grad is not None  # from the unfrozen pass only
@@ -52,7 +53,7 @@ def test_train_last_layers_and_frozen_embeddings_leave_the_rest_untouched(tiny_t
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith(("model.layers.2.", "model.norm.")) for k in changed)
     trainable = sum(p.numel() for n, p in student.named_parameters() if n.startswith(("model.layers.2.", "model.norm.")))
-    assert record["trainable_parameters"] == trainable
+    assert record.trainable_parameters == trainable
     assert all(p.requires_grad for p in student.parameters())  # switched back on for whoever uses it next
     with pytest.raises(DistillError, match="distill.train_last_layers=5 exceeds the student's 3 decoder layers"):
         Distiller(teacher, student, samples, cfg.model_copy(update={"train_last_layers": 5})).fit()
@@ -67,11 +68,11 @@ def test_the_healing_curve_scores_heldout_perplexity_before_every_n_steps_and_at
                         heldout_every=3)
     record = Distiller(teacher, student, samples, cfg, heldout=heldout,
                        on_heldout=lambda s, p: seen.append(s)).fit()
-    steps = [s for s, _ in record["heldout_curve"]]
+    steps = [s for s, _ in record.heldout_curve]
     assert steps == seen == [0, 3, 6, 8]
     # The last point is the trained student's held-out perplexity, scored like any checkpoint's.
-    assert record["heldout_curve"][-1][1] == pytest.approx(heldout_perplexity(student, heldout)["perplexity"])
-    assert record["heldout_curve"][-1][1] != record["heldout_curve"][0][1]
+    assert record.heldout_curve[-1][1] == pytest.approx(heldout_perplexity(student, heldout)["perplexity"])
+    assert record.heldout_curve[-1][1] != record.heldout_curve[0][1]
 
 
 def test_training_more_layers_than_pruning_leaves_fails_before_work():

@@ -6,7 +6,8 @@ from tailor.data.corpus import CorpusError, build_samples
 from tailor.distill.trainer import DistillError, Distiller
 import torch.nn.functional as F
 
-from tailor.distill.kd_loss import IGNORE, LossSpec, kd_loss_chunked, kd_loss_reference, next_token_targets
+from tailor.distill.kd_loss import IGNORE, LossSpec, kd_loss_reference, next_token_targets
+from tailor.distill.losses import LiveTeacherKDLoss
 from tailor.models.heads import output_logits
 
 
@@ -92,7 +93,7 @@ def test_chunked_loss_equals_reference_in_value_and_gradient(tiny_model, tiny_to
     ref.backward()
     ref_grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
     student.zero_grad()
-    chunked = kd_loss_chunked(student, teacher, _hidden(student, ids, mask), t_h, mask, ids, spec, chunk_tokens=3)
+    chunked = LiveTeacherKDLoss(spec, chunk_tokens=3)(student, _hidden(student, ids, mask), teacher, t_h, mask, ids)
     chunked.backward()
     assert chunked.item() == pytest.approx(ref.item(), rel=1e-5)
     for name, grad in ref_grads.items():
@@ -111,8 +112,8 @@ def test_distillation_lowers_the_loss(tiny_model, tiny_tokenizer):
     samples = build_samples(tiny_tokenizer, texts, seq_len=16, num_samples=8, windows_per_doc=64)
     cfg = DistillConfig(learning_rate=3e-3, batch_size=4, grad_accum=1, seq_len=16, epochs=6, num_samples=8)
     record = Distiller(tiny_model, student, samples, cfg).fit()
-    assert record["optimizer_steps"] == 12
-    assert record["losses"][-1] < 0.8 * record["losses"][0]
+    assert record.optimizer_steps == 12
+    assert record.losses[-1] < 0.8 * record.losses[0]
 
 
 def test_samples_pad_and_mask(tiny_tokenizer):
@@ -136,21 +137,21 @@ def test_vocabulary_mismatch_is_refused(tiny_model, tiny_tokenizer):
 def test_every_registered_divergence_is_a_setting_and_back():
     from typing import get_args
 
-    from tailor.distill.kd_loss import DIVERGENCES
+    from tailor.distill.divergences import DIVERGENCES
 
     allowed = get_args(DistillConfig.model_fields["loss"].annotation)
     assert set(allowed) == set(DIVERGENCES)
 
 
 def test_a_new_divergence_is_one_class_and_trains_through_the_chunked_loss(tiny_model, tiny_tokenizer, monkeypatch):
-    from tailor.distill import kd_loss
+    from tailor.distill import divergences
     from tailor.models.tiny import build_tiny_gemma3
 
-    class SymmetricKL(kd_loss.Divergence):  # no closed-form gradient: autograd per chunk
+    class SymmetricKL(divergences.Divergence):  # no closed-form gradient: autograd per chunk
         def per_token(self, log_p, log_q):
             return ((log_p.exp() - log_q.exp()) * (log_p - log_q)).sum(-1)
 
-    monkeypatch.setitem(kd_loss.DIVERGENCES, "symmetric_kl", lambda spec: SymmetricKL())
+    monkeypatch.setitem(divergences.DIVERGENCES, "symmetric_kl", lambda spec: SymmetricKL())
     spec = LossSpec(kind="symmetric_kl")
     student = build_tiny_gemma3(tiny_tokenizer, num_layers=3, seed=1)
     batch = tiny_tokenizer(["a student learns from a teacher", "the quick brown fox"], padding=True,
@@ -163,7 +164,7 @@ def test_a_new_divergence_is_one_class_and_trains_through_the_chunked_loss(tiny_
     forward_plus_reverse = (kd_loss_reference(s_logits, t_logits, mask, ids, LossSpec()) +
                             kd_loss_reference(s_logits, t_logits, mask, ids, LossSpec(kind="reverse_kl")))
     assert ref.item() == pytest.approx(forward_plus_reverse.item(), rel=1e-5)
-    chunked = kd_loss_chunked(student, tiny_model, _hidden(student, ids, mask), t_h, mask, ids, spec, chunk_tokens=3)
+    chunked = LiveTeacherKDLoss(spec, chunk_tokens=3)(student, _hidden(student, ids, mask), tiny_model, t_h, mask, ids)
     chunked.backward()
     assert chunked.item() == pytest.approx(ref.item(), rel=1e-5)
     assert all(p.grad is not None for p in student.parameters() if p.requires_grad)

@@ -7,7 +7,8 @@ import torch
 
 from tailor.config.settings import ConfigError, DistillConfig, load_config
 from tailor.data.corpus import build_samples
-from tailor.distill.kd_loss import LossSpec, TopKTeacher, kd_loss_chunked, kd_loss_topk
+from tailor.distill.kd_loss import LossSpec, TopKTeacher
+from tailor.distill.losses import LiveTeacherKDLoss, TopKTeacherKDLoss
 from tailor.distill.teacher_cache import TeacherCacheError, compute_topk, load_topk_cache
 from tailor.distill.trainer import Distiller, lr_factor
 from tailor.models.heads import output_logits
@@ -46,10 +47,10 @@ def test_top_k_over_the_whole_vocabulary_is_exact_kd(pair, tiny_tokenizer, spec)
     # same rounded teacher logits by routing the exact loss through float16 too.
     h1 = _hidden(student, ids, mask).detach().requires_grad_(True)
     h2 = h1.detach().clone().requires_grad_(True)
-    ours = kd_loss_topk(student, h1, topk, mask, ids, spec, chunk_tokens=7)
+    ours = TopKTeacherKDLoss(spec, chunk_tokens=7)(student, h1, topk, mask, ids)
     with torch.no_grad():
         t_hidden = _hidden(teacher, ids, mask)
-    exact = kd_loss_chunked(student, teacher, h2, t_hidden, mask, ids, spec, chunk_tokens=7)
+    exact = LiveTeacherKDLoss(spec, chunk_tokens=7)(student, h2, teacher, t_hidden, mask, ids)
     ours.backward(), exact.backward()
     assert ours.item() == pytest.approx(exact.item(), rel=2e-3)
     assert torch.allclose(h1.grad, h2.grad, rtol=2e-2, atol=1e-6)
@@ -63,7 +64,7 @@ def test_top_k_loss_and_gradient_match_the_k_plus_one_outcome_formula(pair, tiny
         t_logits = output_logits(teacher, _hidden(teacher, ids, mask))
     topk = TopKTeacher.from_logits(t_logits, k, T)
     h = _hidden(student, ids, mask).detach().requires_grad_(True)
-    ours = kd_loss_topk(student, h, topk, mask, ids, LossSpec(temperature=T), chunk_tokens=4)
+    ours = TopKTeacherKDLoss(LossSpec(temperature=T), chunk_tokens=4)(student, h, topk, mask, ids)
     ours.backward()
 
     # Direct: teacher over (top-k, rest) from its full softmax; student likewise.
@@ -110,8 +111,8 @@ def test_training_from_the_cache_lowers_the_loss(pair, tiny_tokenizer):
     cache = compute_topk(teacher, samples, 16, cfg.temperature)
     topk = TopKTeacher(cache["values"], cache["indices"], cache["rest_logsumexp"], cfg.temperature)
     record = Distiller(None, student, samples, cfg, topk=topk).fit()
-    assert record["teacher"] == "cached top-16"
-    assert record["losses"][-1] < record["losses"][0]
+    assert record.teacher == "cached top-16"
+    assert record.losses[-1] < record.losses[0]
 
 
 def test_top_k_needs_forward_kl():

@@ -7,7 +7,9 @@ import torch
 
 from tailor.config.settings import DistillConfig
 from tailor.data.corpus import build_samples
-from tailor.distill.kd_loss import LossSpec, kd_loss_chunked, logits_into
+from tailor.distill.fused_head import logits_into
+from tailor.distill.kd_loss import LossSpec
+from tailor.distill.losses import LiveTeacherKDLoss
 from tailor.distill.teacher_cache import compute_topk
 from tailor.distill.trainer import Distiller
 from tailor.models.precision import (fast_bfloat16, final_hidden, has_bfloat16_matmuls, resolve_bf16_autocast,
@@ -45,7 +47,7 @@ def test_bfloat16_teacher_keeps_a_float32_residual_stream_and_a_close_loss(tiny_
     spec = LossSpec(temperature=2.0)
     with torch.no_grad():
         s_hidden = final_hidden(student, ids, mask)
-        exact = kd_loss_chunked(student, teacher, s_hidden, final_hidden(teacher, ids, mask), mask, ids, spec)
+        exact = LiveTeacherKDLoss(spec)(student, s_hidden, teacher, final_hidden(teacher, ids, mask), mask, ids)
         embedded = teacher.get_input_embeddings()(ids)
         to_bfloat16_matmuls(teacher, ids)
         assert has_bfloat16_matmuls(teacher)
@@ -55,7 +57,7 @@ def test_bfloat16_teacher_keeps_a_float32_residual_stream_and_a_close_loss(tiny_
         assert torch.equal(teacher.get_input_embeddings()(ids), embedded)  # float32 rows, not rounded ones
         t_hidden = final_hidden(teacher, ids, mask)
         assert t_hidden.dtype == torch.float32
-        approx = kd_loss_chunked(student, teacher, s_hidden, t_hidden, mask, ids, spec)
+        approx = LiveTeacherKDLoss(spec)(student, s_hidden, teacher, t_hidden, mask, ids)
     assert approx.item() == pytest.approx(exact.item(), rel=2e-2)
     assert approx.item() != exact.item()  # it did run in bfloat16
 
@@ -102,8 +104,8 @@ def _train(tokenizer, **options):
 def test_gradient_checkpointing_trains_to_the_same_weights(tiny_tokenizer):
     plain, plain_record = _train(tiny_tokenizer)
     ckpt, ckpt_record = _train(tiny_tokenizer, gradient_checkpointing=True)
-    assert ckpt_record["gradient_checkpointing"] is True
-    assert ckpt_record["losses"] == pytest.approx(plain_record["losses"], rel=1e-5)
+    assert ckpt_record.gradient_checkpointing is True
+    assert ckpt_record.losses == pytest.approx(plain_record.losses, rel=1e-5)
     for (name, a), b in zip(plain.state_dict().items(), ckpt.state_dict().values()):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), name
     assert not ckpt.is_gradient_checkpointing  # switched off again for evaluation
@@ -113,17 +115,17 @@ def test_gradient_checkpointing_trains_to_the_same_weights(tiny_tokenizer):
 def test_bf16_autocast_trains_a_float32_student_close_to_float32_training(tiny_tokenizer):
     plain, plain_record = _train(tiny_tokenizer)
     mixed, mixed_record = _train(tiny_tokenizer, bf16_autocast=True)
-    assert mixed_record["bf16_autocast"] is True
+    assert mixed_record.bf16_autocast is True
     assert all(p.dtype == torch.float32 for p in mixed.parameters())
-    assert mixed_record["losses"] == pytest.approx(plain_record["losses"], rel=5e-2)
-    assert mixed_record["losses"] != plain_record["losses"]  # it did run in bfloat16
+    assert mixed_record.losses == pytest.approx(plain_record.losses, rel=5e-2)
+    assert mixed_record.losses != plain_record.losses  # it did run in bfloat16
 
 
 def test_auto_bf16_autocast_follows_the_device(tiny_tokenizer):
     assert resolve_bf16_autocast("auto", "cpu") == fast_bfloat16("cpu")
     assert resolve_bf16_autocast(False, "cpu") is False and resolve_bf16_autocast(True, "cpu") is True
     _, record = _train(tiny_tokenizer, bf16_autocast="auto")
-    assert record["bf16_autocast"] is fast_bfloat16("cpu")
+    assert record.bf16_autocast is fast_bfloat16("cpu")
     with pytest.raises(ValueError, match="bf16_autocast"):
         DistillConfig(bf16_autocast="sometimes")
 
@@ -136,8 +138,8 @@ def test_bfloat16_head_matmuls_stay_close_to_float32(tiny_tokenizer, kind):
     for dtype in (torch.float32, torch.bfloat16):
         student.zero_grad()
         hidden = final_hidden(student, ids, mask).detach().requires_grad_(True)
-        loss = kd_loss_chunked(student, teacher, hidden, t_hidden, mask, ids, spec, chunk_tokens=7,
-                               matmul_dtype=dtype)
+        kd = LiveTeacherKDLoss(spec, chunk_tokens=7, matmul_dtype=dtype)
+        loss = kd(student, hidden, teacher, t_hidden, mask, ids)
         loss.backward()
         results.append((loss.item(), hidden.grad, student.get_output_embeddings().weight.grad.clone()))
     (exact, gh, gw), (approx, gh16, gw16) = results
@@ -148,17 +150,17 @@ def test_bfloat16_head_matmuls_stay_close_to_float32(tiny_tokenizer, kind):
 
 
 def test_bfloat16_weight_gradient_does_not_depend_on_how_chunks_are_grouped(tiny_tokenizer, monkeypatch):
-    from tailor.distill import kd_loss
+    from tailor.distill import fused_head
 
     teacher, student, ids, mask, t_hidden = _models_and_batch(tiny_tokenizer)
     grads = []
     # One group; a flush every chunk or two; a group smaller than a chunk (7 tokens).
-    for group in (kd_loss._HeadMatmuls.GRAD_GROUP, 10, 5):
-        monkeypatch.setattr(kd_loss._HeadMatmuls, "GRAD_GROUP", group)
+    for group in (fused_head._HeadMatmuls.GRAD_GROUP, 10, 5):
+        monkeypatch.setattr(fused_head._HeadMatmuls, "GRAD_GROUP", group)
         student.zero_grad()
         hidden = final_hidden(student, ids, mask).detach().requires_grad_(True)
-        kd_loss_chunked(student, teacher, hidden, t_hidden, mask, ids, LossSpec(temperature=2.0), chunk_tokens=7,
-                        matmul_dtype=torch.bfloat16).backward()
+        loss = LiveTeacherKDLoss(LossSpec(temperature=2.0), chunk_tokens=7, matmul_dtype=torch.bfloat16)
+        loss(student, hidden, teacher, t_hidden, mask, ids).backward()
         grads.append((hidden.grad, student.get_output_embeddings().weight.grad.clone()))
     (gh, gw), *smaller = grads
     assert int(mask.sum()) > 2 * 10  # the small groups really flushed several times
@@ -178,8 +180,8 @@ def test_sparse_lookup_gradient_of_a_tied_embedding_sums_to_the_dense_one(tiny_t
     for sparse in (False, True):
         student.zero_grad(set_to_none=True)
         before = _sparse_tied_embedding_gradient(student, sparse)
-        kd_loss_chunked(student, teacher, final_hidden(student, ids, mask), t_hidden, mask, ids,
-                        LossSpec(temperature=2.0), chunk_tokens=7).backward()
+        LiveTeacherKDLoss(LossSpec(temperature=2.0), chunk_tokens=7)(
+            student, final_hidden(student, ids, mask), teacher, t_hidden, mask, ids).backward()
         _sparse_tied_embedding_gradient(student, before)
         assert not weight.grad.is_sparse
         grads.append(weight.grad.clone())

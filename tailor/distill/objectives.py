@@ -5,8 +5,8 @@ with the student's final hidden states (the output head's input) and the teacher
 for the same positions. A new objective is a subclass registered in ``OBJECTIVES`` and named
 by ``DistillConfig.objective``; the trainer knows nothing of which one it runs.
 
-``logits``: the divergence between temperature-softened distributions (``kd_loss``), through
-the output head a chunk of tokens at a time.
+``logits``: the divergence between temperature-softened distributions (``tailor.distill.losses``),
+through the output head a chunk of tokens at a time.
 
 ``hidden``: a distance between the student's and the teacher's final hidden states. Gemma's
 final norm and tied head turn that state into logits, so matching it matches the logits
@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from tailor.config.settings import DistillConfig
-from tailor.distill.kd_loss import LossCounts, LossSpec, TopKTeacher, kd_loss_chunked, kd_loss_topk
+from tailor.distill.kd_loss import LossCounts, LossSpec, TopKTeacher
+from tailor.distill.losses import LiveTeacherKDLoss, TopKTeacherKDLoss
 
 HIDDEN_LOSSES = ("mse", "cosine")
 
@@ -53,18 +54,21 @@ class LogitKD(Objective):
     name = "logits"
 
     def __init__(self, spec: LossSpec, chunk_tokens: int, matmul_dtype: torch.dtype) -> None:
-        self.spec, self.chunk_tokens, self.matmul_dtype = spec, chunk_tokens, matmul_dtype
+        self.spec = spec
+        self.live = LiveTeacherKDLoss(spec, chunk_tokens, matmul_dtype)
+        # A top-k cache has no other divergence's form; the settings refuse a cache with one.
+        self.cached = TopKTeacherKDLoss(spec, chunk_tokens, matmul_dtype) if spec.kind == "forward_kl" else None
 
     def counts(self, attention_mask, input_ids):
-        return LossCounts.of(attention_mask, input_ids, self.spec)
+        return self.live.counts(attention_mask, input_ids)
 
     def __call__(self, student, student_hidden, target, attention_mask, input_ids, counts):
         if isinstance(target, TopKTeacher):
-            return kd_loss_topk(student, student_hidden, target, attention_mask, input_ids, self.spec,
-                                self.chunk_tokens, counts, self.matmul_dtype)
+            if self.cached is None:
+                raise ValueError(f"a cached top-k teacher supports loss forward_kl only, not {self.spec.kind!r}")
+            return self.cached(student, student_hidden, target, attention_mask, input_ids, counts)
         teacher, teacher_hidden = target
-        return kd_loss_chunked(student, teacher, student_hidden, teacher_hidden, attention_mask, input_ids,
-                               self.spec, self.chunk_tokens, counts, self.matmul_dtype)
+        return self.live(student, student_hidden, teacher, teacher_hidden, attention_mask, input_ids, counts)
 
     def describe(self):
         spec = self.spec
