@@ -28,6 +28,7 @@ from tailor.store.checkpoint import load_model, load_tokenizer, stable_hash, wri
     existing_checkpoint
 from tailor.config.settings import REFERENCE_TASKS, load_config, DataConfig, DistillConfig, EvalConfig, ModelConfig
 from tailor.data.corpus import heldout_samples, pad_rows, read_documents, training_samples
+from tailor.distill.record import TrainingRecord
 from tailor.distill.trainer import Distiller
 from tailor.evaluate.harness import evaluate_checkpoint, evaluation_file
 from tailor.evaluate.perplexity import heldout_perplexity
@@ -113,7 +114,7 @@ def distilled_checkpoint(name: str, cfg: DistillConfig, base, pruned, data: Data
     out = next((p for p in sorted((work / "healing").glob(f"*-{key}")) if existing_checkpoint(p)),
                work / "healing" / f"{name}-{key}")
     if (done := existing_checkpoint(out)) is not None:
-        return done, json.loads((out / "record.json").read_text())
+        return done, TrainingRecord.from_dict(json.loads((out / "record.json").read_text()))
     student, tokenizer = load_model(pruned)
     if cfg.replacement_layer:
         replace_removed_block(student, load_model(base)[0])
@@ -133,7 +134,7 @@ def distilled_checkpoint(name: str, cfg: DistillConfig, base, pruned, data: Data
 
     def save(tmp: Path) -> None:
         save_model(student, tokenizer, tmp)
-        (tmp / "record.json").write_text(json.dumps(record))
+        (tmp / "record.json").write_text(json.dumps(record.to_dict()))
 
     return write_checkpoint(out, save), record
 
@@ -179,9 +180,9 @@ def main() -> None:
         print(f"variant {name}", flush=True)
         ref, record = distilled_checkpoint(name, cfg, base, pruned, data, work)
         summary = healing_summary({**fixed, "distilled": evaluate(ref)})
-        rows[name] = {"healing": summary, "heldout_ppl": heldout_ppl(ref), "train_seconds": record["train_seconds"],
-                      "train_tokens": record["train_tokens"], "trainable_parameters": record["trainable_parameters"],
-                      "optimizer_steps": record["optimizer_steps"], "final_loss": record["losses"][-1]}
+        rows[name] = {"healing": summary, "heldout_ppl": heldout_ppl(ref), "train_seconds": record.train_seconds,
+                      "train_tokens": record.train_tokens, "trainable_parameters": record.trainable_parameters,
+                      "optimizer_steps": record.optimizer_steps, "final_loss": record.losses[-1]}
         print_row(name, rows[name])
 
     print()

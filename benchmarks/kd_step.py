@@ -116,7 +116,7 @@ def run_ours(ref, samples, steps: int, cfg: DistillConfig, topk: TopKTeacher | N
     stamps = [time.perf_counter()]
     record = Distiller(teacher, student, samples, cfg, topk=topk,
                        on_step=lambda step, loss: stamps.append(time.perf_counter())).fit()
-    return {"losses": record["losses"], "stamps": stamps}
+    return {"losses": record.losses, "stamps": stamps}
 
 
 def measure(name: str, run, tokens: int) -> dict:

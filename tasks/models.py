@@ -108,7 +108,9 @@ def cache_teacher_topk(teacher: CheckpointRef, distill: DistillConfig, train: To
 def distill_model(teacher: CheckpointRef, student: CheckpointRef, distill: DistillConfig, data: DataConfig,
                   train: TokensRef, heldout: TokensRef, work_dir: str, topk_cache: str | None = None) -> Distilled:
     """Distil the student from the teacher (or its top-k cache) on the ``train`` tokens; the
-    ``heldout`` tokens give the healing curve."""
+    ``heldout`` tokens give the healing curve. The result carries the typed ``TrainingRecord``."""
+    # The source is part of the cache key: its last sentence keeps results cached while the
+    # record was a plain dict from being read back.
     # "auto" precisions resolve per machine, and the result depends on what they became.
     key = stable_hash(teacher.fingerprint, student.fingerprint, distill.model_dump(), train.fingerprint,
                       heldout.fingerprint, topk_cache,
@@ -134,9 +136,11 @@ def distill_model(teacher: CheckpointRef, student: CheckpointRef, distill: Disti
         # The processes' memory is their own: this stage's peak RSS covers the launcher only.
         get_run_logger().info(f"distill: {distill.nproc_per_node} data-parallel processes under torchrun")
         ref, record = distill_data_parallel(teacher.verify(), student.verify(), distill, data, train, out,
-                                            Path(topk_cache) if topk_cache else None)
+                                            Path(topk_cache) if topk_cache else None, unkeyed_ok=True)
     else:
+        # unkeyed_ok: ``out`` is named by the inputs' key, so a checkpoint there written before
+        # checkpoints recorded their inputs is this run's all the same.
         ref, record = distill_checkpoint(teacher.verify(), student.verify(), distill, train, out,
                                          heldout=heldout, topk_cache=Path(topk_cache) if topk_cache else None,
-                                         on_step=on_step, on_heldout=on_heldout)
+                                         on_step=on_step, on_heldout=on_heldout, unkeyed_ok=True)
     return Distilled(ref, record, stage_cost(start))

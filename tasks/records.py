@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from tailor.common.resources import StageCost
 from tailor.data.tokenised import TokensRef
+from tailor.distill.record import TrainingRecord
 from tailor.store.checkpoint import CheckpointRef
 
 
@@ -67,7 +68,7 @@ class TeacherCache:
 @dataclass(frozen=True)
 class Distilled:
     ref: CheckpointRef
-    record: dict
+    record: TrainingRecord
     """``distill``'s training record: losses, healing curve, throughput, settings resolved."""
     cost: StageCost
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 WORKER = textwrap.dedent("""
@@ -30,7 +31,7 @@ WORKER = textwrap.dedent("""
     record = Distiller(teacher, student, samples, cfg,
                        on_step=lambda step, loss: print(f"step {step}", flush=True), resume_file=resume).fit()
     torch.save(student.state_dict(), out)
-    print(f"resumed_at {record['resumed_at_step']} steps {record['optimizer_steps']}", flush=True)
+    print(f"resumed_at {record.resumed_at_step} steps {record.optimizer_steps}", flush=True)
 """)
 
 
@@ -39,6 +40,7 @@ def _start(resume, out):
                             stdout=subprocess.PIPE, text=True)
 
 
+@pytest.mark.integration
 def test_killed_distillation_resumes_to_identical_weights(tmp_path):
     reference = _start(tmp_path / "ref.resume.pt", tmp_path / "ref.pt")
     assert reference.wait(timeout=600) == 0
@@ -86,5 +88,5 @@ def test_a_resume_state_of_another_run_is_never_read(tmp_path):
     assert other != resume_path(out, cfg, base, pruned, tokens["train"], None, 1)
     other.write_bytes(b"a state from another run: unreadable on purpose")
     ref, record = distill_checkpoint(base, pruned, cfg, tokens["train"], out, heldout=tokens["heldout"])
-    assert record["resumed_at_step"] == 0 and record["optimizer_steps"] == 2 and ref.verify()
+    assert record.resumed_at_step == 0 and record.optimizer_steps == 2 and ref.verify()
     assert other.read_bytes().startswith(b"a state from another run")

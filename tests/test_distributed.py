@@ -31,10 +31,12 @@ def checkpoints(tmp_path_factory, tiny_tokenizer):
 
 
 def _distill(launcher: list[str], root, teacher, student, out: str, batch_size: int, shared_data) -> dict:
+    """``launcher`` + the distillation's arguments: ``[python, -m, tailor.cli, distill]`` or a torchrun
+    of the module each rank runs."""
     # 9 samples in global batches of 4: the last batch has one, so rank 1's share of it is empty.
     settings = [*SETTINGS, "distill.num_samples=9", f"distill.batch_size={batch_size}", f"work_dir={root}",
                 f"data.data_dir={shared_data}"]
-    cmd = [*launcher, "-m", "tailor.cli", "distill", "--teacher", teacher.path, "--student", student.path,
+    cmd = [*launcher, "--teacher", teacher.path, "--student", student.path,
            "--out", str(root / out), "--profile", "smoke", *[a for s in settings for a in ("--set", s)]]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -42,12 +44,14 @@ def _distill(launcher: list[str], root, teacher, student, out: str, batch_size: 
 
 
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(checkpoints, shared_data):
-    """Through ``tailor distill`` under torchrun: DistributedDataParallel, gradient accumulation
-    (no_sync), and a rank whose share of the last global batch is empty."""
+    """``tailor distill`` in one process against torchrun of the worker the launcher starts
+    (``tailor.distill.distributed``): DistributedDataParallel, gradient accumulation (no_sync), and
+    a rank whose share of the last global batch is empty."""
     root, teacher, student = checkpoints
-    single = _distill([sys.executable], root, teacher, student, "single", 4, shared_data)
+    single = _distill([sys.executable, "-m", "tailor.cli", "distill"], root, teacher, student, "single", 4,
+                      shared_data)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-                "--nproc-per-node", "2"]
+                "--nproc-per-node", "2", "-m", "tailor.distill.distributed"]
     parallel = _distill(torchrun, root, teacher, student, "parallel", 2, shared_data)
     assert single["world_size"] == 1 and parallel["world_size"] == 2
     assert parallel["optimizer_steps"] == single["optimizer_steps"] == 2
@@ -98,8 +102,8 @@ def test_the_flow_distils_data_parallel_like_one_process_on_the_same_global_batc
     cfg = load_config("smoke", [*common, "distill.batch_size=4"])
     tokens = tokenise_corpus(teacher, cfg.distill, cfg.prune, cfg.data, cfg.work_dir)  # the flow's, found again
     _, single = distill_checkpoint(teacher, student, cfg.distill, tokens["train"], tmp_path / "single")
-    assert single["world_size"] == 1
-    assert parallel["optimizer_steps"] == single["optimizer_steps"] == 2
-    assert parallel["train_tokens"] == single["train_tokens"]
-    assert parallel["losses"] == pytest.approx(single["losses"], rel=1e-3)
-    assert parallel["grad_norms"] == pytest.approx(single["grad_norms"], rel=1e-3)
+    assert single.world_size == 1
+    assert parallel["optimizer_steps"] == single.optimizer_steps == 2
+    assert parallel["train_tokens"] == single.train_tokens
+    assert parallel["losses"] == pytest.approx(single.losses, rel=1e-3)
+    assert parallel["grad_norms"] == pytest.approx(single.grad_norms, rel=1e-3)

@@ -54,8 +54,8 @@ def test_prune_evaluate_and_distill_the_real_model(embedded, shared_data):
     samples = training_samples(tokenizer, cfg, data)
     before = student.model.layers[0].mlp.up_proj.weight.clone()
     record = Distiller(teacher, student, samples, cfg).fit()
-    assert record["optimizer_steps"] == 2
-    assert all(0 < loss < 50 for loss in record["losses"])
+    assert record.optimizer_steps == 2
+    assert all(0 < loss < 50 for loss in record.losses)
     assert not torch.equal(before, student.model.layers[0].mlp.up_proj.weight)
 
 

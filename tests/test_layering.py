@@ -6,6 +6,7 @@ import each other without cycles.
 
 Inside the library, lowest first (``LIBRARY_LAYERS``); the modules directly in ``tailor/``
 (the command line, preflight checks, the eval command) are the application on top of them.
+A module a command line in the library starts (``"-m", "tailor.X"``) counts as imported.
 """
 
 from __future__ import annotations
@@ -28,11 +29,30 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _imports(path: Path) -> set[str]:
-    """Every module ``path`` imports, at top level or inside functions, as absolute names."""
-    package = _module_name(path).rsplit(".", 1)[0] if path.name != "__init__.py" else _module_name(path)
+@functools.lru_cache(maxsize=None)
+def _tree(path: Path) -> ast.Module:
+    return ast.parse(path.read_text())
+
+
+def _launched(path: Path) -> set[str]:
+    """Modules ``path`` starts in another process: the string after a ``"-m"`` in a list or tuple
+    (a command line for ``subprocess`` or ``torchrun``)."""
     names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(_tree(path)):
+        if isinstance(node, (ast.List, ast.Tuple)):
+            for flag, name in zip(node.elts, node.elts[1:]):
+                if isinstance(flag, ast.Constant) and flag.value == "-m" \
+                        and isinstance(name, ast.Constant) and isinstance(name.value, str):
+                    names.add(name.value)
+    return names
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module ``path`` imports, at top level or inside functions, as absolute names, and every
+    module it launches with ``-m``: a dependency all the same."""
+    package = _module_name(path).rsplit(".", 1)[0] if path.name != "__init__.py" else _module_name(path)
+    names = set(_launched(path))
+    for node in ast.walk(_tree(path)):
         if isinstance(node, ast.Import):
             names |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
@@ -113,9 +133,18 @@ def test_a_library_layer_imports_only_layers_below_it_or_itself():
     assert upward == {}
 
 
+def test_a_module_the_library_launches_exists():
+    """A ``-m tailor.X`` command line names a module that is there (a typo fails only at run time)."""
+    library = _modules("tailor")
+    missing = {_module_name(p): sorted(n for n in _launched(p) if _top(n) == "tailor" and n not in library)
+               for p in (ROOT / "tailor").rglob("*.py")}
+    assert {m: n for m, n in missing.items() if n} == {}
+
+
 def test_importing_the_whole_library_and_its_command_line_loads_no_prefect():
     """The command line reaches the flows only inside the commands that run one, so a
-    torchrun process of ``tailor distill`` (or any library user) never imports Prefect."""
+    torchrun worker (``tailor.distill.distributed``, or ``tailor distill``) and any library user
+    never import Prefect."""
     import subprocess
     import sys
 

@@ -68,8 +68,8 @@ def test_a_hidden_state_student_trains_toward_the_teacher_without_its_output_hea
                         num_samples=8, freeze_embeddings=True)
     head = student.get_output_embeddings().weight.clone()
     record = Distiller(teacher, student, samples, cfg).fit()
-    assert record["loss"] == {"objective": "hidden", "hidden_loss": "mse"}
-    assert record["losses"][-1] < record["losses"][0]
+    assert record.loss == {"objective": "hidden", "hidden_loss": "mse"}
+    assert record.losses[-1] < record.losses[0]
     assert torch.equal(student.get_output_embeddings().weight, head)
 
 
@@ -101,12 +101,12 @@ def test_a_student_sharing_the_teachers_first_layers_trains_to_the_same_weights_
         record = Distiller(teacher, student, samples, cfg, share_trunk=share).fit()
         results.append((record, student.state_dict()))
     (shared, weights), (separate, weights_separate) = results
-    assert shared["shared_trunk_layers"] == 2 and separate["shared_trunk_layers"] == 0
-    assert shared["losses"] == separate["losses"]
+    assert shared.shared_trunk_layers == 2 and separate.shared_trunk_layers == 0
+    assert shared.losses == separate.losses
     assert all(torch.equal(weights[k], weights_separate[k]) for k in weights)
     # A student whose early layers differ from the teacher's shares nothing.
     other = build_tiny_gemma3(tiny_tokenizer, num_layers=4, seed=1)
-    assert Distiller(teacher, other, samples, cfg).fit()["shared_trunk_layers"] == 0
+    assert Distiller(teacher, other, samples, cfg).fit().shared_trunk_layers == 0
 
 
 def test_a_replacement_layer_takes_the_removed_blocks_place_as_a_copy_of_its_first_layer(tiny_tokenizer):
@@ -150,6 +150,6 @@ def test_a_bfloat16_teacher_shares_its_trunk_and_hands_over_the_state_its_matmul
     to_bfloat16_matmuls(teacher, samples["input_ids"])
     shared = Distiller(teacher, students[0], samples, cfg).fit()
     separate = Distiller(teacher, students[1], samples, cfg, share_trunk=False).fit()
-    assert shared["shared_trunk_layers"] == 2
+    assert shared.shared_trunk_layers == 2
     # The student's float32 trunk and the teacher's bfloat16 one differ by rounding only.
-    torch.testing.assert_close(torch.tensor(shared["losses"]), torch.tensor(separate["losses"]), rtol=0.05, atol=0.01)
+    torch.testing.assert_close(torch.tensor(shared.losses), torch.tensor(separate.losses), rtol=0.05, atol=0.01)

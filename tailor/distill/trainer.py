@@ -16,6 +16,7 @@ from tailor.config.settings import DistillConfig, TailorError
 from tailor.data.tokenised import TokensRef
 from tailor.distill.kd_loss import LossCounts, TopKTeacher
 from tailor.distill.objectives import Objective, build_objective
+from tailor.distill.record import TrainingProgress, TrainingRecord, training_record, write_training_record
 from tailor.distill.teacher_cache import load_topk_cache
 from tailor.evaluate.perplexity import heldout_perplexity
 from tailor.models.precision import (bfloat16_autocast, final_hidden, has_bfloat16_matmuls, load_teacher,
@@ -24,9 +25,6 @@ from tailor.prune.pruning import replace_removed_block
 from tailor.prune.trunk import decoder_layers, hidden_states_at, shared_prefix, tail_hidden, tail_model
 from tailor.store.checkpoint import (CheckpointRef, check_checkpoint_target, existing_checkpoint, load_model,
                                      save_model, stable_hash, write_checkpoint, write_file_atomically)
-
-
-TRAINING_RECORD = "distill_record.json"
 
 
 class DistillError(TailorError, RuntimeError):
@@ -71,9 +69,7 @@ class Distiller:
         self.rank, self.world = _process_group()
         self.num_samples = samples["input_ids"].shape[0]
         self.batches_per_epoch = -(-self.num_samples // (cfg.batch_size * self.world))
-        # Position of the next micro-batch and everything counted so far.
-        self.progress: dict = {"epoch": 0, "batch": 0, "losses": [], "grad_norms": [], "micro": 0, "tokens": 0,
-                               "seconds": 0.0, "resumed_at": 0, "heldout_curve": []}
+        self.progress = TrainingProgress()
         self.model = None  # what forward and backward run through: the decoder, or its DDP wrapper
         self._started = 0.0  # perf_counter of training start, less the seconds of earlier sessions
 
@@ -109,10 +105,10 @@ class Distiller:
         # After wrapping: DDP would expect a sparse gradient from a sparse lookup, but the tied
         # head's dense gradient is summed into it before any hook sees it.
         self._sparse_before = _sparse_tied_embedding_gradient(student, True)
-        self._score_heldout(len(self.progress["losses"]))
-        self._started = time.perf_counter() - self.progress["seconds"]
+        self._score_heldout(self.progress.steps)
+        self._started = time.perf_counter() - self.progress.seconds
 
-    def fit(self) -> dict:
+    def fit(self) -> TrainingRecord:
         """The whole run: setup, every remaining optimiser step, teardown; returns the record."""
         self.setup()
         for window in self.windows():
@@ -127,11 +123,11 @@ class Distiller:
         """
         cfg, progress, window = self.cfg, self.progress, []
         global_batch = cfg.batch_size * self.world
-        micro = progress["micro"]
-        for epoch in range(progress["epoch"], cfg.epochs):
+        micro = progress.micro
+        for epoch in range(progress.epoch, cfg.epochs):
             order = list(range(self.num_samples))
             random.Random(cfg.seed + epoch).shuffle(order)
-            first = progress["batch"] if epoch == progress["epoch"] else 0
+            first = progress.batch if epoch == progress.epoch else 0
             for batch in range(first, self.batches_per_epoch):
                 shard = order[batch * global_batch:(batch + 1) * global_batch][self.rank::self.world]
                 window.append((epoch, batch, shard))
@@ -143,7 +139,7 @@ class Distiller:
 
     def step(self, window: list[tuple[int, int, list[int]]]) -> float:
         """One optimiser step over an accumulation window; returns its mean loss."""
-        cfg, progress, losses = self.cfg, self.progress, self.progress["losses"]
+        cfg, progress, losses = self.cfg, self.progress, self.progress.losses
         micro_losses = []
         for i, (epoch, _, idx) in enumerate(window):
             # Gradients are reduced across ranks once per window, on its last backward.
@@ -154,7 +150,7 @@ class Distiller:
                 raise DistillError(f"non-finite distillation loss at optimiser step {len(losses) + 1} "
                                    f"(epoch {epoch + 1}); check distill.learning_rate and distill.temperature")
             micro_losses.append(value)
-        progress["micro"] += len(window)
+        progress.micro += len(window)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
         if not torch.isfinite(grad_norm):
             raise DistillError(f"non-finite gradient norm at optimiser step {len(losses) + 1} "
@@ -163,11 +159,11 @@ class Distiller:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         losses.append(sum(micro_losses) / len(micro_losses))
-        progress["grad_norms"].append(float(grad_norm))
+        progress.grad_norms.append(float(grad_norm))
         if cfg.heldout_every and len(losses) % cfg.heldout_every == 0:
             self._score_heldout(len(losses))
         epoch, batch, _ = window[-1]
-        progress.update(epoch=epoch, batch=batch + 1, seconds=time.perf_counter() - self._started)
+        progress.epoch, progress.batch, progress.seconds = epoch, batch + 1, time.perf_counter() - self._started
         if self.resume_file is not None and self.rank == 0 and cfg.checkpoint_every \
                 and len(losses) % cfg.checkpoint_every == 0:
             state = self.state_dict()
@@ -176,33 +172,32 @@ class Distiller:
             self.on_step(len(losses), losses[-1])
         return losses[-1]
 
-    def teardown(self) -> dict:
+    def teardown(self) -> TrainingRecord:
         """The last curve point, the student back in eval mode as it came; returns the record."""
         cfg, student, progress = self.cfg, self.student, self.progress
         elapsed = time.perf_counter() - self._started
-        self._score_heldout(len(progress["losses"]))
+        self._score_heldout(progress.steps)
         student.eval()
         if cfg.gradient_checkpointing:
             student.activation_checkpointing_disable()
         _sparse_tied_embedding_gradient(student, self._sparse_before)
         student.requires_grad_(True)
-        tokens = progress["tokens"]
+        tokens = progress.tokens
         if self.world > 1:
             if not _ranks_in_sync(student):
                 raise DistillError("data-parallel ranks ended with different student weights")
             tokens = int(_all_sum(tokens))
-        return {"losses": progress["losses"], "grad_norms": progress["grad_norms"],
-                "optimizer_steps": len(progress["losses"]),
-                "micro_batches": progress["micro"], "train_tokens": tokens, "train_seconds": elapsed,
-                "train_tokens_per_s": tokens / elapsed, "num_samples": self.num_samples,
-                "resumed_at_step": progress["resumed_at"], "world_size": self.world,
-                "final_learning_rate": self.scheduler.get_last_lr()[0],
-                "teacher": (f"cached top-{cfg.teacher_topk}" if self.topk is not None
-                            else f"live ({teacher_numerics(cfg.teacher_dtype, student.device)})"),
-                "gradient_checkpointing": cfg.gradient_checkpointing, "bf16_autocast": self.autocast,
-                "trainable_parameters": sum(p.numel() for p in self.trainable), "shared_trunk_layers": self.trunk,
-                "heldout_curve": progress["heldout_curve"],
-                "loss": self.objective.describe()}
+        return TrainingRecord(
+            losses=progress.losses, grad_norms=progress.grad_norms, optimizer_steps=progress.steps,
+            micro_batches=progress.micro, train_tokens=tokens, train_seconds=elapsed,
+            train_tokens_per_s=tokens / elapsed, num_samples=self.num_samples,
+            resumed_at_step=progress.resumed_at, world_size=self.world,
+            final_learning_rate=self.scheduler.get_last_lr()[0],
+            teacher=(f"cached top-{cfg.teacher_topk}" if self.topk is not None
+                     else f"live ({teacher_numerics(cfg.teacher_dtype, student.device)})"),
+            gradient_checkpointing=cfg.gradient_checkpointing, bf16_autocast=self.autocast,
+            trainable_parameters=sum(p.numel() for p in self.trainable), shared_trunk_layers=self.trunk,
+            heldout_curve=progress.heldout_curve, loss=self.objective.describe())
 
     # -- state --------------------------------------------------------------------------------
 
@@ -210,14 +205,15 @@ class Distiller:
         """Everything a resumed run needs (loadable with ``torch.load(weights_only=True)``)."""
         return {"student": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
-                "progress": self.progress}
+                "progress": self.progress.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.student.load_state_dict(state["student"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
-        self.progress = {**state["progress"], "resumed_at": len(state["progress"]["losses"])}
+        self.progress = TrainingProgress.from_state_dict(state["progress"])
+        self.progress.resumed_at = self.progress.steps
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -229,7 +225,7 @@ class Distiller:
         loss = self._loss(idx or [0], counts) * (1.0 if idx else 0.0)
         (loss * (self.world / self.cfg.grad_accum)).backward()
         if idx:
-            self.progress["tokens"] += int(self.samples["attention_mask"][idx].sum())
+            self.progress.tokens += int(self.samples["attention_mask"][idx].sum())
         value = loss.item()
         return _all_sum(value) if self.world > 1 else value  # every rank holds its share of the loss
 
@@ -276,7 +272,7 @@ class Distiller:
 
     def _score_heldout(self, step: int) -> None:
         """One point of the healing curve; its time is kept out of the training time."""
-        curve = self.progress["heldout_curve"]
+        curve = self.progress.heldout_curve
         if self.heldout and self.rank == 0 and not any(s == step for s, _ in curve):
             began = time.perf_counter()
             ppl = heldout_perplexity(self.student, self.heldout)["perplexity"]
@@ -417,13 +413,18 @@ def distill_checkpoint(teacher_ref: CheckpointRef, student_ref: CheckpointRef, c
                        train: TokensRef, out_dir: Path, *, heldout: TokensRef | None = None,
                        topk_cache: Path | None = None, device: str = "cpu",
                        on_step: Callable[[int, float], None] | None = None,
-                       on_heldout: Callable[[int, float], None] | None = None) -> tuple[CheckpointRef, dict]:
+                       on_heldout: Callable[[int, float], None] | None = None, unkeyed_ok: bool = False
+                       ) -> tuple[CheckpointRef, TrainingRecord]:
     """Distil the student checkpoint from the teacher checkpoint (or its top-k cache) on the
     ``train`` tokens and save the result; with ``heldout`` tokens it records the healing curve.
 
+    A finished checkpoint already in ``out_dir`` is handed back only when it records this
+    run's settings and inputs (``finished_distillation``; ``unkeyed_ok`` as there).
     In a process group every rank trains; rank 0 writes the checkpoint and the others wait for it.
     """
-    if (done := existing_checkpoint(out_dir)) is not None:
+    check_distill_out(out_dir, teacher_ref, student_ref)
+    key = inputs_key(cfg, teacher_ref, student_ref, train, heldout, topk_cache, _process_group()[1])
+    if (done := finished_distillation(out_dir, key, unkeyed_ok=unkeyed_ok)) is not None:
         return done, training_record(done)
     check_checkpoint_target(out_dir)
     student, tokenizer = load_model(student_ref, device=device)
@@ -447,7 +448,8 @@ def distill_checkpoint(teacher_ref: CheckpointRef, student_ref: CheckpointRef, c
         record = Distiller(teacher, student, samples, cfg, topk=topk, heldout=heldout_sets, resume_file=resume_file,
                            on_step=on_step, on_heldout=on_heldout).fit()
         save_model(student, tokenizer, tmp)
-        (tmp / TRAINING_RECORD).write_text(json.dumps(record))
+        write_training_record(tmp, record)
+        (tmp / INPUTS_FILE).write_text(json.dumps({"key": key}) + "\n")
 
     ref = write_checkpoint(out_dir, train_and_save)
     resume_file.unlink(missing_ok=True)
@@ -455,9 +457,52 @@ def distill_checkpoint(teacher_ref: CheckpointRef, student_ref: CheckpointRef, c
     return ref, training_record(ref)
 
 
-def training_record(ref: CheckpointRef) -> dict:
-    """The training record a distilled checkpoint folder keeps beside its weights."""
-    return json.loads((Path(ref.path) / TRAINING_RECORD).read_text())
+# Beside the weights: the key of the settings and inputs the checkpoint was distilled with.
+INPUTS_FILE = "distill_inputs.json"
+
+
+def inputs_key(cfg: DistillConfig, teacher_ref: CheckpointRef, student_ref: CheckpointRef, train: TokensRef,
+               heldout: TokensRef | None, topk_cache: Path | None, world: int) -> str:
+    """Everything a distilled checkpoint (and its record) depends on, hashed: the settings, both
+    checkpoints, the training and held-out tokens, the teacher cache and the number of processes."""
+    return stable_hash(cfg.model_dump(), teacher_ref.fingerprint, student_ref.fingerprint, train.fingerprint,
+                       heldout.fingerprint if heldout is not None else None,
+                       str(topk_cache) if topk_cache is not None else None, world)
+
+
+def finished_distillation(out_dir: Path, key: str, *, unkeyed_ok: bool = False) -> CheckpointRef | None:
+    """The finished checkpoint in ``out_dir`` when it was distilled with the inputs ``key`` names;
+    None when there is none yet. One of other settings or inputs is an error, as is one that
+    records no inputs (written before they were recorded, or not a distillation) unless
+    ``unkeyed_ok``: the flow's folder names are themselves keyed by the inputs."""
+    done = existing_checkpoint(out_dir)
+    if done is None:
+        return None
+    stored = Path(out_dir) / INPUTS_FILE
+    if not stored.is_file():
+        if unkeyed_ok:
+            return done
+        raise DistillError(f"{out_dir} holds a checkpoint that records no distillation inputs ({INPUTS_FILE}), so "
+                           "it cannot be told to be this run's; it is left untouched: choose another --out")
+    recorded = str(json.loads(stored.read_text()).get("key"))
+    if recorded != key:
+        raise DistillError(f"{out_dir} holds a distillation of other settings or inputs (key {recorded[:12]}, this "
+                           f"run's {key[:12]}); it is left untouched: choose another --out or move it away")
+    return done
+
+
+def check_distill_out(out_dir: Path, teacher_ref: CheckpointRef, student_ref: CheckpointRef) -> None:
+    """Before any work: the distilled checkpoint goes to a folder of its own, neither the teacher
+    or the student checkpoint (whose FINGERPRINT would pass for a finished distillation) nor
+    inside or around one (writing there would change a checkpoint the run reads)."""
+    out = Path(out_dir).resolve()
+    for role, ref in (("teacher", teacher_ref), ("student", student_ref)):
+        folder = Path(ref.path).resolve()
+        where = ("is" if out == folder else "is inside" if folder in out.parents
+                 else "holds" if out in folder.parents else None)
+        if where is not None:
+            raise DistillError(f"--out {out_dir} {where} the --{role} checkpoint {ref.path}; the distilled model "
+                               "needs a folder of its own: choose another --out")
 
 
 def resume_path(out_dir: Path, cfg: DistillConfig, teacher_ref: CheckpointRef, student_ref: CheckpointRef,
