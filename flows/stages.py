@@ -3,19 +3,28 @@ how its outcome is told to MLflow and to the terminal."""
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
-from prefect import get_run_logger
-from prefect.context import get_run_context
 from mlflow.tracking import MlflowClient
+from prefect import get_run_logger
+from prefect.context import FlowRunContext, TaskRunContext, get_run_context
+from prefect.logging.handlers import APILogHandler
 
-from tailor.common.console import LOGGER, Stages
+from tailor.common.console import LOGGER, Stage, Stages
 from tailor.config.settings import TailorConfig
 from tailor.data.tokenised import TokensRef
 from tailor.registry import tracking
 from tailor.store.checkpoint import CheckpointRef
 from tasks.measure import evaluate_model
-from tasks.tracking import log_stage
+
+T = TypeVar("T")
+# Waits between tries of a stage's MLflow bookkeeping (what the Prefect task it once was retried).
+LOG_RETRY_DELAYS_S = (2, 5, 10)
 
 
 @dataclass
@@ -34,9 +43,18 @@ class RunContext:
         """Start (or run) the evaluation of one model with its stage lines; see ``evaluate_stage``."""
         return evaluate_stage(self.cfg, self.signature, name, ref, self.stages)
 
+    @contextmanager
+    def stage(self, name: str) -> Iterator[Stage]:
+        """``with run.stage("prune") as stage: ...; stage.detail = "..."``: the stage's start and
+        end lines (see ``Stages.stage``; a failure is reported by ``close_failed_run``)."""
+        with self.stages.stage(name) as stage:
+            yield stage
+
     def log(self, stage: str, **kwargs) -> None:
-        """The stage's child run under the parent (params, metrics, series, artifacts)."""
-        log_stage(self.cfg.tracking_uri, self.experiment_id, self.parent_id, stage, **kwargs)
+        """The stage's child run under the parent (params, metrics, series, artifacts). A plain
+        call, not a task: bookkeeping stays out of the run's task graph, retried all the same."""
+        retried(lambda: tracking.log_stage_run(self.client, self.experiment_id, self.parent_id, stage, **kwargs),
+                LOG_RETRY_DELAYS_S, f"MLflow child run of {stage}")
 
     def close(self, seconds: float) -> None:
         """End the parent run FINISHED with the flow's wall time."""
@@ -47,6 +65,39 @@ class RunContext:
     @property
     def flow_run_id(self) -> str:
         return str(get_run_context().flow_run.id)
+
+
+def retried(call: Callable[[], T], delays_s: tuple[float, ...], what: str) -> T:
+    """``call()``, tried again after each of ``delays_s`` seconds while it raises (a store or
+    server that hiccups); the last failure is raised."""
+    for delay in delays_s:
+        try:
+            return call()
+        except Exception as exc:  # MLflow raises many types for a store that is briefly away
+            LOGGER.warning(f"{what} failed ({type(exc).__name__}: {exc}); trying again in {delay} s")
+            time.sleep(delay)
+    return call()
+
+
+class PrefectRunLog(APILogHandler):
+    """The console's lines (the ``tailor`` logger) also in the Prefect run's logs, so the UI
+    shows what the terminal does: sent to the API for the flow or task run they come from.
+    Prefect's own run loggers would echo them on the terminal a second time."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # Outside any run (the command line before the flow starts) a line has no run to go to.
+        if getattr(record, "flow_run_id", None) or FlowRunContext.get() or TaskRunContext.get():
+            super().emit(record)
+
+
+def send_console_to_prefect() -> None:
+    """Attach ``PrefectRunLog`` to the console's logger once per process (a subflow finds it there)."""
+    if not any(isinstance(h, PrefectRunLog) for h in LOGGER.handlers):
+        LOGGER.addHandler(PrefectRunLog())
+    # A deployment's run has no command line to set the console up (setup_console): without
+    # this its stage lines would stop at Python's default WARNING level.
+    if LOGGER.getEffectiveLevel() > logging.INFO:
+        LOGGER.setLevel(logging.INFO)
 
 
 # The MLflow run each flow run opened, until it closes; the failure hooks find it here.
@@ -68,7 +119,8 @@ def close_failed_run(flow, flow_run, state) -> None:
         return
     stage = run.stages.current
     if stage:
-        LOGGER.error(f"stage {stage} failed: {state.message}")
+        # flow_run_id for the Prefect UI's log: no run context is left to take it from.
+        LOGGER.error(f"stage {stage} failed: {state.message}", extra={"flow_run_id": flow_run.id})
         run.client.set_tag(run.parent_id, "tailor.failed_stage", stage)
         # The library call, not the task: a hook runs after the flow run's context has closed.
         child = tracking.start_run(run.client, run.experiment_id, stage, run.parent_id, tags={"tailor.stage": stage})
@@ -118,12 +170,18 @@ def evaluate_stage(cfg: TailorConfig, signature: str, name: str, ref: Checkpoint
     """The evaluation task for one model: submitted beside other stages with
     ``runner.concurrent``, else run now (one stage at a time, bounded memory). Returns a
     future-like ``.result()`` holder either way. ``signature``: ``evaluation_signature``."""
-    if stages is not None:
-        stages.start(f"evaluate-{name}")
-    run = launch(cfg, evaluate_model.with_options(task_run_name=f"evaluate-{name}"),
-                ref, cfg.eval, cfg.data, cfg.work_dir, name, signature)
-    if stages is not None and isinstance(run, Done):
-        stages.done(f"evaluate-{name}", accuracy_summary(run.result().metrics))
+    stage_name = f"evaluate-{name}"
+    task = evaluate_model.with_options(task_run_name=stage_name)
+    args = (ref, cfg.eval, cfg.data, cfg.work_dir, name, signature)
+    if stages is None:
+        return launch(cfg, task, *args)
+    if cfg.runner.concurrent:
+        # Its end line comes when the flow collects the result (collect_evaluations).
+        stages.start(stage_name)
+        return launch(cfg, task, *args)
+    with stages.stage(stage_name) as stage:
+        run = launch(cfg, task, *args)
+        stage.detail = accuracy_summary(run.result().metrics)
     return run
 
 
@@ -155,5 +213,7 @@ def metric_values(metrics: dict) -> dict[str, float]:
 
 
 def run_link(uri: str, exp_id: str, run_id: str) -> str:
+    """The run's page in the MLflow UI (``mlflow ui`` on port 5000 for a local store). MLflow 3.x
+    shows experiments in its GenAI view (traces) unless the URL asks for model training."""
     base = uri if uri.startswith("http") else "http://127.0.0.1:5000"
-    return f"{base.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}"
+    return f"{base.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}?workflowType=machine_learning"

@@ -19,7 +19,16 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from prefect.context import get_run_context
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.stages import FAILURE_HOOKS, RunContext, evaluate_stage, launch, run_intact, run_link, track
+from flows.stages import (
+    FAILURE_HOOKS,
+    RunContext,
+    evaluate_stage,
+    launch,
+    run_intact,
+    run_link,
+    send_console_to_prefect,
+    track,
+)
 from flows.tailor_flow import tailor_flow
 from tailor.common.console import Stages
 from tailor.common.layout import WorkDir
@@ -41,8 +50,9 @@ from tasks.records import Evaluation, Pruned
 def sweep_flow(profile: str = "quick", overrides: list[str] | None = None, out_dir: str | None = None) -> dict:
     """Prune with every ``sweep.strategies`` x ``sweep.num_layers``; returns the table, the best row and files."""
     start = time.perf_counter()
+    send_console_to_prefect()
     cfg = load_config(profile, overrides or [])
-    preflight(cfg)
+    preflight(cfg, out_dir)  # the report folder too: it is written last
     combos = combinations(cfg)
     run = open_sweep_run(cfg)  # a failure from here on is closed in MLflow by FAILURE_HOOKS
     base = materialize_model(cfg.model, cfg.work_dir).ref

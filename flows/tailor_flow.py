@@ -19,7 +19,17 @@ from prefect.context import get_run_context
 from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.stages import FAILURE_HOOKS, Done, RunContext, accuracy_summary, metric_values, run_intact, run_link, track
+from flows.stages import (
+    FAILURE_HOOKS,
+    Done,
+    RunContext,
+    accuracy_summary,
+    metric_values,
+    run_intact,
+    run_link,
+    send_console_to_prefect,
+    track,
+)
 from tailor.common.console import LOGGER, Stages
 from tailor.common.layout import WorkDir
 from tailor.config.settings import TEACHER_SOURCE, TailorConfig, load_config
@@ -61,8 +71,9 @@ class Models:
 def tailor_flow(profile: str = "quick", overrides: list[str] | None = None, out_dir: str | None = None) -> dict:
     """Run the whole cycle for a profile (+ ``section.key=value`` overrides); returns report paths."""
     start = time.perf_counter()
+    send_console_to_prefect()
     cfg = load_config(profile, overrides or [])
-    preflight(cfg)
+    preflight(cfg, out_dir)  # the report folder too: it is written last
     run = open_run(cfg)  # a failure from here on is closed in MLflow by FAILURE_HOOKS
     models = build_models(run)
     results = collect_evaluations(run, models.evals)
@@ -93,32 +104,32 @@ def open_run(cfg: TailorConfig) -> RunContext:
 
 def build_models(run: RunContext) -> Models:
     """Materialise, prune and distil; each model's evaluation starts as soon as it exists."""
-    cfg, stages = run.cfg, run.stages
-    stages.start("materialize")
-    materialized = run_intact(materialize_model, cfg.model, cfg.work_dir)
-    base = materialized.ref
-    run.log("materialize", params=cfg.model.model_dump(), metrics={"seconds": materialized.cost.seconds})
-    stages.done("materialize", base.path)
+    cfg = run.cfg
+    with run.stage("materialize") as stage:
+        materialized = run_intact(materialize_model, cfg.model, cfg.work_dir)
+        base = materialized.ref
+        run.log(stage.name, params=cfg.model.model_dump(), metrics={"seconds": materialized.cost.seconds})
+        stage.detail = base.path
     evals = {"original": run.evaluate("original", base)}
     tokens = tokenise_corpus(run, base)
     pruned = prune(run, base, tokens)
     evals["pruned"] = run.evaluate("pruned", pruned.ref)
     teacher_cache = None
     if cfg.distill.teacher_topk:
-        stages.start("cache-teacher-topk")
-        teacher_cache = cache_teacher_topk(base, cfg.distill, tokens.train, cfg.work_dir)
-        run.log("cache-teacher-topk", params={"k": cfg.distill.teacher_topk},
-                metrics={"seconds": teacher_cache.cost.seconds, "mib": teacher_cache.mib})
-        stages.done("cache-teacher-topk", f"{teacher_cache.mib:.0f} MiB")
-    stages.start("distill")
-    distilled = run_intact(distill_model, base, pruned.ref, cfg.distill, cfg.data, tokens.train, tokens.heldout,
-                           cfg.work_dir, teacher_cache.path if teacher_cache else None)
-    kd = distilled.record
-    run.log("distill", params=cfg.distill.model_dump(),
-            series={"kd_loss": list(enumerate(kd["losses"], 1)), "grad_norm": list(enumerate(kd["grad_norms"], 1)),
-                    "heldout_perplexity": kd["heldout_curve"]},
-            metrics={k: v for k, v in kd.items() if k not in ("losses", "grad_norms", "heldout_curve")})
-    stages.done("distill", f"{kd['optimizer_steps']} steps, KD loss {kd['losses'][0]:.3f} -> {kd['losses'][-1]:.3f}")
+        with run.stage("cache-teacher-topk") as stage:
+            teacher_cache = cache_teacher_topk(base, cfg.distill, tokens.train, cfg.work_dir)
+            run.log(stage.name, params={"k": cfg.distill.teacher_topk},
+                    metrics={"seconds": teacher_cache.cost.seconds, "mib": teacher_cache.mib})
+            stage.detail = f"{teacher_cache.mib:.0f} MiB"
+    with run.stage("distill") as stage:
+        distilled = run_intact(distill_model, base, pruned.ref, cfg.distill, cfg.data, tokens.train, tokens.heldout,
+                               cfg.work_dir, teacher_cache.path if teacher_cache else None)
+        kd = distilled.record
+        run.log(stage.name, params=cfg.distill.model_dump(),
+                series={"kd_loss": list(enumerate(kd.losses, 1)), "grad_norm": list(enumerate(kd.grad_norms, 1)),
+                        "heldout_perplexity": kd.heldout_curve},
+                metrics=kd.summary())
+        stage.detail = f"{kd.optimizer_steps} steps, KD loss {kd.losses[0]:.3f} -> {kd.losses[-1]:.3f}"
     models = Models(materialized, pruned, distilled, teacher_cache, evals=evals)
     models.heldout = score_heldout_all(run, models.refs, tokens.heldout)
     models.evals["distilled"] = run.evaluate("distilled", distilled.ref)
@@ -129,51 +140,50 @@ def tokenise_corpus(run: RunContext, base: CheckpointRef) -> Tokenised:
     """The corpus tokenised once for layer scoring, the teacher cache, distillation and held-out scoring."""
     cfg = run.cfg
     teacher_text = generate_text(run, base) if TEACHER_SOURCE in cfg.distill.corpus_mix else None
-    run.stages.start("tokenise")
-    tokens = run_intact(tokenise, base, cfg.distill, cfg.prune, cfg.data, cfg.work_dir,
-                        teacher_text.tokens if teacher_text else None)
-    run.log("tokenise", params={"num_samples": cfg.distill.num_samples, "seq_len": cfg.distill.seq_len,
-                                "calibration_samples": cfg.prune.calibration_samples,
-                                "calibration_seq_len": cfg.prune.calibration_seq_len,
-                                "heldout_docs": cfg.distill.heldout_docs},
-            metrics={"seconds": tokens.cost.seconds})
-    run.stages.done("tokenise", str(Path(tokens.train.path).parent))
+    with run.stage("tokenise") as stage:
+        tokens = run_intact(tokenise, base, cfg.distill, cfg.prune, cfg.data, cfg.work_dir,
+                            teacher_text.tokens if teacher_text else None)
+        run.log(stage.name, params={"num_samples": cfg.distill.num_samples, "seq_len": cfg.distill.seq_len,
+                                    "calibration_samples": cfg.prune.calibration_samples,
+                                    "calibration_seq_len": cfg.prune.calibration_seq_len,
+                                    "heldout_docs": cfg.distill.heldout_docs},
+                metrics={"seconds": tokens.cost.seconds})
+        stage.detail = str(Path(tokens.train.path).parent)
     return tokens
 
 
 def generate_text(run: RunContext, base: CheckpointRef) -> TeacherText:
     """The teacher's own text, its share of the training samples (a corpus source)."""
     cfg = run.cfg
-    run.stages.start("generate-text")
-    text = generate_teacher_text(base, cfg)
-    run.log("generate-text", params={**cfg.generate.model_dump(), "sequences": text.sequences,
-                                     "seq_len": cfg.distill.seq_len},
-            metrics={"seconds": text.cost.seconds})
-    tracking.log_datasets(run.client, run.parent_id, [{
-        "name": "teacher_text", "digest": text.tokens.fingerprint, "source": text.tokens.path,
-        "context": "distillation"}])
-    run.stages.done("generate-text", f"{text.sequences} sequences of {cfg.distill.seq_len} tokens")
+    with run.stage("generate-text") as stage:
+        text = generate_teacher_text(base, cfg)
+        run.log(stage.name, params={**cfg.generate.model_dump(), "sequences": text.sequences,
+                                    "seq_len": cfg.distill.seq_len},
+                metrics={"seconds": text.cost.seconds})
+        tracking.log_datasets(run.client, run.parent_id, [{
+            "name": "teacher_text", "digest": text.tokens.fingerprint, "source": text.tokens.path,
+            "context": "distillation"}])
+        stage.detail = f"{text.sequences} sequences of {cfg.distill.seq_len} tokens"
     return text
 
 
 def prune(run: RunContext, base: CheckpointRef, tokens: Tokenised) -> Pruned:
     """Score the layers when the strategy needs scores, then remove the chosen ones."""
-    cfg, stages = run.cfg, run.stages
+    cfg = run.cfg
     scores = None
     if cfg.prune.strategy in SCORED_STRATEGIES:
-        stages.start("score-layers")
-        scored = score_layers(base, cfg.prune, (cfg.prune.strategy,), tokens.calibration, cfg.work_dir)
-        scores = scored.scores
-        run.log("score-layers", params=cfg.prune.model_dump(), metrics={"seconds": scored.cost.seconds},
-                artifacts=[scored.file])
-        stages.done("score-layers")
-    stages.start("prune")
-    pruned = run_intact(prune_model, base, cfg.prune, cfg.work_dir, scores)
-    run.log("prune", params=cfg.prune.model_dump(), metrics={
-        "params_before": pruned.params_before, "params_after": pruned.params_after,
-        "layers_removed": len(pruned.removed_layers)}, artifacts=[pruned.plot] if pruned.plot else None)
-    stages.done("prune", f"layers {pruned.removed_layers} removed, "
-                         f"{pruned.params_before:,} -> {pruned.params_after:,} parameters")
+        with run.stage("score-layers") as stage:
+            scored = score_layers(base, cfg.prune, (cfg.prune.strategy,), tokens.calibration, cfg.work_dir)
+            scores = scored.scores
+            run.log(stage.name, params=cfg.prune.model_dump(), metrics={"seconds": scored.cost.seconds},
+                    artifacts=[scored.file])
+    with run.stage("prune") as stage:
+        pruned = run_intact(prune_model, base, cfg.prune, cfg.work_dir, scores)
+        run.log(stage.name, params=cfg.prune.model_dump(), metrics={
+            "params_before": pruned.params_before, "params_after": pruned.params_after,
+            "layers_removed": len(pruned.removed_layers)}, artifacts=[pruned.plot] if pruned.plot else None)
+        stage.detail = (f"layers {pruned.removed_layers} removed, "
+                        f"{pruned.params_before:,} -> {pruned.params_after:,} parameters")
     return pruned
 
 
@@ -182,13 +192,13 @@ def score_heldout_all(run: RunContext, refs: dict[str, CheckpointRef], tokens: T
     cfg = run.cfg
     if not cfg.distill.heldout_docs:
         return {}
-    run.stages.start("score-heldout")
-    heldout = {name: score_heldout.with_options(task_run_name=f"score-heldout-{name}")(
-        ref, tokens) for name, ref in refs.items()}
-    run.log("score-heldout", params={"heldout_docs": cfg.distill.heldout_docs}, metrics={
-        name: {"perplexity": h.perplexity, **{f"perplexity.{Path(s).stem}": v for s, v in h.sources.items()}}
-        for name, h in heldout.items()})
-    run.stages.done("score-heldout", "perplexity " + ", ".join(f"{n} {h.perplexity:.1f}" for n, h in heldout.items()))
+    with run.stage("score-heldout") as stage:
+        heldout = {name: score_heldout.with_options(task_run_name=f"{stage.name}-{name}")(
+            ref, tokens) for name, ref in refs.items()}
+        run.log(stage.name, params={"heldout_docs": cfg.distill.heldout_docs}, metrics={
+            name: {"perplexity": h.perplexity, **{f"perplexity.{Path(s).stem}": v for s, v in h.sources.items()}}
+            for name, h in heldout.items()})
+        stage.detail = "perplexity " + ", ".join(f"{n} {h.perplexity:.1f}" for n, h in heldout.items())
     return heldout
 
 
@@ -207,29 +217,42 @@ def collect_evaluations(run: RunContext, evals: dict) -> dict[str, Evaluation]:
 
 def time_models(run: RunContext, refs: dict[str, CheckpointRef]) -> SpeedProfiles:
     """Generation speed of every model, timed in interleaved rounds once nothing else runs."""
-    run.stages.start("measure-speed")
-    speed = measure_speed(refs, run.cfg.speed)
-    run.log("measure-speed", params=run.cfg.speed.model_dump(), metrics={
-        name: {k: v for k, v in p.items() if isinstance(v, (int, float))} for name, p in speed.profiles.items()})
-    run.stages.done("measure-speed", ", ".join(f"{n} {p['tokens_per_s']:.1f} tokens/s"
-                                               for n, p in speed.profiles.items()))
+    with run.stage("measure-speed") as stage:
+        speed = measure_speed(refs, run.cfg.speed)
+        run.log(stage.name, params=run.cfg.speed.model_dump(), metrics={
+            name: {k: v for k, v in p.items() if isinstance(v, (int, float))} for name, p in speed.profiles.items()})
+        stage.detail = ", ".join(f"{n} {p['tokens_per_s']:.1f} tokens/s" for n, p in speed.profiles.items())
     return speed
 
 
 def compare(run: RunContext, models: Models, results: dict[str, Evaluation], speed: SpeedProfiles,
             out_dir: str | None, seconds_so_far: float) -> dict:
     """The report files and artifacts; returns the report with its paths."""
-    cfg = run.cfg
-    run.stages.start("compare")
-    out = Path(out_dir).expanduser().resolve() if out_dir else \
-        WorkDir(cfg.work_dir).reports / get_run_context().flow_run.name
-    heldout = models.heldout
-    report = compare_models(speed.profiles, results, {
+    with run.stage("compare") as stage:
+        out = Path(out_dir).expanduser().resolve() if out_dir else \
+            WorkDir(run.cfg.work_dir).reports / get_run_context().flow_run.name
+        report = compare_models(speed.profiles, results, report_facts(run, models, results, speed, seconds_so_far),
+                                str(out))
+        run.log(stage.name, params={"out_dir": str(out)},
+                artifacts=[report["report_json"], report["report_md"],
+                           *(str(out / f) for f in report["figures"].values())],
+                metrics={name: {"mean_acc_retention_pct": c["mean_acc_retention_pct"], "speedup": c["speedup"]}
+                         for name, c in report["vs_original"].items()})
+        stage.detail = f"{report['report_md']}; " + comparison_summary(report)
+    return report
+
+
+def report_facts(run: RunContext, models: Models, results: dict[str, Evaluation], speed: SpeedProfiles,
+                 seconds_so_far: float) -> dict:
+    """What the report holds besides the models' profiles and evaluations: settings, pruning,
+    distillation, held-out scores, stage costs, where things are."""
+    cfg, heldout = run.cfg, models.heldout
+    return {
         "profile": cfg.profile, "config": cfg.model_dump(), "eval_limit": cfg.eval.limit,
         "pruning": {"removed_layers": models.pruned.removed_layers, "params_before": models.pruned.params_before,
                     "params_after": models.pruned.params_after, "strategy": models.pruned.strategy,
                     "plot": models.pruned.plot},
-        "distillation": models.distilled.record,
+        "distillation": models.distilled.record.to_dict(),
         "heldout_perplexity": {name: {"perplexity": h.perplexity, "sources": h.sources, "tokens": h.tokens}
                                for name, h in heldout.items()},
         # Compute time and process peak memory of each stage when it ran (a cached stage
@@ -243,32 +266,27 @@ def compare(run: RunContext, models: Models, results: dict[str, Evaluation], spe
         "checkpoints": {k: {"path": r.path, "fingerprint": r.fingerprint} for k, r in models.refs.items()},
         "mlflow": {"tracking_uri": cfg.tracking_uri, "experiment_id": run.experiment_id, "parent_run_id": run.parent_id},
         "flow_seconds_before_report": seconds_so_far,
-    }, str(out))
-    run.log("compare", params={"out_dir": str(out)},
-            artifacts=[report["report_json"], report["report_md"], *(str(out / f) for f in report["figures"].values())],
-            metrics={name: {"mean_acc_retention_pct": c["mean_acc_retention_pct"], "speedup": c["speedup"]}
-                     for name, c in report["vs_original"].items()})
-    run.stages.done("compare", f"{report['report_md']}; " + comparison_summary(report))
-    return report
+    }
 
 
 def register_and_promote(run: RunContext, distilled: CheckpointRef, report: dict) -> tuple[str, dict | None]:
     """Register the distilled checkpoint under the challenger alias, then run the gate."""
-    cfg, stages = run.cfg, run.stages
-    stages.start("register")
-    tags = {"profile": cfg.profile, **evaluation_tags(report, run.signature)}
-    description = version_description(json.loads(Path(report["report_json"]).read_text()), report["report_md"])
-    version = register_model(cfg.tracking_uri, run.experiment_id, run.parent_id, distilled,
-                             cfg.tracking.registered_model, cfg.tracking.alias, tags, description)
-    stages.done("register", f"{cfg.tracking.registered_model} version {version} @{cfg.tracking.alias}")
+    cfg = run.cfg
+    with run.stage("register") as stage:
+        tags = {"profile": cfg.profile, **evaluation_tags(report, run.signature)}
+        description = version_description(json.loads(Path(report["report_json"]).read_text()), report["report_md"])
+        version = register_model(cfg.tracking_uri, run.experiment_id, run.parent_id, distilled,
+                                 cfg.tracking.registered_model, cfg.tracking.alias, tags, description)
+        stage.detail = f"{cfg.tracking.registered_model} version {version} @{cfg.tracking.alias}"
     if not cfg.promotion.enabled:
         return version, None
-    stages.start("promote")
-    decision = promote_model(cfg.tracking_uri, cfg.tracking.registered_model, version, cfg.promotion, cfg.work_dir)
-    record_promotion(report["report_json"], decision)
-    run.client.set_tag(run.parent_id, "tailor.promotion", "promoted" if decision["promoted"] else "rejected")
-    stages.done("promote", f"{'promoted' if decision['promoted'] else 'not promoted'} "
-                           f"(reference: {decision['reference']}): " + "; ".join(decision["reasons"]))
+    with run.stage("promote") as stage:
+        decision = promote_model(cfg.tracking_uri, cfg.tracking.registered_model, version, cfg.promotion,
+                                 cfg.work_dir)
+        record_promotion(report["report_json"], decision)
+        run.client.set_tag(run.parent_id, "tailor.promotion", "promoted" if decision["promoted"] else "rejected")
+        stage.detail = (f"{'promoted' if decision['promoted'] else 'not promoted'} "
+                        f"(reference: {decision['reference']}): " + "; ".join(decision["reasons"]))
     return version, decision
 
 

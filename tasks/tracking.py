@@ -1,4 +1,5 @@
-"""Tasks that talk to MLflow: a child run per stage, model registration (I/O: retried, never cached)."""
+"""Model registration in MLflow as a task (I/O: retried, never cached). A stage's child run is
+bookkeeping, not a step of the DAG: ``flows.stages.RunContext.log`` writes it with a plain call."""
 
 from __future__ import annotations
 
@@ -9,23 +10,6 @@ from tailor.registry.promotion import MODEL_DESCRIPTION
 from tailor.store.checkpoint import CheckpointRef
 
 from ._common import UNCACHED
-
-
-@task(name="log-stage", cache_policy=UNCACHED, retries=3, retry_delay_seconds=[2, 5, 10])
-def log_stage(tracking_uri: str, experiment_id: str, parent_id: str, stage: str, params: dict,
-              metrics: dict, series: dict[str, list[tuple[int, float]]] | None = None,
-              artifacts: list[str] | None = None, failed: bool = False) -> str:
-    """One child run under the flow's parent run holding a stage's params, metrics and files."""
-    client = tracking.client_for(tracking_uri)
-    run_id = tracking.start_run(client, experiment_id, stage, parent_id, tags={"tailor.stage": stage})
-    tracking.log_params(client, run_id, params)
-    tracking.log_metrics(client, run_id, metrics)
-    for key, points in (series or {}).items():
-        tracking.log_series(client, run_id, key, points)
-    for path in artifacts or []:
-        client.log_artifact(run_id, path)
-    tracking.end_run(client, run_id, failed=failed)
-    return run_id
 
 
 @task(name="register-model", cache_policy=UNCACHED, retries=2, retry_delay_seconds=[5, 15])

@@ -1,6 +1,7 @@
 import pytest
 
-from tailor.report.compare import build_report, render_markdown, retention_pct
+from tailor.report import plots
+from tailor.report.compare import build_report, render_markdown, retention_pct, write_figures
 
 
 def _profile(params, layers, t):
@@ -56,3 +57,34 @@ def test_report_carries_paired_intervals_when_items_are_given():
     md = render_markdown(report)
     assert f"**-0.8000 [{low:+.3f}, {high:+.3f}]**" in md
     assert "paired" not in str(report["vs_original"]["pruned"]["tasks"]["lambada_openai"])
+
+
+def test_accuracy_figure_draws_each_bars_95_percent_interval(tmp_path, monkeypatch):
+    report = build_report(
+        {"original": _profile(1000, 18, 5.0), "pruned": _profile(900, 16, 4.0), "distilled": _profile(900, 16, 4.0)},
+        {"original": _eval(0.6, 10.0), "pruned": _eval(0.3, 20.0), "distilled": _eval(0.45, 12.5)}, {})
+    report["models"]["pruned"]["metrics"]["arc_easy"]["acc"]["stderr"] = None  # lm-eval gave none
+    drawn = {}
+    real = plots.grouped_bars_png
+
+    def spy(groups, bars, y_label, title, path, intervals=None):
+        drawn[path.name] = (groups, bars, intervals)
+        return real(groups, bars, y_label, title, path, intervals)
+
+    monkeypatch.setattr(plots, "grouped_bars_png", spy)
+    figures = write_figures(report, tmp_path)
+    groups, bars, intervals = drawn[figures["Accuracy per task"]]
+    assert groups == ["arc_easy", "lambada_openai"]
+    assert bars["original"] == [0.6, 0.3]
+    assert intervals["original"] == [(pytest.approx(0.502), pytest.approx(0.698)),
+                                     (pytest.approx(0.202), pytest.approx(0.398))]
+    assert intervals["pruned"][0] is None and intervals["pruned"][1] == (pytest.approx(0.052), pytest.approx(0.248))
+    assert (tmp_path / "accuracy.png").stat().st_size > 0
+
+
+def test_error_offsets_are_distances_below_and_above_each_bar():
+    import math
+
+    below, above = plots._error_offsets([0.5, 0.2], [(0.4, 0.7), None])
+    assert below[0] == pytest.approx(0.1) and above[0] == pytest.approx(0.2)
+    assert math.isnan(below[1]) and math.isnan(above[1])

@@ -30,6 +30,28 @@ def test_stages_print_position_and_summary(lines):
     assert stages.current == "prune"
 
 
+def test_stage_block_prints_its_name_once_with_the_detail_set_inside(lines):
+    stages = Stages(["materialize", "prune"])
+    with stages.stage("prune") as stage:
+        assert lines() == ["[2/2] prune ..."]
+        stage.detail = "layers [1] removed"
+    assert lines() == ["[2/2] prune ...", "[2/2] prune done in 0s: layers [1] removed"]
+    with stages.stage("materialize"):
+        pass
+    assert lines()[-1] == "[1/2] materialize done in 0s"
+
+
+def test_a_failing_stage_block_prints_no_end_line_and_stays_current(lines):
+    # The flow's failure hook reads ``current`` to name the stage that failed.
+    stages = Stages(["materialize", "prune"])
+    with pytest.raises(RuntimeError, match="boom"):
+        with stages.stage("prune") as stage:
+            stage.detail = "never shown"
+            raise RuntimeError("boom")
+    assert lines() == ["[2/2] prune ..."]
+    assert stages.current == "prune"
+
+
 def test_progress_is_sparse_and_leaves_the_end_to_the_stage_line(lines):
     progress = Progress("evaluate-original", total=1000, unit="requests", every_pct=25, min_seconds=0)
     for done in range(0, 1001, 10):

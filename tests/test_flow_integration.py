@@ -82,6 +82,24 @@ def test_first_run_reports_three_models_and_registers_challenger(first_run):
     assert distill_run.data.params["temperature"] == "2.0"
 
 
+def test_prefect_shows_the_console_lines_and_no_bookkeeping_tasks(first_run):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    _, state, _ = first_run
+    run_id = state.state_details.flow_run_id
+    APILogHandler().flush()  # the log worker sends in batches
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+    lines = [log.message for log in logs if log.name == "tailor"]
+    assert any(line.endswith("] materialize ...") for line in lines), lines
+    assert any("] compare done in" in line for line in lines), lines
+    # A stage's MLflow child run is bookkeeping, not a step of the task graph.
+    assert not [t.name for t in tasks if t.name.startswith("log-stage")]
+
+
 def test_tailor_eval_scores_the_registered_challenger_like_the_flow_scored_it(first_run, shared_data, tmp_path):
     from tailor.config.settings import load_config
     from tailor.eval_command import evaluate_to_folder, resolve_model

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from tailor.common.stats import paired_bootstrap, paired_item_deltas
+from tailor.common.stats import paired_bootstrap, paired_item_deltas, score_interval
 
 
 def test_identical_models_have_a_zero_interval():
@@ -29,3 +29,11 @@ def test_pairing_uses_shared_items_only():
     assert paired_item_deltas(base, other, "acc_norm") is None
     with pytest.raises(ValueError, match="differ in number"):
         paired_bootstrap([1, 0], [1])
+
+
+def test_score_interval_is_1_96_standard_errors_within_0_and_1():
+    low, high = score_interval({"value": 0.5, "stderr": 0.1})
+    assert (low, high) == (pytest.approx(0.304), pytest.approx(0.696))
+    assert score_interval({"value": 0.98, "stderr": 0.02}) == (pytest.approx(0.9408), 1.0)
+    assert score_interval({"value": 0.5, "stderr": None}) is None
+    assert score_interval({"value": 0.5}) is None

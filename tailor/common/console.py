@@ -15,13 +15,16 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import tqdm.std
 
 LOGGER = logging.getLogger("tailor")
 
 # Loggers of the libraries a run drives; quiet mode lets only their errors through.
-_THIRD_PARTY_LOGGERS = ("lm-eval", "lm_eval", "transformers", "datasets", "mlflow", "prefect", "httpx",
+# Prefect is quietened at its terminal handler instead (see setup_console).
+_THIRD_PARTY_LOGGERS = ("lm-eval", "lm_eval", "transformers", "datasets", "mlflow", "httpx",
                         "alembic", "urllib3", "filelock", "torch", "accelerate", "evaluate", "huggingface_hub")
 
 
@@ -40,7 +43,9 @@ def setup_console(verbose: bool) -> None:
     _QUIET = not verbose
     if verbose:
         return
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "ERROR")
+    # Prefect's terminal handler, not its loggers: below ERROR its lines still reach its API,
+    # so the UI shows a run's logs while the terminal stays quiet.
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "ERROR")
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
@@ -53,6 +58,7 @@ def setup_console(verbose: bool) -> None:
 
     for name in _THIRD_PARTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    _quiet_prefect_terminal()
     # A library imported before this call has read its environment settings already.
     if "transformers" in sys.modules:
         import transformers
@@ -64,6 +70,14 @@ def setup_console(verbose: bool) -> None:
 
         datasets.logging.set_verbosity_error()
         datasets.disable_progress_bars()
+
+
+def _quiet_prefect_terminal() -> None:
+    """Prefect configured its logging already (imported before setup_console): its terminal
+    handler to ERROR, found by class name since the library does not import Prefect."""
+    for handler in logging.getLogger().handlers:
+        if type(handler).__name__ == "PrefectConsoleHandler":
+            handler.setLevel(logging.ERROR)
 
 
 _QUIET = False  # set by setup_console
@@ -124,6 +138,14 @@ def format_seconds(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
+@dataclass
+class Stage:
+    """A stage under way in a :meth:`Stages.stage` block; ``detail`` is its end line's summary."""
+
+    name: str
+    detail: str = ""
+
+
 class Stages:
     """Numbered start and end lines for a run's stages (``[3/11] evaluate-pruned ...``);
     ``current`` names the stage under way, for error reports."""
@@ -132,6 +154,16 @@ class Stages:
         self.names = names
         self.current = names[0] if names else ""
         self._started: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[Stage]:
+        """The start line now and the end line, with the ``detail`` set in the block, after it.
+        A block that raises prints no end line and leaves ``current`` naming the stage: the
+        failure is reported by whoever catches it (the flow's failure hooks)."""
+        stage = Stage(name)
+        self.start(name)
+        yield stage
+        self.done(name, stage.detail)
 
     def start(self, name: str) -> None:
         self.current = name

@@ -50,3 +50,13 @@ def paired_item_deltas(base_items: dict[str, dict[str, float]], other_items: dic
     """paired_bootstrap over the documents both evaluations scored for ``metric``."""
     base, other = paired_values(base_items, other_items, metric)
     return paired_bootstrap(base, other) if base else None
+
+
+def score_interval(score: dict, low: float = 0.0, high: float = 1.0, z: float = 1.96) -> tuple[float, float] | None:
+    """95% interval of one model's score on one task (``{"value", "stderr"}``, the standard error
+    the report prints beside it): value ± 1.96 standard errors, kept within [low, high] (an
+    accuracy cannot leave 0..1). None without a standard error."""
+    stderr = score.get("stderr")
+    if stderr is None:
+        return None
+    return max(low, score["value"] - z * stderr), min(high, score["value"] + z * stderr)

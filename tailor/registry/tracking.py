@@ -11,7 +11,7 @@ import json
 import os
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -57,7 +57,9 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_root: Path | Non
     if exp is not None:
         return exp.experiment_id
     location = artifact_root.resolve().as_uri() if artifact_root else None
-    # Model development, not a GenAI app: the MLflow UI then opens the experiment on its runs.
+    # Model development, not a GenAI app. MLflow 3.x's UI goes by its own workflow switch (a URL
+    # parameter, else the browser's choice, GenAI by default) rather than this tag: links say
+    # which view to open (flows.stages.run_link).
     return client.create_experiment(name, artifact_location=location,
                                     tags={"mlflow.experimentKind": "custom_model_development"})
 
@@ -134,6 +136,27 @@ def _log_in_batches(client: MlflowClient, run_id: str, kind: str, items: list, s
 
 def end_run(client: MlflowClient, run_id: str, failed: bool = False) -> None:
     client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED if failed else RunStatus.FINISHED))
+
+
+def log_stage_run(client: MlflowClient, experiment_id: str, parent_id: str, stage: str, params: dict,
+                  metrics: dict, series: dict[str, list[tuple[int, float]]] | None = None,
+                  artifacts: list[str] | None = None) -> str:
+    """One child run under the parent holding a stage's params, metrics, curves and files; returns its id.
+    A child that fails half-way is ended FAILED, so a retry leaves no run stuck RUNNING."""
+    run_id = start_run(client, experiment_id, stage, parent_id, tags={"tailor.stage": stage})
+    try:
+        log_params(client, run_id, params)
+        log_metrics(client, run_id, metrics)
+        for key, points in (series or {}).items():
+            log_series(client, run_id, key, points)
+        for path in artifacts or []:
+            client.log_artifact(run_id, path)
+    except Exception:
+        with suppress(Exception):  # the store may be what failed; the first error is the one to see
+            end_run(client, run_id, failed=True)
+        raise
+    end_run(client, run_id)
+    return run_id
 
 
 def register_checkpoint(tracking_uri: str, run_id: str, checkpoint_path: str, fingerprint: str,

@@ -6,7 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
-from tailor.common.stats import paired_item_deltas
+from tailor.common.stats import paired_item_deltas, score_interval
 from tailor.evaluate.speed import speedup_interval
 from tailor.report.healing import healing_summary
 from tailor.store.checkpoint import write_file_atomically
@@ -109,8 +109,11 @@ def write_figures(report: dict, out_dir: Path, layer_scores_png: str | None = No
     tasks = [t for t, m in models["original"]["metrics"].items() if "acc" in m]
     figures = {}
     if tasks:
-        grouped_bars_png(tasks, {n: [models[n]["metrics"][t]["acc"]["value"] for t in tasks] for n in MODELS},
-                         "accuracy", "Accuracy per task", out_dir / "accuracy.png")
+        scores = {n: [models[n]["metrics"][t]["acc"] for t in tasks] for n in MODELS}
+        intervals = {n: [score_interval(s) for s in scores[n]] for n in MODELS}
+        grouped_bars_png(tasks, {n: [s["value"] for s in scores[n]] for n in MODELS}, "accuracy",
+                         "Accuracy per task (error bars: 95% interval, ±1.96 standard errors)",
+                         out_dir / "accuracy.png", intervals=intervals)
         figures["Accuracy per task"] = "accuracy.png"
     losses = report.get("distillation", {}).get("losses")
     if losses:
@@ -153,13 +156,26 @@ def comparison_table(report: dict) -> list[dict]:
 def render_markdown(report: dict, figure_dir: Path | None = None) -> str:
     """The report as markdown; with ``figure_dir`` the figures are embedded inline (for UIs
     that cannot read files beside the report)."""
-    models, changes = report["models"], report["vs_original"]
+    sections = [title_markdown(report), models_markdown(report), task_metrics_markdown(report),
+                healing_markdown(report), pruning_markdown(report), continuations_markdown(report),
+                figures_markdown(report, figure_dir), promotion_markdown(report), stage_costs_markdown(report)]
+    return "\n".join(line for section in sections for line in section) + "\n"
+
+
+def title_markdown(report: dict) -> list[str]:
+    """The title, and the warning when distillation did harm."""
     lines = [f"# llm-tailor report: profile `{report.get('profile', '?')}`", ""]
     harmed = (report.get("healing") or {}).get("harmed")
     if harmed:
         lines += [f"> **Warning: distillation made the model significantly worse than the pruned one on "
                   f"{', '.join(harmed)}** (paired 95% interval below zero). The promotion gate refuses it.", ""]
-    lines += ["## Models", "", "| | " + " | ".join(MODELS) + " |", "|---|" + "---|" * len(MODELS)]
+    return lines
+
+
+def models_markdown(report: dict) -> list[str]:
+    """The three models side by side: size, speed, speed-up, and a warning when timing was noisy."""
+    models, changes = report["models"], report["vs_original"]
+    lines = ["## Models", "", "| | " + " | ".join(MODELS) + " |", "|---|" + "---|" * len(MODELS)]
     rows = [
         ("parameters", lambda m: f"{m['params']:,}"),
         ("decoder layers", lambda m: str(m["layers"])),
@@ -178,14 +194,19 @@ def render_markdown(report: dict, figure_dir: Path | None = None) -> str:
         lines += ["", f"**Speed measurement noisy:** the pruned and distilled models have the same architecture "
                       f"but timed {tie['distilled_vs_pruned']:.2f}x apart [{lo:.2f}, {hi:.2f}]; read the speed-ups "
                       "as uncertain by at least that much, or re-run with more `speed.timed_runs`."]
+    return lines
 
-    lines += ["", "## Task metrics", "",
-              "Value ± standard error; for the pruned and distilled models also the change vs the original "
-              "with its paired bootstrap 95% interval over the same documents (**bold** = significant: the "
-              "interval excludes zero), and the retention (for perplexity, lower is better and retention is "
-              "original / model).", "",
-              "| task | metric | original | pruned | Δ [95% CI] | retention | distilled | Δ [95% CI] | retention |",
-              "|---|---|---|---|---|---|---|---|---|"]
+
+def task_metrics_markdown(report: dict) -> list[str]:
+    """Every task metric of the three models with the changes, their intervals and retention."""
+    models, changes = report["models"], report["vs_original"]
+    lines = ["", "## Task metrics", "",
+             "Value ± standard error; for the pruned and distilled models also the change vs the original "
+             "with its paired bootstrap 95% interval over the same documents (**bold** = significant: the "
+             "interval excludes zero), and the retention (for perplexity, lower is better and retention is "
+             "original / model).", "",
+             "| task | metric | original | pruned | Δ [95% CI] | retention | distilled | Δ [95% CI] | retention |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for task, metrics in models["original"]["metrics"].items():
         for metric, score in metrics.items():
             cells = [task, metric, _score(score)]
@@ -194,6 +215,13 @@ def render_markdown(report: dict, figure_dir: Path | None = None) -> str:
                 cells += [_score(models[n]["metrics"][task][metric]), _delta(c),
                           _fmt(c['retention_pct'], '.1f') + ("%" if c['retention_pct'] is not None else "")]
             lines.append("| " + " | ".join(cells) + " |")
+    return lines + _sensitivity_markdown(report)
+
+
+def _sensitivity_markdown(report: dict) -> list[str]:
+    """What the sample can detect, the mean retention, and how few documents it was."""
+    changes = report["vs_original"]
+    lines = []
     detectable = {t: m["acc"]["min_detectable"] for t, m in changes["distilled"]["tasks"].items()
                   if "min_detectable" in m.get("acc", {})}
     if detectable:
@@ -205,9 +233,13 @@ def render_markdown(report: dict, figure_dir: Path | None = None) -> str:
     if report.get("eval_limit") is not None:
         lines += [f"Evaluated on the first {report['eval_limit']} documents per task: small limits are noisy, "
                   "read the standard errors before drawing conclusions.", ""]
+    return lines
 
-    lines += healing_markdown(report)
-    lines += ["## Pruning and distillation", ""]
+
+def pruning_markdown(report: dict) -> list[str]:
+    """Which layers went, and how the student was trained: objective, parameters, data, speed."""
+    changes = report["vs_original"]
+    lines = ["## Pruning and distillation", ""]
     prune = report.get("pruning", {})
     lines.append(f"- removed decoder layers: {prune.get('removed_layers')} "
                  f"({changes['pruned']['params_removed']:,} parameters, {changes['pruned']['params_removed_pct']:.2f}%)")
@@ -237,29 +269,51 @@ def render_markdown(report: dict, figure_dir: Path | None = None) -> str:
         lines.append(f"- distillation: {kd['optimizer_steps']} optimiser steps on {kd['num_samples']} samples, "
                      f"{kd['train_tokens']:,} tokens in {kd['train_seconds']:.1f} s "
                      f"({kd['train_tokens_per_s']:.1f} tokens/s); loss {kd['losses'][0]:.4f} → {kd['losses'][-1]:.4f}")
-    lines += ["", "## Continuations", ""]
+    return lines
+
+
+def continuations_markdown(report: dict) -> list[str]:
+    """Each model's continuation of the sample prompt."""
+    models = report["models"]
+    lines = ["", "## Continuations", ""]
     prompt = models["original"]["sample_prompt"]
     for n in MODELS:
         lines.append(f"- **{n}**: {prompt}**{models[n]['sample_continuation']}**")
-    if report.get("figures"):
-        from tailor.report.plots import embed_markdown
+    return lines
 
-        lines += ["", "## Figures", ""]
-        for caption, name in report["figures"].items():
-            lines += [embed_markdown(Path(figure_dir) / name, caption) if figure_dir else f"![{caption}]({name})", ""]
-    if report.get("promotion"):
-        d = report["promotion"]
-        lines += ["", "## Promotion", "",
-                  f"Version {d['version']} vs {d['reference']}: **{'promoted' if d['promoted'] else 'not promoted'}**"
-                  + (f" (champion was v{d['previous_champion']})" if d.get("previous_champion") else ""), ""]
-        lines += [f"- {r}" for r in d["reasons"]]
-    if report.get("stages"):
-        lines += ["", "## Where the time went", "",
-                  "Compute seconds of each stage when it ran, and the process's peak resident memory by its end.",
-                  "", "| stage | seconds | peak RSS (GiB) |", "|---|---|---|"]
-        lines += [f"| {k} | {v['seconds']:.1f} | {_fmt(v.get('peak_rss_gib'), '.2f')} |"
-                  for k, v in report["stages"].items()]
-    return "\n".join(lines) + "\n"
+
+def figures_markdown(report: dict, figure_dir: Path | None = None) -> list[str]:
+    """The figures as links beside the report, or inline from ``figure_dir``."""
+    if not report.get("figures"):
+        return []
+    from tailor.report.plots import embed_markdown
+
+    lines = ["", "## Figures", ""]
+    for caption, name in report["figures"].items():
+        lines += [embed_markdown(Path(figure_dir) / name, caption) if figure_dir else f"![{caption}]({name})", ""]
+    return lines
+
+
+def promotion_markdown(report: dict) -> list[str]:
+    """The promotion gate's decision and its reasons, once it has run."""
+    if not report.get("promotion"):
+        return []
+    d = report["promotion"]
+    lines = ["", "## Promotion", "",
+             f"Version {d['version']} vs {d['reference']}: **{'promoted' if d['promoted'] else 'not promoted'}**"
+             + (f" (champion was v{d['previous_champion']})" if d.get("previous_champion") else ""), ""]
+    return lines + [f"- {r}" for r in d["reasons"]]
+
+
+def stage_costs_markdown(report: dict) -> list[str]:
+    """Compute seconds and peak memory of each stage."""
+    if not report.get("stages"):
+        return []
+    lines = ["", "## Where the time went", "",
+             "Compute seconds of each stage when it ran, and the process's peak resident memory by its end.",
+             "", "| stage | seconds | peak RSS (GiB) |", "|---|---|---|"]
+    return lines + [f"| {k} | {v['seconds']:.1f} | {_fmt(v.get('peak_rss_gib'), '.2f')} |"
+                    for k, v in report["stages"].items()]
 
 
 def healing_markdown(report: dict) -> list[str]:

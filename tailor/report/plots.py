@@ -46,17 +46,29 @@ def lines_png(x_label: str, y_label: str, lines: dict[str, tuple[list[float], li
     return _save(fig, path)
 
 
-def grouped_bars_png(groups: list[str], bars: dict[str, list[float]], y_label: str, title: str, path: Path) -> Path:
+def grouped_bars_png(groups: list[str], bars: dict[str, list[float]], y_label: str, title: str, path: Path,
+                     intervals: dict[str, list[tuple[float, float] | None]] | None = None) -> Path:
+    """One bar per (group, series); ``intervals`` (low, high) per bar, same keys and order, draw
+    error bars (None: that bar has none)."""
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.8 / max(1, len(bars))
     for k, (label, values) in enumerate(bars.items()):
-        ax.bar([i + k * width for i in range(len(groups))], values, width, label=label)
+        yerr = _error_offsets(values, intervals[label]) if intervals and label in intervals else None
+        ax.bar([i + k * width for i in range(len(groups))], values, width, label=label, yerr=yerr, capsize=3,
+               error_kw={"elinewidth": 1})
     ax.set_xticks([i + width * (len(bars) - 1) / 2 for i in range(len(groups))])
     ax.set_xticklabels(groups, fontsize=8)
     ax.set_ylabel(y_label)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def _error_offsets(values: list[float], intervals: list[tuple[float, float] | None]) -> list[list[float]]:
+    """Matplotlib's ``yerr``: distances below and above each bar; NaN draws no bar for it."""
+    below = [v - iv[0] if iv else math.nan for v, iv in zip(values, intervals)]
+    above = [iv[1] - v if iv else math.nan for v, iv in zip(values, intervals)]
+    return [below, above]
 
 
 def embed_markdown(path: Path, alt: str) -> str:
