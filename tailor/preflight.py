@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from tailor.config.settings import ConfigError, PruneConfig, TailorConfig
@@ -106,8 +107,47 @@ def check_runner(cfg: TailorConfig) -> None:
                               "pip install 'llm-tailor[dask]' (or set runner.dask_workers=0)")
 
 
-def preflight(cfg: TailorConfig) -> None:
+def check_distill_processes(cfg: TailorConfig) -> None:
+    """Data-parallel processes take one GPU each where CUDA is present (nccl); on the CPU (gloo)
+    any number runs."""
+    wanted = cfg.distill.nproc_per_node
+    if wanted <= 1:
+        return
+    import torch
+
+    if torch.cuda.is_available() and wanted > (count := torch.cuda.device_count()):
+        raise ConfigError(f"distill.nproc_per_node={wanted} exceeds the {count} GPUs of this machine (one GPU per "
+                          f"process); allowed: 1 to {count}")
+
+
+# What marks a folder as written by ``tailor run`` or ``tailor sweep``: the report they write there.
+REPORT_MARKERS = ("report.json", "sweep.json")
+
+
+def check_output_folder(out_dir: str | Path) -> None:
+    """The report folder (``--out``) can be written at the end of the run: it is a folder or can
+    be made one, and it is new, empty or an earlier report's (which a re-run replaces). A
+    folder holding anything else is the user's: its files are never overwritten."""
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out_dir} is a file, not a folder; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not any((out / m).is_file() for m in REPORT_MARKERS):
+        raise ConfigError(f"--out {out_dir} holds files that are not an llm-tailor report (no "
+                          f"{' or '.join(REPORT_MARKERS)}); they are left untouched: choose a new or empty --out")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"--out {out_dir} cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out_dir} cannot be {'written' if existing == out else 'created'}: "
+                          f"{existing} is not writable")
+
+
+def preflight(cfg: TailorConfig, out_dir: str | Path | None = None) -> None:
+    """``out_dir``: the report folder the run was given (None: one of its own in the work folder)."""
+    if out_dir is not None:
+        check_output_folder(out_dir)
     check_runner(cfg)
+    check_distill_processes(cfg)
     check_source(cfg.model)
     num_layers = source_num_layers(cfg.model)
     check_prune(cfg.prune, num_layers)

@@ -75,6 +75,14 @@ def test_settings_that_would_mislead_later_stages_are_refused(override, needle):
         load_config("smoke", [override])
 
 
+def test_the_champion_alias_is_never_set_without_the_gate_even_with_promotion_off():
+    # With the gate off, a registration under the champion alias would still move it.
+    with pytest.raises(ConfigError, match="tracking.alias and promotion.champion_alias are both 'champion'"):
+        load_config("smoke", ["promotion.enabled=false", "tracking.alias=champion"])
+    with pytest.raises(ConfigError, match="both 'best'"):
+        load_config("smoke", ["promotion.enabled=false", "promotion.champion_alias=best", "tracking.alias=best"])
+
+
 @pytest.mark.parametrize("override, needle", [
     ("distill.teacher_topk=100000", "distill.teacher_topk=100000 exceeds the model's vocabulary of"),
     ("distill.seq_len=4096", "distill.seq_len=4096 exceeds the model's context of 512 tokens"),
@@ -88,6 +96,7 @@ def test_settings_beyond_the_models_limits_fail_before_work(override, needle):
         check_model_limits(cfg, *source_limits(cfg.model))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", ["quick", "heal"])
 def test_shipped_cpu_profiles_pass_preflight_on_the_offline_data(name, shared_data, tmp_path):
     from tailor.preflight import preflight

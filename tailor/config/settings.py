@@ -20,7 +20,7 @@ PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
 REFERENCE_TASKS = ("arc_easy", "winogrande", "hellaswag", "lambada_openai")
 # Narrative text only: at 500 documents per task it is the one offline corpus measured to
 # leave no reference task worse than the pruned model (C4's document starts are menus and
-# link lists, and cost LAMBADA 0.28): see benchmarks/healing.py and the README.
+# link lists, and cost LAMBADA 0.28): see benchmarks/healing.py and docs/healing.md.
 DEFAULT_CORPUS_MIX = {"corpus/tinystories_sample.jsonl": 1.0}
 # The distill.corpus_mix key that names text the teacher samples itself (settings: generate.*).
 TEACHER_SOURCE = "teacher"
@@ -204,6 +204,13 @@ class DistillConfig(_Section):
     """Log the loss every this many optimiser steps."""
     nproc_per_node: int = Field(1, ge=1)
     """Data-parallel processes for the flow's distillation: above 1, torchrun runs this many on this machine (gloo on CPU, nccl with one GPU each), each taking batch_size samples of every global batch of batch_size x nproc_per_node."""
+    # Left out of model_dump: the settings are hashed into the distillation's cache keys, and a
+    # time limit does not change what is trained.
+    launch_timeout_s: float = Field(
+        0, ge=0, exclude=True,
+        description="nproc_per_node above 1: seconds the torchrun launch may run before its processes are stopped "
+                    "(a hung process group otherwise waits forever); 0 = one hour plus ten minutes per "
+                    "micro-batch of each process.")
     teacher_topk: int = Field(0, ge=0)
     """0: exact KD against the live teacher. k >= 1: compute the teacher's top-k logits (plus the rest's log-sum-exp) once, cache them on disk, and train from the cache (forward_kl only)."""
     teacher_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
@@ -414,9 +421,12 @@ class TailorConfig(_Section):
 
     @model_validator(mode="after")
     def _challenger_is_not_champion(self) -> "TailorConfig":
-        if self.promotion.enabled and self.tracking.alias == self.promotion.champion_alias:
+        # Whether or not the gate runs (promotion.enabled): only the gate ever sets the champion alias,
+        # so a registration under it would crown a version no gate judged.
+        if self.tracking.alias == self.promotion.champion_alias:
             raise ValueError(f"tracking.alias and promotion.champion_alias are both {self.tracking.alias!r}: a new "
-                             "version would take the champion alias without passing the gate; use two names")
+                             "version would take the champion alias without passing the gate (only the gate sets "
+                             "it, also with promotion.enabled=false); use two names")
         return self
 
     @property

