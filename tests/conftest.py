@@ -59,11 +59,25 @@ def pytest_collection_modifyitems(config, items):
     if heavy:
         config.hook.pytest_deselected(items=heavy)
         items[:] = [i for i in items if i not in heavy]
+    # The unit tier needs no network: the real offline data may come from a pull.
+    pulling = [i.nodeid for i in items if "shared_data" in getattr(i, "fixturenames", ())]
+    if pulling:
+        raise pytest.UsageError("unit-tier tests must use `unit_data`, not `shared_data` (mark them integration): "
+                                + ", ".join(pulling))
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
+    """The real offline splits and corpus (integration and slow tiers only)."""
     return offline_test_data()
+
+
+@pytest.fixture(scope="session")
+def unit_data(tmp_path_factory) -> Path:
+    """A tiny made-up offline data folder in the real files' schema (tests/unit_data.py)."""
+    from unit_data import write_unit_data
+
+    return write_unit_data(tmp_path_factory.mktemp("unit-data"))
 
 
 @pytest.fixture(scope="session")

@@ -20,8 +20,8 @@ def test_bad_input_is_a_clear_error(argv, needle, capsys, tmp_path):
     assert needle in capsys.readouterr().err
 
 
-def test_unreachable_tracking_server_fails_fast(capsys, tmp_path, shared_data):
-    code = main(["run", "--profile", "smoke", "--set", f"work_dir={tmp_path}", "--set", f"data.data_dir={shared_data}",
+def test_unreachable_tracking_server_fails_fast(capsys, tmp_path, unit_data):
+    code = main(["run", "--profile", "smoke", "--set", f"work_dir={tmp_path}", "--set", f"data.data_dir={unit_data}",
                  "--set", "tracking.tracking_uri=http://127.0.0.1:9"])
     assert code == 2
     assert "MLflow tracking store 'http://127.0.0.1:9' is not reachable" in capsys.readouterr().err

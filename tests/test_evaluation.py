@@ -10,9 +10,9 @@ def _offline(path) -> DataConfig:
     return DataConfig(data_dir=str(path))
 
 
-def test_unknown_task_lists_close_matches(shared_data):
+def test_unknown_task_lists_close_matches(unit_data):
     with pytest.raises(EvalSetupError, match="unknown lm-eval task 'arc_easyy'.*arc_easy"):
-        check_tasks(("arc_easyy",), _offline(shared_data))
+        check_tasks(("arc_easyy",), _offline(unit_data))
 
 
 def test_missing_data_folder_is_named(tmp_path):
@@ -37,6 +37,7 @@ def test_empty_file_is_an_error_not_a_zero(tmp_path):
         check_tasks(("lambada_openai",), _offline(tmp_path))
 
 
+@pytest.mark.integration
 def test_offline_evaluation_of_the_four_tasks(tiny_model, tiny_tokenizer, shared_data):
     result = evaluate_model(tiny_model, tiny_tokenizer, EvalConfig(limit=4, batch_size=4), _offline(shared_data))
     m = result["metrics"]
@@ -55,6 +56,7 @@ def test_offline_evaluation_of_the_four_tasks(tiny_model, tiny_tokenizer, shared
     assert m["lambada_openai"]["perplexity"]["value"] > 1.0
 
 
+@pytest.mark.integration
 def test_a_task_from_the_users_folder(tiny_model, tiny_tokenizer, tmp_path, shared_data):
     """Any lm-eval task works: here a user's own multiple-choice YAML over a local file."""
     rows = [{"q": "Is fire hot?", "options": ["yes", "no"], "gold": 0},
@@ -76,7 +78,7 @@ def test_a_task_from_the_users_folder(tiny_model, tiny_tokenizer, tmp_path, shar
         check_tasks(("my_qa",), _offline(shared_data), str(tmp_path / "nope"))
 
 
-def test_the_evaluation_signature_follows_the_datas_bytes_not_its_folder(tmp_path, shared_data):
+def test_the_evaluation_signature_follows_the_datas_bytes_not_its_folder(tmp_path, unit_data):
     import shutil
 
     from tailor.config.settings import DataConfig, EvalConfig
@@ -86,9 +88,9 @@ def test_the_evaluation_signature_follows_the_datas_bytes_not_its_folder(tmp_pat
     copy = tmp_path / "copy"
     rel = OFFLINE_SPLITS["winogrande"][0]
     (copy / rel).parent.mkdir(parents=True)
-    shutil.copyfile(shared_data / rel, copy / rel)
+    shutil.copyfile(unit_data / rel, copy / rel)
     same = evaluation_signature(cfg, DataConfig(data_dir=str(copy)))
-    assert same == evaluation_signature(cfg, DataConfig(data_dir=str(shared_data)))
+    assert same == evaluation_signature(cfg, DataConfig(data_dir=str(unit_data)))
     with (copy / rel).open("a") as fh:
         fh.write('{"sentence": "A _ changed row.", "option1": "a", "option2": "b", "answer": "1"}\n')
     assert evaluation_signature(cfg, DataConfig(data_dir=str(copy))) != same
@@ -96,11 +98,11 @@ def test_the_evaluation_signature_follows_the_datas_bytes_not_its_folder(tmp_pat
         evaluation_signature(cfg, DataConfig(data_dir=str(copy)))
 
 
-def test_offline_tasks_without_local_data_or_without_accuracy_fail_before_work(shared_data, tmp_path):
+def test_offline_tasks_without_local_data_or_without_accuracy_fail_before_work(unit_data, tmp_path):
     from tailor.config.settings import DataConfig
     from tailor.evaluate.harness import EvalSetupError, check_tasks
 
-    data = DataConfig(data_dir=str(shared_data))
+    data = DataConfig(data_dir=str(unit_data))
     with pytest.raises(EvalSetupError, match="'piqa' has no offline data"):
         check_tasks(("arc_easy", "piqa"), data)
     with pytest.raises(EvalSetupError, match=r"'wikitext' reports \['bits_per_byte', 'byte_perplexity', "

@@ -27,6 +27,7 @@ def assert_same_evaluation(ours: dict, theirs: dict, tol: float = 1e-4) -> float
     return worst
 
 
+@pytest.mark.integration
 def test_parity_on_the_four_reference_tasks(tiny_model, tiny_tokenizer, shared_data):
     data = DataConfig(data_dir=str(shared_data))
     ours = evaluate_model(tiny_model, tiny_tokenizer, EvalConfig(limit=6, batch_size=5, backend="fast"), data)

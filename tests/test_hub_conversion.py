@@ -4,6 +4,9 @@ import pytest
 
 from tailor.data import offline
 
+# They read the real offline rows (a pull, where no shared data folder is beside the checkout).
+pytestmark = pytest.mark.integration
+
 
 def _as_hub_dataset(rows: list[dict]):
     """The real rows as the hub hands them over: a datasets.Dataset (Arrow types and all)."""

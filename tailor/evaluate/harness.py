@@ -8,6 +8,7 @@ local JSONL files in the Hugging Face schema.
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import json
 import math
@@ -44,10 +45,25 @@ class EvalSetupError(TailorError, ValueError):
 
 
 def _task_manager(include_path: str = ""):
-    from lm_eval.tasks import TaskManager
+    """lm-eval's task index, built once per process for each state of ``include_path``.
 
+    Indexing every stock YAML takes seconds (about 8 s on a 2-core CPU), and the preflight
+    checks and each evaluation of a run all need it; a user folder that gains, loses or edits
+    a file gets a new index.
+    """
     if include_path and not Path(include_path).is_dir():
         raise EvalSetupError(f"eval.include_path={include_path!r} is not a folder of lm-eval task YAMLs")
+    files = ()
+    if include_path:
+        files = tuple(sorted((str(f), f.stat().st_mtime_ns, f.stat().st_size)
+                             for f in Path(include_path).rglob("*") if f.is_file()))
+    return _indexed_tasks(str(Path(include_path).resolve()) if include_path else "", files)
+
+
+@functools.lru_cache(maxsize=8)
+def _indexed_tasks(include_path: str, files: tuple) -> Any:
+    from lm_eval.tasks import TaskManager
+
     return TaskManager(include_path=include_path or None)
 
 
