@@ -1,4 +1,4 @@
-"""The README's deployment recipe against a real `prefect server start` on loopback.
+"""The deployment recipe of docs/operations.md against a real `prefect server start` on loopback.
 
 Server, work pool, `prefect deploy --all`, a process worker, a triggered `smoke` run:
 the flow run completes through the worker and registers a model version.

@@ -1,4 +1,4 @@
-"""The README's recipe for watching runs live, followed literally: start `prefect server start`,
+"""The recipe for watching runs live (README, docs/operations.md), followed literally: start `prefect server start`,
 `prefect config set PREFECT_API_URL=...`, `tailor run`; the server then holds the flow run,
 its task runs and its artifacts."""
 

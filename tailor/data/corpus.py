@@ -1,7 +1,6 @@
 """The distillation corpus: weighted sources, a held-out slice training never sees, samples.
 
-Why it is shaped this way (benchmarks/healing.py measures each choice; see the README's
-healing section):
+Why it is shaped this way (benchmarks/healing.py measures each choice; see docs/healing.md):
 
 * A sample is the *start* of a document, BOS first, as lm-eval feeds Gemma its prompts;
   the earlier windows cut through documents mostly started mid-text without BOS.
