@@ -19,9 +19,9 @@ import time
 
 import psutil
 import torch
-
 from _common import SHARED_DATA, default_work_dir, print_summary
 from eval_throughput import build_requests, score
+
 from tailor.config.settings import DataConfig, ModelConfig
 from tailor.evaluate.fast_lm import FastHFLM
 from tailor.models.sources import materialize
@@ -59,8 +59,12 @@ class PeakRSS:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--limit", type=int, default=64, help="documents per task")
-    p.add_argument("--tasks", nargs="+", default=["hellaswag", "lambada_openai"],
-                   help="hellaswag's long continuations make the most scored positions per batch")
+    p.add_argument(
+        "--tasks",
+        nargs="+",
+        default=["hellaswag", "lambada_openai"],
+        help="hellaswag's long continuations make the most scored positions per batch",
+    )
     p.add_argument("--batch-size", type=int, default=32, help="the shipped profiles' eval.batch_size")
     p.add_argument("--chunk", type=int, default=FastHFLM.score_chunk_tokens, help="ours: scored positions per pass")
     p.add_argument("--data-dir", default=str(SHARED_DATA))
@@ -71,8 +75,10 @@ def main() -> None:
     model, tokenizer = load_model(materialize(ModelConfig(source="embedded"), args.work_dir))
     instances = build_requests(tuple(args.tasks), DataConfig(data_dir=args.data_dir), args.limit)
     n_requests = sum(len(v) for v in instances.values())
-    print(f"model: embedded gemma-3-270m, float32, {torch.get_num_threads()} threads; tasks {args.tasks}, "
-          f"limit {args.limit}: {n_requests} requests, batch size {args.batch_size}")
+    print(
+        f"model: embedded gemma-3-270m, float32, {torch.get_num_threads()} threads; tasks {args.tasks}, "
+        f"limit {args.limit}: {n_requests} requests, batch size {args.batch_size}"
+    )
 
     runs = {}
     for name, chunk in (("ours", args.chunk), ("baseline", 1 << 30)):
@@ -89,14 +95,26 @@ def main() -> None:
             max_diff = max(max_diff, abs(la - lb))
             greedy_equal &= ga == gb
     ratio = runs["baseline"]["added_gib"] / max(runs["ours"]["added_gib"], 1e-9)
-    print(f"peak memory added, baseline / ours: {ratio:.1f}x; time ours / baseline: "
-          f"{runs['ours']['seconds'] / runs['baseline']['seconds']:.2f}")
+    print(
+        f"peak memory added, baseline / ours: {ratio:.1f}x; time ours / baseline: "
+        f"{runs['ours']['seconds'] / runs['baseline']['seconds']:.2f}"
+    )
     print(f"max |loglik(ours) - loglik(baseline)|: {max_diff:.2e}; greedy flags identical: {greedy_equal}")
-    print_summary({"limit": args.limit, "tasks": args.tasks, "batch_size": args.batch_size, "chunk": args.chunk,
-                   "requests": n_requests, "ours_added_gib": runs["ours"]["added_gib"],
-                   "baseline_added_gib": runs["baseline"]["added_gib"], "memory_ratio": ratio,
-                   "time_ratio": runs["ours"]["seconds"] / runs["baseline"]["seconds"],
-                   "max_abs_loglik_diff": max_diff, "greedy_flags_identical": greedy_equal})
+    print_summary(
+        {
+            "limit": args.limit,
+            "tasks": args.tasks,
+            "batch_size": args.batch_size,
+            "chunk": args.chunk,
+            "requests": n_requests,
+            "ours_added_gib": runs["ours"]["added_gib"],
+            "baseline_added_gib": runs["baseline"]["added_gib"],
+            "memory_ratio": ratio,
+            "time_ratio": runs["ours"]["seconds"] / runs["baseline"]["seconds"],
+            "max_abs_loglik_diff": max_diff,
+            "greedy_flags_identical": greedy_equal,
+        }
+    )
 
 
 if __name__ == "__main__":

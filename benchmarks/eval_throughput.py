@@ -16,9 +16,9 @@ import argparse
 import time
 
 import torch
+from _common import SHARED_DATA, default_work_dir, matmul_gflops, print_summary
 from lm_eval.models.huggingface import HFLM
 
-from _common import SHARED_DATA, default_work_dir, matmul_gflops, print_summary
 from tailor.config.settings import REFERENCE_TASKS, DataConfig, ModelConfig
 from tailor.evaluate.fast_lm import FastHFLM
 from tailor.evaluate.harness import _task_manager, task_specs
@@ -51,9 +51,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--limit", type=int, default=15, help="documents per task")
     p.add_argument("--tasks", nargs="+", default=list(REFERENCE_TASKS))
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 8, 16], help="HFLM batch sizes to try for its best")
-    p.add_argument("--ours-batch-size", type=int, default=32,
-                   help="ours keeps no full-vocabulary logits, so it affords larger batches than HFLM")
+    p.add_argument(
+        "--batch-sizes", type=int, nargs="+", default=[4, 8, 16], help="HFLM batch sizes to try for its best"
+    )
+    p.add_argument(
+        "--ours-batch-size",
+        type=int,
+        default=32,
+        help="ours keeps no full-vocabulary logits, so it affords larger batches than HFLM",
+    )
     p.add_argument("--data-dir", default=str(SHARED_DATA))
     p.add_argument("--work-dir", default=default_work_dir())
     args = p.parse_args()
@@ -73,18 +79,26 @@ def main() -> None:
             tokens += len(ctx) + len(cont) - 1
             scored += len(cont)
     # Tokens ours actually feeds: a prefix shared by neighbouring requests counts once.
-    ours_tokens = sum(len(seg) for reqs in instances.values()
-                      for seg in probe._segments([(None, *probe._encode_pair(*i.args)) for i in reqs]))
-    print(f"model: embedded gemma-3-270m, float32, {torch.get_num_threads()} threads; tasks {args.tasks}, "
-          f"limit {args.limit}: {n_requests} requests, {tokens} tokens ({ours_tokens} after prefix sharing), "
-          f"{scored} scored tokens")
+    ours_tokens = sum(
+        len(seg)
+        for reqs in instances.values()
+        for seg in probe._segments([(None, *probe._encode_pair(*i.args)) for i in reqs])
+    )
+    print(
+        f"model: embedded gemma-3-270m, float32, {torch.get_num_threads()} threads; tasks {args.tasks}, "
+        f"limit {args.limit}: {n_requests} requests, {tokens} tokens ({ours_tokens} after prefix sharing), "
+        f"{scored} scored tokens"
+    )
 
     gflops = matmul_gflops()
     print(f"this CPU's float32 matmul: {gflops:.1f} GFLOP/s")
 
     runs = {}
-    contenders = [("hflm_bs1", HFLM, 1)] + [(f"hflm_bs{b}", HFLM, b) for b in args.batch_sizes] + \
-                 [("ours", FastHFLM, args.ours_batch_size)]
+    contenders = (
+        [("hflm_bs1", HFLM, 1)]
+        + [(f"hflm_bs{b}", HFLM, b) for b in args.batch_sizes]
+        + [("ours", FastHFLM, args.ours_batch_size)]
+    )
     for name, cls, bs in contenders:
         lm = cls(pretrained=model, tokenizer=tokenizer, batch_size=bs)
         seconds, answers = score(lm, instances)
@@ -99,7 +113,8 @@ def main() -> None:
             max_diff = max(max_diff, abs(la - lb))
             greedy_equal &= ga == gb
     same_choices = all(
-        _choices(instances[t], ours["answers"][t]) == _choices(instances[t], bs1["answers"][t]) for t in instances)
+        _choices(instances[t], ours["answers"][t]) == _choices(instances[t], bs1["answers"][t]) for t in instances
+    )
 
     non_embedding = count_parameters(model) - model.get_input_embeddings().weight.numel()
     head = model.get_output_embeddings().weight.numel()
@@ -107,7 +122,11 @@ def main() -> None:
     flops = 2 * non_embedding * ours_tokens + 2 * head * scored
     achieved = flops / ours["seconds"] / 1e9
     summary = {
-        "requests": n_requests, "tokens": tokens, "ours_tokens_fed": ours_tokens, "limit": args.limit, "tasks": args.tasks,
+        "requests": n_requests,
+        "tokens": tokens,
+        "ours_tokens_fed": ours_tokens,
+        "limit": args.limit,
+        "tasks": args.tasks,
         "hflm_bs1_requests_per_s": n_requests / bs1["seconds"],
         "hflm_best_batch_size": int(best_name.removeprefix("hflm_bs")),
         "hflm_best_requests_per_s": n_requests / best["seconds"],
@@ -124,10 +143,14 @@ def main() -> None:
         "ours_achieved_gflops": achieved,
         "ours_fraction_of_matmul_peak": achieved / gflops,
     }
-    print(f"speed-up vs HFLM batch 1: {summary['speedup_vs_hflm_bs1']:.2f}x; "
-          f"vs HFLM best (batch {summary['hflm_best_batch_size']}): {summary['speedup_vs_hflm_best']:.2f}x")
-    print(f"max |loglik(ours) - loglik(HFLM bs1)|: {max_diff:.2e}; greedy flags identical: {greedy_equal}; "
-          f"chosen answers identical: {same_choices}")
+    print(
+        f"speed-up vs HFLM batch 1: {summary['speedup_vs_hflm_bs1']:.2f}x; "
+        f"vs HFLM best (batch {summary['hflm_best_batch_size']}): {summary['speedup_vs_hflm_best']:.2f}x"
+    )
+    print(
+        f"max |loglik(ours) - loglik(HFLM bs1)|: {max_diff:.2e}; greedy flags identical: {greedy_equal}; "
+        f"chosen answers identical: {same_choices}"
+    )
     print(f"ours: {achieved:.1f} GFLOP/s = {100 * achieved / gflops:.0f}% of this CPU's matmul throughput")
     print_summary(summary)
 

@@ -22,11 +22,9 @@ import time
 from pathlib import Path
 
 import torch
-
 from _common import SHARED_DATA, default_work_dir, print_summary
-from tailor.store.checkpoint import load_model, load_tokenizer, stable_hash, write_checkpoint, save_model, \
-    existing_checkpoint
-from tailor.config.settings import REFERENCE_TASKS, load_config, DataConfig, DistillConfig, EvalConfig, ModelConfig
+
+from tailor.config.settings import REFERENCE_TASKS, DataConfig, DistillConfig, EvalConfig, ModelConfig, load_config
 from tailor.data.corpus import heldout_samples, pad_rows, read_documents, training_samples
 from tailor.distill.record import TrainingRecord
 from tailor.distill.trainer import Distiller
@@ -36,19 +34,50 @@ from tailor.models.precision import load_teacher
 from tailor.models.sources import materialize, source_num_layers
 from tailor.prune.pruning import prune_checkpoint, replace_removed_block
 from tailor.report.healing import healing_summary
+from tailor.store.checkpoint import (
+    existing_checkpoint,
+    load_model,
+    load_tokenizer,
+    save_model,
+    stable_hash,
+    write_checkpoint,
+)
 
 TS, WIKI, C4 = "corpus/tinystories_sample.jsonl", "corpus/wikipedia_sample.jsonl", "corpus/c4_sample.jsonl"
 # The quick profile's recipe before the fix (its optimiser settings; samples rebuilt below).
-QUICK_BEFORE = dict(learning_rate=5e-5, batch_size=4, grad_accum=2, seq_len=128, epochs=1, num_samples=64,
-                    bf16_autocast="auto", gradient_checkpointing=True, heldout_docs=16)
+QUICK_BEFORE = dict(
+    learning_rate=5e-5,
+    batch_size=4,
+    grad_accum=2,
+    seq_len=128,
+    epochs=1,
+    num_samples=64,
+    bf16_autocast="auto",
+    gradient_checkpointing=True,
+    heldout_docs=16,
+)
 # Every other row: BOS-first document starts, a held-out slice, warm-up and cosine decay.
 RECIPE = dict(QUICK_BEFORE, warmup_steps=2, lr_schedule="cosine")
 MIX = {TS: 0.6, WIKI: 0.4}  # no C4: its document starts are navigation menus and link lists
 # Hidden-state rows: two BOS-first windows of most TinyStories and Wikipedia training documents.
-HIDDEN = dict(objective="hidden", hidden_loss="mse", learning_rate=1e-4, warmup_steps=8, lr_schedule="cosine",
-              batch_size=8, grad_accum=2, seq_len=128, epochs=1, num_samples=2048, windows_per_doc=2,
-              corpus_mix={TS: 1, WIKI: 3}, freeze_embeddings=True, teacher_dtype="float32", bf16_autocast=False,
-              heldout_every=32)
+HIDDEN = dict(
+    objective="hidden",
+    hidden_loss="mse",
+    learning_rate=1e-4,
+    warmup_steps=8,
+    lr_schedule="cosine",
+    batch_size=8,
+    grad_accum=2,
+    seq_len=128,
+    epochs=1,
+    num_samples=2048,
+    windows_per_doc=2,
+    corpus_mix={TS: 1, WIKI: 3},
+    freeze_embeddings=True,
+    teacher_dtype="float32",
+    bf16_autocast=False,
+    heldout_every=32,
+)
 # In order of what they answer: the cause, its fix, the corpus domain, what trains, the
 # learning rate, a cross-entropy mix.
 VARIANTS: dict[str, dict] = {
@@ -59,10 +88,12 @@ VARIANTS: dict[str, dict] = {
     "tinystories_only_constant_lr_256": dict(QUICK_BEFORE, corpus_mix={TS: 1}, num_samples=256, heldout_every=8),
     # The divergence: reverse KL (mode-seeking) and the symmetric JSD against forward KL's
     # mass-covering fit, which lowers perplexity while LAMBADA's greedy last word can get worse.
-    "tinystories_only_constant_lr_256_reverse_kl": dict(QUICK_BEFORE, corpus_mix={TS: 1}, num_samples=256,
-                                                        heldout_every=8, loss="reverse_kl"),
-    "tinystories_only_constant_lr_256_jsd": dict(QUICK_BEFORE, corpus_mix={TS: 1}, num_samples=256,
-                                                 heldout_every=8, loss="jsd"),
+    "tinystories_only_constant_lr_256_reverse_kl": dict(
+        QUICK_BEFORE, corpus_mix={TS: 1}, num_samples=256, heldout_every=8, loss="reverse_kl"
+    ),
+    "tinystories_only_constant_lr_256_jsd": dict(
+        QUICK_BEFORE, corpus_mix={TS: 1}, num_samples=256, heldout_every=8, loss="jsd"
+    ),
     "ts60_wiki40_last4_layers": dict(RECIPE, corpus_mix=MIX, freeze_embeddings=True, train_last_layers=4),
     "ts60_wiki40_ce_alpha_0.5": dict(RECIPE, corpus_mix=MIX, alpha=0.5),
     "ts60_wiki40_lr1e-5": dict(RECIPE, corpus_mix=MIX, learning_rate=1e-5),
@@ -90,8 +121,9 @@ VARIANTS: dict[str, dict] = {
     "logits_last4": dict(HIDDEN, train_last_layers=4, objective="logits"),
     # Precision: the quick recipe with every matmul in float32 (what a CPU without native
     # bfloat16 runs): does bfloat16 change what the recipe heals, and what does it save?
-    "quick_profile_float32": dict(load_config("quick").distill.model_dump(), bf16_autocast=False,
-                                  teacher_dtype="float32"),
+    "quick_profile_float32": dict(
+        load_config("quick").distill.model_dump(), bf16_autocast=False, teacher_dtype="float32"
+    ),
 }
 
 
@@ -101,7 +133,7 @@ def windowed_samples_before_fix(tokenizer, data: DataConfig, seq_len: int, num_s
     for rel in (WIKI, C4, TS):
         for text in read_documents(Path(data.data_dir) / rel):
             ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-            rows += [ids[s:s + seq_len] for s in range(0, len(ids), seq_len) if len(ids[s:s + seq_len]) >= 2]
+            rows += [ids[s : s + seq_len] for s in range(0, len(ids), seq_len) if len(ids[s : s + seq_len]) >= 2]
             if len(rows) >= num_samples:
                 return pad_rows(tokenizer, rows[:num_samples], seq_len)
     return pad_rows(tokenizer, rows, seq_len)
@@ -111,15 +143,20 @@ def distilled_checkpoint(name: str, cfg: DistillConfig, base, pruned, data: Data
     """The variant's distilled student (cached by everything it depends on) and its training record."""
     key = stable_hash(cfg.model_dump(), base.fingerprint, pruned.fingerprint)
     # A variant with the same settings under another name (a profile's recipe) shares the checkpoint.
-    out = next((p for p in sorted((work / "healing").glob(f"*-{key}")) if existing_checkpoint(p)),
-               work / "healing" / f"{name}-{key}")
+    out = next(
+        (p for p in sorted((work / "healing").glob(f"*-{key}")) if existing_checkpoint(p)),
+        work / "healing" / f"{name}-{key}",
+    )
     if (done := existing_checkpoint(out)) is not None:
         return done, TrainingRecord.from_dict(json.loads((out / "record.json").read_text()))
     student, tokenizer = load_model(pruned)
     if cfg.replacement_layer:
         replace_removed_block(student, load_model(base)[0])
-    samples = (windowed_samples_before_fix(tokenizer, data, cfg.seq_len, cfg.num_samples)
-               if name == "quick_as_shipped_before" else training_samples(tokenizer, cfg, data))
+    samples = (
+        windowed_samples_before_fix(tokenizer, data, cfg.seq_len, cfg.num_samples)
+        if name == "quick_as_shipped_before"
+        else training_samples(tokenizer, cfg, data)
+    )
     teacher = load_teacher(base, cfg.teacher_dtype, samples["input_ids"])
     # The healing curve (held-out perplexity every heldout_every steps), as the flow records it.
     curve = heldout_samples(tokenizer, cfg, data) if cfg.heldout_every else None
@@ -143,12 +180,24 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--limit", type=int, default=500, help="documents per task")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--tasks", nargs="+", default=list(REFERENCE_TASKS),
-                   help="tasks to judge on (a screening run may use fewer; a recipe is judged on all four)")
-    p.add_argument("--remove-last", type=int, default=2,
-                   help="decoder layers removed from the end (the quick profile removes 2 of 18)")
-    p.add_argument("--eval-dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="evaluation precision (every model is scored the same way)")
+    p.add_argument(
+        "--tasks",
+        nargs="+",
+        default=list(REFERENCE_TASKS),
+        help="tasks to judge on (a screening run may use fewer; a recipe is judged on all four)",
+    )
+    p.add_argument(
+        "--remove-last",
+        type=int,
+        default=2,
+        help="decoder layers removed from the end (the quick profile removes 2 of 18)",
+    )
+    p.add_argument(
+        "--eval-dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="evaluation precision (every model is scored the same way)",
+    )
     p.add_argument("--data-dir", default=str(SHARED_DATA))
     p.add_argument("--work-dir", default=default_work_dir())
     args = p.parse_args()
@@ -180,26 +229,57 @@ def main() -> None:
         print(f"variant {name}", flush=True)
         ref, record = distilled_checkpoint(name, cfg, base, pruned, data, work)
         summary = healing_summary({**fixed, "distilled": evaluate(ref)})
-        rows[name] = {"healing": summary, "heldout_ppl": heldout_ppl(ref), "train_seconds": record.train_seconds,
-                      "train_tokens": record.train_tokens, "trainable_parameters": record.trainable_parameters,
-                      "optimizer_steps": record.optimizer_steps, "final_loss": record.losses[-1]}
+        rows[name] = {
+            "healing": summary,
+            "heldout_ppl": heldout_ppl(ref),
+            "train_seconds": record.train_seconds,
+            "train_tokens": record.train_tokens,
+            "trainable_parameters": record.trainable_parameters,
+            "optimizer_steps": record.optimizer_steps,
+            "final_loss": record.losses[-1],
+        }
         print_row(name, rows[name])
 
     print()
-    print(f"limit {args.limit} documents per task, evaluation {args.eval_dtype}; held-out perplexity "
-          f"original {fixed_ppl['original']:.2f}, pruned {fixed_ppl['pruned']:.2f}")
-    header = ["variant", *[f"{t} Δacc [95% CI]" for t in args.tasks], "pooled Δacc [95% CI]",
-              "recovered [95% CI]", "lambada ppl", "held-out ppl", "train s", "train tokens", "trainable"]
+    print(
+        f"limit {args.limit} documents per task, evaluation {args.eval_dtype}; held-out perplexity "
+        f"original {fixed_ppl['original']:.2f}, pruned {fixed_ppl['pruned']:.2f}"
+    )
+    header = [
+        "variant",
+        *[f"{t} Δacc [95% CI]" for t in args.tasks],
+        "pooled Δacc [95% CI]",
+        "recovered [95% CI]",
+        "lambada ppl",
+        "held-out ppl",
+        "train s",
+        "train tokens",
+        "trainable",
+    ]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for name, row in rows.items():
         print_row(name, row, markdown=True)
-    print_summary({"limit": args.limit, "eval_dtype": args.eval_dtype, "heldout_ppl": fixed_ppl,
-                   "variants": {n: {"pooled": r["healing"]["pooled"], "per_task": r["healing"]["per_task"],
-                                    "perplexity": r["healing"]["perplexity"], "harmed": r["healing"]["harmed"],
-                                    "heldout_ppl": r["heldout_ppl"], "train_seconds": r["train_seconds"],
-                                    "train_tokens": r["train_tokens"], "trainable_parameters": r["trainable_parameters"]}
-                                for n, r in rows.items()}})
+    print_summary(
+        {
+            "limit": args.limit,
+            "eval_dtype": args.eval_dtype,
+            "heldout_ppl": fixed_ppl,
+            "variants": {
+                n: {
+                    "pooled": r["healing"]["pooled"],
+                    "per_task": r["healing"]["per_task"],
+                    "perplexity": r["healing"]["perplexity"],
+                    "harmed": r["healing"]["harmed"],
+                    "heldout_ppl": r["heldout_ppl"],
+                    "train_seconds": r["train_seconds"],
+                    "train_tokens": r["train_tokens"],
+                    "trainable_parameters": r["trainable_parameters"],
+                }
+                for n, r in rows.items()
+            },
+        }
+    )
 
 
 def print_row(name: str, row: dict, markdown: bool = False) -> None:
@@ -214,10 +294,17 @@ def print_row(name: str, row: dict, markdown: bool = False) -> None:
     if pooled.get("recovered_share_ci95") and pooled["recovered_share"] is not None:
         share += " [{:.0%}, {:.0%}]".format(*pooled["recovered_share_ci95"])
     ppl = h["perplexity"]
-    cells = [name, *[d(r) for r in h["per_task"].values()], d(pooled), share,
-             f"{ppl['pruned']:.1f} -> {ppl['distilled']:.1f}" if ppl else "n/a",
-             f"{row['heldout_ppl']:.2f}", f"{row['train_seconds']:.0f}", f"{row.get('train_tokens', 0):,}",
-             f"{row.get('trainable_parameters', 0):,}"]
+    cells = [
+        name,
+        *[d(r) for r in h["per_task"].values()],
+        d(pooled),
+        share,
+        f"{ppl['pruned']:.1f} -> {ppl['distilled']:.1f}" if ppl else "n/a",
+        f"{row['heldout_ppl']:.2f}",
+        f"{row['train_seconds']:.0f}",
+        f"{row.get('train_tokens', 0):,}",
+        f"{row.get('trainable_parameters', 0):,}",
+    ]
     print(("| " + " | ".join(cells) + " |") if markdown else "  " + "  ".join(cells), flush=True)
 
 

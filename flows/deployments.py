@@ -31,9 +31,11 @@ def check_deployments(path: Path, check_pools: bool = True) -> list[str]:
                 try:
                     CronSchedule(cron=schedule["cron"], timezone=schedule.get("timezone"))
                 except ValueError as exc:
-                    problems.append(f"deployment {name!r}: schedule cron {schedule['cron']!r} is invalid "
-                                    f"(minute hour day-of-month month day-of-week, e.g. '0 3 * * *'): "
-                                    f"{str(exc).splitlines()[-1].strip()}")
+                    problems.append(
+                        f"deployment {name!r}: schedule cron {schedule['cron']!r} is invalid "
+                        f"(minute hour day-of-month month day-of-week, e.g. '0 3 * * *'): "
+                        f"{str(exc).splitlines()[-1].strip()}"
+                    )
         params = d.get("parameters") or {}
         try:
             load_config(params.get("profile", "quick"), params.get("overrides") or [])
@@ -47,9 +49,11 @@ def check_deployments(path: Path, check_pools: bool = True) -> list[str]:
     if check_pools and pools:
         existing = _work_pools()
         for pool in sorted(pools - set(existing)):
-            problems.append(f"work pool {pool!r} does not exist on the Prefect server; existing: "
-                            f"{', '.join(sorted(existing)) or 'none'} "
-                            f"(create it: prefect work-pool create {pool} --type process)")
+            problems.append(
+                f"work pool {pool!r} does not exist on the Prefect server; existing: "
+                f"{', '.join(sorted(existing)) or 'none'} "
+                f"(create it: prefect work-pool create {pool} --type process)"
+            )
     if problems:
         raise DeploymentError(f"{path}:\n  " + "\n  ".join(problems))
     return names

@@ -24,5 +24,12 @@ def task_runner_for(runner: RunnerConfig) -> TaskRunner:
         return DaskTaskRunner(address=runner.dask_address)
     # One thread per worker: torch uses the cores itself. No Dask memory limit: its manager
     # would pause or kill a worker whose model briefly outgrows an equal share of memory.
-    return DaskTaskRunner(cluster_kwargs={"n_workers": runner.dask_workers, "threads_per_worker": 1,
-                                          "processes": True, "memory_limit": 0, "dashboard_address": None})
+    return DaskTaskRunner(
+        cluster_kwargs={
+            "n_workers": runner.dask_workers,
+            "threads_per_worker": 1,
+            "processes": True,
+            "memory_limit": 0,
+            "dashboard_address": None,
+        }
+    )

@@ -53,8 +53,11 @@ class RunContext:
     def log(self, stage: str, **kwargs) -> None:
         """The stage's child run under the parent (params, metrics, series, artifacts). A plain
         call, not a task: bookkeeping stays out of the run's task graph, retried all the same."""
-        retried(lambda: tracking.log_stage_run(self.client, self.experiment_id, self.parent_id, stage, **kwargs),
-                LOG_RETRY_DELAYS_S, f"MLflow child run of {stage}")
+        retried(
+            lambda: tracking.log_stage_run(self.client, self.experiment_id, self.parent_id, stage, **kwargs),
+            LOG_RETRY_DELAYS_S,
+            f"MLflow child run of {stage}",
+        )
 
     def close(self, seconds: float) -> None:
         """End the parent run FINISHED with the flow's wall time."""
@@ -128,8 +131,11 @@ def close_failed_run(flow, flow_run, state) -> None:
     tracking.end_run(run.client, run.parent_id, failed=True)
 
 
-FAILURE_HOOKS = {"on_failure": [close_failed_run], "on_crashed": [close_failed_run],
-                 "on_cancellation": [close_failed_run]}
+FAILURE_HOOKS = {
+    "on_failure": [close_failed_run],
+    "on_crashed": [close_failed_run],
+    "on_cancellation": [close_failed_run],
+}
 
 
 def run_intact(task, *args):

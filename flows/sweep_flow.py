@@ -61,33 +61,62 @@ def sweep_flow(profile: str = "quick", overrides: list[str] | None = None, out_d
     scores = None
     if scored:
         teacher_text = generate_teacher_text(base, cfg).tokens if TEACHER_SOURCE in cfg.distill.corpus_mix else None
-        calibration = run_intact(tokenise, base, cfg.distill, cfg.prune, cfg.data, cfg.work_dir,
-                                 teacher_text).calibration
+        calibration = run_intact(
+            tokenise, base, cfg.distill, cfg.prune, cfg.data, cfg.work_dir, teacher_text
+        ).calibration
         scores = score_layers(base, cfg.prune, scored, calibration, cfg.work_dir).scores
     # Each combination's pruning and evaluation are tasks of their own: on Dask workers with
     # runner.dask_workers / runner.dask_address.
-    pruning = {(s, n): launch(cfg, prune_model.with_options(task_run_name=f"prune-{s}-n{n}"),
-                              base, p, cfg.work_dir, scores if s in SCORED_STRATEGIES else None)
-               for (s, n), p in combos.items()}
+    pruning = {
+        (s, n): launch(
+            cfg,
+            prune_model.with_options(task_run_name=f"prune-{s}-n{n}"),
+            base,
+            p,
+            cfg.work_dir,
+            scores if s in SCORED_STRATEGIES else None,
+        )
+        for (s, n), p in combos.items()
+    }
     pruned = {key: future.result() for key, future in pruning.items()}
     evals = {(s, n): evaluate_stage(cfg, run.signature, f"{s}-n{n}", p.ref) for (s, n), p in pruned.items()}
     results = {key: future.result() for key, future in [("original", original_eval), *evals.items()]}
     # Timed only once every evaluation is done, so nothing competes for the CPU; combinations
     # that remove the same layers are the same checkpoint and are timed once.
-    profiles = measure_speed({"original": base, **{p.ref.fingerprint: p.ref for p in pruned.values()}},
-                             cfg.speed).profiles
-    rows = sweep_rows(_with_items(results["original"], profiles["original"]), [
-        {"strategy": s, "num_layers": n, "removed_layers": p.removed_layers,
-         **_with_items(results[(s, n)], profiles[p.ref.fingerprint])} for (s, n), p in pruned.items()])
+    profiles = measure_speed(
+        {"original": base, **{p.ref.fingerprint: p.ref for p in pruned.values()}}, cfg.speed
+    ).profiles
+    rows = sweep_rows(
+        _with_items(results["original"], profiles["original"]),
+        [
+            {
+                "strategy": s,
+                "num_layers": n,
+                "removed_layers": p.removed_layers,
+                **_with_items(results[(s, n)], profiles[p.ref.fingerprint]),
+            }
+            for (s, n), p in pruned.items()
+        ],
+    )
     best = best_row(rows)
     out = write_sweep_report(run, rows, best, pruned, scores, out_dir)
     run.close(time.perf_counter() - start)
-    result = {"rows": table(rows), "best": {k: best[k] for k in ("strategy", "num_layers", "removed_layers",
-                                                                 "mean_acc_retention_pct")},
-              "report_md": str(out / "sweep.md"), "report_json": str(out / "sweep.json"), "parent_run_id": run.parent_id}
+    result = {
+        "rows": table(rows),
+        "best": {k: best[k] for k in ("strategy", "num_layers", "removed_layers", "mean_acc_retention_pct")},
+        "report_md": str(out / "sweep.md"),
+        "report_json": str(out / "sweep.json"),
+        "parent_run_id": run.parent_id,
+    }
     if cfg.sweep.distill_best:
-        result["cycle"] = tailor_flow(profile=profile, overrides=[
-            *(overrides or []), f"prune.strategy={best['strategy']}", f"prune.num_layers={best['num_layers']}"])
+        result["cycle"] = tailor_flow(
+            profile=profile,
+            overrides=[
+                *(overrides or []),
+                f"prune.strategy={best['strategy']}",
+                f"prune.num_layers={best['num_layers']}",
+            ],
+        )
     return result
 
 
@@ -97,7 +126,9 @@ def combinations(cfg: TailorConfig) -> dict[tuple[str, int], PruneConfig]:
     combos = {}
     for strategy in cfg.sweep.strategies:
         for n in cfg.sweep.num_layers:
-            combos[(strategy, n)] = cfg.prune.model_copy(update={"strategy": strategy, "num_layers": n, "indices": None})
+            combos[(strategy, n)] = cfg.prune.model_copy(
+                update={"strategy": strategy, "num_layers": n, "indices": None}
+            )
             check_prune(combos[(strategy, n)], n_layers)
     return combos
 
@@ -106,23 +137,42 @@ def open_sweep_run(cfg: TailorConfig) -> RunContext:
     """The sweep's MLflow parent run and its link in Prefect."""
     flow_run_name = get_run_context().flow_run.name
     client, exp_id, parent = tracking.start_parent_run(
-        cfg.tracking_uri, cfg.tracking.experiment, cfg.work_dir, f"sweep-{cfg.profile}-{flow_run_name}",
-        tags={"tailor.profile": cfg.profile, "tailor.kind": "sweep", "prefect.flow_run": flow_run_name})
+        cfg.tracking_uri,
+        cfg.tracking.experiment,
+        cfg.work_dir,
+        f"sweep-{cfg.profile}-{flow_run_name}",
+        tags={"tailor.profile": cfg.profile, "tailor.kind": "sweep", "prefect.flow_run": flow_run_name},
+    )
     run = track(RunContext(cfg, client, exp_id, parent, Stages([]), evaluation_signature(cfg.eval, cfg.data)))
-    tracking.log_params(client, parent, {"sweep": cfg.sweep.model_dump(), "eval": cfg.eval.model_dump(),
-                                         "prune": cfg.prune.model_dump()})
-    create_link_artifact(key="mlflow-sweep-run", link=run_link(cfg.tracking_uri, exp_id, parent),
-                         description="MLflow parent run of this sweep")
+    tracking.log_params(
+        client,
+        parent,
+        {"sweep": cfg.sweep.model_dump(), "eval": cfg.eval.model_dump(), "prune": cfg.prune.model_dump()},
+    )
+    create_link_artifact(
+        key="mlflow-sweep-run",
+        link=run_link(cfg.tracking_uri, exp_id, parent),
+        description="MLflow parent run of this sweep",
+    )
     return run
 
 
-def write_sweep_report(run: RunContext, rows: list[dict], best: dict, pruned: dict[tuple[str, int], Pruned],
-                       scores: dict | None, out_dir: str | None) -> Path:
+def write_sweep_report(
+    run: RunContext,
+    rows: list[dict],
+    best: dict,
+    pruned: dict[tuple[str, int], Pruned],
+    scores: dict | None,
+    out_dir: str | None,
+) -> Path:
     """sweep.md/.json and the plots in ``out_dir`` (default: the work folder), as Prefect
     artifacts and on the MLflow parent run; returns the folder."""
     cfg = run.cfg
-    out = Path(out_dir).expanduser().resolve() if out_dir else \
-        WorkDir(cfg.work_dir).sweeps / get_run_context().flow_run.name
+    out = (
+        Path(out_dir).expanduser().resolve()
+        if out_dir
+        else WorkDir(cfg.work_dir).sweeps / get_run_context().flow_run.name
+    )
     plot = retention_plot(rows, out / "sweep_retention.png")
     files = [str(plot)]
     if scores is not None:
@@ -135,12 +185,23 @@ def write_sweep_report(run: RunContext, rows: list[dict], best: dict, pruned: di
     (out / "sweep.md").write_text(markdown)
     (out / "sweep.json").write_text(json.dumps({"rows": rows, "best": best, "best_rule": BEST_RULE}, indent=1))
     files += [str(out / "sweep.md"), str(out / "sweep.json")]
-    create_table_artifact(key="sweep-table", table=table(rows),
-                          description=f"Pruning sweep, profile {cfg.profile}: retention vs savings")
+    create_table_artifact(
+        key="sweep-table", table=table(rows), description=f"Pruning sweep, profile {cfg.profile}: retention vs savings"
+    )
     create_markdown_artifact(key="sweep-report", markdown=markdown, description=f"Pruning sweep, profile {cfg.profile}")
-    run.log("sweep", params={"best_rule": BEST_RULE}, metrics={f"{r['strategy']}.n{r['num_layers']}": {
-        "mean_acc_retention_pct": r["mean_acc_retention_pct"], "speedup": r["speedup"],
-        "params_saved_pct": r["params_saved_pct"]} for r in rows}, artifacts=files)
+    run.log(
+        "sweep",
+        params={"best_rule": BEST_RULE},
+        metrics={
+            f"{r['strategy']}.n{r['num_layers']}": {
+                "mean_acc_retention_pct": r["mean_acc_retention_pct"],
+                "speedup": r["speedup"],
+                "params_saved_pct": r["params_saved_pct"],
+            }
+            for r in rows
+        },
+        artifacts=files,
+    )
     run.client.set_tag(run.parent_id, "tailor.best", f"{best['strategy']}:{best['num_layers']}")
     return out
 

@@ -42,11 +42,27 @@ from tailor.registry import tracking
 from tailor.registry.promotion import evaluation_tags, version_description
 from tailor.store.checkpoint import CheckpointRef
 from tasks.measure import measure_speed, score_heldout
-from tasks.models import (cache_teacher_topk, distill_model, generate_teacher_text, materialize_model, prune_model,
-                          score_layers, tokenise)
+from tasks.models import (
+    cache_teacher_topk,
+    distill_model,
+    generate_teacher_text,
+    materialize_model,
+    prune_model,
+    score_layers,
+    tokenise,
+)
 from tasks.promotion import promote_model
-from tasks.records import (Distilled, Evaluation, HeldoutScore, Materialized, Pruned, SpeedProfiles, TeacherCache,
-                           TeacherText, Tokenised)
+from tasks.records import (
+    Distilled,
+    Evaluation,
+    HeldoutScore,
+    Materialized,
+    Pruned,
+    SpeedProfiles,
+    TeacherCache,
+    TeacherText,
+    Tokenised,
+)
 from tasks.report import compare_models, record_promotion
 from tasks.tracking import register_model
 
@@ -81,23 +97,39 @@ def tailor_flow(profile: str = "quick", overrides: list[str] | None = None, out_
     report = compare(run, models, results, speed, out_dir, time.perf_counter() - start)
     version, decision = register_and_promote(run, models.distilled.ref, report)
     run.close(time.perf_counter() - start)
-    return {"report_json": report["report_json"], "report_md": report["report_md"],
-            "registered_model": cfg.tracking.registered_model, "version": version, "alias": cfg.tracking.alias,
-            "parent_run_id": run.parent_id, "promotion": decision}
+    return {
+        "report_json": report["report_json"],
+        "report_md": report["report_md"],
+        "registered_model": cfg.tracking.registered_model,
+        "version": version,
+        "alias": cfg.tracking.alias,
+        "parent_run_id": run.parent_id,
+        "promotion": decision,
+    }
 
 
 def open_run(cfg: TailorConfig) -> RunContext:
     """The MLflow parent run (settings, dataset inputs), its link in Prefect, the stage lines."""
     flow_run_name = get_run_context().flow_run.name
     client, exp_id, parent = tracking.start_parent_run(
-        cfg.tracking_uri, cfg.tracking.experiment, cfg.work_dir, f"{cfg.profile}-{flow_run_name}",
-        tags={"tailor.profile": cfg.profile, "prefect.flow_run": flow_run_name})
-    run = track(RunContext(cfg, client, exp_id, parent, Stages(stage_names(cfg)),
-                           evaluation_signature(cfg.eval, cfg.data)))
+        cfg.tracking_uri,
+        cfg.tracking.experiment,
+        cfg.work_dir,
+        f"{cfg.profile}-{flow_run_name}",
+        tags={"tailor.profile": cfg.profile, "prefect.flow_run": flow_run_name},
+    )
+    run = track(
+        RunContext(cfg, client, exp_id, parent, Stages(stage_names(cfg)), evaluation_signature(cfg.eval, cfg.data))
+    )
     tracking.log_params(client, parent, cfg.model_dump())
-    tracking.log_datasets(client, parent, evaluation_datasets(cfg.eval, cfg.data) + corpus_datasets(cfg.distill, cfg.data))
-    create_link_artifact(key="mlflow-parent-run", link=run_link(cfg.tracking_uri, exp_id, parent),
-                         description="MLflow parent run of this flow run")
+    tracking.log_datasets(
+        client, parent, evaluation_datasets(cfg.eval, cfg.data) + corpus_datasets(cfg.distill, cfg.data)
+    )
+    create_link_artifact(
+        key="mlflow-parent-run",
+        link=run_link(cfg.tracking_uri, exp_id, parent),
+        description="MLflow parent run of this flow run",
+    )
     LOGGER.info(f"profile {cfg.profile}: Prefect flow run {flow_run_name!r}, MLflow run {parent}")
     return run
 
@@ -118,17 +150,35 @@ def build_models(run: RunContext) -> Models:
     if cfg.distill.teacher_topk:
         with run.stage("cache-teacher-topk") as stage:
             teacher_cache = cache_teacher_topk(base, cfg.distill, tokens.train, cfg.work_dir)
-            run.log(stage.name, params={"k": cfg.distill.teacher_topk},
-                    metrics={"seconds": teacher_cache.cost.seconds, "mib": teacher_cache.mib})
+            run.log(
+                stage.name,
+                params={"k": cfg.distill.teacher_topk},
+                metrics={"seconds": teacher_cache.cost.seconds, "mib": teacher_cache.mib},
+            )
             stage.detail = f"{teacher_cache.mib:.0f} MiB"
     with run.stage("distill") as stage:
-        distilled = run_intact(distill_model, base, pruned.ref, cfg.distill, cfg.data, tokens.train, tokens.heldout,
-                               cfg.work_dir, teacher_cache.path if teacher_cache else None)
+        distilled = run_intact(
+            distill_model,
+            base,
+            pruned.ref,
+            cfg.distill,
+            cfg.data,
+            tokens.train,
+            tokens.heldout,
+            cfg.work_dir,
+            teacher_cache.path if teacher_cache else None,
+        )
         kd = distilled.record
-        run.log(stage.name, params=cfg.distill.model_dump(),
-                series={"kd_loss": list(enumerate(kd.losses, 1)), "grad_norm": list(enumerate(kd.grad_norms, 1)),
-                        "heldout_perplexity": kd.heldout_curve},
-                metrics=kd.summary())
+        run.log(
+            stage.name,
+            params=cfg.distill.model_dump(),
+            series={
+                "kd_loss": list(enumerate(kd.losses, 1)),
+                "grad_norm": list(enumerate(kd.grad_norms, 1)),
+                "heldout_perplexity": kd.heldout_curve,
+            },
+            metrics=kd.summary(),
+        )
         stage.detail = f"{kd.optimizer_steps} steps, KD loss {kd.losses[0]:.3f} -> {kd.losses[-1]:.3f}"
     models = Models(materialized, pruned, distilled, teacher_cache, evals=evals)
     models.heldout = score_heldout_all(run, models.refs, tokens.heldout)
@@ -141,13 +191,26 @@ def tokenise_corpus(run: RunContext, base: CheckpointRef) -> Tokenised:
     cfg = run.cfg
     teacher_text = generate_text(run, base) if TEACHER_SOURCE in cfg.distill.corpus_mix else None
     with run.stage("tokenise") as stage:
-        tokens = run_intact(tokenise, base, cfg.distill, cfg.prune, cfg.data, cfg.work_dir,
-                            teacher_text.tokens if teacher_text else None)
-        run.log(stage.name, params={"num_samples": cfg.distill.num_samples, "seq_len": cfg.distill.seq_len,
-                                    "calibration_samples": cfg.prune.calibration_samples,
-                                    "calibration_seq_len": cfg.prune.calibration_seq_len,
-                                    "heldout_docs": cfg.distill.heldout_docs},
-                metrics={"seconds": tokens.cost.seconds})
+        tokens = run_intact(
+            tokenise,
+            base,
+            cfg.distill,
+            cfg.prune,
+            cfg.data,
+            cfg.work_dir,
+            teacher_text.tokens if teacher_text else None,
+        )
+        run.log(
+            stage.name,
+            params={
+                "num_samples": cfg.distill.num_samples,
+                "seq_len": cfg.distill.seq_len,
+                "calibration_samples": cfg.prune.calibration_samples,
+                "calibration_seq_len": cfg.prune.calibration_seq_len,
+                "heldout_docs": cfg.distill.heldout_docs,
+            },
+            metrics={"seconds": tokens.cost.seconds},
+        )
         stage.detail = str(Path(tokens.train.path).parent)
     return tokens
 
@@ -157,12 +220,23 @@ def generate_text(run: RunContext, base: CheckpointRef) -> TeacherText:
     cfg = run.cfg
     with run.stage("generate-text") as stage:
         text = generate_teacher_text(base, cfg)
-        run.log(stage.name, params={**cfg.generate.model_dump(), "sequences": text.sequences,
-                                    "seq_len": cfg.distill.seq_len},
-                metrics={"seconds": text.cost.seconds})
-        tracking.log_datasets(run.client, run.parent_id, [{
-            "name": "teacher_text", "digest": text.tokens.fingerprint, "source": text.tokens.path,
-            "context": "distillation"}])
+        run.log(
+            stage.name,
+            params={**cfg.generate.model_dump(), "sequences": text.sequences, "seq_len": cfg.distill.seq_len},
+            metrics={"seconds": text.cost.seconds},
+        )
+        tracking.log_datasets(
+            run.client,
+            run.parent_id,
+            [
+                {
+                    "name": "teacher_text",
+                    "digest": text.tokens.fingerprint,
+                    "source": text.tokens.path,
+                    "context": "distillation",
+                }
+            ],
+        )
         stage.detail = f"{text.sequences} sequences of {cfg.distill.seq_len} tokens"
     return text
 
@@ -175,15 +249,27 @@ def prune(run: RunContext, base: CheckpointRef, tokens: Tokenised) -> Pruned:
         with run.stage("score-layers") as stage:
             scored = score_layers(base, cfg.prune, (cfg.prune.strategy,), tokens.calibration, cfg.work_dir)
             scores = scored.scores
-            run.log(stage.name, params=cfg.prune.model_dump(), metrics={"seconds": scored.cost.seconds},
-                    artifacts=[scored.file])
+            run.log(
+                stage.name,
+                params=cfg.prune.model_dump(),
+                metrics={"seconds": scored.cost.seconds},
+                artifacts=[scored.file],
+            )
     with run.stage("prune") as stage:
         pruned = run_intact(prune_model, base, cfg.prune, cfg.work_dir, scores)
-        run.log(stage.name, params=cfg.prune.model_dump(), metrics={
-            "params_before": pruned.params_before, "params_after": pruned.params_after,
-            "layers_removed": len(pruned.removed_layers)}, artifacts=[pruned.plot] if pruned.plot else None)
-        stage.detail = (f"layers {pruned.removed_layers} removed, "
-                        f"{pruned.params_before:,} -> {pruned.params_after:,} parameters")
+        run.log(
+            stage.name,
+            params=cfg.prune.model_dump(),
+            metrics={
+                "params_before": pruned.params_before,
+                "params_after": pruned.params_after,
+                "layers_removed": len(pruned.removed_layers),
+            },
+            artifacts=[pruned.plot] if pruned.plot else None,
+        )
+        stage.detail = (
+            f"layers {pruned.removed_layers} removed, {pruned.params_before:,} -> {pruned.params_after:,} parameters"
+        )
     return pruned
 
 
@@ -193,11 +279,18 @@ def score_heldout_all(run: RunContext, refs: dict[str, CheckpointRef], tokens: T
     if not cfg.distill.heldout_docs:
         return {}
     with run.stage("score-heldout") as stage:
-        heldout = {name: score_heldout.with_options(task_run_name=f"{stage.name}-{name}")(
-            ref, tokens) for name, ref in refs.items()}
-        run.log(stage.name, params={"heldout_docs": cfg.distill.heldout_docs}, metrics={
-            name: {"perplexity": h.perplexity, **{f"perplexity.{Path(s).stem}": v for s, v in h.sources.items()}}
-            for name, h in heldout.items()})
+        heldout = {
+            name: score_heldout.with_options(task_run_name=f"{stage.name}-{name}")(ref, tokens)
+            for name, ref in refs.items()
+        }
+        run.log(
+            stage.name,
+            params={"heldout_docs": cfg.distill.heldout_docs},
+            metrics={
+                name: {"perplexity": h.perplexity, **{f"perplexity.{Path(s).stem}": v for s, v in h.sources.items()}}
+                for name, h in heldout.items()
+            },
+        )
         stage.detail = "perplexity " + ", ".join(f"{n} {h.perplexity:.1f}" for n, h in heldout.items())
     return heldout
 
@@ -208,8 +301,12 @@ def collect_evaluations(run: RunContext, evals: dict) -> dict[str, Evaluation]:
     for name, future in evals.items():
         run.stages.current = f"evaluate-{name}"
         results[name] = future.result()
-        run.log(run.stages.current, params=run.cfg.eval.model_dump(), metrics=metric_values(results[name].metrics),
-                artifacts=[results[name].items_file])
+        run.log(
+            run.stages.current,
+            params=run.cfg.eval.model_dump(),
+            metrics=metric_values(results[name].metrics),
+            artifacts=[results[name].items_file],
+        )
         if run.cfg.runner.concurrent:
             run.stages.done(run.stages.current, accuracy_summary(results[name].metrics))
     return results
@@ -219,52 +316,88 @@ def time_models(run: RunContext, refs: dict[str, CheckpointRef]) -> SpeedProfile
     """Generation speed of every model, timed in interleaved rounds once nothing else runs."""
     with run.stage("measure-speed") as stage:
         speed = measure_speed(refs, run.cfg.speed)
-        run.log(stage.name, params=run.cfg.speed.model_dump(), metrics={
-            name: {k: v for k, v in p.items() if isinstance(v, (int, float))} for name, p in speed.profiles.items()})
+        run.log(
+            stage.name,
+            params=run.cfg.speed.model_dump(),
+            metrics={
+                name: {k: v for k, v in p.items() if isinstance(v, (int, float))} for name, p in speed.profiles.items()
+            },
+        )
         stage.detail = ", ".join(f"{n} {p['tokens_per_s']:.1f} tokens/s" for n, p in speed.profiles.items())
     return speed
 
 
-def compare(run: RunContext, models: Models, results: dict[str, Evaluation], speed: SpeedProfiles,
-            out_dir: str | None, seconds_so_far: float) -> dict:
+def compare(
+    run: RunContext,
+    models: Models,
+    results: dict[str, Evaluation],
+    speed: SpeedProfiles,
+    out_dir: str | None,
+    seconds_so_far: float,
+) -> dict:
     """The report files and artifacts; returns the report with its paths."""
     with run.stage("compare") as stage:
-        out = Path(out_dir).expanduser().resolve() if out_dir else \
-            WorkDir(run.cfg.work_dir).reports / get_run_context().flow_run.name
-        report = compare_models(speed.profiles, results, report_facts(run, models, results, speed, seconds_so_far),
-                                str(out))
-        run.log(stage.name, params={"out_dir": str(out)},
-                artifacts=[report["report_json"], report["report_md"],
-                           *(str(out / f) for f in report["figures"].values())],
-                metrics={name: {"mean_acc_retention_pct": c["mean_acc_retention_pct"], "speedup": c["speedup"]}
-                         for name, c in report["vs_original"].items()})
+        out = (
+            Path(out_dir).expanduser().resolve()
+            if out_dir
+            else WorkDir(run.cfg.work_dir).reports / get_run_context().flow_run.name
+        )
+        report = compare_models(
+            speed.profiles, results, report_facts(run, models, results, speed, seconds_so_far), str(out)
+        )
+        run.log(
+            stage.name,
+            params={"out_dir": str(out)},
+            artifacts=[report["report_json"], report["report_md"], *(str(out / f) for f in report["figures"].values())],
+            metrics={
+                name: {"mean_acc_retention_pct": c["mean_acc_retention_pct"], "speedup": c["speedup"]}
+                for name, c in report["vs_original"].items()
+            },
+        )
         stage.detail = f"{report['report_md']}; " + comparison_summary(report)
     return report
 
 
-def report_facts(run: RunContext, models: Models, results: dict[str, Evaluation], speed: SpeedProfiles,
-                 seconds_so_far: float) -> dict:
+def report_facts(
+    run: RunContext, models: Models, results: dict[str, Evaluation], speed: SpeedProfiles, seconds_so_far: float
+) -> dict:
     """What the report holds besides the models' profiles and evaluations: settings, pruning,
     distillation, held-out scores, stage costs, where things are."""
     cfg, heldout = run.cfg, models.heldout
     return {
-        "profile": cfg.profile, "config": cfg.model_dump(), "eval_limit": cfg.eval.limit,
-        "pruning": {"removed_layers": models.pruned.removed_layers, "params_before": models.pruned.params_before,
-                    "params_after": models.pruned.params_after, "strategy": models.pruned.strategy,
-                    "plot": models.pruned.plot},
+        "profile": cfg.profile,
+        "config": cfg.model_dump(),
+        "eval_limit": cfg.eval.limit,
+        "pruning": {
+            "removed_layers": models.pruned.removed_layers,
+            "params_before": models.pruned.params_before,
+            "params_after": models.pruned.params_after,
+            "strategy": models.pruned.strategy,
+            "plot": models.pruned.plot,
+        },
         "distillation": models.distilled.record.to_dict(),
-        "heldout_perplexity": {name: {"perplexity": h.perplexity, "sources": h.sources, "tokens": h.tokens}
-                               for name, h in heldout.items()},
+        "heldout_perplexity": {
+            name: {"perplexity": h.perplexity, "sources": h.sources, "tokens": h.tokens} for name, h in heldout.items()
+        },
         # Compute time and process peak memory of each stage when it ran (a cached stage
         # keeps its original figures).
-        "stages": _stage_costs({"materialize": models.materialized, "prune": models.pruned,
-                                **({"cache-teacher-topk": models.teacher_cache} if models.teacher_cache else {}),
-                                "distill": models.distilled,
-                                **{f"score-heldout-{n}": h for n, h in heldout.items()},
-                                **{f"evaluate-{n}": r for n, r in results.items()},
-                                "measure-speed": speed}),
+        "stages": _stage_costs(
+            {
+                "materialize": models.materialized,
+                "prune": models.pruned,
+                **({"cache-teacher-topk": models.teacher_cache} if models.teacher_cache else {}),
+                "distill": models.distilled,
+                **{f"score-heldout-{n}": h for n, h in heldout.items()},
+                **{f"evaluate-{n}": r for n, r in results.items()},
+                "measure-speed": speed,
+            }
+        ),
         "checkpoints": {k: {"path": r.path, "fingerprint": r.fingerprint} for k, r in models.refs.items()},
-        "mlflow": {"tracking_uri": cfg.tracking_uri, "experiment_id": run.experiment_id, "parent_run_id": run.parent_id},
+        "mlflow": {
+            "tracking_uri": cfg.tracking_uri,
+            "experiment_id": run.experiment_id,
+            "parent_run_id": run.parent_id,
+        },
         "flow_seconds_before_report": seconds_so_far,
     }
 
@@ -275,31 +408,49 @@ def register_and_promote(run: RunContext, distilled: CheckpointRef, report: dict
     with run.stage("register") as stage:
         tags = {"profile": cfg.profile, **evaluation_tags(report, run.signature)}
         description = version_description(json.loads(Path(report["report_json"]).read_text()), report["report_md"])
-        version = register_model(cfg.tracking_uri, run.experiment_id, run.parent_id, distilled,
-                                 cfg.tracking.registered_model, cfg.tracking.alias, tags, description)
+        version = register_model(
+            cfg.tracking_uri,
+            run.experiment_id,
+            run.parent_id,
+            distilled,
+            cfg.tracking.registered_model,
+            cfg.tracking.alias,
+            tags,
+            description,
+        )
         stage.detail = f"{cfg.tracking.registered_model} version {version} @{cfg.tracking.alias}"
     if not cfg.promotion.enabled:
         return version, None
     with run.stage("promote") as stage:
-        decision = promote_model(cfg.tracking_uri, cfg.tracking.registered_model, version, cfg.promotion,
-                                 cfg.work_dir)
+        decision = promote_model(cfg.tracking_uri, cfg.tracking.registered_model, version, cfg.promotion, cfg.work_dir)
         record_promotion(report["report_json"], decision)
         run.client.set_tag(run.parent_id, "tailor.promotion", "promoted" if decision["promoted"] else "rejected")
-        stage.detail = (f"{'promoted' if decision['promoted'] else 'not promoted'} "
-                        f"(reference: {decision['reference']}): " + "; ".join(decision["reasons"]))
+        stage.detail = (
+            f"{'promoted' if decision['promoted'] else 'not promoted'} "
+            f"(reference: {decision['reference']}): " + "; ".join(decision["reasons"])
+        )
     return version, decision
 
 
 def stage_names(cfg: TailorConfig) -> list[str]:
     """The flow's stages in the order they start, for "stage k of n"."""
-    return ["materialize", "evaluate-original",
-            *(["generate-text"] if TEACHER_SOURCE in cfg.distill.corpus_mix else []), "tokenise",
-            *(["score-layers"] if cfg.prune.strategy in SCORED_STRATEGIES else []),
-            "prune", "evaluate-pruned",
-            *(["cache-teacher-topk"] if cfg.distill.teacher_topk else []),
-            "distill", *(["score-heldout"] if cfg.distill.heldout_docs else []),
-            "evaluate-distilled", "measure-speed", "compare", "register",
-            *(["promote"] if cfg.promotion.enabled else [])]
+    return [
+        "materialize",
+        "evaluate-original",
+        *(["generate-text"] if TEACHER_SOURCE in cfg.distill.corpus_mix else []),
+        "tokenise",
+        *(["score-layers"] if cfg.prune.strategy in SCORED_STRATEGIES else []),
+        "prune",
+        "evaluate-pruned",
+        *(["cache-teacher-topk"] if cfg.distill.teacher_topk else []),
+        "distill",
+        *(["score-heldout"] if cfg.distill.heldout_docs else []),
+        "evaluate-distilled",
+        "measure-speed",
+        "compare",
+        "register",
+        *(["promote"] if cfg.promotion.enabled else []),
+    ]
 
 
 def comparison_summary(report: dict) -> str:

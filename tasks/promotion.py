@@ -21,8 +21,9 @@ from ._common import UNCACHED, prefect_key
 
 
 @task(name="promote-model", cache_policy=UNCACHED, retries=2, retry_delay_seconds=[5, 15])
-def promote_model(tracking_uri: str, model_name: str, version: str, gate: PromotionConfig, work_dir: str,
-                  force: bool = False) -> dict:
+def promote_model(
+    tracking_uri: str, model_name: str, version: str, gate: PromotionConfig, work_dir: str, force: bool = False
+) -> dict:
     """Judge ``version`` against the champion and move the alias when it passes; returns the decision."""
     limit = _promotion_limit(model_name)
     with ExitStack() as lock:

@@ -24,6 +24,7 @@ class Materialized:
 @dataclass(frozen=True)
 class Tokenised:
     """The corpus tokenised once: each consumer is handed the one set it reads."""
+
     train: TokensRef
     calibration: TokensRef
     heldout: TokensRef
@@ -33,6 +34,7 @@ class Tokenised:
 @dataclass(frozen=True)
 class TeacherText:
     """Text the teacher sampled itself (token ids), a corpus source."""
+
     tokens: TokensRef
     sequences: int
     cost: StageCost

@@ -13,16 +13,32 @@ from ._common import UNCACHED
 
 
 @task(name="register-model", cache_policy=UNCACHED, retries=2, retry_delay_seconds=[5, 15])
-def register_model(tracking_uri: str, experiment_id: str, parent_id: str, ref: CheckpointRef,
-                   model_name: str, alias: str, tags: dict[str, str], description: str = "") -> str:
+def register_model(
+    tracking_uri: str,
+    experiment_id: str,
+    parent_id: str,
+    ref: CheckpointRef,
+    model_name: str,
+    alias: str,
+    tags: dict[str, str],
+    description: str = "",
+) -> str:
     """Log the distilled checkpoint (transformers flavour) and register it under ``alias``
     with ``description``; the registered model gets the product's description if it has none."""
     client = tracking.client_for(tracking_uri)
     run_id = tracking.start_run(client, experiment_id, "register", parent_id, tags={"tailor.stage": "register"})
     try:
-        version = tracking.register_checkpoint(tracking_uri, run_id, ref.verify().path, ref.fingerprint,
-                                               model_name, alias, {**tags, "parent_run_id": parent_id},
-                                               description, MODEL_DESCRIPTION)
+        version = tracking.register_checkpoint(
+            tracking_uri,
+            run_id,
+            ref.verify().path,
+            ref.fingerprint,
+            model_name,
+            alias,
+            {**tags, "parent_run_id": parent_id},
+            description,
+            MODEL_DESCRIPTION,
+        )
     except Exception:
         tracking.end_run(client, run_id, failed=True)
         raise

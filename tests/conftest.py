@@ -30,8 +30,9 @@ import pytest  # noqa: E402
 # TAILOR_TEST_SHARED_DATA / TAILOR_TEST_PULLED_DATA move both folders (test_fresh_clone hides the first).
 SHARED_DATA = Path(os.environ.get("TAILOR_TEST_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 # Where a clone with nothing beside it keeps the offline data it pulled (git ignores tailor-work/).
-PULLED_DATA = Path(os.environ.get("TAILOR_TEST_PULLED_DATA")
-                   or Path(__file__).resolve().parents[1] / "tailor-work" / "test-data")
+PULLED_DATA = Path(
+    os.environ.get("TAILOR_TEST_PULLED_DATA") or Path(__file__).resolve().parents[1] / "tailor-work" / "test-data"
+)
 
 
 def offline_test_data(shared: Path = SHARED_DATA, pulled: Path = PULLED_DATA) -> Path:
@@ -47,8 +48,11 @@ def offline_test_data(shared: Path = SHARED_DATA, pulled: Path = PULLED_DATA) ->
 
 
 def pytest_addoption(parser):
-    parser.addoption("--all-tiers", action="store_true",
-                     help="run the integration and slow tiers too (what CI runs); the default is the unit tier")
+    parser.addoption(
+        "--all-tiers",
+        action="store_true",
+        help="run the integration and slow tiers too (what CI runs); the default is the unit tier",
+    )
 
 
 def pytest_collection_modifyitems(config, items):
@@ -62,8 +66,9 @@ def pytest_collection_modifyitems(config, items):
     # The unit tier needs no network: the real offline data may come from a pull.
     pulling = [i.nodeid for i in items if "shared_data" in getattr(i, "fixturenames", ())]
     if pulling:
-        raise pytest.UsageError("unit-tier tests must use `unit_data`, not `shared_data` (mark them integration): "
-                                + ", ".join(pulling))
+        raise pytest.UsageError(
+            "unit-tier tests must use `unit_data`, not `shared_data` (mark them integration): " + ", ".join(pulling)
+        )
 
 
 @pytest.fixture(scope="session")
@@ -100,7 +105,14 @@ def tiny_llama(tiny_tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, pad_token_id=tiny_tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=5,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=tiny_tokenizer.pad_token_id,
+    )
     return LlamaForCausalLM(config).eval()

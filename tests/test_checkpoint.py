@@ -15,6 +15,7 @@ def _writer(tag: str, started: threading.Barrier | None = None):
         (tmp / "weights.bin").write_bytes(b"same bytes from every writer" * 1000)
         time.sleep(0.2)  # both writers are mid-write at the same time
         (tmp / "config.json").write_text("{}")
+
     return write
 
 

@@ -5,15 +5,25 @@ from tailor.report.compare import build_report, render_markdown, retention_pct, 
 
 
 def _profile(params, layers, t):
-    return {"params": params, "layers": layers, "checkpoint_bytes": params * 4, "gen_time_mean_s": t,
-            "gen_time_std_s": 0.01, "tokens_per_s": 150 / t, "sample_prompt": "Paris is the capital of",
-            "sample_continuation": " France"}
+    return {
+        "params": params,
+        "layers": layers,
+        "checkpoint_bytes": params * 4,
+        "gen_time_mean_s": t,
+        "gen_time_std_s": 0.01,
+        "tokens_per_s": 150 / t,
+        "sample_prompt": "Paris is the capital of",
+        "sample_continuation": " France",
+    }
 
 
 def _eval(acc, ppl):
-    return {"metrics": {"arc_easy": {"acc": {"value": acc, "stderr": 0.05}},
-                        "lambada_openai": {"acc": {"value": acc / 2, "stderr": 0.05},
-                                           "perplexity": {"value": ppl, "stderr": 1.0}}}}
+    return {
+        "metrics": {
+            "arc_easy": {"acc": {"value": acc, "stderr": 0.05}},
+            "lambada_openai": {"acc": {"value": acc / 2, "stderr": 0.05}, "perplexity": {"value": ppl, "stderr": 1.0}},
+        }
+    }
 
 
 def test_retention_directions():
@@ -44,9 +54,11 @@ def test_report_deltas_speedup_and_markdown():
 def test_report_carries_paired_intervals_when_items_are_given():
     items_orig = {str(i): {"acc": 1.0} for i in range(50)}
     items_pruned = {str(i): {"acc": 0.0 if i < 40 else 1.0} for i in range(50)}
-    evals = {"original": {**_eval(1.0, 10.0), "items": {"arc_easy": items_orig}},
-             "pruned": {**_eval(0.2, 20.0), "items": {"arc_easy": items_pruned}},
-             "distilled": {**_eval(1.0, 10.0), "items": {"arc_easy": items_orig}}}
+    evals = {
+        "original": {**_eval(1.0, 10.0), "items": {"arc_easy": items_orig}},
+        "pruned": {**_eval(0.2, 20.0), "items": {"arc_easy": items_pruned}},
+        "distilled": {**_eval(1.0, 10.0), "items": {"arc_easy": items_orig}},
+    }
     profiles = {n: _profile(1000, 18, 5.0) for n in ("original", "pruned", "distilled")}
     report = build_report(profiles, evals, {"pruning": {"removed_layers": [17]}})
     pruned = report["vs_original"]["pruned"]["tasks"]["arc_easy"]["acc"]
@@ -62,7 +74,9 @@ def test_report_carries_paired_intervals_when_items_are_given():
 def test_accuracy_figure_draws_each_bars_95_percent_interval(tmp_path, monkeypatch):
     report = build_report(
         {"original": _profile(1000, 18, 5.0), "pruned": _profile(900, 16, 4.0), "distilled": _profile(900, 16, 4.0)},
-        {"original": _eval(0.6, 10.0), "pruned": _eval(0.3, 20.0), "distilled": _eval(0.45, 12.5)}, {})
+        {"original": _eval(0.6, 10.0), "pruned": _eval(0.3, 20.0), "distilled": _eval(0.45, 12.5)},
+        {},
+    )
     report["models"]["pruned"]["metrics"]["arc_easy"]["acc"]["stderr"] = None  # lm-eval gave none
     drawn = {}
     real = plots.grouped_bars_png
@@ -76,8 +90,10 @@ def test_accuracy_figure_draws_each_bars_95_percent_interval(tmp_path, monkeypat
     groups, bars, intervals = drawn[figures["Accuracy per task"]]
     assert groups == ["arc_easy", "lambada_openai"]
     assert bars["original"] == [0.6, 0.3]
-    assert intervals["original"] == [(pytest.approx(0.502), pytest.approx(0.698)),
-                                     (pytest.approx(0.202), pytest.approx(0.398))]
+    assert intervals["original"] == [
+        (pytest.approx(0.502), pytest.approx(0.698)),
+        (pytest.approx(0.202), pytest.approx(0.398)),
+    ]
     assert intervals["pruned"][0] is None and intervals["pruned"][1] == (pytest.approx(0.052), pytest.approx(0.248))
     assert (tmp_path / "accuracy.png").stat().st_size > 0
 

@@ -19,26 +19,31 @@ def test_profiles_load_and_resolve_absolute_paths(tmp_path, monkeypatch):
 
 
 def test_overrides_are_typed():
-    cfg = load_config("smoke", ["eval.limit=3", "prune.strategy=indices", "prune.indices=[0, 2]", "distill.temperature=1.5"])
+    cfg = load_config(
+        "smoke", ["eval.limit=3", "prune.strategy=indices", "prune.indices=[0, 2]", "distill.temperature=1.5"]
+    )
     assert cfg.eval.limit == 3
     assert cfg.prune.indices == (0, 2)
     assert cfg.distill.temperature == 1.5
 
 
-@pytest.mark.parametrize("overrides, needle", [
-    (["eval.limt=3"], "did you mean limit"),
-    (["nosuch.key=1"], "unknown setting 'nosuch'"),
-    (["model.source=gpt5"], "model.source"),
-    (["eval.limit=0"], "eval.limit must be >= 1"),
-    (["prune.strategy=indices", "prune.indices=[1, 1]"], "duplicates"),
-    (["distill.temperature=0"], "distill.temperature must be > 0"),
-    (["distill.seq_len=1"], "distill.seq_len must be >= 2"),
-    (["eval.tasks=[]"], "at least one task"),
-    (["eval.limit"], "section.key=value"),
-    (["distill.alpha=1.5"], r"distill.alpha must be in \[0, 1\]"),
-    (["distill.jsd_beta=0"], r"distill.jsd_beta must be in \(0, 1\)"),
-    (["distill.loss=kl"], "distill.loss"),
-])
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["eval.limt=3"], "did you mean limit"),
+        (["nosuch.key=1"], "unknown setting 'nosuch'"),
+        (["model.source=gpt5"], "model.source"),
+        (["eval.limit=0"], "eval.limit must be >= 1"),
+        (["prune.strategy=indices", "prune.indices=[1, 1]"], "duplicates"),
+        (["distill.temperature=0"], "distill.temperature must be > 0"),
+        (["distill.seq_len=1"], "distill.seq_len must be >= 2"),
+        (["eval.tasks=[]"], "at least one task"),
+        (["eval.limit"], "section.key=value"),
+        (["distill.alpha=1.5"], r"distill.alpha must be in \[0, 1\]"),
+        (["distill.jsd_beta=0"], r"distill.jsd_beta must be in \(0, 1\)"),
+        (["distill.loss=kl"], "distill.loss"),
+    ],
+)
 def test_bad_settings_name_the_setting(overrides, needle):
     with pytest.raises(ConfigError, match=needle):
         load_config("smoke", overrides)
@@ -62,14 +67,17 @@ def test_every_setting_has_help():
     assert TailorConfig.model_fields.keys() >= {"model", "data", "eval", "prune", "distill", "tracking"}
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("speed.prompts=[]", "speed.prompts"),
-    ("distill.weight_decay=-0.1", "distill.weight_decay"),
-    ("tracking.registered_model=it's-mine", "tracking.registered_model"),
-    ("tracking.alias=latest", "tracking.alias='latest' is reserved"),
-    ("promotion.champion_alias=v3", "promotion.champion_alias='v3' is reserved"),
-    ("tracking.alias=champion", "tracking.alias and promotion.champion_alias are both 'champion'"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("speed.prompts=[]", "speed.prompts"),
+        ("distill.weight_decay=-0.1", "distill.weight_decay"),
+        ("tracking.registered_model=it's-mine", "tracking.registered_model"),
+        ("tracking.alias=latest", "tracking.alias='latest' is reserved"),
+        ("promotion.champion_alias=v3", "promotion.champion_alias='v3' is reserved"),
+        ("tracking.alias=champion", "tracking.alias and promotion.champion_alias are both 'champion'"),
+    ],
+)
 def test_settings_that_would_mislead_later_stages_are_refused(override, needle):
     with pytest.raises(ConfigError, match=needle):
         load_config("smoke", [override])
@@ -83,10 +91,13 @@ def test_the_champion_alias_is_never_set_without_the_gate_even_with_promotion_of
         load_config("smoke", ["promotion.enabled=false", "promotion.champion_alias=best", "tracking.alias=best"])
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("distill.teacher_topk=100000", "distill.teacher_topk=100000 exceeds the model's vocabulary of"),
-    ("distill.seq_len=4096", "distill.seq_len=4096 exceeds the model's context of 512 tokens"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("distill.teacher_topk=100000", "distill.teacher_topk=100000 exceeds the model's vocabulary of"),
+        ("distill.seq_len=4096", "distill.seq_len=4096 exceeds the model's context of 512 tokens"),
+    ],
+)
 def test_settings_beyond_the_models_limits_fail_before_work(override, needle):
     from tailor.models.sources import source_limits
     from tailor.preflight import check_model_limits

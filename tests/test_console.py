@@ -103,8 +103,13 @@ def test_lm_evals_own_prints_are_hidden_only_in_quiet_mode(verbose):
         "    bootstrap_stderr(mean, [0.0, 1.0, 1.0], iters=10)\n"
         "print('our-result')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "DISABLE_MULTIPROC": "1"})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "DISABLE_MULTIPROC": "1"},
+    )
     assert "our-result" in out.stdout
     assert ("bootstrapping for stddev" in out.stdout) == verbose, out.stdout
 

@@ -7,8 +7,7 @@ import json
 import pytest
 
 from tailor.config.settings import ConfigError, DataConfig, DistillConfig, load_config
-from tailor.data.corpus import (CorpusError, build_samples, check_corpus, heldout_samples, source_share,
-                                training_samples)
+from tailor.data.corpus import CorpusError, build_samples, check_corpus, heldout_samples, source_share, training_samples
 
 
 def _write(folder, name: str, texts: list[str]) -> str:
@@ -67,23 +66,29 @@ def test_a_recipe_that_cannot_be_fed_fails_before_work_naming_the_setting(corpus
         check_corpus(DistillConfig(corpus_mix={facts: 1}, heldout_docs=10, num_samples=1), data)
     with pytest.raises(CorpusError, match=r"distill.num_samples=40 asks stories.jsonl for 30 samples"):
         check_corpus(DistillConfig(corpus_mix={stories: 3, facts: 1}, heldout_docs=2, num_samples=40), data)
-    check_corpus(DistillConfig(corpus_mix={stories: 3, facts: 1}, heldout_docs=2, num_samples=40,
-                               windows_per_doc=2), data)
+    check_corpus(
+        DistillConfig(corpus_mix={stories: 3, facts: 1}, heldout_docs=2, num_samples=40, windows_per_doc=2), data
+    )
 
 
 def test_a_corpus_line_without_text_is_named_with_its_line(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"body": "no text"}\n')
     with pytest.raises(CorpusError, match=r"bad.jsonl:2: a corpus line needs a string field \"text\""):
-        check_corpus(DistillConfig(corpus_mix={"bad.jsonl": 1}, heldout_docs=0, num_samples=1),
-                     DataConfig(data_dir=str(tmp_path)))
+        check_corpus(
+            DistillConfig(corpus_mix={"bad.jsonl": 1}, heldout_docs=0, num_samples=1),
+            DataConfig(data_dir=str(tmp_path)),
+        )
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("distill.corpus_mix={}", "distill.corpus_mix must name at least one"),
-    ("distill.corpus_mix={corpus/c4_sample.jsonl: 0}", "distill.corpus_mix weights must be > 0"),
-    ("distill.heldout_docs=-1", "distill.heldout_docs"),
-    ("distill.windows_per_doc=0", "distill.windows_per_doc"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("distill.corpus_mix={}", "distill.corpus_mix must name at least one"),
+        ("distill.corpus_mix={corpus/c4_sample.jsonl: 0}", "distill.corpus_mix weights must be > 0"),
+        ("distill.heldout_docs=-1", "distill.heldout_docs"),
+        ("distill.windows_per_doc=0", "distill.windows_per_doc"),
+    ],
+)
 def test_bad_corpus_settings_name_the_setting(override, needle):
     with pytest.raises(ConfigError, match=needle):
         load_config("smoke", [override])

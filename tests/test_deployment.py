@@ -47,13 +47,22 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 240) -> Non
 def prefect_server(tmp_path):
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": api,
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING",
-           # No scheduled runs of the other deployments (quick is on a daily cron) in this test.
-           "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false"}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_API_URL": api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+        # No scheduled runs of the other deployments (quick is on a daily cron) in this test.
+        "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
+    }
     log = (tmp_path / "server.log").open("w")
-    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                               "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         _wait_healthy(api, server)
         yield env, api
@@ -63,8 +72,9 @@ def prefect_server(tmp_path):
 
 
 def _prefect(env, *args, timeout=300) -> str:
-    proc = subprocess.run([sys.executable, "-m", "prefect", *args], env=env, cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "prefect", *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
     assert proc.returncode == 0, f"prefect {' '.join(args)}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
 
@@ -74,13 +84,28 @@ def test_deployed_smoke_run_completes_through_a_worker(prefect_server, tmp_path,
     _prefect(env, "work-pool", "create", "tailor-pool", "--type", "process")
     _prefect(env, "--no-prompt", "deploy", "--all")
     worker_log = (tmp_path / "worker.log").open("w")
-    worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "tailor-pool"],
-                              env=env, cwd=tmp_path, stdout=worker_log, stderr=subprocess.STDOUT)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "worker", "start", "--pool", "tailor-pool"],
+        env=env,
+        cwd=tmp_path,
+        stdout=worker_log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         work = tmp_path / "work"
         params = {"overrides": [f"work_dir={work}", f"data.data_dir={shared_data}"]}
-        out = _prefect(env, "deployment", "run", "llm-tailor/smoke", "--params", json.dumps(params),
-                       "--watch", "--watch-timeout", "900", timeout=960)
+        out = _prefect(
+            env,
+            "deployment",
+            "run",
+            "llm-tailor/smoke",
+            "--params",
+            json.dumps(params),
+            "--watch",
+            "--watch-timeout",
+            "900",
+            timeout=960,
+        )
     finally:
         worker.terminate()
         try:
@@ -90,8 +115,9 @@ def test_deployed_smoke_run_completes_through_a_worker(prefect_server, tmp_path,
             worker.wait()
     assert "Completed" in out, out + (tmp_path / "worker.log").read_text()[-3000:]
 
-    request = urllib.request.Request(f"{api}/flow_runs/filter", data=b"{}", method="POST",
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{api}/flow_runs/filter", data=b"{}", method="POST", headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=30) as r:
         runs = json.loads(r.read())
     assert [run["state"]["type"] for run in runs if run["name"]] == ["COMPLETED"]

@@ -27,14 +27,25 @@ def distilled(tmp_path_factory):
     root = tmp_path_factory.mktemp("distill-out")
     data = root / "data"
     (data / "corpus").mkdir(parents=True)
-    (data / "corpus" / "c.jsonl").write_text("".join(f'{{"text": "document {i} about cats and dogs"}}\n'
-                                                      for i in range(12)))
+    (data / "corpus" / "c.jsonl").write_text(
+        "".join(f'{{"text": "document {i} about cats and dogs"}}\n' for i in range(12))
+    )
     base = materialize(ModelConfig(source="tiny"), str(root))
     pruned = prune_checkpoint(base, [3], str(root))[0]
-    cfg = DistillConfig(corpus_mix={"corpus/c.jsonl": 1}, heldout_docs=2, num_samples=8, batch_size=4,
-                        grad_accum=1, seq_len=16, epochs=1, learning_rate=1e-3, checkpoint_every=0)
-    tokens = tokenise_corpus(base, cfg, PruneConfig(calibration_samples=4, calibration_seq_len=8),
-                             DataConfig(data_dir=str(data)), root)
+    cfg = DistillConfig(
+        corpus_mix={"corpus/c.jsonl": 1},
+        heldout_docs=2,
+        num_samples=8,
+        batch_size=4,
+        grad_accum=1,
+        seq_len=16,
+        epochs=1,
+        learning_rate=1e-3,
+        checkpoint_every=0,
+    )
+    tokens = tokenise_corpus(
+        base, cfg, PruneConfig(calibration_samples=4, calibration_seq_len=8), DataConfig(data_dir=str(data)), root
+    )
     ref, _ = distill_checkpoint(base, pruned, cfg, tokens["train"], root / "done", heldout=tokens["heldout"])
     return root, base, pruned, cfg, tokens, ref
 
@@ -86,8 +97,9 @@ def test_the_data_parallel_launch_refuses_a_finished_checkpoint_of_other_setting
     shutil.copytree(done.path, out)
     monkeypatch.setattr(data_parallel.subprocess, "Popen", lambda *a, **k: pytest.fail("launched"))
     with pytest.raises(DistillError, match="other settings or inputs"):
-        data_parallel.distill_data_parallel(base, pruned, cfg.model_copy(update={"nproc_per_node": 2}), DataConfig(),
-                                            tokens["train"], out)
+        data_parallel.distill_data_parallel(
+            base, pruned, cfg.model_copy(update={"nproc_per_node": 2}), DataConfig(), tokens["train"], out
+        )
 
 
 def test_a_data_parallel_launch_past_its_time_limit_is_stopped_with_its_processes(distilled, tmp_path, monkeypatch):

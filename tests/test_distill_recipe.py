@@ -9,12 +9,14 @@ from tailor.config.settings import DistillConfig
 from tailor.data.corpus import build_samples
 from tailor.distill.kd_loss import LossSpec
 from tailor.distill.losses import LiveTeacherKDLoss
-from tailor.distill.trainer import DistillError, Distiller
+from tailor.distill.trainer import Distiller, DistillError
 from tailor.evaluate.perplexity import heldout_perplexity
 from tailor.models.tiny import build_tiny_gemma3
 
-TEXTS = ["The capital of France is Paris. Machine learning is the study of algorithms.",
-         "Once upon a time a small cat found a red ball in the garden and played all day."] * 4
+TEXTS = [
+    "The capital of France is Paris. Machine learning is the study of algorithms.",
+    "Once upon a time a small cat found a red ball in the garden and played all day.",
+] * 4
 
 
 def _pair(tokenizer):
@@ -46,13 +48,23 @@ def test_train_last_layers_and_frozen_embeddings_leave_the_rest_untouched(tiny_t
     teacher, student = _pair(tiny_tokenizer)
     samples = build_samples(tiny_tokenizer, TEXTS, seq_len=16, num_samples=8)
     before = {k: v.clone() for k, v in student.state_dict().items()}
-    cfg = DistillConfig(learning_rate=1e-2, batch_size=4, grad_accum=1, seq_len=16, epochs=1, num_samples=8,
-                        freeze_embeddings=True, train_last_layers=1)
+    cfg = DistillConfig(
+        learning_rate=1e-2,
+        batch_size=4,
+        grad_accum=1,
+        seq_len=16,
+        epochs=1,
+        num_samples=8,
+        freeze_embeddings=True,
+        train_last_layers=1,
+    )
     record = Distiller(teacher, student, samples, cfg).fit()
     after = student.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith(("model.layers.2.", "model.norm.")) for k in changed)
-    trainable = sum(p.numel() for n, p in student.named_parameters() if n.startswith(("model.layers.2.", "model.norm.")))
+    trainable = sum(
+        p.numel() for n, p in student.named_parameters() if n.startswith(("model.layers.2.", "model.norm."))
+    )
     assert record.trainable_parameters == trainable
     assert all(p.requires_grad for p in student.parameters())  # switched back on for whoever uses it next
     with pytest.raises(DistillError, match="distill.train_last_layers=5 exceeds the student's 3 decoder layers"):
@@ -64,10 +76,10 @@ def test_the_healing_curve_scores_heldout_perplexity_before_every_n_steps_and_at
     samples = build_samples(tiny_tokenizer, TEXTS, seq_len=16, num_samples=8)
     heldout = {"held": build_samples(tiny_tokenizer, ["A held-out story about a dog and a ball."], 16, 1)}
     seen = []
-    cfg = DistillConfig(learning_rate=3e-3, batch_size=2, grad_accum=1, seq_len=16, epochs=2, num_samples=8,
-                        heldout_every=3)
-    record = Distiller(teacher, student, samples, cfg, heldout=heldout,
-                       on_heldout=lambda s, p: seen.append(s)).fit()
+    cfg = DistillConfig(
+        learning_rate=3e-3, batch_size=2, grad_accum=1, seq_len=16, epochs=2, num_samples=8, heldout_every=3
+    )
+    record = Distiller(teacher, student, samples, cfg, heldout=heldout, on_heldout=lambda s, p: seen.append(s)).fit()
     steps = [s for s, _ in record.heldout_curve]
     assert steps == seen == [0, 3, 6, 8]
     # The last point is the trained student's held-out perplexity, scored like any checkpoint's.
@@ -82,7 +94,10 @@ def test_training_more_layers_than_pruning_leaves_fails_before_work():
 
     cfg = load_config("smoke", ["distill.train_last_layers=99"])
     layers = source_num_layers(cfg.model)
-    with pytest.raises(ConfigError, match=rf"distill.train_last_layers=99 exceeds the {layers - 1} decoder layers "
-                                          rf"left after pruning; allowed: 0 \(all\) to {layers - 1}"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"distill.train_last_layers=99 exceeds the {layers - 1} decoder layers "
+        rf"left after pruning; allowed: 0 \(all\) to {layers - 1}",
+    ):
         check_trainable_layers(cfg, layers)
     check_trainable_layers(load_config("smoke", [f"distill.train_last_layers={layers - 1}"]), layers)

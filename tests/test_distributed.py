@@ -14,10 +14,16 @@ from tailor.store.checkpoint import load_model, save_model, write_checkpoint
 
 pytestmark = pytest.mark.integration
 
-SETTINGS = ["distill.num_samples=16", "distill.seq_len=24", "distill.grad_accum=2", "distill.epochs=1",
-            "distill.learning_rate=1e-3", "distill.checkpoint_every=0",
-            # float32 matmuls: bfloat16 rounding depends on the batch shape, which differs per rank.
-            "distill.teacher_dtype=float32"]
+SETTINGS = [
+    "distill.num_samples=16",
+    "distill.seq_len=24",
+    "distill.grad_accum=2",
+    "distill.epochs=1",
+    "distill.learning_rate=1e-3",
+    "distill.checkpoint_every=0",
+    # float32 matmuls: bfloat16 rounding depends on the batch shape, which differs per rank.
+    "distill.teacher_dtype=float32",
+]
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +40,25 @@ def _distill(launcher: list[str], root, teacher, student, out: str, batch_size: 
     """``launcher`` + the distillation's arguments: ``[python, -m, tailor.cli, distill]`` or a torchrun
     of the module each rank runs."""
     # 9 samples in global batches of 4: the last batch has one, so rank 1's share of it is empty.
-    settings = [*SETTINGS, "distill.num_samples=9", f"distill.batch_size={batch_size}", f"work_dir={root}",
-                f"data.data_dir={shared_data}"]
-    cmd = [*launcher, "--teacher", teacher.path, "--student", student.path,
-           "--out", str(root / out), "--profile", "smoke", *[a for s in settings for a in ("--set", s)]]
+    settings = [
+        *SETTINGS,
+        "distill.num_samples=9",
+        f"distill.batch_size={batch_size}",
+        f"work_dir={root}",
+        f"data.data_dir={shared_data}",
+    ]
+    cmd = [
+        *launcher,
+        "--teacher",
+        teacher.path,
+        "--student",
+        student.path,
+        "--out",
+        str(root / out),
+        "--profile",
+        "smoke",
+        *[a for s in settings for a in ("--set", s)],
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -48,10 +69,19 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(checkpo
     (``tailor.distill.distributed``): DistributedDataParallel, gradient accumulation (no_sync), and
     a rank whose share of the last global batch is empty."""
     root, teacher, student = checkpoints
-    single = _distill([sys.executable, "-m", "tailor.cli", "distill"], root, teacher, student, "single", 4,
-                      shared_data)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-                "--nproc-per-node", "2", "-m", "tailor.distill.distributed"]
+    single = _distill([sys.executable, "-m", "tailor.cli", "distill"], root, teacher, student, "single", 4, shared_data)
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "tailor.distill.distributed",
+    ]
     parallel = _distill(torchrun, root, teacher, student, "parallel", 2, shared_data)
     assert single["world_size"] == 1 and parallel["world_size"] == 2
     assert parallel["optimizer_steps"] == single["optimizer_steps"] == 2
@@ -91,8 +121,12 @@ def test_the_flow_distils_data_parallel_like_one_process_on_the_same_global_batc
     from tailor.store.checkpoint import existing_checkpoint
 
     common = [f"work_dir={tmp_path}", f"data.data_dir={shared_data}", *SETTINGS]
-    state = tailor_flow(profile="smoke", overrides=[*common, "distill.nproc_per_node=2", "distill.batch_size=2"],
-                        out_dir=str(tmp_path / "out"), return_state=True)
+    state = tailor_flow(
+        profile="smoke",
+        overrides=[*common, "distill.nproc_per_node=2", "distill.batch_size=2"],
+        out_dir=str(tmp_path / "out"),
+        return_state=True,
+    )
     assert state.is_completed(), state.message
     report = json.loads(Path(state.result()["report_json"]).read_text())
     parallel = report["distillation"]

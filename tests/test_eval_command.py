@@ -29,8 +29,16 @@ def _tailor(*args: str) -> subprocess.CompletedProcess:
 
 def test_tailor_eval_writes_lm_eval_files_and_pairs_with_another_evaluation(two_models, tmp_path, shared_data):
     work, (a, b) = two_models
-    common = ["--set", "eval.tasks=[arc_easy,winogrande]", "--set", "eval.limit=12",
-              "--set", f"data.data_dir={shared_data}", "--set", f"work_dir={work}"]
+    common = [
+        "--set",
+        "eval.tasks=[arc_easy,winogrande]",
+        "--set",
+        "eval.limit=12",
+        "--set",
+        f"data.data_dir={shared_data}",
+        "--set",
+        f"work_dir={work}",
+    ]
     first = _tailor("eval", a.path, "--out", str(tmp_path / "a"), *common)
     assert first.returncode == 0, first.stderr[-3000:]
     results = list((tmp_path / "a").rglob("results_*.json"))
@@ -69,8 +77,13 @@ def test_lm_eval_users_name_the_fast_evaluator_in_python_and_on_its_command_line
 
     _, (a, _) = two_models
     data = DataConfig(data_dir=str(shared_data))
-    out = lm_eval.simple_evaluate(model="tailor-fast", model_args=f"pretrained={a.path}",
-                                  tasks=task_specs(("arc_easy",), data), limit=8, num_fewshot=0)
+    out = lm_eval.simple_evaluate(
+        model="tailor-fast",
+        model_args=f"pretrained={a.path}",
+        tasks=task_specs(("arc_easy",), data),
+        limit=8,
+        num_fewshot=0,
+    )
     from tailor.store.checkpoint import load_model
 
     model, tokenizer = load_model(a)
@@ -83,9 +96,27 @@ def test_lm_eval_users_name_the_fast_evaluator_in_python_and_on_its_command_line
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "arc_easy_offline.yaml").write_text(yaml.safe_dump(spec))
     cli = shutil.which("tailor-lm-eval") or pytest.fail("the tailor-lm-eval command is not installed")
-    run = subprocess.run([cli, "run", "--model", "tailor-fast", "--model_args", f"pretrained={a.path}",
-                          "--include_path", str(tmp_path / "tasks"), "--tasks", "arc_easy_offline", "--limit", "8",
-                          "--output_path", str(tmp_path / "cli")], capture_output=True, text=True, timeout=900)
+    run = subprocess.run(
+        [
+            cli,
+            "run",
+            "--model",
+            "tailor-fast",
+            "--model_args",
+            f"pretrained={a.path}",
+            "--include_path",
+            str(tmp_path / "tasks"),
+            "--tasks",
+            "arc_easy_offline",
+            "--limit",
+            "8",
+            "--output_path",
+            str(tmp_path / "cli"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(next((tmp_path / "cli").rglob("results_*.json")).read_text())["results"]
     assert results["arc_easy_offline"]["acc,none"] == pytest.approx(ours["metrics"]["arc_easy"]["acc"]["value"])

@@ -66,14 +66,17 @@ def test_untagged_versions_of_different_models_never_share_a_folder(tmp_path, re
 def _samples(folder: Path, task: str, time: str, accs: list[float]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"samples_{task}_{time}.jsonl").write_text(
-        "".join(json.dumps({"doc_id": i, "acc": a}) + "\n" for i, a in enumerate(accs)))
+        "".join(json.dumps({"doc_id": i, "acc": a}) + "\n" for i, a in enumerate(accs))
+    )
 
 
 def test_against_a_folder_of_one_evaluation_reads_it(tmp_path):
     _samples(tmp_path / "a" / "model-a", "arc_easy", "2025-01-01T10-00-00.000001", [1.0, 0.0])
     _samples(tmp_path / "a" / "model-a", "winogrande", "2025-01-01T10-00-00.000001", [0.0])
-    assert read_samples(tmp_path / "a") == {"arc_easy": {"0": {"acc": 1.0}, "1": {"acc": 0.0}},
-                                            "winogrande": {"0": {"acc": 0.0}}}
+    assert read_samples(tmp_path / "a") == {
+        "arc_easy": {"0": {"acc": 1.0}, "1": {"acc": 0.0}},
+        "winogrande": {"0": {"acc": 0.0}},
+    }
 
 
 def test_against_a_folder_holding_two_evaluations_is_refused_naming_them(tmp_path):

@@ -59,9 +59,11 @@ def test_offline_evaluation_of_the_four_tasks(tiny_model, tiny_tokenizer, shared
 @pytest.mark.integration
 def test_a_task_from_the_users_folder(tiny_model, tiny_tokenizer, tmp_path, shared_data):
     """Any lm-eval task works: here a user's own multiple-choice YAML over a local file."""
-    rows = [{"q": "Is fire hot?", "options": ["yes", "no"], "gold": 0},
-            {"q": "Is ice hot?", "options": ["yes", "no"], "gold": 1},
-            {"q": "Is the sky green?", "options": ["yes", "no"], "gold": 1}]
+    rows = [
+        {"q": "Is fire hot?", "options": ["yes", "no"], "gold": 0},
+        {"q": "Is ice hot?", "options": ["yes", "no"], "gold": 1},
+        {"q": "Is the sky green?", "options": ["yes", "no"], "gold": 1},
+    ]
     data_file = tmp_path / "qa.jsonl"
     data_file.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     tasks_dir = tmp_path / "my_tasks"
@@ -69,7 +71,8 @@ def test_a_task_from_the_users_folder(tiny_model, tiny_tokenizer, tmp_path, shar
     (tasks_dir / "my_qa.yaml").write_text(
         "task: my_qa\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: " + str(data_file) + "\n"
         "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{q}} Answer:'\n"
-        "doc_to_choice: '{{options}}'\ndoc_to_target: gold\nmetric_list:\n  - metric: acc\n")
+        "doc_to_choice: '{{options}}'\ndoc_to_target: gold\nmetric_list:\n  - metric: acc\n"
+    )
     cfg = EvalConfig(tasks=("my_qa", "winogrande"), limit=3, include_path=str(tasks_dir))
     result = evaluate_model(tiny_model, tiny_tokenizer, cfg, _offline(shared_data))
     assert result["n_samples"] == {"my_qa": 3, "winogrande": 3}
@@ -94,8 +97,9 @@ def test_the_evaluation_signature_follows_the_datas_bytes_not_its_folder(tmp_pat
     with (copy / rel).open("a") as fh:
         fh.write('{"sentence": "A _ changed row.", "option1": "a", "option2": "b", "answer": "1"}\n')
     assert evaluation_signature(cfg, DataConfig(data_dir=str(copy))) != same
-    assert evaluation_signature(cfg.model_copy(update={"backend": "hflm"}), DataConfig(data_dir=str(copy))) != \
-        evaluation_signature(cfg, DataConfig(data_dir=str(copy)))
+    assert evaluation_signature(
+        cfg.model_copy(update={"backend": "hflm"}), DataConfig(data_dir=str(copy))
+    ) != evaluation_signature(cfg, DataConfig(data_dir=str(copy)))
 
 
 def test_offline_tasks_without_local_data_or_without_accuracy_fail_before_work(unit_data, tmp_path):
@@ -105,6 +109,9 @@ def test_offline_tasks_without_local_data_or_without_accuracy_fail_before_work(u
     data = DataConfig(data_dir=str(unit_data))
     with pytest.raises(EvalSetupError, match="'piqa' has no offline data"):
         check_tasks(("arc_easy", "piqa"), data)
-    with pytest.raises(EvalSetupError, match=r"'wikitext' reports \['bits_per_byte', 'byte_perplexity', "
-                                              r"'word_perplexity'\], none of"):
+    with pytest.raises(
+        EvalSetupError,
+        match=r"'wikitext' reports \['bits_per_byte', 'byte_perplexity', "
+        r"'word_perplexity'\], none of",
+    ):
         check_tasks(("wikitext",), DataConfig(mode="hub"))

@@ -44,8 +44,13 @@ def _requests(kind: str, args_list):
 def test_loglikelihood_greedy_and_rolling_requests(tiny_model, tiny_tokenizer):
     fast = FastHFLM(pretrained=tiny_model, tokenizer=tiny_tokenizer, batch_size=3)
     ref = HFLM(pretrained=tiny_model, tokenizer=tiny_tokenizer, batch_size=1)
-    pairs = [("The capital of", " France"), ("A student learns from", " a teacher and more"),
-             ("Hello", " world"), ("The quick brown fox " * 30, " ok"), ("the the the the", " the")]
+    pairs = [
+        ("The capital of", " France"),
+        ("A student learns from", " a teacher and more"),
+        ("Hello", " world"),
+        ("The quick brown fox " * 30, " ok"),
+        ("the the the the", " the"),
+    ]
     a = fast.loglikelihood(_requests("loglikelihood", pairs), disable_tqdm=True)
     b = ref.loglikelihood(_requests("loglikelihood", pairs), disable_tqdm=True)
     for (ll_a, g_a), (ll_b, g_b) in zip(a, b):
@@ -57,8 +62,12 @@ def test_loglikelihood_greedy_and_rolling_requests(tiny_model, tiny_tokenizer):
 
 
 def test_scoring_in_small_output_head_chunks_changes_nothing(tiny_model, tiny_tokenizer):
-    pairs = [("The capital of", " France is Paris"), ("A student learns from", " a teacher and more"),
-             ("Hello", " world"), ("The quick brown fox " * 30, " jumps over the lazy dog")]
+    pairs = [
+        ("The capital of", " France is Paris"),
+        ("A student learns from", " a teacher and more"),
+        ("Hello", " world"),
+        ("The quick brown fox " * 30, " jumps over the lazy dog"),
+    ]
     answers = {}
     for chunk in (1, 3, 10_000):  # a chunk boundary inside one request's continuation, and none at all
         fast = FastHFLM(pretrained=tiny_model, tokenizer=tiny_tokenizer, batch_size=4)
@@ -74,10 +83,11 @@ def test_a_greedy_continuation_is_flagged(tiny_model, tiny_tokenizer):
     fast = FastHFLM(pretrained=tiny_model, tokenizer=tiny_tokenizer, batch_size=2)
     context = tiny_tokenizer("The capital of")["input_ids"]
     out = tiny_model.generate(input_ids=torch.tensor([context]), max_new_tokens=3, do_sample=False)[0].tolist()
-    greedy = out[len(context):]
+    greedy = out[len(context) :]
     other = [(greedy[0] + 1) % len(tiny_tokenizer)] + greedy[1:]
-    (ll_g, is_g), (ll_o, is_o) = fast._loglikelihood_tokens([(None, context, greedy), (None, context, other)],
-                                                            disable_tqdm=True)
+    (ll_g, is_g), (ll_o, is_o) = fast._loglikelihood_tokens(
+        [(None, context, greedy), (None, context, other)], disable_tqdm=True
+    )
     assert is_g and not is_o
     assert ll_g > ll_o
 
@@ -91,10 +101,14 @@ def test_shared_prefixes_packed_match_separate_forwards(tiny_model, tiny_tokeniz
     # model's sliding window of 16 tokens; a WinoGrande-like pair that shares only the start
     # of the sentence; a lone request; rows of 48 tokens so several segments share a row.
     long_ctx = "Question: which animal is the largest mammal that lives in the sea today? Answer:"
-    pairs = [(long_ctx, " a whale"), (long_ctx, " a very small brown dog"), (long_ctx, " x"),
-             ("The trophy did not fit in the suitcase because the trophy", " was too big."),
-             ("The trophy did not fit in the suitcase because the suitcase", " was too big."),
-             ("Alone here", " yes")]
+    pairs = [
+        (long_ctx, " a whale"),
+        (long_ctx, " a very small brown dog"),
+        (long_ctx, " x"),
+        ("The trophy did not fit in the suitcase because the trophy", " was too big."),
+        ("The trophy did not fit in the suitcase because the suitcase", " was too big."),
+        ("Alone here", " yes"),
+    ]
     segments = fast._segments([(None, *fast._encode_pair(c, x)) for c, x in pairs])
     members = [[i for i, _, _ in s.scored] for s in segments]
     assert members == ([[0, 1, 2], [3, 4], [5]] if share_context else [[i] for i in range(6)])

@@ -10,16 +10,29 @@ from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.integration
 
-HEAVY = ("materialize-model", "prune-model", "distill-model", "evaluate-original", "evaluate-pruned",
-         "evaluate-distilled", "score-heldout-original", "score-heldout-pruned", "score-heldout-distilled",
-         "measure-speed")
+HEAVY = (
+    "materialize-model",
+    "prune-model",
+    "distill-model",
+    "evaluate-original",
+    "evaluate-pruned",
+    "evaluate-distilled",
+    "score-heldout-original",
+    "score-heldout-pruned",
+    "score-heldout-distilled",
+    "measure-speed",
+)
 
 
 def _run(work, shared_data, *overrides, expect_failure=False):
     from flows.tailor_flow import tailor_flow
 
-    state = tailor_flow(profile="smoke", overrides=[f"work_dir={work}", f"data.data_dir={shared_data}", *overrides],
-                        out_dir=str(work / "out"), return_state=True)
+    state = tailor_flow(
+        profile="smoke",
+        overrides=[f"work_dir={work}", f"data.data_dir={shared_data}", *overrides],
+        out_dir=str(work / "out"),
+        return_state=True,
+    )
     assert state.is_failed() == expect_failure, state.message
     return state
 
@@ -30,7 +43,9 @@ def _task_states(state) -> dict[str, str]:
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
     names = {}
     for run in runs:
         stage = next((h for h in HEAVY if run.name.startswith(h)), None)
@@ -68,11 +83,21 @@ def test_first_run_reports_three_models_and_registers_challenger(first_run):
     assert version.tags["checkpoint_fingerprint"] == report["checkpoints"]["distilled"]["fingerprint"]
     parent = client.get_run(result["parent_run_id"])
     assert parent.info.status == "FINISHED"
-    children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
     stages = {r.data.tags["tailor.stage"] for r in children}
-    assert {"materialize", "prune", "distill", "evaluate-original", "evaluate-pruned", "evaluate-distilled",
-            "measure-speed", "compare", "register"} <= stages
+    assert {
+        "materialize",
+        "prune",
+        "distill",
+        "evaluate-original",
+        "evaluate-pruned",
+        "evaluate-distilled",
+        "measure-speed",
+        "compare",
+        "register",
+    } <= stages
     distill_run = next(r for r in children if r.data.tags["tailor.stage"] == "distill")
     losses = client.get_metric_history(distill_run.info.run_id, "kd_loss")
     assert [m.step for m in losses] == [1, 2]
@@ -125,8 +150,13 @@ def test_mlflow_shows_lineage_datasets_and_descriptions(first_run):
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     inputs = client.get_run(result["parent_run_id"]).inputs.dataset_inputs
     contexts = {i.dataset.name: {t.key: t.value for t in i.tags}["mlflow.data.context"] for i in inputs}
-    assert contexts == {"arc_easy": "evaluation", "winogrande": "evaluation", "hellaswag": "evaluation",
-                        "lambada_openai": "evaluation", "tinystories_sample": "distillation"}
+    assert contexts == {
+        "arc_easy": "evaluation",
+        "winogrande": "evaluation",
+        "hellaswag": "evaluation",
+        "lambada_openai": "evaluation",
+        "tinystories_sample": "distillation",
+    }
     assert all(len(i.dataset.digest) == 16 for i in inputs)
     model = client.get_registered_model(result["registered_model"])
     assert "distillation" in model.description
@@ -180,11 +210,18 @@ def test_a_cached_stage_whose_checkpoint_was_deleted_is_recomputed(first_run, sh
 def test_changing_a_distillation_setting_reruns_only_what_follows(first_run, shared_data):
     work, _, _ = first_run
     states = _task_states(_run(work, shared_data, "distill.learning_rate=0.002"))
-    unchanged = ("materialize-model", "prune-model", "evaluate-original", "evaluate-pruned",
-                 "score-heldout-original", "score-heldout-pruned")
+    unchanged = (
+        "materialize-model",
+        "prune-model",
+        "evaluate-original",
+        "evaluate-pruned",
+        "score-heldout-original",
+        "score-heldout-pruned",
+    )
     assert {s: states[s] for s in unchanged} == dict.fromkeys(unchanged, "Cached")
-    assert {s: states[s] for s in ("distill-model", "evaluate-distilled", "measure-speed")} == \
-        dict.fromkeys(("distill-model", "evaluate-distilled", "measure-speed"), "Completed")
+    assert {s: states[s] for s in ("distill-model", "evaluate-distilled", "measure-speed")} == dict.fromkeys(
+        ("distill-model", "evaluate-distilled", "measure-speed"), "Completed"
+    )
 
 
 def test_failed_stage_marks_runs_failed_and_keeps_earlier_stages(first_run, shared_data):
@@ -196,6 +233,8 @@ def test_failed_stage_marks_runs_failed_and_keeps_earlier_stages(first_run, shar
     assert states["materialize-model"] == states["prune-model"] == "Cached"
     assert states["distill-model"] == "Failed"
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
-    failed = client.search_runs(client.get_experiment_by_name("llm-tailor").experiment_id,
-                                filter_string="tags.`tailor.failed_stage` = 'distill'")
+    failed = client.search_runs(
+        client.get_experiment_by_name("llm-tailor").experiment_id,
+        filter_string="tags.`tailor.failed_stage` = 'distill'",
+    )
     assert len(failed) == 1 and failed[0].info.status == "FAILED"

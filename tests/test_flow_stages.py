@@ -63,6 +63,8 @@ def test_console_goes_to_prefect_through_one_handler_at_info(monkeypatch):
 
 def test_run_link_opens_the_model_training_view():
     # MLflow 3.x's UI opens experiments in its GenAI view unless the URL asks otherwise.
-    assert stages.run_link("sqlite:///w/mlflow.db", "3", "abc") == \
-        "http://127.0.0.1:5000/#/experiments/3/runs/abc?workflowType=machine_learning"
+    assert (
+        stages.run_link("sqlite:///w/mlflow.db", "3", "abc")
+        == "http://127.0.0.1:5000/#/experiments/3/runs/abc?workflowType=machine_learning"
+    )
     assert stages.run_link("http://mlflow:8080/", "3", "abc").startswith("http://mlflow:8080/#/experiments/3/runs/abc?")

@@ -31,7 +31,7 @@ def test_sequences_start_with_bos_are_seeded_and_masked_through_their_end(teache
     lengths = mask.sum(1)
     assert torch.equal(mask, (torch.arange(12)[None] < lengths[:, None]).long())
     for row, n in zip(ids, lengths):
-        assert tokenizer.eos_token_id not in row[1:n - 1].tolist()
+        assert tokenizer.eos_token_id not in row[1 : n - 1].tolist()
         assert torch.all(row[n:] == tokenizer.pad_token_id)
     # Another seed writes other text into another folder; the same settings find the file.
     other = generate_corpus(teacher, cfg.model_copy(update={"seed": 6}), 7, 12, tmp_path / "text")
@@ -67,15 +67,19 @@ def test_a_killed_generation_resumes_to_the_uninterrupted_text(teacher, tmp_path
 def test_the_teacher_source_mixes_with_corpus_files_by_weight(teacher, tmp_path):
     corpus = tmp_path / "data" / "corpus"
     corpus.mkdir(parents=True)
-    (corpus / "mine.jsonl").write_text("\n".join('{"text": "a small story about a cat number %d"}' % i
-                                                 for i in range(12)))
+    (corpus / "mine.jsonl").write_text(
+        "\n".join('{"text": "a small story about a cat number %d"}' % i for i in range(12))
+    )
     text = generate_corpus(teacher, GenerateConfig(batch_size=4), count=4, seq_len=16, root=tmp_path / "text")
-    cfg = DistillConfig(corpus_mix={"corpus/mine.jsonl": 1, TEACHER_SOURCE: 1}, num_samples=8, seq_len=16,
-                        heldout_docs=2)
+    cfg = DistillConfig(
+        corpus_mix={"corpus/mine.jsonl": 1, TEACHER_SOURCE: 1}, num_samples=8, seq_len=16, heldout_docs=2
+    )
     tokenizer = load_tokenizer(teacher)
-    samples = training_samples(tokenizer, cfg, DataConfig(data_dir=str(tmp_path / "data")),
-                               teacher_text=load_file(text.path))
-    generated_rows = {tuple(r[m.bool()].tolist()) for r, m in
-                      zip(*(load_file(text.path)[k] for k in ("input_ids", "attention_mask")))}
+    samples = training_samples(
+        tokenizer, cfg, DataConfig(data_dir=str(tmp_path / "data")), teacher_text=load_file(text.path)
+    )
+    generated_rows = {
+        tuple(r[m.bool()].tolist()) for r, m in zip(*(load_file(text.path)[k] for k in ("input_ids", "attention_mask")))
+    }
     rows = [tuple(r[m.bool()].tolist()) for r, m in zip(samples["input_ids"], samples["attention_mask"])]
     assert len(rows) == 8 and sum(r in generated_rows for r in rows) == 4

@@ -18,9 +18,10 @@ def _items(correct: list[int]) -> dict[str, dict[str, float]]:
 
 
 def _evals(original: list[int], pruned: list[int], distilled: list[int], task: str = "arc_easy") -> dict:
-    return {name: {"metrics": {task: {"acc": {"value": float(np.mean(c)), "stderr": 0.01}}},
-                   "items": {task: _items(c)}}
-            for name, c in (("original", original), ("pruned", pruned), ("distilled", distilled))}
+    return {
+        name: {"metrics": {task: {"acc": {"value": float(np.mean(c)), "stderr": 0.01}}}, "items": {task: _items(c)}}
+        for name, c in (("original", original), ("pruned", pruned), ("distilled", distilled))
+    }
 
 
 def test_recovery_of_a_clear_healing_is_significant_with_the_right_share():
@@ -46,8 +47,10 @@ def test_share_is_withheld_when_pruning_did_no_significant_damage():
 def test_pooled_weighs_tasks_equally_and_harm_is_named():
     big = _evals([1] * 300, [1] * 150 + [0] * 150, [1] * 200 + [0] * 100, "hellaswag")
     small = _evals([1] * 100, [1] * 100, [0] * 30 + [1] * 70, "arc_easy")
-    evals = {m: {"metrics": {**big[m]["metrics"], **small[m]["metrics"]},
-                 "items": {**big[m]["items"], **small[m]["items"]}} for m in big}
+    evals = {
+        m: {"metrics": {**big[m]["metrics"], **small[m]["metrics"]}, "items": {**big[m]["items"], **small[m]["items"]}}
+        for m in big
+    }
     summary = healing_summary(evals)
     assert summary["pooled"]["delta_vs_pruned"] == pytest.approx((50 / 300 - 0.3) / 2)
     assert summary["per_task"]["arc_easy"]["significant_harm"]
@@ -67,8 +70,16 @@ def test_perplexity_recovery_from_per_document_loglikelihoods():
 
 
 def _profile():
-    return {"params": 10, "layers": 2, "checkpoint_bytes": 40, "gen_time_mean_s": 1.0, "gen_time_std_s": 0.1,
-            "tokens_per_s": 10.0, "sample_prompt": "p", "sample_continuation": " c"}
+    return {
+        "params": 10,
+        "layers": 2,
+        "checkpoint_bytes": 40,
+        "gen_time_mean_s": 1.0,
+        "gen_time_std_s": 0.1,
+        "tokens_per_s": 10.0,
+        "sample_prompt": "p",
+        "sample_continuation": " c",
+    }
 
 
 def test_a_harmful_distillation_is_flagged_at_the_top_of_the_report_and_refused_by_the_gate():
@@ -82,7 +93,10 @@ def test_a_harmful_distillation_is_flagged_at_the_top_of_the_report_and_refused_
     assert "## Healing" in md and "**worse**" in md
     tags = evaluation_tags(report, "sig")
     assert tags["tailor.harmed_vs_pruned"] == "arc_easy acc"
-    passed, _, reasons = decide({**tags, "tailor.speedup": "2.0", "tailor.mean_acc_retention_pct": "100"},
-                                None, PromotionConfig(max_task_drop=1.0, min_mean_retention_pct=0))
+    passed, _, reasons = decide(
+        {**tags, "tailor.speedup": "2.0", "tailor.mean_acc_retention_pct": "100"},
+        None,
+        PromotionConfig(max_task_drop=1.0, min_mean_retention_pct=0),
+    )
     assert not passed
     assert "FAIL: distillation significantly worse than the pruned model on: arc_easy acc" in reasons

@@ -29,13 +29,25 @@ def _hub_features(task: str):
     from datasets import Features, Sequence, Value
 
     s = Value("string")
-    return Features({
-        "arc_easy": {"id": s, "question": s, "choices": Sequence({"text": s, "label": s}), "answerKey": s},
-        "hellaswag": {"ind": Value("int32"), "activity_label": s, "ctx_a": s, "ctx_b": s, "ctx": s,
-                      "endings": Sequence(s), "source_id": s, "split": s, "split_type": s, "label": s},
-        "winogrande": {"sentence": s, "option1": s, "option2": s, "answer": s},
-        "lambada_openai": {"text": s, "domain": s},
-    }[task])
+    return Features(
+        {
+            "arc_easy": {"id": s, "question": s, "choices": Sequence({"text": s, "label": s}), "answerKey": s},
+            "hellaswag": {
+                "ind": Value("int32"),
+                "activity_label": s,
+                "ctx_a": s,
+                "ctx_b": s,
+                "ctx": s,
+                "endings": Sequence(s),
+                "source_id": s,
+                "split": s,
+                "split_type": s,
+                "label": s,
+            },
+            "winogrande": {"sentence": s, "option1": s, "option2": s, "answer": s},
+            "lambada_openai": {"text": s, "domain": s},
+        }[task]
+    )
 
 
 @pytest.mark.parametrize("task", list(offline.BENCHMARK_FILES))

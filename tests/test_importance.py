@@ -14,8 +14,11 @@ from tailor.preflight import check_prune
 from tailor.prune.importance import _perplexity, choose_layers, layer_scores, per_layer_series
 from tailor.prune.pruning import PruneError, prune_layers
 
-TEXTS = ["The capital of France is Paris. Machine learning is the study of algorithms. " * 2,
-         "A student learns from a teacher.", "The quick brown fox jumps over the lazy dog. " * 3]
+TEXTS = [
+    "The capital of France is Paris. Machine learning is the study of algorithms. " * 2,
+    "A student learns from a teacher.",
+    "The quick brown fox jumps over the lazy dog. " * 3,
+]
 ALL = ("block_influence", "angular", "leave_one_out")
 
 
@@ -38,8 +41,9 @@ def test_hidden_state_scores_match_a_direct_computation(fixture, request, tiny_t
         cos = torch.nn.functional.cosine_similarity(hs[i][keep].double(), hs[i + 1][keep].double(), dim=-1)
         assert scores["block_influence"][i] == pytest.approx(1 - cos.mean().item(), abs=1e-6)
         cos2 = torch.nn.functional.cosine_similarity(hs[0][keep].double(), hs[i + 1][keep].double(), dim=-1)
-        assert scores["angular"][0][i + 1] == pytest.approx(math.acos(cos2.mean().clamp(-1, 1).item()) / math.pi,
-                                                            abs=1e-6)
+        assert scores["angular"][0][i + 1] == pytest.approx(
+            math.acos(cos2.mean().clamp(-1, 1).item()) / math.pi, abs=1e-6
+        )
     for i in range(L):
         pruned = prune_layers(copy.deepcopy(model), [i])
         expected = _perplexity(pruned, samples, 4) - scores["calibration_perplexity"]
@@ -67,9 +71,12 @@ def test_leave_one_out_leaves_the_model_as_it_was(tiny_model, tiny_tokenizer):
 
 
 def test_each_strategy_picks_its_layers():
-    scores = {"num_layers": 6, "block_influence": [0.5, 0.1, 0.3, 0.05, 0.4, 0.9],
-              "leave_one_out": [9.0, 0.2, 0.1, 3.0, 0.3, 7.0],
-              "angular": [[None] + [0.5] * 6 for _ in range(6)]}
+    scores = {
+        "num_layers": 6,
+        "block_influence": [0.5, 0.1, 0.3, 0.05, 0.4, 0.9],
+        "leave_one_out": [9.0, 0.2, 0.1, 3.0, 0.3, 7.0],
+        "angular": [[None] + [0.5] * 6 for _ in range(6)],
+    }
     scores["angular"][2][4] = 0.01  # the block of layers 2 and 3 changes the stream least
     pick = lambda strategy, n=2, **kw: choose_layers(PruneConfig(strategy=strategy, num_layers=n, **kw), 6, scores)  # noqa: E731
     assert pick("last") == [4, 5]

@@ -1,13 +1,12 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tailor.config.settings import DistillConfig
 from tailor.data.corpus import CorpusError, build_samples
-from tailor.distill.trainer import DistillError, Distiller
-import torch.nn.functional as F
-
 from tailor.distill.kd_loss import IGNORE, LossSpec, kd_loss_reference, next_token_targets
 from tailor.distill.losses import LiveTeacherKDLoss
+from tailor.distill.trainer import Distiller, DistillError
 from tailor.models.heads import output_logits
 
 
@@ -75,21 +74,31 @@ def test_book_switch_is_the_notebooks_batchmean_kl():
     assert kd_loss_reference(s, t, mask, _ids(mask), LossSpec(book=True)).item() == pytest.approx(book.item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("spec", [LossSpec(), LossSpec(kind="reverse_kl"), LossSpec(kind="jsd", jsd_beta=0.3),
-                                  LossSpec(alpha=0.5), LossSpec(book=True)])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        LossSpec(),
+        LossSpec(kind="reverse_kl"),
+        LossSpec(kind="jsd", jsd_beta=0.3),
+        LossSpec(alpha=0.5),
+        LossSpec(book=True),
+    ],
+)
 def test_chunked_loss_equals_reference_in_value_and_gradient(tiny_model, tiny_tokenizer, spec):
     teacher = tiny_model
     from tailor.models.tiny import build_tiny_gemma3
 
     student = build_tiny_gemma3(tiny_tokenizer, num_layers=3, seed=1)
-    batch = tiny_tokenizer(["a student learns from a teacher", "the quick brown fox"], padding=True,
-                           return_tensors="pt")
+    batch = tiny_tokenizer(
+        ["a student learns from a teacher", "the quick brown fox"], padding=True, return_tensors="pt"
+    )
     ids, mask = batch["input_ids"], batch["attention_mask"]
     assert (mask == 0).any(), "batch must contain padding"
     with torch.no_grad():
         t_h = _hidden(teacher, ids, mask)
-    ref = kd_loss_reference(output_logits(student, _hidden(student, ids, mask)),
-                            output_logits(teacher, t_h), mask, ids, spec)
+    ref = kd_loss_reference(
+        output_logits(student, _hidden(student, ids, mask)), output_logits(teacher, t_h), mask, ids, spec
+    )
     ref.backward()
     ref_grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
     student.zero_grad()
@@ -117,7 +126,9 @@ def test_distillation_lowers_the_loss(tiny_model, tiny_tokenizer):
 
 
 def test_samples_pad_and_mask(tiny_tokenizer):
-    samples = build_samples(tiny_tokenizer, ["short", "a much longer text " * 10], seq_len=8, num_samples=5, windows_per_doc=64)
+    samples = build_samples(
+        tiny_tokenizer, ["short", "a much longer text " * 10], seq_len=8, num_samples=5, windows_per_doc=64
+    )
     assert samples["input_ids"].shape == (5, 8)
     assert samples["attention_mask"][0].tolist()[:2] == [1, 1]
     assert samples["attention_mask"][0].sum() < 8
@@ -154,15 +165,17 @@ def test_a_new_divergence_is_one_class_and_trains_through_the_chunked_loss(tiny_
     monkeypatch.setitem(divergences.DIVERGENCES, "symmetric_kl", lambda spec: SymmetricKL())
     spec = LossSpec(kind="symmetric_kl")
     student = build_tiny_gemma3(tiny_tokenizer, num_layers=3, seed=1)
-    batch = tiny_tokenizer(["a student learns from a teacher", "the quick brown fox"], padding=True,
-                           return_tensors="pt")
+    batch = tiny_tokenizer(
+        ["a student learns from a teacher", "the quick brown fox"], padding=True, return_tensors="pt"
+    )
     ids, mask = batch["input_ids"], batch["attention_mask"]
     with torch.no_grad():
         t_h = _hidden(tiny_model, ids, mask)
     s_logits, t_logits = output_logits(student, _hidden(student, ids, mask)), output_logits(tiny_model, t_h)
     ref = kd_loss_reference(s_logits, t_logits, mask, ids, spec)
-    forward_plus_reverse = (kd_loss_reference(s_logits, t_logits, mask, ids, LossSpec()) +
-                            kd_loss_reference(s_logits, t_logits, mask, ids, LossSpec(kind="reverse_kl")))
+    forward_plus_reverse = kd_loss_reference(s_logits, t_logits, mask, ids, LossSpec()) + kd_loss_reference(
+        s_logits, t_logits, mask, ids, LossSpec(kind="reverse_kl")
+    )
     assert ref.item() == pytest.approx(forward_plus_reverse.item(), rel=1e-5)
     chunked = LiveTeacherKDLoss(spec, chunk_tokens=3)(student, _hidden(student, ids, mask), tiny_model, t_h, mask, ids)
     chunked.backward()
@@ -172,5 +185,10 @@ def test_a_new_divergence_is_one_class_and_trains_through_the_chunked_loss(tiny_
 
 def test_an_unknown_divergence_names_the_allowed_ones():
     with pytest.raises(ValueError, match="forward_kl, reverse_kl, jsd"):
-        kd_loss_reference(torch.randn(1, 2, 5), torch.randn(1, 2, 5), torch.ones(1, 2, dtype=torch.long),
-                          torch.zeros(1, 2, dtype=torch.long), LossSpec(kind="hellinger"))
+        kd_loss_reference(
+            torch.randn(1, 2, 5),
+            torch.randn(1, 2, 5),
+            torch.ones(1, 2, dtype=torch.long),
+            torch.zeros(1, 2, dtype=torch.long),
+            LossSpec(kind="hellinger"),
+        )

@@ -35,8 +35,9 @@ def _hidden(model, ids, mask):
     return model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
 
 
-@pytest.mark.parametrize("spec", [LossSpec(temperature=2.0), LossSpec(temperature=1.5, alpha=0.3),
-                                  LossSpec(temperature=2.0, book=True)])
+@pytest.mark.parametrize(
+    "spec", [LossSpec(temperature=2.0), LossSpec(temperature=1.5, alpha=0.3), LossSpec(temperature=2.0, book=True)]
+)
 def test_top_k_over_the_whole_vocabulary_is_exact_kd(pair, tiny_tokenizer, spec):
     teacher, student = pair
     ids, mask = _batch(tiny_tokenizer)
@@ -106,8 +107,9 @@ def test_cache_is_checked_against_the_run(pair, tiny_tokenizer, tmp_path):
 def test_training_from_the_cache_lowers_the_loss(pair, tiny_tokenizer):
     teacher, student = pair
     samples = build_samples(tiny_tokenizer, TEXTS, seq_len=24, num_samples=8, windows_per_doc=64)
-    cfg = DistillConfig(teacher_topk=16, learning_rate=1e-3, batch_size=4, grad_accum=1, seq_len=24, epochs=4,
-                        num_samples=8)
+    cfg = DistillConfig(
+        teacher_topk=16, learning_rate=1e-3, batch_size=4, grad_accum=1, seq_len=24, epochs=4, num_samples=8
+    )
     cache = compute_topk(teacher, samples, 16, cfg.temperature)
     topk = TopKTeacher(cache["values"], cache["indices"], cache["rest_logsumexp"], cfg.temperature)
     record = Distiller(None, student, samples, cfg, topk=topk).fit()

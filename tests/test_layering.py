@@ -20,8 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # The command line is the application on top of every layer: it starts flows.
 ENTRY_POINTS = {"tailor.cli"}
-LIBRARY_LAYERS = ["common", "config", "store", "data", "models", "prune", "evaluate", "distill", "report",
-                  "registry"]
+LIBRARY_LAYERS = ["common", "config", "store", "data", "models", "prune", "evaluate", "distill", "report", "registry"]
 
 
 def _module_name(path: Path) -> str:
@@ -41,8 +40,12 @@ def _launched(path: Path) -> set[str]:
     for node in ast.walk(_tree(path)):
         if isinstance(node, (ast.List, ast.Tuple)):
             for flag, name in zip(node.elts, node.elts[1:]):
-                if isinstance(flag, ast.Constant) and flag.value == "-m" \
-                        and isinstance(name, ast.Constant) and isinstance(name.value, str):
+                if (
+                    isinstance(flag, ast.Constant)
+                    and flag.value == "-m"
+                    and isinstance(name, ast.Constant)
+                    and isinstance(name.value, str)
+                ):
                     names.add(name.value)
     return names
 
@@ -76,20 +79,29 @@ def _top(name: str) -> str:
     return name.split(".")[0]
 
 
-@pytest.mark.parametrize(("package", "forbidden"), [
-    ("tailor", {"prefect", "prefect_dask", "flows", "tasks"}),
-    ("tasks", {"flows"}),
-])
+@pytest.mark.parametrize(
+    ("package", "forbidden"),
+    [
+        ("tailor", {"prefect", "prefect_dask", "flows", "tasks"}),
+        ("tasks", {"flows"}),
+    ],
+)
 def test_a_layer_imports_nothing_above_it(package, forbidden):
-    offending = {module: sorted(n for n in names if _top(n) in forbidden)
-                 for module, names in _modules(package).items() if module not in ENTRY_POINTS}
+    offending = {
+        module: sorted(n for n in names if _top(n) in forbidden)
+        for module, names in _modules(package).items()
+        if module not in ENTRY_POINTS
+    }
     assert {m: n for m, n in offending.items() if n} == {}
 
 
 def test_the_library_has_no_import_cycles():
     library = _modules("tailor")
-    graph = {module: {n for n in names if n in library and n != module}
-             for module, names in library.items() if module not in ENTRY_POINTS}
+    graph = {
+        module: {n for n in names if n in library and n != module}
+        for module, names in library.items()
+        if module not in ENTRY_POINTS
+    }
     state: dict[str, int] = {}
     cycles = []
 
@@ -97,7 +109,7 @@ def test_the_library_has_no_import_cycles():
         state[module] = 1
         for dep in sorted(graph.get(module, ())):
             if state.get(dep) == 1:
-                cycles.append(trail[trail.index(dep):] + [dep] if dep in trail else [module, dep])
+                cycles.append(trail[trail.index(dep) :] + [dep] if dep in trail else [module, dep])
             elif dep not in state:
                 visit(dep, trail + [dep])
         state[module] = 2
@@ -126,8 +138,12 @@ def test_a_library_layer_imports_only_layers_below_it_or_itself():
         own = _layer(module)
         if own is None:
             continue
-        above = sorted(n for n in names if (_layer(n) or 0) > own or n.split(".")[:2] in (["tailor", m] for m in (
-            "cli", "preflight", "eval_command")))
+        above = sorted(
+            n
+            for n in names
+            if (_layer(n) or 0) > own
+            or n.split(".")[:2] in (["tailor", m] for m in ("cli", "preflight", "eval_command"))
+        )
         if above:
             upward[module] = above
     assert upward == {}
@@ -136,8 +152,10 @@ def test_a_library_layer_imports_only_layers_below_it_or_itself():
 def test_a_module_the_library_launches_exists():
     """A ``-m tailor.X`` command line names a module that is there (a typo fails only at run time)."""
     library = _modules("tailor")
-    missing = {_module_name(p): sorted(n for n in _launched(p) if _top(n) == "tailor" and n not in library)
-               for p in (ROOT / "tailor").rglob("*.py")}
+    missing = {
+        _module_name(p): sorted(n for n in _launched(p) if _top(n) == "tailor" and n not in library)
+        for p in (ROOT / "tailor").rglob("*.py")
+    }
     assert {m: n for m, n in missing.items() if n} == {}
 
 
@@ -149,8 +167,11 @@ def test_importing_the_whole_library_and_its_command_line_loads_no_prefect():
     import sys
 
     modules = sorted(m for m in _modules("tailor"))
-    code = "import sys\n" + "".join(f"import {m}\n" for m in modules) + (
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('prefect', 'flows', 'tasks')))")
+    code = (
+        "import sys\n"
+        + "".join(f"import {m}\n" for m in modules)
+        + ("print(sorted(m for m in sys.modules if m.split('.')[0] in ('prefect', 'flows', 'tasks')))")
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "[]"

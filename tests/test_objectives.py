@@ -12,8 +12,10 @@ from tailor.distill.objectives import HiddenStateDistance, build_objective
 from tailor.distill.trainer import Distiller
 from tailor.models.tiny import build_tiny_gemma3
 
-TEXTS = ["The capital of France is Paris. Machine learning is the study of algorithms.",
-         "Once upon a time a small cat found a red ball in the garden and played all day."] * 4
+TEXTS = [
+    "The capital of France is Paris. Machine learning is the study of algorithms.",
+    "Once upon a time a small cat found a red ball in the garden and played all day.",
+] * 4
 
 
 def _plain(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, loss: str) -> torch.Tensor:
@@ -64,8 +66,16 @@ def test_a_hidden_state_student_trains_toward_the_teacher_without_its_output_hea
     teacher = build_tiny_gemma3(tiny_tokenizer, num_layers=4, seed=0).eval()
     student = build_tiny_gemma3(tiny_tokenizer, num_layers=3, seed=1)
     samples = build_samples(tiny_tokenizer, TEXTS, seq_len=16, num_samples=8)
-    cfg = DistillConfig(objective="hidden", learning_rate=3e-3, batch_size=4, grad_accum=1, seq_len=16, epochs=4,
-                        num_samples=8, freeze_embeddings=True)
+    cfg = DistillConfig(
+        objective="hidden",
+        learning_rate=3e-3,
+        batch_size=4,
+        grad_accum=1,
+        seq_len=16,
+        epochs=4,
+        num_samples=8,
+        freeze_embeddings=True,
+    )
     head = student.get_output_embeddings().weight.clone()
     record = Distiller(teacher, student, samples, cfg).fit()
     assert record.loss == {"objective": "hidden", "hidden_loss": "mse"}
@@ -77,7 +87,9 @@ def test_the_objective_is_chosen_by_settings_and_checked_before_work():
     assert build_objective(DistillConfig()).name == "logits"  # the default, and the book profile's
     assert load_config("book").distill.objective == "logits"
     assert build_objective(DistillConfig(objective="hidden", hidden_loss="cosine")).describe() == {
-        "objective": "hidden", "hidden_loss": "cosine"}
+        "objective": "hidden",
+        "hidden_loss": "cosine",
+    }
     with pytest.raises(ConfigError, match="distill.objective"):
         load_config("smoke", ["distill.objective=features"])
     with pytest.raises(ConfigError, match="teacher_topk=8 caches logits and needs distill.objective='logits'"):
@@ -86,15 +98,25 @@ def test_the_objective_is_chosen_by_settings_and_checked_before_work():
 
 @pytest.mark.parametrize("objective", ["logits", "hidden"])
 def test_a_student_sharing_the_teachers_first_layers_trains_to_the_same_weights_from_one_trunk_forward(
-        tiny_tokenizer, objective):
+    tiny_tokenizer, objective
+):
     import copy
 
     from tailor.prune.pruning import prune_layers
 
     teacher = build_tiny_gemma3(tiny_tokenizer, num_layers=6, seed=0).eval()
     samples = build_samples(tiny_tokenizer, TEXTS, seq_len=16, num_samples=8)
-    cfg = DistillConfig(objective=objective, learning_rate=3e-3, batch_size=4, grad_accum=1, seq_len=16, epochs=2,
-                        num_samples=8, freeze_embeddings=True, train_last_layers=2)
+    cfg = DistillConfig(
+        objective=objective,
+        learning_rate=3e-3,
+        batch_size=4,
+        grad_accum=1,
+        seq_len=16,
+        epochs=2,
+        num_samples=8,
+        freeze_embeddings=True,
+        train_last_layers=2,
+    )
     results = []
     for share in (True, False):
         student = prune_layers(copy.deepcopy(teacher), [4, 5])
@@ -132,8 +154,9 @@ def test_a_replacement_layer_takes_the_removed_blocks_place_as_a_copy_of_its_fir
     with pytest.raises(ConfigError, match="replacement_layer=true needs one contiguous removed block"):
         from tailor.preflight import check_trainable_layers
 
-        check_trainable_layers(load_config("smoke", ["prune.strategy=indices", "prune.indices=[0,2]",
-                                                     "distill.replacement_layer=true"]), 4)
+        check_trainable_layers(
+            load_config("smoke", ["prune.strategy=indices", "prune.indices=[0,2]", "distill.replacement_layer=true"]), 4
+        )
 
 
 def test_a_bfloat16_teacher_shares_its_trunk_and_hands_over_the_state_its_matmuls_computed(tiny_tokenizer):
@@ -144,8 +167,17 @@ def test_a_bfloat16_teacher_shares_its_trunk_and_hands_over_the_state_its_matmul
 
     teacher = build_tiny_gemma3(tiny_tokenizer, num_layers=6, seed=0).eval()
     samples = build_samples(tiny_tokenizer, TEXTS, seq_len=16, num_samples=8)
-    cfg = DistillConfig(objective="hidden", learning_rate=3e-3, batch_size=4, grad_accum=1, seq_len=16, epochs=2,
-                        num_samples=8, freeze_embeddings=True, train_last_layers=2)
+    cfg = DistillConfig(
+        objective="hidden",
+        learning_rate=3e-3,
+        batch_size=4,
+        grad_accum=1,
+        seq_len=16,
+        epochs=2,
+        num_samples=8,
+        freeze_embeddings=True,
+        train_last_layers=2,
+    )
     students = [prune_layers(copy.deepcopy(teacher), [4, 5]) for _ in range(2)]
     to_bfloat16_matmuls(teacher, samples["input_ids"])
     shared = Distiller(teacher, students[0], samples, cfg).fit()

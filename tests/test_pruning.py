@@ -34,8 +34,9 @@ def test_pruned_model_saves_reloads_and_generates(fixture, request, tiny_tokeniz
     prune_layers(model, [1, 2])
     model.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    enc = tiny_tokenizer("The quick brown fox jumps over the lazy dog, then a teacher and a student "
-                         "learn from data", return_tensors="pt")
+    enc = tiny_tokenizer(
+        "The quick brown fox jumps over the lazy dog, then a teacher and a student learn from data", return_tensors="pt"
+    )
     assert enc["input_ids"].shape[1] > 16, "prompt must exceed the sliding window"
     with torch.no_grad():
         assert torch.equal(model(**enc).logits, reloaded(**enc).logits)

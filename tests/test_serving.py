@@ -75,9 +75,26 @@ def test_mlflow_models_serve_answers_a_generation_request(champion, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = (tmp_path / "serve.log").open("w")
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@champion",
-                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-                              env={**os.environ, "MLFLOW_TRACKING_URI": uri}, stdout=log, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            f"models:/{NAME}@champion",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        env={**os.environ, "MLFLOW_TRACKING_URI": uri},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.monotonic() + 240
         while True:
@@ -89,8 +106,12 @@ def test_mlflow_models_serve_answers_a_generation_request(champion, tmp_path):
                 assert time.monotonic() < deadline, "server not up after 240 s"
                 time.sleep(1)
         body = json.dumps({"inputs": ["The capital of"], "params": {"max_new_tokens": 3}}).encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body, method="POST",
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            data=body,
+            method="POST",
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(request, timeout=120) as r:
             assert r.status == 200
             predictions = json.loads(r.read())["predictions"]

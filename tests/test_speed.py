@@ -33,11 +33,18 @@ def test_two_models_of_one_architecture_that_do_not_tie_flag_the_measurement_noi
     assert tie["noisy"] and tie["ci95"][1] < 1
 
 
-@pytest.mark.parametrize("low, high, passes, word", [(1.06, 1.2, True, "at least"), (0.9, 1.02, False, "below"),
-                                                     (1.0, 1.1, False, "inconclusive")])
+@pytest.mark.parametrize(
+    "low, high, passes, word",
+    [(1.06, 1.2, True, "at least"), (0.9, 1.02, False, "below"), (1.0, 1.1, False, "inconclusive")],
+)
 def test_the_gate_judges_speed_by_its_interval(low, high, passes, word):
-    tags = {"tailor.eval_signature": "s", "tailor.mean_acc_retention_pct": "100", "tailor.speedup": "1.08",
-            "tailor.speedup_ci95_low": str(low), "tailor.speedup_ci95_high": str(high)}
+    tags = {
+        "tailor.eval_signature": "s",
+        "tailor.mean_acc_retention_pct": "100",
+        "tailor.speedup": "1.08",
+        "tailor.speedup_ci95_low": str(low),
+        "tailor.speedup_ci95_high": str(high),
+    }
     ok, _, reasons = decide(tags, None, PromotionConfig(min_speedup=1.05))
     assert ok == passes
     assert any("speed-up 1.080x" in r and word in r for r in reasons)

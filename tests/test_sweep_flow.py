@@ -17,10 +17,20 @@ def sweep(tmp_path_factory, shared_data):
     from flows.sweep_flow import sweep_flow
 
     work = tmp_path_factory.mktemp("sweep")
-    state = sweep_flow(profile="smoke", overrides=[
-        f"work_dir={work}", f"data.data_dir={shared_data}", "sweep.num_layers=[1,2]",
-        "sweep.strategies=[last,block_influence,angular]", "prune.calibration_samples=8",
-        "prune.calibration_batch_size=4", "sweep.distill_best=true"], out_dir=str(work / "out"), return_state=True)
+    state = sweep_flow(
+        profile="smoke",
+        overrides=[
+            f"work_dir={work}",
+            f"data.data_dir={shared_data}",
+            "sweep.num_layers=[1,2]",
+            "sweep.strategies=[last,block_influence,angular]",
+            "prune.calibration_samples=8",
+            "prune.calibration_batch_size=4",
+            "sweep.distill_best=true",
+        ],
+        out_dir=str(work / "out"),
+        return_state=True,
+    )
     assert state.is_completed(), state.message
     return work, state.result()
 
@@ -30,7 +40,8 @@ def test_every_combination_is_compared_with_intervals(sweep):
     report = json.loads((work / "out" / "sweep.json").read_text())
     rows = report["rows"]
     assert {(r["strategy"], r["num_layers"]) for r in rows} == {
-        (s, n) for s in ("last", "block_influence", "angular") for n in (1, 2)}
+        (s, n) for s in ("last", "block_influence", "angular") for n in (1, 2)
+    }
     for r in rows:
         assert len(r["removed_layers"]) == r["num_layers"]
         pooled = r["acc_delta_pooled"]
@@ -51,16 +62,18 @@ def test_table_and_plot_reach_prefect_and_mlflow(sweep):
 
     work, result = sweep
     with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["sweep-table",
-                                                                                                   "sweep-report"])))
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["sweep-table", "sweep-report"]))
+        )
     kinds = {a.key: a for a in artifacts}
     assert kinds["sweep-table"].type == "table" and kinds["sweep-report"].type == "markdown"
     assert "data:image/png;base64," in kinds["sweep-report"].data
     mlflow = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
     parent = mlflow.get_run(result["parent_run_id"])
     assert parent.data.tags["tailor.best"] == f"{result['best']['strategy']}:{result['best']['num_layers']}"
-    child = mlflow.search_runs([parent.info.experiment_id],
-                               filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")[0]
+    child = mlflow.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )[0]
     files = {f.path for f in mlflow.list_artifacts(child.info.run_id)}
     assert {"sweep_retention.png", "sweep.md", "sweep.json", "layer_scores_n2.png"} <= files
     assert "last.n2.mean_acc_retention_pct" in child.data.metrics

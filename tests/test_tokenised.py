@@ -21,8 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture()
 def setup(tmp_path):
     (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "c.jsonl").write_text("".join(json.dumps({"text": f"document {i} about cats and dogs"}) + "\n"
-                                                       for i in range(14)))
+    (tmp_path / "data" / "c.jsonl").write_text(
+        "".join(json.dumps({"text": f"document {i} about cats and dogs"}) + "\n" for i in range(14))
+    )
     base = materialize(ModelConfig(source="tiny"), str(tmp_path))
     distill = DistillConfig(corpus_mix={"c.jsonl": 1}, heldout_docs=3, num_samples=8, seq_len=16)
     prune = PruneConfig(calibration_samples=4, calibration_seq_len=8)
@@ -33,8 +34,10 @@ def test_the_three_sets_equal_the_corpus_functions_and_are_written_once(setup):
     base, distill, prune, data, work = setup
     sets = tokenise_corpus(base, distill, prune, data, work)
     tokenizer = load_tokenizer(base)
-    for name, expected in [("train", training_samples(tokenizer, distill, data)),
-                           ("calibration", training_samples(tokenizer, distill, data, 4, 8))]:
+    for name, expected in [
+        ("train", training_samples(tokenizer, distill, data)),
+        ("calibration", training_samples(tokenizer, distill, data, 4, 8)),
+    ]:
         got = sets[name].samples()
         assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got), name
     held, expected = sets["heldout"].per_source(), heldout_samples(tokenizer, distill, data)
@@ -74,7 +77,10 @@ def test_only_the_tokenise_stage_reads_the_corpus_into_samples():
     readers = set()
     for path in [*(ROOT / "tailor").rglob("*.py"), *(ROOT / "tasks").rglob("*.py"), *(ROOT / "flows").rglob("*.py")]:
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module == "tailor.data.corpus" and {
-                    a.name for a in node.names} & {"training_samples", "heldout_samples"}:
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.module == "tailor.data.corpus"
+                and {a.name for a in node.names} & {"training_samples", "heldout_samples"}
+            ):
                 readers.add(str(path.relative_to(ROOT)))
     assert readers == {"tailor/data/tokenised.py"}

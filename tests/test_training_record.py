@@ -14,17 +14,32 @@ from tailor.distill.record import TRAINING_RECORD, TrainingProgress, TrainingRec
 from tailor.store.checkpoint import CheckpointRef
 from tasks.records import Distilled
 
-RECORD = {"losses": [2.5, 2.0], "grad_norms": [1.5, 1.25], "optimizer_steps": 2, "micro_batches": 4,
-          "train_tokens": 128, "train_seconds": 0.5, "train_tokens_per_s": 256.0, "num_samples": 8,
-          "resumed_at_step": 0, "world_size": 1, "final_learning_rate": 0.001, "teacher": "live (float32)",
-          "gradient_checkpointing": False, "bf16_autocast": False, "trainable_parameters": 1000,
-          "shared_trunk_layers": 0, "heldout_curve": [[0, 40.0], [2, 30.0]],
-          "loss": {"objective": "hidden", "hidden_loss": "mse"}}
+RECORD = {
+    "losses": [2.5, 2.0],
+    "grad_norms": [1.5, 1.25],
+    "optimizer_steps": 2,
+    "micro_batches": 4,
+    "train_tokens": 128,
+    "train_seconds": 0.5,
+    "train_tokens_per_s": 256.0,
+    "num_samples": 8,
+    "resumed_at_step": 0,
+    "world_size": 1,
+    "final_learning_rate": 0.001,
+    "teacher": "live (float32)",
+    "gradient_checkpointing": False,
+    "bf16_autocast": False,
+    "trainable_parameters": 1000,
+    "shared_trunk_layers": 0,
+    "heldout_curve": [[0, 40.0], [2, 30.0]],
+    "loss": {"objective": "hidden", "hidden_loss": "mse"},
+}
 
 
 def test_the_progress_survives_a_weights_only_resume_file(tmp_path):
-    progress = TrainingProgress(epoch=1, batch=2, losses=[1.0], grad_norms=[0.5], micro=3, tokens=40, seconds=1.5,
-                                heldout_curve=[[0, 9.0]])
+    progress = TrainingProgress(
+        epoch=1, batch=2, losses=[1.0], grad_norms=[0.5], micro=3, tokens=40, seconds=1.5, heldout_curve=[[0, 9.0]]
+    )
     torch.save({"progress": progress.state_dict()}, tmp_path / "state.pt")
     loaded = torch.load(tmp_path / "state.pt", weights_only=True)["progress"]
     assert TrainingProgress.from_state_dict(loaded) == progress and loaded == dataclasses.asdict(progress)
@@ -43,10 +58,13 @@ def test_a_record_from_before_the_shared_trunk_reads_as_sharing_none():
     assert TrainingRecord.from_dict(old).shared_trunk_layers == 0
 
 
-@pytest.mark.parametrize(("data", "message"), [
-    ({**RECORD, "epochs": 3}, "unknown keys \\['epochs'\\]"),
-    ({k: v for k, v in RECORD.items() if k != "losses"}, "missing keys \\['losses'\\]"),
-])
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({**RECORD, "epochs": 3}, "unknown keys \\['epochs'\\]"),
+        ({k: v for k, v in RECORD.items() if k != "losses"}, "missing keys \\['losses'\\]"),
+    ],
+)
 def test_something_else_is_not_read_as_a_record(tmp_path, data, message):
     (tmp_path / TRAINING_RECORD).write_text(json.dumps(data))
     with pytest.raises(ValueError, match=message):

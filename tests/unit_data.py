@@ -12,46 +12,90 @@ import hashlib
 import json
 from pathlib import Path
 
-ARC = [{"id": f"u{i}", "question": q, "choices": {"text": c, "label": ["A", "B", "C", "D"]}, "answerKey": a}
-       for i, (q, c, a) in enumerate([
-           ("What do plants need to make food?", ["sunlight", "sand", "noise", "plastic"], "A"),
-           ("Which of these is a liquid at room temperature?", ["iron", "water", "salt", "wood"], "B"),
-           ("What force pulls objects toward the ground?", ["magnetism", "friction", "gravity", "wind"], "C"),
-           ("Which animal lays eggs?", ["dog", "cat", "horse", "chicken"], "D"),
-           ("What is the main source of heat for Earth?", ["the Sun", "the Moon", "volcanoes", "lightning"], "A"),
-           ("Which tool measures temperature?", ["ruler", "thermometer", "scale", "compass"], "B"),
-       ])]
-HELLASWAG = [{"ind": i, "activity_label": label, "ctx_a": a, "ctx_b": b, "ctx": f"{a} {b}", "endings": endings,
-              "source_id": f"unit-{i}", "split": "val", "split_type": "indomain", "label": str(gold)}
-             for i, (label, a, b, endings, gold) in enumerate([
-                 ("Cooking", "A man cracks two eggs into a bowl.", "he",
-                  ["whisks them with a fork.", "throws the bowl away.", "paints the wall.", "sings to a cat."], 0),
-                 ("Running", "A woman ties her shoes at the track.", "she",
-                  ["eats a sandwich.", "starts jogging around the lane.", "reads a map.", "falls asleep."], 1),
-                 ("Gardening", "A child digs a small hole in the soil.", "the child",
-                  ["drives a car.", "opens a laptop.", "drops a seed into it.", "swims away."], 2),
-                 ("Painting", "A man dips a brush into blue paint.", "he",
-                  ["boils water.", "locks the door.", "jumps rope.", "strokes it across the canvas."], 3),
-             ])]
-WINOGRANDE = [{"sentence": s, "option1": o1, "option2": o2, "answer": a} for s, o1, o2, a in [
-    ("The trophy did not fit in the suitcase because the _ was too big.", "trophy", "suitcase", "1"),
-    ("The trophy did not fit in the suitcase because the _ was too small.", "trophy", "suitcase", "2"),
-    ("Anna gave Maria a book because _ had finished reading it.", "Anna", "Maria", "1"),
-    ("The cup fell off the table because the _ was wobbly.", "cup", "table", "2"),
-]]
-LAMBADA = [{"text": t} for t in [
-    "She opened the old box and found a letter from her grandmother. She read the letter twice",
-    "The dog waited by the door every evening until his owner came home. When the door opened he wagged his tail",
-    "He planted the tree when his son was born. Thirty years later they sat together under the tree",
-    "The baker woke at four to light the oven. By six the whole street smelled of bread",
-]]
+ARC = [
+    {"id": f"u{i}", "question": q, "choices": {"text": c, "label": ["A", "B", "C", "D"]}, "answerKey": a}
+    for i, (q, c, a) in enumerate(
+        [
+            ("What do plants need to make food?", ["sunlight", "sand", "noise", "plastic"], "A"),
+            ("Which of these is a liquid at room temperature?", ["iron", "water", "salt", "wood"], "B"),
+            ("What force pulls objects toward the ground?", ["magnetism", "friction", "gravity", "wind"], "C"),
+            ("Which animal lays eggs?", ["dog", "cat", "horse", "chicken"], "D"),
+            ("What is the main source of heat for Earth?", ["the Sun", "the Moon", "volcanoes", "lightning"], "A"),
+            ("Which tool measures temperature?", ["ruler", "thermometer", "scale", "compass"], "B"),
+        ]
+    )
+]
+HELLASWAG = [
+    {
+        "ind": i,
+        "activity_label": label,
+        "ctx_a": a,
+        "ctx_b": b,
+        "ctx": f"{a} {b}",
+        "endings": endings,
+        "source_id": f"unit-{i}",
+        "split": "val",
+        "split_type": "indomain",
+        "label": str(gold),
+    }
+    for i, (label, a, b, endings, gold) in enumerate(
+        [
+            (
+                "Cooking",
+                "A man cracks two eggs into a bowl.",
+                "he",
+                ["whisks them with a fork.", "throws the bowl away.", "paints the wall.", "sings to a cat."],
+                0,
+            ),
+            (
+                "Running",
+                "A woman ties her shoes at the track.",
+                "she",
+                ["eats a sandwich.", "starts jogging around the lane.", "reads a map.", "falls asleep."],
+                1,
+            ),
+            (
+                "Gardening",
+                "A child digs a small hole in the soil.",
+                "the child",
+                ["drives a car.", "opens a laptop.", "drops a seed into it.", "swims away."],
+                2,
+            ),
+            (
+                "Painting",
+                "A man dips a brush into blue paint.",
+                "he",
+                ["boils water.", "locks the door.", "jumps rope.", "strokes it across the canvas."],
+                3,
+            ),
+        ]
+    )
+]
+WINOGRANDE = [
+    {"sentence": s, "option1": o1, "option2": o2, "answer": a}
+    for s, o1, o2, a in [
+        ("The trophy did not fit in the suitcase because the _ was too big.", "trophy", "suitcase", "1"),
+        ("The trophy did not fit in the suitcase because the _ was too small.", "trophy", "suitcase", "2"),
+        ("Anna gave Maria a book because _ had finished reading it.", "Anna", "Maria", "1"),
+        ("The cup fell off the table because the _ was wobbly.", "cup", "table", "2"),
+    ]
+]
+LAMBADA = [
+    {"text": t}
+    for t in [
+        "She opened the old box and found a letter from her grandmother. She read the letter twice",
+        "The dog waited by the door every evening until his owner came home. When the door opened he wagged his tail",
+        "He planted the tree when his son was born. Thirty years later they sat together under the tree",
+        "The baker woke at four to light the oven. By six the whole street smelled of bread",
+    ]
+]
 CORPUS = {
     "corpus/tinystories_sample.jsonl": "Once upon a time a little {animal} named {name} lived near a {place}. "
-                                       "Every day {name} looked for {thing}. One day {name} found it and was happy.",
+    "Every day {name} looked for {thing}. One day {name} found it and was happy.",
     "corpus/wikipedia_sample.jsonl": "{name} River\n{name} River is a river in the {place} region. It is known for "
-                                     "its {thing} and the {animal}s that live along its banks.",
+    "its {thing} and the {animal}s that live along its banks.",
     "corpus/c4_sample.jsonl": "Visit the {name} {place} shop for the best {thing} in town. Our {animal} friendly "
-                              "staff are open every day.",
+    "staff are open every day.",
 }
 ANIMALS, NAMES = ["cat", "fox", "owl", "frog", "bear"], ["Tom", "Lily", "Max", "Ruby", "Sam", "Mia", "Leo", "Zoe"]
 PLACES, THINGS = ["forest", "lake", "hill", "farm", "river", "town"], ["berries", "shells", "stones", "flowers"]
@@ -60,11 +104,21 @@ DOCS_PER_SOURCE = 48
 
 def write_unit_data(folder: Path) -> Path:
     """Write the folder (benchmarks/, corpus/, SHA256SUMS) and return it."""
-    files = {"benchmarks/arc_easy/test.jsonl": ARC, "benchmarks/hellaswag/validation.jsonl": HELLASWAG,
-             "benchmarks/winogrande/validation.jsonl": WINOGRANDE, "benchmarks/lambada_openai/test.jsonl": LAMBADA}
+    files = {
+        "benchmarks/arc_easy/test.jsonl": ARC,
+        "benchmarks/hellaswag/validation.jsonl": HELLASWAG,
+        "benchmarks/winogrande/validation.jsonl": WINOGRANDE,
+        "benchmarks/lambada_openai/test.jsonl": LAMBADA,
+    }
     for rel, template in CORPUS.items():
-        files[rel] = [{"text": template.format(animal=ANIMALS[i % 5], name=NAMES[i % 8], place=PLACES[i % 6],
-                                               thing=THINGS[i % 4])} for i in range(DOCS_PER_SOURCE)]
+        files[rel] = [
+            {
+                "text": template.format(
+                    animal=ANIMALS[i % 5], name=NAMES[i % 8], place=PLACES[i % 6], thing=THINGS[i % 4]
+                )
+            }
+            for i in range(DOCS_PER_SOURCE)
+        ]
     sums = []
     for rel, rows in sorted(files.items()):
         path = folder / rel

@@ -24,8 +24,21 @@ LOGGER = logging.getLogger("tailor")
 
 # Loggers of the libraries a run drives; quiet mode lets only their errors through.
 # Prefect is quietened at its terminal handler instead (see setup_console).
-_THIRD_PARTY_LOGGERS = ("lm-eval", "lm_eval", "transformers", "datasets", "mlflow", "httpx",
-                        "alembic", "urllib3", "filelock", "torch", "accelerate", "evaluate", "huggingface_hub")
+_THIRD_PARTY_LOGGERS = (
+    "lm-eval",
+    "lm_eval",
+    "transformers",
+    "datasets",
+    "mlflow",
+    "httpx",
+    "alembic",
+    "urllib3",
+    "filelock",
+    "torch",
+    "accelerate",
+    "evaluate",
+    "huggingface_hub",
+)
 
 
 def setup_console(verbose: bool) -> None:
@@ -198,4 +211,6 @@ class Progress:
         self._last_pct, self._last_time = pct, now
         elapsed = now - self._start
         eta = "" if done == 0 else f", about {format_seconds(elapsed * (self.total - done) / done)} left"
-        LOGGER.info(f"      {self.label}: {pct}% ({done:,}/{self.total:,} {self.unit}{eta})" + (f" {extra}" if extra else ""))
+        LOGGER.info(
+            f"      {self.label}: {pct}% ({done:,}/{self.total:,} {self.unit}{eta})" + (f" {extra}" if extra else "")
+        )

@@ -7,8 +7,9 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def paired_bootstrap(base: Sequence[float], other: Sequence[float], iters: int = 2000, seed: int = 0,
-                     level: float = 0.95) -> dict[str, float | bool]:
+def paired_bootstrap(
+    base: Sequence[float], other: Sequence[float], iters: int = 2000, seed: int = 0, level: float = 0.95
+) -> dict[str, float | bool]:
     """Mean of ``other - base`` over paired items and its percentile bootstrap interval.
 
     Items are resampled with replacement as pairs, so the interval reflects the
@@ -28,8 +29,13 @@ def paired_bootstrap(base: Sequence[float], other: Sequence[float], iters: int =
         means[start:stop] = diffs[rng.integers(0, len(diffs), size=(stop - start, len(diffs)))].mean(axis=1)
     alpha = (1 - level) / 2
     low, high = np.quantile(means, [alpha, 1 - alpha])
-    return {"delta": float(diffs.mean()), "ci_low": float(low), "ci_high": float(high),
-            "significant": bool(low > 0 or high < 0), "n": int(len(diffs))}
+    return {
+        "delta": float(diffs.mean()),
+        "ci_low": float(low),
+        "ci_high": float(high),
+        "significant": bool(low > 0 or high < 0),
+        "n": int(len(diffs)),
+    }
 
 
 def doc_order(doc_id: str) -> tuple[int, str]:
@@ -37,16 +43,18 @@ def doc_order(doc_id: str) -> tuple[int, str]:
     return len(doc_id), doc_id
 
 
-def paired_values(base_items: dict[str, dict[str, float]], other_items: dict[str, dict[str, float]],
-                  metric: str) -> tuple[list[float], list[float]]:
+def paired_values(
+    base_items: dict[str, dict[str, float]], other_items: dict[str, dict[str, float]], metric: str
+) -> tuple[list[float], list[float]]:
     """``metric`` of the documents both evaluations scored, in one order for both."""
     shared = sorted(set(base_items) & set(other_items), key=doc_order)
     shared = [k for k in shared if metric in base_items[k] and metric in other_items[k]]
     return [base_items[k][metric] for k in shared], [other_items[k][metric] for k in shared]
 
 
-def paired_item_deltas(base_items: dict[str, dict[str, float]], other_items: dict[str, dict[str, float]],
-                       metric: str) -> dict[str, float | bool] | None:
+def paired_item_deltas(
+    base_items: dict[str, dict[str, float]], other_items: dict[str, dict[str, float]], metric: str
+) -> dict[str, float | bool] | None:
     """paired_bootstrap over the documents both evaluations scored for ``metric``."""
     base, other = paired_values(base_items, other_items, metric)
     return paired_bootstrap(base, other) if base else None

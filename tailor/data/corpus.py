@@ -43,7 +43,7 @@ def read_documents(path: Path) -> list[str]:
             except json.JSONDecodeError as exc:
                 raise CorpusError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
             if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise CorpusError(f"{path}:{line_no}: a corpus line needs a string field \"text\"")
+                raise CorpusError(f'{path}:{line_no}: a corpus line needs a string field "text"')
             if row["text"].strip():
                 docs.append(row["text"])
     return docs
@@ -51,18 +51,36 @@ def read_documents(path: Path) -> list[str]:
 
 def corpus_signature(cfg: DistillConfig) -> dict:
     """The settings that decide which text becomes samples (for cache keys)."""
-    return {"corpus": cfg.corpus, "mix": cfg.corpus_mix, "heldout_docs": cfg.heldout_docs,
-            "windows_per_doc": cfg.windows_per_doc, "sample_format": "bos-first-windows"}
+    return {
+        "corpus": cfg.corpus,
+        "mix": cfg.corpus_mix,
+        "heldout_docs": cfg.heldout_docs,
+        "windows_per_doc": cfg.windows_per_doc,
+        "sample_format": "bos-first-windows",
+    }
 
 
 def corpus_datasets(cfg: DistillConfig, data: DataConfig) -> list[dict[str, str]]:
     """The distillation corpus as dataset inputs for tracking: {"name", "digest", "source", "context"};
     offline, one per corpus_mix file with its sha256; hub, the streamed dataset's name."""
     if data.mode == "hub":
-        return [{"name": cfg.corpus, "digest": hashlib.sha256(cfg.corpus.encode()).hexdigest(),
-                 "source": f"hf://datasets/{cfg.corpus}", "context": "distillation"}]
-    return [{"name": Path(src).stem, "digest": sha256_file(Path(data.data_dir) / src),
-             "source": str(Path(data.data_dir) / src), "context": "distillation"} for src in file_sources(cfg)]
+        return [
+            {
+                "name": cfg.corpus,
+                "digest": hashlib.sha256(cfg.corpus.encode()).hexdigest(),
+                "source": f"hf://datasets/{cfg.corpus}",
+                "context": "distillation",
+            }
+        ]
+    return [
+        {
+            "name": Path(src).stem,
+            "digest": sha256_file(Path(data.data_dir) / src),
+            "source": str(Path(data.data_dir) / src),
+            "context": "distillation",
+        }
+        for src in file_sources(cfg)
+    ]
 
 
 def file_sources(cfg: DistillConfig) -> list[str]:
@@ -78,7 +96,7 @@ def source_share(cfg: DistillConfig, total: int) -> dict[str, int]:
     exact = {src: total * w / norm for src, w in weights.items()}
     counts = {src: int(v) for src, v in exact.items()}
     by_remainder = sorted(weights, key=lambda s: (counts[s] - exact[s], s))
-    for src in by_remainder[:total - sum(counts.values())]:
+    for src in by_remainder[: total - sum(counts.values())]:
         counts[src] += 1
     return counts
 
@@ -92,8 +110,9 @@ def split_documents(docs: list[str], heldout: int) -> tuple[list[str], list[str]
 
 def offline_sources(cfg: DistillConfig, data: DataConfig) -> dict[str, tuple[list[str], list[str]]]:
     """Each offline source's (training, held-out) documents."""
-    return {src: split_documents(read_documents(Path(data.data_dir) / src), cfg.heldout_docs)
-            for src in file_sources(cfg)}
+    return {
+        src: split_documents(read_documents(Path(data.data_dir) / src), cfg.heldout_docs) for src in file_sources(cfg)
+    }
 
 
 def check_corpus(cfg: DistillConfig, data: DataConfig) -> None:
@@ -105,15 +124,18 @@ def check_corpus(cfg: DistillConfig, data: DataConfig) -> None:
     wanted = source_share(cfg, cfg.num_samples)
     for src, (train, held) in offline_sources(cfg, data).items():
         if len(held) < cfg.heldout_docs or not train:
-            raise CorpusError(f"distill.heldout_docs={cfg.heldout_docs} leaves no training documents in {src} "
-                              f"({len(train) + len(held)} documents); allowed: below {len(train) + len(held)}")
+            raise CorpusError(
+                f"distill.heldout_docs={cfg.heldout_docs} leaves no training documents in {src} "
+                f"({len(train) + len(held)} documents); allowed: below {len(train) + len(held)}"
+            )
         most = len(train) * cfg.windows_per_doc
         if wanted[src] > most:
             raise CorpusError(
                 f"distill.num_samples={cfg.num_samples} asks {src} for {wanted[src]} samples (its distill.corpus_mix "
                 f"share), but it holds {len(train)} training documents (distill.heldout_docs={cfg.heldout_docs} "
                 f"held out) x distill.windows_per_doc={cfg.windows_per_doc} = at most {most}; lower num_samples, "
-                "raise windows_per_doc or change the mix")
+                "raise windows_per_doc or change the mix"
+            )
 
 
 def training_texts(cfg: DistillConfig, data: DataConfig) -> Iterator[tuple[str, str]]:
@@ -160,15 +182,16 @@ def document_windows(tokenizer, text: str, seq_len: int, windows: int) -> Iterat
     body = ids[1:] if starts_with_bos else ids
     step = seq_len - 1 if starts_with_bos else seq_len
     for k in range(windows):
-        piece = body[k * step:(k + 1) * step]
+        piece = body[k * step : (k + 1) * step]
         window = [bos] + piece if starts_with_bos else piece
         if len(piece) < 1 or len(window) < 2:
             return
         yield window
 
 
-def build_samples(tokenizer, texts: Iterable[str], seq_len: int, num_samples: int,
-                  windows_per_doc: int = 1) -> dict[str, torch.Tensor]:
+def build_samples(
+    tokenizer, texts: Iterable[str], seq_len: int, num_samples: int, windows_per_doc: int = 1
+) -> dict[str, torch.Tensor]:
     """Fixed-length samples, padded at the end: up to ``windows_per_doc`` BOS-first windows per document."""
     rows: list[list[int]] = []
     for text in texts:
@@ -183,28 +206,38 @@ def build_samples(tokenizer, texts: Iterable[str], seq_len: int, num_samples: in
 
 def pad_rows(tokenizer, rows: list[list[int]], seq_len: int) -> dict[str, torch.Tensor]:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return {"input_ids": torch.tensor([r + [pad] * (seq_len - len(r)) for r in rows]),
-            "attention_mask": torch.tensor([[1] * len(r) + [0] * (seq_len - len(r)) for r in rows])}
+    return {
+        "input_ids": torch.tensor([r + [pad] * (seq_len - len(r)) for r in rows]),
+        "attention_mask": torch.tensor([[1] * len(r) + [0] * (seq_len - len(r)) for r in rows]),
+    }
 
 
-def training_samples(tokenizer, cfg: DistillConfig, data: DataConfig, num_samples: int | None = None,
-                     seq_len: int | None = None, teacher_text: dict[str, torch.Tensor] | None = None
-                     ) -> dict[str, torch.Tensor]:
+def training_samples(
+    tokenizer,
+    cfg: DistillConfig,
+    data: DataConfig,
+    num_samples: int | None = None,
+    seq_len: int | None = None,
+    teacher_text: dict[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
     """The recipe's training samples: each source's share of ``num_samples`` (default
     ``cfg.num_samples``), interleaved by weight so any prefix keeps the mix. ``teacher_text``
     (token ids and mask) is the source ``TEACHER_SOURCE`` when the mix names it."""
     num_samples = num_samples or cfg.num_samples
     seq_len = seq_len or cfg.seq_len
     if data.mode == "hub":
-        return build_samples(tokenizer, (t for _, t in training_texts(cfg, data)), seq_len, num_samples,
-                             cfg.windows_per_doc)
+        return build_samples(
+            tokenizer, (t for _, t in training_texts(cfg, data)), seq_len, num_samples, cfg.windows_per_doc
+        )
     wanted = source_share(cfg, num_samples)
     per_source: dict[str, list[list[int]]] = {src: [] for src in wanted}
     if TEACHER_SOURCE in wanted:
         if teacher_text is None:
             raise CorpusError(f"distill.corpus_mix names {TEACHER_SOURCE!r} but no teacher text was generated")
-        rows = [ids[:int(m.sum())].tolist() for ids, m in zip(teacher_text["input_ids"], teacher_text["attention_mask"])]
-        per_source[TEACHER_SOURCE] = [r[:seq_len] for r in rows[:wanted[TEACHER_SOURCE]] if len(r) >= 2]
+        rows = [
+            ids[: int(m.sum())].tolist() for ids, m in zip(teacher_text["input_ids"], teacher_text["attention_mask"])
+        ]
+        per_source[TEACHER_SOURCE] = [r[:seq_len] for r in rows[: wanted[TEACHER_SOURCE]] if len(r) >= 2]
     for src, text in training_texts(cfg, data):
         if len(per_source[src]) >= wanted[src]:
             continue
@@ -213,8 +246,10 @@ def training_samples(tokenizer, cfg: DistillConfig, data: DataConfig, num_sample
                 per_source[src].append(window)
     for src, rows in per_source.items():
         if len(rows) < wanted[src]:
-            raise CorpusError(f"distill.corpus_mix: {src} gave {len(rows)} samples of the {wanted[src]} its share of "
-                              f"distill.num_samples={num_samples} needs; lower num_samples or raise windows_per_doc")
+            raise CorpusError(
+                f"distill.corpus_mix: {src} gave {len(rows)} samples of the {wanted[src]} its share of "
+                f"distill.num_samples={num_samples} needs; lower num_samples or raise windows_per_doc"
+            )
     return pad_rows(tokenizer, _interleave(per_source, wanted), seq_len)
 
 
@@ -227,11 +262,15 @@ def _interleave(per_source: dict[str, list[list[int]]], wanted: dict[str, int]) 
 def heldout_settings(cfg: DistillConfig) -> DistillConfig:
     """Only what the held-out slice depends on (the rest at defaults), so a stage keyed by it
     is not redone when a training setting such as the learning rate changes."""
-    return DistillConfig(corpus=cfg.corpus, corpus_mix=cfg.corpus_mix, heldout_docs=cfg.heldout_docs,
-                         seq_len=cfg.seq_len)
+    return DistillConfig(
+        corpus=cfg.corpus, corpus_mix=cfg.corpus_mix, heldout_docs=cfg.heldout_docs, seq_len=cfg.seq_len
+    )
 
 
 def heldout_samples(tokenizer, cfg: DistillConfig, data: DataConfig) -> dict[str, dict[str, torch.Tensor]]:
     """Each source's held-out documents as one BOS-first window of ``cfg.seq_len`` tokens."""
-    return {src: build_samples(tokenizer, docs, cfg.seq_len, len(docs))
-            for src, docs in heldout_texts(cfg, data).items() if docs}
+    return {
+        src: build_samples(tokenizer, docs, cfg.seq_len, len(docs))
+        for src, docs in heldout_texts(cfg, data).items()
+        if docs
+    }

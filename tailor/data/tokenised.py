@@ -54,20 +54,39 @@ class TokensRef:
         return grouped
 
 
-def tokenised_folder(base: CheckpointRef, distill: DistillConfig, prune: PruneConfig, data: DataConfig,
-                     work_dir: str | Path, teacher_text: TokensRef | None = None) -> Path:
+def tokenised_folder(
+    base: CheckpointRef,
+    distill: DistillConfig,
+    prune: PruneConfig,
+    data: DataConfig,
+    work_dir: str | Path,
+    teacher_text: TokensRef | None = None,
+) -> Path:
     """Where the sets live: named by the tokenizer's checkpoint, the corpus and data (the teacher's
     text by its content), and every shape."""
-    shapes = {"train": [distill.num_samples, distill.seq_len, distill.windows_per_doc],
-              "calibration": [prune.calibration_samples, prune.calibration_seq_len],
-              "heldout": heldout_settings(distill).model_dump()}
-    key = stable_hash(base.fingerprint, corpus_signature(distill), shapes, data.cache_identity(),
-                      *([teacher_text.fingerprint] if teacher_text is not None else []))
+    shapes = {
+        "train": [distill.num_samples, distill.seq_len, distill.windows_per_doc],
+        "calibration": [prune.calibration_samples, prune.calibration_seq_len],
+        "heldout": heldout_settings(distill).model_dump(),
+    }
+    key = stable_hash(
+        base.fingerprint,
+        corpus_signature(distill),
+        shapes,
+        data.cache_identity(),
+        *([teacher_text.fingerprint] if teacher_text is not None else []),
+    )
     return WorkDir(work_dir).tokenised / key
 
 
-def tokenise_corpus(base: CheckpointRef, distill: DistillConfig, prune: PruneConfig, data: DataConfig,
-                    work_dir: str | Path, teacher_text: TokensRef | None = None) -> dict[str, TokensRef]:
+def tokenise_corpus(
+    base: CheckpointRef,
+    distill: DistillConfig,
+    prune: PruneConfig,
+    data: DataConfig,
+    work_dir: str | Path,
+    teacher_text: TokensRef | None = None,
+) -> dict[str, TokensRef]:
     """The three sets (``SETS``) as files, tokenised once; existing files are reused. ``teacher_text``
     is the teacher's sampled text when ``distill.corpus_mix`` names it."""
     folder = tokenised_folder(base, distill, prune, data, work_dir, teacher_text)
@@ -77,16 +96,20 @@ def tokenise_corpus(base: CheckpointRef, distill: DistillConfig, prune: PruneCon
         generated = teacher_text.samples() if teacher_text is not None else None
         built = {
             "train": training_samples(tokenizer, distill, data, teacher_text=generated),
-            "calibration": training_samples(tokenizer, distill, data, prune.calibration_samples,
-                                            prune.calibration_seq_len, teacher_text=generated),
-            "heldout": {f"{source}{_SEP}{name}": t
-                        for source, s in (heldout_samples(tokenizer, distill, data) if distill.heldout_docs
-                                          else {}).items() for name, t in s.items()},
+            "calibration": training_samples(
+                tokenizer, distill, data, prune.calibration_samples, prune.calibration_seq_len, teacher_text=generated
+            ),
+            "heldout": {
+                f"{source}{_SEP}{name}": t
+                for source, s in (heldout_samples(tokenizer, distill, data) if distill.heldout_docs else {}).items()
+                for name, t in s.items()
+            },
         }
         for name, tensors in built.items():
             if not paths[name].exists():
-                write_file_atomically(paths[name], lambda tmp, t=tensors: save_file(
-                    {k: v.contiguous() for k, v in t.items()}, str(tmp)))
+                write_file_atomically(
+                    paths[name], lambda tmp, t=tensors: save_file({k: v.contiguous() for k, v in t.items()}, str(tmp))
+                )
     return tokens_in(folder)
 
 

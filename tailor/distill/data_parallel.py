@@ -26,10 +26,17 @@ from tailor.distill.trainer import DistillError, check_distill_out, finished_dis
 from tailor.store.checkpoint import CheckpointRef, existing_checkpoint
 
 
-def distill_data_parallel(teacher: CheckpointRef, student: CheckpointRef, cfg: DistillConfig, data: DataConfig,
-                          train: TokensRef, out_dir: Path,
-                          topk_cache: Path | None = None, *,
-                          unkeyed_ok: bool = False) -> tuple[CheckpointRef, TrainingRecord]:
+def distill_data_parallel(
+    teacher: CheckpointRef,
+    student: CheckpointRef,
+    cfg: DistillConfig,
+    data: DataConfig,
+    train: TokensRef,
+    out_dir: Path,
+    topk_cache: Path | None = None,
+    *,
+    unkeyed_ok: bool = False,
+) -> tuple[CheckpointRef, TrainingRecord]:
     """``distill_checkpoint``'s result, trained by ``cfg.nproc_per_node`` processes under torchrun
     on the tokenised corpus ``train`` belongs to (its folder's held-out set gives the curve).
     A finished checkpoint in ``out_dir`` is handed back only for these settings and inputs, as
@@ -41,18 +48,39 @@ def distill_data_parallel(teacher: CheckpointRef, student: CheckpointRef, cfg: D
         with tempfile.TemporaryDirectory(prefix="tailor-ddp-") as tmp:
             # The exact settings, as a profile file the processes load (absolute paths only).
             settings = Path(tmp) / "settings.yaml"
-            settings.write_text(yaml.safe_dump({"distill": cfg.model_dump(mode="json"),
-                                                "data": data.model_dump(mode="json")}))
+            settings.write_text(
+                yaml.safe_dump({"distill": cfg.model_dump(mode="json"), "data": data.model_dump(mode="json")})
+            )
             # The worker named by its import, so the layering test sees this dependency.
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-                   "--nproc-per-node", str(cfg.nproc_per_node), "-m", distributed.__name__,
-                   "--teacher", teacher.path, "--student", student.path, "--out", str(out_dir),
-                   "--profile", str(settings), "--tokens", str(Path(train.verify().path).parent),
-                   *(["--topk-cache", str(topk_cache)] if topk_cache else [])]
+            cmd = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nnodes",
+                "1",
+                "--nproc-per-node",
+                str(cfg.nproc_per_node),
+                "-m",
+                distributed.__name__,
+                "--teacher",
+                teacher.path,
+                "--student",
+                student.path,
+                "--out",
+                str(out_dir),
+                "--profile",
+                str(settings),
+                "--tokens",
+                str(Path(train.verify().path).parent),
+                *(["--topk-cache", str(topk_cache)] if topk_cache else []),
+            ]
             returncode, stderr = _run_group(cmd, launch_timeout(cfg))
         if returncode != 0:
-            raise DistillError(f"data-parallel distillation ({cfg.nproc_per_node} processes) failed with exit "
-                               f"code {returncode}:\n{stderr[-4000:]}")
+            raise DistillError(
+                f"data-parallel distillation ({cfg.nproc_per_node} processes) failed with exit "
+                f"code {returncode}:\n{stderr[-4000:]}"
+            )
         done = existing_checkpoint(out_dir)
         if done is None:
             raise DistillError(f"data-parallel distillation finished without writing {out_dir}")
@@ -77,10 +105,12 @@ def _run_group(cmd: list[str], timeout_s: float) -> tuple[int, str]:
     except subprocess.TimeoutExpired:
         _stop_group(proc)
         _, stderr = proc.communicate()
-        raise DistillError(f"data-parallel distillation did not finish within {timeout_s:g} seconds "
-                           "(distill.launch_timeout_s; 0 = computed from the run's size): a hung process group? Its "
-                           "processes were stopped; set distill.launch_timeout_s higher if the run needs longer. "
-                           f"Last output:\n{(stderr or '')[-2000:]}") from None
+        raise DistillError(
+            f"data-parallel distillation did not finish within {timeout_s:g} seconds "
+            "(distill.launch_timeout_s; 0 = computed from the run's size): a hung process group? Its "
+            "processes were stopped; set distill.launch_timeout_s higher if the run needs longer. "
+            f"Last output:\n{(stderr or '')[-2000:]}"
+        ) from None
     except BaseException:
         _stop_group(proc)  # interrupted (Ctrl-C, a cancelled flow): leave no processes behind
         raise

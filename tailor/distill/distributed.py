@@ -34,10 +34,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--teacher", required=True, help="teacher checkpoint folder")
     parser.add_argument("--student", required=True, help="student checkpoint folder")
     parser.add_argument("--out", required=True, help="folder for the distilled checkpoint")
-    parser.add_argument("--topk-cache", default=None,
-                        help="train from this teacher top-k cache file (distill.teacher_topk)")
-    parser.add_argument("--tokens", default=None,
-                        help="a tokenised corpus folder (default: tokenise the profile's corpus into its work_dir)")
+    parser.add_argument(
+        "--topk-cache", default=None, help="train from this teacher top-k cache file (distill.teacher_topk)"
+    )
+    parser.add_argument(
+        "--tokens",
+        default=None,
+        help="a tokenised corpus folder (default: tokenise the profile's corpus into its work_dir)",
+    )
 
 
 @contextlib.contextmanager
@@ -53,9 +57,11 @@ def process_group() -> Iterator[str]:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if local_rank >= torch.cuda.device_count():
             # One GPU per process: without this, set_device fails with a CUDA traceback.
-            raise TailorError(f"process {local_rank} of this node has no GPU of its own ({torch.cuda.device_count()} "
-                              "GPUs): run at most that many processes per node (torchrun --nproc-per-node, "
-                              "distill.nproc_per_node)")
+            raise TailorError(
+                f"process {local_rank} of this node has no GPU of its own ({torch.cuda.device_count()} "
+                "GPUs): run at most that many processes per node (torchrun --nproc-per-node, "
+                "distill.nproc_per_node)"
+            )
         torch.cuda.set_device(local_rank)
         device = f"cuda:{local_rank}"
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
@@ -66,9 +72,15 @@ def process_group() -> Iterator[str]:
             dist.destroy_process_group()
 
 
-def distill_folders(teacher: str | Path, student: str | Path, out: str | Path, cfg: TailorConfig, *,
-                    tokens: str | Path | None = None,
-                    topk_cache: str | Path | None = None) -> tuple[CheckpointRef, TrainingRecord]:
+def distill_folders(
+    teacher: str | Path,
+    student: str | Path,
+    out: str | Path,
+    cfg: TailorConfig,
+    *,
+    tokens: str | Path | None = None,
+    topk_cache: str | Path | None = None,
+) -> tuple[CheckpointRef, TrainingRecord]:
     """Distil the ``student`` checkpoint folder from the ``teacher`` one into ``out``.
 
     ``tokens`` is a tokenised corpus folder (the launcher hands over the one the flow made);
@@ -84,13 +96,24 @@ def distill_folders(teacher: str | Path, student: str | Path, out: str | Path, c
     check_distill_out(out, refs["teacher"], refs["student"])
     if existing_checkpoint(out) is None:
         check_checkpoint_target(out)  # never train towards a folder we may not write
-    sets = (tokens_in(tokens) if tokens
-            else tokenise_corpus(refs["teacher"], cfg.distill, cfg.prune, cfg.data, cfg.work_dir,
-                                 teacher_text_for(cfg, refs["teacher"])))
+    sets = (
+        tokens_in(tokens)
+        if tokens
+        else tokenise_corpus(
+            refs["teacher"], cfg.distill, cfg.prune, cfg.data, cfg.work_dir, teacher_text_for(cfg, refs["teacher"])
+        )
+    )
     with process_group() as device:
-        return distill_checkpoint(refs["teacher"], refs["student"], cfg.distill, sets["train"], out,
-                                  heldout=sets["heldout"], device=device,
-                                  topk_cache=Path(topk_cache) if topk_cache else None)
+        return distill_checkpoint(
+            refs["teacher"],
+            refs["student"],
+            cfg.distill,
+            sets["train"],
+            out,
+            heldout=sets["heldout"],
+            device=device,
+            topk_cache=Path(topk_cache) if topk_cache else None,
+        )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -99,19 +122,32 @@ def run(args: argparse.Namespace) -> int:
     Rank 0 prints one JSON line: the checkpoint and the run's main figures.
     """
     cfg = load_config(args.profile, args.set)
-    ref, record = distill_folders(args.teacher, args.student, args.out, cfg, tokens=args.tokens,
-                                  topk_cache=args.topk_cache)
+    ref, record = distill_folders(
+        args.teacher, args.student, args.out, cfg, tokens=args.tokens, topk_cache=args.topk_cache
+    )
     if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({"path": ref.path, "fingerprint": ref.fingerprint,
-                          "optimizer_steps": record.optimizer_steps, "train_tokens": record.train_tokens,
-                          "world_size": record.world_size, "losses": record.losses,
-                          "grad_norms": record.grad_norms}))
+        print(
+            json.dumps(
+                {
+                    "path": ref.path,
+                    "fingerprint": ref.fingerprint,
+                    "optimizer_steps": record.optimizer_steps,
+                    "train_tokens": record.train_tokens,
+                    "world_size": record.world_size,
+                    "losses": record.losses,
+                    "grad_norms": record.grad_norms,
+                }
+            )
+        )
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tailor.distill.distributed", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m tailor.distill.distributed",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_arguments(parser)
     parser.add_argument("--profile", default="quick", help="profile name or a YAML path")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")

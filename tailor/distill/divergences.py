@@ -40,8 +40,9 @@ class ChunkTeacher(Protocol):
         """log p of the rows into ``out``; ``scratch`` is overwritten."""
         ...
 
-    def forward_kl(self, start: int, stop: int, log_q: torch.Tensor,
-                   scratch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_kl(
+        self, start: int, stop: int, log_q: torch.Tensor, scratch: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(KL(p || q) per row, its gradient with respect to the student's logits / T)."""
         ...
 
@@ -56,8 +57,14 @@ class Divergence:
         """[N, V] log-probabilities -> [N] divergences."""
         raise NotImplementedError
 
-    def fused_chunk(self, teacher: ChunkTeacher, start: int, stop: int, log_q: torch.Tensor,
-                    scratch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def fused_chunk(
+        self,
+        teacher: ChunkTeacher,
+        start: int,
+        stop: int,
+        log_q: torch.Tensor,
+        scratch: tuple[torch.Tensor, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(per-token divergence, its gradient with respect to the student's logits / T) for the rows
         ``start:stop`` of ``teacher``.
 

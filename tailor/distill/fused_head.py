@@ -29,8 +29,9 @@ class LiveTeacher:
         logits_into(hidden, self.weight, scratch)  # a bfloat16 teacher's logits become float32 here
         return torch.log_softmax(scratch, -1, out=out)
 
-    def forward_kl(self, start: int, stop: int, log_q: torch.Tensor,
-                   scratch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_kl(
+        self, start: int, stop: int, log_q: torch.Tensor, scratch: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(KL(p || q) per row, q - p in ``log_q``'s memory)."""
         p, log_p = scratch
         self.log_probs(start, stop, scratch=p, out=log_p)
@@ -51,28 +52,59 @@ class FusedHeadKD(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student_hidden: torch.Tensor, weight: torch.Tensor, teacher: ChunkTeacher,
-                targets: torch.Tensor, divergence: Divergence, temperature: float, div_scale: float,
-                ce_scale: float, chunk_tokens: int, matmul_dtype: torch.dtype) -> torch.Tensor:
+    def forward(
+        ctx,
+        student_hidden: torch.Tensor,
+        weight: torch.Tensor,
+        teacher: ChunkTeacher,
+        targets: torch.Tensor,
+        divergence: Divergence,
+        temperature: float,
+        div_scale: float,
+        ce_scale: float,
+        chunk_tokens: int,
+        matmul_dtype: torch.dtype,
+    ) -> torch.Tensor:
         grad_hidden = torch.empty(student_hidden.shape, dtype=torch.float32, device=student_hidden.device)
         # Not zeroed: the head's first product writes it, touching its pages as late as it can.
         # A frozen head (distill.freeze_embeddings) needs none: one head product less per token.
-        grad_weight = (torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
-                       if weight.requires_grad else None)
+        grad_weight = (
+            torch.empty(weight.shape, dtype=torch.float32, device=weight.device) if weight.requires_grad else None
+        )
         head = _HeadMatmuls(weight, matmul_dtype, student_hidden.shape[0], chunk_tokens, grad_weight)
-        total = FusedHeadKD._chunks(student_hidden, head, teacher, targets, divergence, temperature, div_scale,
-                                    ce_scale, chunk_tokens, grad_hidden)
+        total = FusedHeadKD._chunks(
+            student_hidden,
+            head,
+            teacher,
+            targets,
+            divergence,
+            temperature,
+            div_scale,
+            ce_scale,
+            chunk_tokens,
+            grad_hidden,
+        )
         # After the chunk buffers are gone: in bfloat16, up to GRAD_GROUP tokens, they never
         # coexist with the written weight gradient.
         head.close()
-        ctx.save_for_backward(grad_hidden.to(student_hidden.dtype),
-                              None if grad_weight is None else grad_weight.to(weight.dtype))
+        ctx.save_for_backward(
+            grad_hidden.to(student_hidden.dtype), None if grad_weight is None else grad_weight.to(weight.dtype)
+        )
         return total
 
     @staticmethod
-    def _chunks(student_hidden: torch.Tensor, head: _HeadMatmuls, teacher: ChunkTeacher, targets: torch.Tensor,
-                divergence: Divergence, temperature: float, div_scale: float, ce_scale: float, chunk_tokens: int,
-                grad_hidden: torch.Tensor) -> torch.Tensor:
+    def _chunks(
+        student_hidden: torch.Tensor,
+        head: _HeadMatmuls,
+        teacher: ChunkTeacher,
+        targets: torch.Tensor,
+        divergence: Divergence,
+        temperature: float,
+        div_scale: float,
+        ce_scale: float,
+        chunk_tokens: int,
+        grad_hidden: torch.Tensor,
+    ) -> torch.Tensor:
         """The loss summed over chunks; each chunk's gradients handed to ``head``."""
         T = temperature
         positions = student_hidden.shape[0]
@@ -80,11 +112,12 @@ class FusedHeadKD(torch.autograd.Function):
         rows = min(chunk_tokens, positions)
         # Three [chunk, V] buffers reused by every chunk: allocating vocabulary-sized
         # temporaries per operation costs more (page faults, zeroing) than the maths.
-        buffers = [torch.empty((rows, head.vocab_size), dtype=torch.float32, device=student_hidden.device)
-                   for _ in range(3)]
+        buffers = [
+            torch.empty((rows, head.vocab_size), dtype=torch.float32, device=student_hidden.device) for _ in range(3)
+        ]
         for start in range(0, positions, chunk_tokens):
             stop = min(start + chunk_tokens, positions)
-            scaled_logits, log_q, spare = (buffer[:stop - start] for buffer in buffers)
+            scaled_logits, log_q, spare = (buffer[: stop - start] for buffer in buffers)
             hidden = student_hidden[start:stop].float()
             head.logits(hidden / T, out=scaled_logits)
             ce_grad = _cross_entropy_terms(scaled_logits * T, targets[start:stop]) if ce_scale else None
@@ -106,8 +139,18 @@ class FusedHeadKD(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         # In place: a weight-sized copy would be the step's memory peak. A second backward
         # through the same graph fails autograd's version check instead of reusing them.
-        return (grad_hidden.mul_(grad_output), None if grad_weight is None else grad_weight.mul_(grad_output),
-                None, None, None, None, None, None, None, None)
+        return (
+            grad_hidden.mul_(grad_output),
+            None if grad_weight is None else grad_weight.mul_(grad_output),
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 class _HeadMatmuls:
@@ -126,8 +169,9 @@ class _HeadMatmuls:
     GRAD_BLOCK = 8192
     GRAD_GROUP = 1024
 
-    def __init__(self, weight: torch.Tensor, dtype: torch.dtype, tokens: int, chunk_tokens: int,
-                 grad_weight: torch.Tensor | None) -> None:
+    def __init__(
+        self, weight: torch.Tensor, dtype: torch.dtype, tokens: int, chunk_tokens: int, grad_weight: torch.Tensor | None
+    ) -> None:
         self.dtype, self.grad_weight, self.written = dtype, grad_weight, False
         self.vocab_size = weight.shape[0]
         self.weight = weight.to(dtype)
@@ -155,9 +199,9 @@ class _HeadMatmuls:
         rows = grad.shape[0]
         if self.pending + rows > self.pending_grad.shape[0]:
             self.finish()
-        pending_grad = self.pending_grad[self.pending:self.pending + rows]
+        pending_grad = self.pending_grad[self.pending : self.pending + rows]
         torch.mul(grad, scale, out=pending_grad)
-        self.pending_hidden[self.pending:self.pending + rows].copy_(hidden)
+        self.pending_hidden[self.pending : self.pending + rows].copy_(hidden)
         self.pending += rows
         grad_hidden.copy_(pending_grad @ self.weight)
 
@@ -171,7 +215,7 @@ class _HeadMatmuls:
         if self.grad_weight is None:
             return
         if self.low and self.pending:
-            grad, hidden = self.pending_grad[:self.pending], self.pending_hidden[:self.pending]
+            grad, hidden = self.pending_grad[: self.pending], self.pending_hidden[: self.pending]
             for start in range(0, grad.shape[1], self.GRAD_BLOCK):
                 stop = start + self.GRAD_BLOCK
                 block = grad[:, start:stop].T @ hidden
@@ -205,7 +249,7 @@ def logits_into(hidden: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -
     block = torch.empty((min(_LOGIT_BLOCK, rows), hidden.shape[0]), dtype=weight.dtype, device=weight.device)
     for start in range(0, rows, _LOGIT_BLOCK):
         stop = min(start + _LOGIT_BLOCK, rows)
-        part = block[:stop - start]
+        part = block[: stop - start]
         torch.matmul(weight[start:stop], hidden.T, out=part)
         out[:, start:stop].copy_(part.T)
     return out

@@ -33,12 +33,14 @@ _NUCLEUS_CANDIDATES = 4096
 
 def generated_folder(teacher: CheckpointRef, cfg: GenerateConfig, count: int, seq_len: int, root: Path) -> Path:
     """Named by what the text depends on, the precision as it resolves on this machine included."""
-    return Path(root) / stable_hash(teacher.fingerprint, cfg.model_dump(), count, seq_len,
-                                    resolve_teacher_dtype(cfg.dtype, "cpu"))
+    return Path(root) / stable_hash(
+        teacher.fingerprint, cfg.model_dump(), count, seq_len, resolve_teacher_dtype(cfg.dtype, "cpu")
+    )
 
 
-def generate_corpus(teacher_ref: CheckpointRef, cfg: GenerateConfig, count: int, seq_len: int, root: Path,
-                    on_batch=None) -> TokensRef:
+def generate_corpus(
+    teacher_ref: CheckpointRef, cfg: GenerateConfig, count: int, seq_len: int, root: Path, on_batch=None
+) -> TokensRef:
     """``count`` teacher-sampled sequences of ``seq_len`` tokens (BOS first) as a ``TokensRef``; resumable."""
     folder = generated_folder(teacher_ref, cfg, count, seq_len, root)
     final = folder / GENERATED_FILE
@@ -53,8 +55,12 @@ def generate_corpus(teacher_ref: CheckpointRef, cfg: GenerateConfig, count: int,
             rows = min(cfg.batch_size, count - b * cfg.batch_size)
             with bfloat16_autocast(resolve_teacher_dtype(cfg.dtype, "cpu") == "bfloat16", "cpu"):
                 ids, mask = sample_batch(model, tokenizer, rows, seq_len, cfg, seed=cfg.seed + b)
-            write_file_atomically(shard, lambda tmp, i=ids, m=mask: save_file(
-                {"input_ids": i.contiguous(), "attention_mask": m.contiguous()}, str(tmp)))
+            write_file_atomically(
+                shard,
+                lambda tmp, i=ids, m=mask: save_file(
+                    {"input_ids": i.contiguous(), "attention_mask": m.contiguous()}, str(tmp)
+                ),
+            )
         if on_batch is not None:
             on_batch(b + 1, batches)
     shards = [load_file(str(folder / f"shard-{b:05d}.safetensors")) for b in range(batches)]
@@ -66,8 +72,9 @@ def generate_corpus(teacher_ref: CheckpointRef, cfg: GenerateConfig, count: int,
 
 
 @torch.no_grad()
-def sample_batch(model, tokenizer, rows: int, seq_len: int, cfg: GenerateConfig,
-                 seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_batch(
+    model, tokenizer, rows: int, seq_len: int, cfg: GenerateConfig, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """[rows, seq_len] token ids and attention mask: BOS, then the teacher's samples up to its end token."""
     bos = tokenizer.bos_token_id
     if bos is None:
@@ -133,5 +140,6 @@ def teacher_text_for(cfg: TailorConfig, teacher_ref: CheckpointRef, on_batch=Non
     if TEACHER_SOURCE not in cfg.distill.corpus_mix:
         return None
     sequences = source_share(cfg.distill, cfg.distill.num_samples)[TEACHER_SOURCE]
-    return generate_corpus(teacher_ref, cfg.generate, sequences, cfg.distill.seq_len,
-                           WorkDir(cfg.work_dir).teacher_text, on_batch=on_batch)
+    return generate_corpus(
+        teacher_ref, cfg.generate, sequences, cfg.distill.seq_len, WorkDir(cfg.work_dir).teacher_text, on_batch=on_batch
+    )

@@ -63,17 +63,24 @@ class LossCounts:
         return cls(int(keep.sum()), int((targets != IGNORE).sum()), int(input_ids.shape[0]))
 
 
-def kd_loss_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor, attention_mask: torch.Tensor,
-                      input_ids: torch.Tensor, spec: LossSpec = LossSpec()) -> torch.Tensor:
+def kd_loss_reference(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    attention_mask: torch.Tensor,
+    input_ids: torch.Tensor,
+    spec: LossSpec = LossSpec(),
+) -> torch.Tensor:
     """Direct full-tensor computation of the loss (for tests and small models)."""
     if spec.book:
-        return F.kl_div(F.log_softmax(student_logits / spec.temperature, dim=-1),
-                        F.softmax(teacher_logits / spec.temperature, dim=-1), reduction="batchmean")
+        return F.kl_div(
+            F.log_softmax(student_logits / spec.temperature, dim=-1),
+            F.softmax(teacher_logits / spec.temperature, dim=-1),
+            reduction="batchmean",
+        )
     keep = attention_mask.bool()
     div = build_divergence(spec).sum(student_logits[keep], teacher_logits[keep], spec.temperature)
     targets = next_token_targets(input_ids, attention_mask)
-    ce = F.cross_entropy(student_logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
-                         reduction="sum")
+    ce = F.cross_entropy(student_logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
     div_scale, ce_scale = spec.weights(LossCounts.of(attention_mask, input_ids, spec))
     return div_scale * div + ce_scale * ce
 
@@ -106,16 +113,18 @@ class TopKTeacher:
         """The positions ``keep`` marks, as [N, ...] rows."""
         return TopKTeacher(self.values[keep], self.indices[keep], self.rest_logsumexp[keep], self.temperature)
 
-    def forward_kl(self, start: int, stop: int, log_q: torch.Tensor,
-                   scratch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_kl(
+        self, start: int, stop: int, log_q: torch.Tensor, scratch: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(KL over the k + 1 outcomes per row, q - target in ``log_q``'s memory); ``scratch`` is unused.
 
         The target is p on the top-k tokens and the rest's mass spread like the student's own.
         """
         idx = self.indices[start:stop].long()
         # Teacher over k + 1 outcomes: top-k tokens, then "the rest".
-        t = torch.cat([self.values[start:stop].float() / self.temperature,
-                       self.rest_logsumexp[start:stop, None].float()], dim=1)
+        t = torch.cat(
+            [self.values[start:stop].float() / self.temperature, self.rest_logsumexp[start:stop, None].float()], dim=1
+        )
         log_p = t - torch.logsumexp(t, dim=1, keepdim=True)
         log_q_top = log_q.gather(1, idx)
         q_top = log_q_top.exp()

@@ -29,8 +29,9 @@ from tailor.models.heads import output_logits
 class _ChunkedKDLoss:
     """What both teachers' losses share: the settings, the positions compared and their weights."""
 
-    def __init__(self, spec: LossSpec = LossSpec(), chunk_tokens: int = 256,
-                 matmul_dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, spec: LossSpec = LossSpec(), chunk_tokens: int = 256, matmul_dtype: torch.dtype = torch.float32
+    ) -> None:
         """``matmul_dtype=torch.bfloat16`` runs the student's head matmuls in bfloat16 (as autocast
         would); the softmaxes, the loss and the gradients' accumulation stay float32."""
         if chunk_tokens < 1:
@@ -42,8 +43,9 @@ class _ChunkedKDLoss:
         """What the loss averages over in this batch."""
         return LossCounts.of(attention_mask, input_ids, self.spec)
 
-    def _positions(self, attention_mask: torch.Tensor, input_ids: torch.Tensor,
-                   counts: LossCounts | None) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    def _positions(
+        self, attention_mask: torch.Tensor, input_ids: torch.Tensor, counts: LossCounts | None
+    ) -> tuple[torch.Tensor, torch.Tensor, float, float]:
         """(positions in the loss, their next-token targets, divergence and cross-entropy weights)."""
         if int(attention_mask.sum()) == 0:
             raise ValueError("batch has no real (non-padding) tokens")
@@ -51,19 +53,42 @@ class _ChunkedKDLoss:
         targets = next_token_targets(input_ids, attention_mask)[keep]
         return (keep, targets, *self.spec.weights(counts or self.counts(attention_mask, input_ids)))
 
-    def _fused(self, student_rows: torch.Tensor, student, teacher: ChunkTeacher, targets: torch.Tensor,
-               div_scale: float, ce_scale: float) -> torch.Tensor:
-        return FusedHeadKD.apply(student_rows, student.get_output_embeddings().weight, teacher, targets,
-                                 self.divergence, self.spec.temperature, div_scale, ce_scale, self.chunk_tokens,
-                                 self.matmul_dtype)
+    def _fused(
+        self,
+        student_rows: torch.Tensor,
+        student,
+        teacher: ChunkTeacher,
+        targets: torch.Tensor,
+        div_scale: float,
+        ce_scale: float,
+    ) -> torch.Tensor:
+        return FusedHeadKD.apply(
+            student_rows,
+            student.get_output_embeddings().weight,
+            teacher,
+            targets,
+            self.divergence,
+            self.spec.temperature,
+            div_scale,
+            ce_scale,
+            self.chunk_tokens,
+            self.matmul_dtype,
+        )
 
 
 class LiveTeacherKDLoss(_ChunkedKDLoss):
     """The loss against a live teacher, any divergence of ``DIVERGENCES``."""
 
-    def __call__(self, student, student_hidden: torch.Tensor, teacher, teacher_hidden: torch.Tensor,
-                 attention_mask: torch.Tensor, input_ids: torch.Tensor,
-                 counts: LossCounts | None = None) -> torch.Tensor:
+    def __call__(
+        self,
+        student,
+        student_hidden: torch.Tensor,
+        teacher,
+        teacher_hidden: torch.Tensor,
+        attention_mask: torch.Tensor,
+        input_ids: torch.Tensor,
+        counts: LossCounts | None = None,
+    ) -> torch.Tensor:
         """The loss of [B, T, D] final hidden states (the output heads' inputs) of both models."""
         keep, targets, div_scale, ce_scale = self._positions(attention_mask, input_ids, counts)
         student_rows, teacher_rows = student_hidden[keep], teacher_hidden[keep]
@@ -72,19 +97,30 @@ class LiveTeacherKDLoss(_ChunkedKDLoss):
             return self._fused(student_rows, student, live, targets, div_scale, ce_scale)
         return self._checkpointed(student, teacher, student_rows, teacher_rows, targets, div_scale, ce_scale)
 
-    def _checkpointed(self, student, teacher, student_rows: torch.Tensor, teacher_rows: torch.Tensor,
-                      targets: torch.Tensor, div_scale: float, ce_scale: float) -> torch.Tensor:
+    def _checkpointed(
+        self,
+        student,
+        teacher,
+        student_rows: torch.Tensor,
+        teacher_rows: torch.Tensor,
+        targets: torch.Tensor,
+        div_scale: float,
+        ce_scale: float,
+    ) -> torch.Tensor:
         """The loss through autograd, the student's chunk of logits recomputed in backward."""
         matmul_dtype, temperature = self.matmul_dtype, self.spec.temperature
 
-        def chunk_terms(student_chunk: torch.Tensor, teacher_logits: torch.Tensor,
-                        chunk_targets: torch.Tensor) -> torch.Tensor:
-            with torch.autocast(student_chunk.device.type, dtype=matmul_dtype,
-                                enabled=matmul_dtype != torch.float32):
+        def chunk_terms(
+            student_chunk: torch.Tensor, teacher_logits: torch.Tensor, chunk_targets: torch.Tensor
+        ) -> torch.Tensor:
+            with torch.autocast(student_chunk.device.type, dtype=matmul_dtype, enabled=matmul_dtype != torch.float32):
                 student_logits = output_logits(student, student_chunk)
             div = self.divergence.sum(student_logits, teacher_logits, temperature)
-            ce = (F.cross_entropy(student_logits.float(), chunk_targets, ignore_index=IGNORE, reduction="sum")
-                  if ce_scale else div.new_zeros(()))
+            ce = (
+                F.cross_entropy(student_logits.float(), chunk_targets, ignore_index=IGNORE, reduction="sum")
+                if ce_scale
+                else div.new_zeros(())
+            )
             return div_scale * div + ce_scale * ce
 
         total = student_rows.new_zeros((), dtype=torch.float32)
@@ -94,8 +130,9 @@ class LiveTeacherKDLoss(_ChunkedKDLoss):
                 teacher_logits = output_logits(teacher, teacher_rows[start:stop])
             student_chunk, chunk_targets = student_rows[start:stop], targets[start:stop]
             if student_chunk.requires_grad:
-                total = total + checkpoint(chunk_terms, student_chunk, teacher_logits, chunk_targets,
-                                           use_reentrant=False)
+                total = total + checkpoint(
+                    chunk_terms, student_chunk, teacher_logits, chunk_targets, use_reentrant=False
+                )
             else:
                 total = total + chunk_terms(student_chunk, teacher_logits, chunk_targets)
         return total
@@ -109,14 +146,22 @@ class TopKTeacherKDLoss(_ChunkedKDLoss):
     the rest carries no mass; normalised as ``LiveTeacherKDLoss``.
     """
 
-    def __init__(self, spec: LossSpec = LossSpec(), chunk_tokens: int = 256,
-                 matmul_dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, spec: LossSpec = LossSpec(), chunk_tokens: int = 256, matmul_dtype: torch.dtype = torch.float32
+    ) -> None:
         if spec.kind != "forward_kl":
             raise ValueError(f"a cached top-k teacher supports loss forward_kl only, not {spec.kind!r}")
         super().__init__(spec, chunk_tokens, matmul_dtype)
 
-    def __call__(self, student, student_hidden: torch.Tensor, topk: TopKTeacher, attention_mask: torch.Tensor,
-                 input_ids: torch.Tensor, counts: LossCounts | None = None) -> torch.Tensor:
+    def __call__(
+        self,
+        student,
+        student_hidden: torch.Tensor,
+        topk: TopKTeacher,
+        attention_mask: torch.Tensor,
+        input_ids: torch.Tensor,
+        counts: LossCounts | None = None,
+    ) -> torch.Tensor:
         """The loss of the student's [B, T, D] final hidden states against ``topk`` on the same positions."""
         if not _plain_head(student):
             raise ValueError("a cached top-k teacher needs a bias-free linear output head without soft-capping")
@@ -127,5 +172,8 @@ class TopKTeacherKDLoss(_ChunkedKDLoss):
 def _plain_head(model) -> bool:
     """Whether the fused head applies: a bias-free linear head, its logits not soft-capped."""
     head = model.get_output_embeddings()
-    return (isinstance(head, torch.nn.Linear) and head.bias is None
-            and not getattr(model.config, "final_logit_softcapping", None))
+    return (
+        isinstance(head, torch.nn.Linear)
+        and head.bias is None
+        and not getattr(model.config, "final_logit_softcapping", None)
+    )

@@ -38,8 +38,15 @@ class Objective:
         """What the loss averages over in this batch (summed over ranks by data-parallel training)."""
         return LossCounts.of(attention_mask, input_ids, LossSpec())
 
-    def __call__(self, student, student_hidden: torch.Tensor, target, attention_mask: torch.Tensor,
-                 input_ids: torch.Tensor, counts: LossCounts) -> torch.Tensor:
+    def __call__(
+        self,
+        student,
+        student_hidden: torch.Tensor,
+        target,
+        attention_mask: torch.Tensor,
+        input_ids: torch.Tensor,
+        counts: LossCounts,
+    ) -> torch.Tensor:
         """The loss of one micro-batch, normalised by ``counts`` (the global batch's)."""
         raise NotImplementedError
 
@@ -72,8 +79,13 @@ class LogitKD(Objective):
 
     def describe(self):
         spec = self.spec
-        return {"objective": self.name, "kind": spec.kind, "temperature": spec.temperature, "alpha": spec.alpha,
-                "book": spec.book}
+        return {
+            "objective": self.name,
+            "kind": spec.kind,
+            "temperature": spec.temperature,
+            "alpha": spec.alpha,
+            "book": spec.book,
+        }
 
 
 class HiddenStateDistance(Objective):
@@ -106,9 +118,13 @@ def hidden_distance(student: torch.Tensor, teacher: torch.Tensor, loss: str) -> 
 
 
 OBJECTIVES = {
-    "logits": lambda cfg, matmuls: LogitKD(LossSpec(temperature=cfg.temperature, kind=cfg.loss, alpha=cfg.alpha,
-                                                    jsd_beta=cfg.jsd_beta, book=cfg.book_loss),
-                                           cfg.loss_chunk_tokens, matmuls),
+    "logits": lambda cfg, matmuls: LogitKD(
+        LossSpec(
+            temperature=cfg.temperature, kind=cfg.loss, alpha=cfg.alpha, jsd_beta=cfg.jsd_beta, book=cfg.book_loss
+        ),
+        cfg.loss_chunk_tokens,
+        matmuls,
+    ),
     "hidden": lambda cfg, matmuls: HiddenStateDistance(cfg.hidden_loss),
 }
 

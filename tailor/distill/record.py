@@ -89,8 +89,11 @@ class TrainingRecord:
     @classmethod
     def from_dict(cls, data: dict) -> TrainingRecord:
         names = {f.name for f in dataclasses.fields(cls)}
-        required = {f.name for f in dataclasses.fields(cls)
-                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        required = {
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        }
         if unknown := sorted(data.keys() - names):
             raise ValueError(f"not a training record: unknown keys {unknown}")
         if missing := sorted(required - data.keys()):

@@ -16,8 +16,13 @@ from tailor.config.settings import DistillConfig, TailorError
 from tailor.data.tokenised import TokensRef
 from tailor.distill.kd_loss import TopKTeacher
 from tailor.models.heads import output_logits
-from tailor.models.precision import (bfloat16_autocast, final_hidden, has_bfloat16_matmuls, load_teacher,
-                                     teacher_numerics)
+from tailor.models.precision import (
+    bfloat16_autocast,
+    final_hidden,
+    has_bfloat16_matmuls,
+    load_teacher,
+    teacher_numerics,
+)
 from tailor.store.checkpoint import CheckpointRef, stable_hash, write_file_atomically
 
 
@@ -27,34 +32,49 @@ class TeacherCacheError(TailorError, ValueError):
 
 def check_topk(k: int, vocab_size: int) -> None:
     if not 1 <= k <= vocab_size:
-        raise TeacherCacheError(f"distill.teacher_topk must be between 1 and the vocabulary size ({vocab_size}), got {k}")
+        raise TeacherCacheError(
+            f"distill.teacher_topk must be between 1 and the vocabulary size ({vocab_size}), got {k}"
+        )
 
 
 @torch.no_grad()
-def compute_topk(teacher, samples: dict[str, torch.Tensor], k: int, temperature: float,
-                 batch_size: int = 8) -> dict[str, torch.Tensor]:
+def compute_topk(
+    teacher, samples: dict[str, torch.Tensor], k: int, temperature: float, batch_size: int = 8
+) -> dict[str, torch.Tensor]:
     """Top-k logits (float16), their token ids (int32) and the rest's log-sum-exp, per position."""
     check_topk(k, teacher.config.vocab_size)
     parts: list[TopKTeacher] = []
     ids, mask = samples["input_ids"], samples["attention_mask"]
     for start in range(0, ids.shape[0], batch_size):
-        hidden = final_hidden(teacher, ids[start:start + batch_size].to(teacher.device),
-                              mask[start:start + batch_size].to(teacher.device))
+        hidden = final_hidden(
+            teacher,
+            ids[start : start + batch_size].to(teacher.device),
+            mask[start : start + batch_size].to(teacher.device),
+        )
         # One sequence at a time through the head: [seq_len, V] logits, never [B, T, V].
         for row in hidden:
             with bfloat16_autocast(has_bfloat16_matmuls(teacher), row.device):
                 logits = output_logits(teacher, row)
             parts.append(TopKTeacher.from_logits(logits, k, temperature))
-    return {"input_ids": ids, "values": torch.stack([p.values for p in parts]).cpu(),
-            "indices": torch.stack([p.indices for p in parts]).cpu(),
-            "rest_logsumexp": torch.stack([p.rest_logsumexp for p in parts]).cpu(),
-            "k": torch.tensor(k), "temperature": torch.tensor(temperature)}
+    return {
+        "input_ids": ids,
+        "values": torch.stack([p.values for p in parts]).cpu(),
+        "indices": torch.stack([p.indices for p in parts]).cpu(),
+        "rest_logsumexp": torch.stack([p.rest_logsumexp for p in parts]).cpu(),
+        "k": torch.tensor(k),
+        "temperature": torch.tensor(temperature),
+    }
 
 
 def topk_cache_key(teacher_ref: CheckpointRef, cfg: DistillConfig, train: TokensRef) -> str:
     """What the cache depends on: the teacher's fingerprint and precision, the training tokens, k and T."""
-    return stable_hash(teacher_ref.fingerprint, cfg.teacher_topk, cfg.temperature,
-                       teacher_numerics(cfg.teacher_dtype, "cpu"), train.fingerprint)
+    return stable_hash(
+        teacher_ref.fingerprint,
+        cfg.teacher_topk,
+        cfg.temperature,
+        teacher_numerics(cfg.teacher_dtype, "cpu"),
+        train.fingerprint,
+    )
 
 
 def write_topk_cache(teacher_ref: CheckpointRef, cfg: DistillConfig, train: TokensRef, out_dir: Path) -> Path:
@@ -76,6 +96,8 @@ def load_topk_cache(path: Path, samples: dict[str, torch.Tensor], cfg: DistillCo
     if not torch.equal(cache["input_ids"], samples["input_ids"]):
         raise TeacherCacheError(f"{path} was computed for other distillation samples")
     if int(cache["k"]) != cfg.teacher_topk or float(cache["temperature"]) != cfg.temperature:
-        raise TeacherCacheError(f"{path} holds k={int(cache['k'])}, T={float(cache['temperature'])}; "
-                                f"the run asks k={cfg.teacher_topk}, T={cfg.temperature}")
+        raise TeacherCacheError(
+            f"{path} holds k={int(cache['k'])}, T={float(cache['temperature'])}; "
+            f"the run asks k={cfg.teacher_topk}, T={cfg.temperature}"
+        )
     return TopKTeacher(cache["values"], cache["indices"], cache["rest_logsumexp"], cfg.temperature)

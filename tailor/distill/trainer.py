@@ -19,12 +19,26 @@ from tailor.distill.objectives import Objective, build_objective
 from tailor.distill.record import TrainingProgress, TrainingRecord, training_record, write_training_record
 from tailor.distill.teacher_cache import load_topk_cache
 from tailor.evaluate.perplexity import heldout_perplexity
-from tailor.models.precision import (bfloat16_autocast, final_hidden, has_bfloat16_matmuls, load_teacher,
-                                     resolve_bf16_autocast, teacher_numerics)
+from tailor.models.precision import (
+    bfloat16_autocast,
+    final_hidden,
+    has_bfloat16_matmuls,
+    load_teacher,
+    resolve_bf16_autocast,
+    teacher_numerics,
+)
 from tailor.prune.pruning import replace_removed_block
 from tailor.prune.trunk import decoder_layers, hidden_states_at, shared_prefix, tail_hidden, tail_model
-from tailor.store.checkpoint import (CheckpointRef, check_checkpoint_target, existing_checkpoint, load_model,
-                                     save_model, stable_hash, write_checkpoint, write_file_atomically)
+from tailor.store.checkpoint import (
+    CheckpointRef,
+    check_checkpoint_target,
+    existing_checkpoint,
+    load_model,
+    save_model,
+    stable_hash,
+    write_checkpoint,
+    write_file_atomically,
+)
 
 
 class DistillError(TailorError, RuntimeError):
@@ -54,13 +68,25 @@ class Distiller:
     ``on_heldout(step, perplexity)``).
     """
 
-    def __init__(self, teacher, student, samples: dict[str, torch.Tensor], cfg: DistillConfig, *,
-                 topk: TopKTeacher | None = None, heldout: dict[str, dict[str, torch.Tensor]] | None = None,
-                 resume_file: Path | None = None, on_step: Callable[[int, float], None] | None = None,
-                 on_heldout: Callable[[int, float], None] | None = None, share_trunk: bool = True) -> None:
+    def __init__(
+        self,
+        teacher,
+        student,
+        samples: dict[str, torch.Tensor],
+        cfg: DistillConfig,
+        *,
+        topk: TopKTeacher | None = None,
+        heldout: dict[str, dict[str, torch.Tensor]] | None = None,
+        resume_file: Path | None = None,
+        on_step: Callable[[int, float], None] | None = None,
+        on_heldout: Callable[[int, float], None] | None = None,
+        share_trunk: bool = True,
+    ) -> None:
         if topk is None and cfg.objective == "logits" and teacher.config.vocab_size != student.config.vocab_size:
-            raise DistillError(f"student vocabulary ({student.config.vocab_size}) differs from the "
-                               f"teacher's ({teacher.config.vocab_size}); logit distillation needs the same one")
+            raise DistillError(
+                f"student vocabulary ({student.config.vocab_size}) differs from the "
+                f"teacher's ({teacher.config.vocab_size}); logit distillation needs the same one"
+            )
         self.teacher, self.student, self.samples, self.cfg = teacher, student, samples, cfg
         self.topk, self.heldout, self.resume_file = topk, heldout, resume_file
         self.on_step, self.on_heldout = on_step, on_heldout
@@ -89,7 +115,8 @@ class Distiller:
         self.objective = build_objective(cfg, torch.bfloat16 if self.autocast else torch.float32)
         self.optimizer = _adamw(self.trainable, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_factor(cfg, planned_steps(cfg, self.num_samples, self.world)))
+            self.optimizer, lr_factor(cfg, planned_steps(cfg, self.num_samples, self.world))
+        )
         if self.resume_file is not None and self.resume_file.exists():
             self.load_state_dict(torch.load(self.resume_file, weights_only=True))
         else:
@@ -129,7 +156,7 @@ class Distiller:
             random.Random(cfg.seed + epoch).shuffle(order)
             first = progress.batch if epoch == progress.epoch else 0
             for batch in range(first, self.batches_per_epoch):
-                shard = order[batch * global_batch:(batch + 1) * global_batch][self.rank::self.world]
+                shard = order[batch * global_batch : (batch + 1) * global_batch][self.rank :: self.world]
                 window.append((epoch, batch, shard))
                 micro += 1
                 last = epoch == cfg.epochs - 1 and batch == self.batches_per_epoch - 1
@@ -147,14 +174,18 @@ class Distiller:
             with contextlib.nullcontext() if sync else self.model.no_sync():
                 value = self._micro_batch(idx)
             if not math.isfinite(value):
-                raise DistillError(f"non-finite distillation loss at optimiser step {len(losses) + 1} "
-                                   f"(epoch {epoch + 1}); check distill.learning_rate and distill.temperature")
+                raise DistillError(
+                    f"non-finite distillation loss at optimiser step {len(losses) + 1} "
+                    f"(epoch {epoch + 1}); check distill.learning_rate and distill.temperature"
+                )
             micro_losses.append(value)
         progress.micro += len(window)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
         if not torch.isfinite(grad_norm):
-            raise DistillError(f"non-finite gradient norm at optimiser step {len(losses) + 1} "
-                               f"(epoch {window[-1][0] + 1}); check distill.learning_rate and distill.temperature")
+            raise DistillError(
+                f"non-finite gradient norm at optimiser step {len(losses) + 1} "
+                f"(epoch {window[-1][0] + 1}); check distill.learning_rate and distill.temperature"
+            )
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -164,8 +195,12 @@ class Distiller:
             self._score_heldout(len(losses))
         epoch, batch, _ = window[-1]
         progress.epoch, progress.batch, progress.seconds = epoch, batch + 1, time.perf_counter() - self._started
-        if self.resume_file is not None and self.rank == 0 and cfg.checkpoint_every \
-                and len(losses) % cfg.checkpoint_every == 0:
+        if (
+            self.resume_file is not None
+            and self.rank == 0
+            and cfg.checkpoint_every
+            and len(losses) % cfg.checkpoint_every == 0
+        ):
             state = self.state_dict()
             write_file_atomically(self.resume_file, lambda tmp: torch.save(state, tmp))
         if self.on_step is not None:
@@ -188,24 +223,41 @@ class Distiller:
                 raise DistillError("data-parallel ranks ended with different student weights")
             tokens = int(_all_sum(tokens))
         return TrainingRecord(
-            losses=progress.losses, grad_norms=progress.grad_norms, optimizer_steps=progress.steps,
-            micro_batches=progress.micro, train_tokens=tokens, train_seconds=elapsed,
-            train_tokens_per_s=tokens / elapsed, num_samples=self.num_samples,
-            resumed_at_step=progress.resumed_at, world_size=self.world,
+            losses=progress.losses,
+            grad_norms=progress.grad_norms,
+            optimizer_steps=progress.steps,
+            micro_batches=progress.micro,
+            train_tokens=tokens,
+            train_seconds=elapsed,
+            train_tokens_per_s=tokens / elapsed,
+            num_samples=self.num_samples,
+            resumed_at_step=progress.resumed_at,
+            world_size=self.world,
             final_learning_rate=self.scheduler.get_last_lr()[0],
-            teacher=(f"cached top-{cfg.teacher_topk}" if self.topk is not None
-                     else f"live ({teacher_numerics(cfg.teacher_dtype, student.device)})"),
-            gradient_checkpointing=cfg.gradient_checkpointing, bf16_autocast=self.autocast,
-            trainable_parameters=sum(p.numel() for p in self.trainable), shared_trunk_layers=self.trunk,
-            heldout_curve=progress.heldout_curve, loss=self.objective.describe())
+            teacher=(
+                f"cached top-{cfg.teacher_topk}"
+                if self.topk is not None
+                else f"live ({teacher_numerics(cfg.teacher_dtype, student.device)})"
+            ),
+            gradient_checkpointing=cfg.gradient_checkpointing,
+            bf16_autocast=self.autocast,
+            trainable_parameters=sum(p.numel() for p in self.trainable),
+            shared_trunk_layers=self.trunk,
+            heldout_curve=progress.heldout_curve,
+            loss=self.objective.describe(),
+        )
 
     # -- state --------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
         """Everything a resumed run needs (loadable with ``torch.load(weights_only=True)``)."""
-        return {"student": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
-                "progress": self.progress.state_dict()}
+        return {
+            "student": self.student.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "progress": self.progress.state_dict(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.student.load_state_dict(state["student"])
@@ -260,8 +312,7 @@ class Distiller:
         computed (the student's own float32 trunk would differ by that rounding).
         """
         teacher, student = self.teacher, self.student
-        if teacher is None or teacher.device != student.device \
-                or student.get_input_embeddings().weight.requires_grad:
+        if teacher is None or teacher.device != student.device or student.get_input_embeddings().weight.requires_grad:
             return 0
         frozen = 0
         for layer in decoder_layers(student):
@@ -297,8 +348,9 @@ class _FinalHidden(torch.nn.Module):
         # Its layers from ``trunk`` on, run from the teacher's state at that depth (shared trunk).
         self.tail = tail_model(student, trunk) if trunk else None
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                trunk_hidden: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, trunk_hidden: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if trunk_hidden is None:
             return final_hidden(self.student, input_ids, attention_mask, autocast=self.autocast)
         with bfloat16_autocast(self.autocast, input_ids.device):
@@ -309,14 +361,16 @@ def select_trainable(student, cfg: DistillConfig) -> list[torch.nn.Parameter]:
     """Freeze what the recipe keeps fixed (the tied embedding, the early layers); the rest trains."""
     layers = student.get_decoder().layers
     if cfg.train_last_layers > len(layers):
-        raise DistillError(f"distill.train_last_layers={cfg.train_last_layers} exceeds the student's "
-                           f"{len(layers)} decoder layers; allowed: 0 (all) to {len(layers)}")
+        raise DistillError(
+            f"distill.train_last_layers={cfg.train_last_layers} exceeds the student's "
+            f"{len(layers)} decoder layers; allowed: 0 (all) to {len(layers)}"
+        )
     student.requires_grad_(True)
     if cfg.freeze_embeddings:
         student.get_input_embeddings().requires_grad_(False)
         student.get_output_embeddings().requires_grad_(False)
     if cfg.train_last_layers:
-        for layer in layers[:len(layers) - cfg.train_last_layers]:
+        for layer in layers[: len(layers) - cfg.train_last_layers]:
             layer.requires_grad_(False)
     return [p for p in student.parameters() if p.requires_grad]
 
@@ -355,8 +409,9 @@ def _ranks_in_sync(model) -> bool:
     import torch.distributed as dist
 
     with torch.no_grad():
-        checksum = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()])
-                                for p in model.parameters()]).sum(0)
+        checksum = torch.stack(
+            [torch.stack([p.double().sum(), p.double().square().sum()]) for p in model.parameters()]
+        ).sum(0)
     gathered = [torch.zeros_like(checksum) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, checksum)
     return all(torch.equal(g, gathered[0]) for g in gathered)
@@ -409,12 +464,20 @@ def _adamw(params: list[torch.nn.Parameter], cfg: DistillConfig) -> torch.optim.
         return torch.optim.AdamW(params, **kwargs)
 
 
-def distill_checkpoint(teacher_ref: CheckpointRef, student_ref: CheckpointRef, cfg: DistillConfig,
-                       train: TokensRef, out_dir: Path, *, heldout: TokensRef | None = None,
-                       topk_cache: Path | None = None, device: str = "cpu",
-                       on_step: Callable[[int, float], None] | None = None,
-                       on_heldout: Callable[[int, float], None] | None = None, unkeyed_ok: bool = False
-                       ) -> tuple[CheckpointRef, TrainingRecord]:
+def distill_checkpoint(
+    teacher_ref: CheckpointRef,
+    student_ref: CheckpointRef,
+    cfg: DistillConfig,
+    train: TokensRef,
+    out_dir: Path,
+    *,
+    heldout: TokensRef | None = None,
+    topk_cache: Path | None = None,
+    device: str = "cpu",
+    on_step: Callable[[int, float], None] | None = None,
+    on_heldout: Callable[[int, float], None] | None = None,
+    unkeyed_ok: bool = False,
+) -> tuple[CheckpointRef, TrainingRecord]:
     """Distil the student checkpoint from the teacher checkpoint (or its top-k cache) on the
     ``train`` tokens and save the result; with ``heldout`` tokens it records the healing curve.
 
@@ -445,8 +508,17 @@ def distill_checkpoint(teacher_ref: CheckpointRef, student_ref: CheckpointRef, c
         return done, training_record(done)
 
     def train_and_save(tmp: Path) -> None:
-        record = Distiller(teacher, student, samples, cfg, topk=topk, heldout=heldout_sets, resume_file=resume_file,
-                           on_step=on_step, on_heldout=on_heldout).fit()
+        record = Distiller(
+            teacher,
+            student,
+            samples,
+            cfg,
+            topk=topk,
+            heldout=heldout_sets,
+            resume_file=resume_file,
+            on_step=on_step,
+            on_heldout=on_heldout,
+        ).fit()
         save_model(student, tokenizer, tmp)
         write_training_record(tmp, record)
         (tmp / INPUTS_FILE).write_text(json.dumps({"key": key}) + "\n")
@@ -461,13 +533,26 @@ def distill_checkpoint(teacher_ref: CheckpointRef, student_ref: CheckpointRef, c
 INPUTS_FILE = "distill_inputs.json"
 
 
-def inputs_key(cfg: DistillConfig, teacher_ref: CheckpointRef, student_ref: CheckpointRef, train: TokensRef,
-               heldout: TokensRef | None, topk_cache: Path | None, world: int) -> str:
+def inputs_key(
+    cfg: DistillConfig,
+    teacher_ref: CheckpointRef,
+    student_ref: CheckpointRef,
+    train: TokensRef,
+    heldout: TokensRef | None,
+    topk_cache: Path | None,
+    world: int,
+) -> str:
     """Everything a distilled checkpoint (and its record) depends on, hashed: the settings, both
     checkpoints, the training and held-out tokens, the teacher cache and the number of processes."""
-    return stable_hash(cfg.model_dump(), teacher_ref.fingerprint, student_ref.fingerprint, train.fingerprint,
-                       heldout.fingerprint if heldout is not None else None,
-                       str(topk_cache) if topk_cache is not None else None, world)
+    return stable_hash(
+        cfg.model_dump(),
+        teacher_ref.fingerprint,
+        student_ref.fingerprint,
+        train.fingerprint,
+        heldout.fingerprint if heldout is not None else None,
+        str(topk_cache) if topk_cache is not None else None,
+        world,
+    )
 
 
 def finished_distillation(out_dir: Path, key: str, *, unkeyed_ok: bool = False) -> CheckpointRef | None:
@@ -482,12 +567,16 @@ def finished_distillation(out_dir: Path, key: str, *, unkeyed_ok: bool = False) 
     if not stored.is_file():
         if unkeyed_ok:
             return done
-        raise DistillError(f"{out_dir} holds a checkpoint that records no distillation inputs ({INPUTS_FILE}), so "
-                           "it cannot be told to be this run's; it is left untouched: choose another --out")
+        raise DistillError(
+            f"{out_dir} holds a checkpoint that records no distillation inputs ({INPUTS_FILE}), so "
+            "it cannot be told to be this run's; it is left untouched: choose another --out"
+        )
     recorded = str(json.loads(stored.read_text()).get("key"))
     if recorded != key:
-        raise DistillError(f"{out_dir} holds a distillation of other settings or inputs (key {recorded[:12]}, this "
-                           f"run's {key[:12]}); it is left untouched: choose another --out or move it away")
+        raise DistillError(
+            f"{out_dir} holds a distillation of other settings or inputs (key {recorded[:12]}, this "
+            f"run's {key[:12]}); it is left untouched: choose another --out or move it away"
+        )
     return done
 
 
@@ -498,20 +587,37 @@ def check_distill_out(out_dir: Path, teacher_ref: CheckpointRef, student_ref: Ch
     out = Path(out_dir).resolve()
     for role, ref in (("teacher", teacher_ref), ("student", student_ref)):
         folder = Path(ref.path).resolve()
-        where = ("is" if out == folder else "is inside" if folder in out.parents
-                 else "holds" if out in folder.parents else None)
+        where = (
+            "is"
+            if out == folder
+            else "is inside"
+            if folder in out.parents
+            else "holds"
+            if out in folder.parents
+            else None
+        )
         if where is not None:
-            raise DistillError(f"--out {out_dir} {where} the --{role} checkpoint {ref.path}; the distilled model "
-                               "needs a folder of its own: choose another --out")
+            raise DistillError(
+                f"--out {out_dir} {where} the --{role} checkpoint {ref.path}; the distilled model "
+                "needs a folder of its own: choose another --out"
+            )
 
 
-def resume_path(out_dir: Path, cfg: DistillConfig, teacher_ref: CheckpointRef, student_ref: CheckpointRef,
-                train: TokensRef, topk_cache: Path | None, world: int) -> Path:
+def resume_path(
+    out_dir: Path,
+    cfg: DistillConfig,
+    teacher_ref: CheckpointRef,
+    student_ref: CheckpointRef,
+    train: TokensRef,
+    topk_cache: Path | None,
+    world: int,
+) -> Path:
     """Where a distillation keeps its resumable state: keyed by everything the training depends
     on (settings, both checkpoints, the training tokens, the teacher cache, the number of
     processes), so a different run never resumes from it."""
-    key = stable_hash(cfg.model_dump(), teacher_ref.fingerprint, student_ref.fingerprint, train.fingerprint,
-                      str(topk_cache), world)
+    key = stable_hash(
+        cfg.model_dump(), teacher_ref.fingerprint, student_ref.fingerprint, train.fingerprint, str(topk_cache), world
+    )
     return out_dir.with_name(f"{out_dir.name}.resume-{key}.pt")
 
 

@@ -85,8 +85,9 @@ class FastHFLM(HFLM):
         # (model_args without device=) this model takes the GPU when there is one, else the CPU.
         super().__init__(*args, device=device or ("cuda" if torch.cuda.is_available() else "cpu"), **kwargs)
 
-    def _loglikelihood_tokens(self, requests: list[Request], disable_tqdm: bool = False,
-                              override_bs: int | None = None) -> list[tuple[float, bool]]:
+    def _loglikelihood_tokens(
+        self, requests: list[Request], disable_tqdm: bool = False, override_bs: int | None = None
+    ) -> list[tuple[float, bool]]:
         if self.backend != "causal":
             return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
         rows_per_batch = override_bs or (self.batch_size if isinstance(self.batch_size, int) else 8)
@@ -96,8 +97,11 @@ class FastHFLM(HFLM):
         batches = _batches(rows, rows_per_batch * self.pack_tokens)
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         # A caller that follows progress itself (the flow's stage lines) gets no bar.
-        with OwnBar(total=len(requests), disable=disable_tqdm or self.rank != 0 or self.on_progress is not None,
-                  desc="Scoring loglikelihood requests") as bar:
+        with OwnBar(
+            total=len(requests),
+            disable=disable_tqdm or self.rank != 0 or self.on_progress is not None,
+            desc="Scoring loglikelihood requests",
+        ) as bar:
             done = 0
             for batch in batches:
                 for i, answer in self._score_rows(batch):
@@ -117,7 +121,7 @@ class FastHFLM(HFLM):
             if not context_enc or not continuation_enc:
                 raise ValueError("lm-eval request with an empty context or continuation")
             # Same window as HFLM: truncate from the left, drop the last token.
-            windows.append(((context_enc + continuation_enc)[-(self.max_length + 1):][:-1], continuation_enc))
+            windows.append(((context_enc + continuation_enc)[-(self.max_length + 1) :][:-1], continuation_enc))
         groups: list[tuple[int, list[int]]] = []  # (shared prefix length, request indices)
         for i, (tokens, _) in enumerate(windows):
             if self.share_context and groups:
@@ -136,8 +140,10 @@ class FastHFLM(HFLM):
                 branch_start = len(segment)
                 segment.branches.append(tokens[shared:])
                 # Hidden state at position p scores token p + 1; prefix positions live in the prefix.
-                columns = [p if p < shared else branch_start + p - shared
-                           for p in range(len(tokens) - len(continuation), len(tokens))]
+                columns = [
+                    p if p < shared else branch_start + p - shared
+                    for p in range(len(tokens) - len(continuation), len(tokens))
+                ]
                 segment.scored.append((i, columns, continuation))
             segments.append(segment)
         return segments
@@ -155,14 +161,14 @@ class FastHFLM(HFLM):
             col = 0
             for s, segment in enumerate(row):
                 n_prefix = len(segment.prefix)
-                ids[r, col:col + n_prefix] = torch.tensor(segment.prefix, dtype=torch.long)
-                seg[r, col:col + len(segment)] = s
-                pos[r, col:col + n_prefix] = torch.arange(n_prefix)
+                ids[r, col : col + n_prefix] = torch.tensor(segment.prefix, dtype=torch.long)
+                seg[r, col : col + len(segment)] = s
+                pos[r, col : col + n_prefix] = torch.arange(n_prefix)
                 offset = col + n_prefix
                 for b, tokens in enumerate(segment.branches, start=1):
-                    ids[r, offset:offset + len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-                    branch[r, offset:offset + len(tokens)] = b
-                    pos[r, offset:offset + len(tokens)] = torch.arange(n_prefix, n_prefix + len(tokens))
+                    ids[r, offset : offset + len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+                    branch[r, offset : offset + len(tokens)] = b
+                    pos[r, offset : offset + len(tokens)] = torch.arange(n_prefix, n_prefix + len(tokens))
                     offset += len(tokens)
                 for i, columns, continuation in segment.scored:
                     scored_rows += [r] * len(columns)
@@ -171,12 +177,20 @@ class FastHFLM(HFLM):
                     owners.append(i)
                 col += len(segment)
         masks = self._attention_masks(seg, branch, pos)
-        with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
-                                             enabled=self.mixed_precision_dtype is not None):
+        with (
+            torch.no_grad(),
+            torch.autocast(
+                device_type=self.device.type,
+                dtype=self.mixed_precision_dtype,
+                enabled=self.mixed_precision_dtype is not None,
+            ),
+        ):
             hidden = self.model.get_decoder()(
-                input_ids=ids.to(self.device), position_ids=pos.to(self.device), attention_mask=masks,
-                use_cache=False).last_hidden_state
-            scored = hidden[torch.tensor(scored_rows, device=self.device), torch.tensor(scored_cols, device=self.device)]
+                input_ids=ids.to(self.device), position_ids=pos.to(self.device), attention_mask=masks, use_cache=False
+            ).last_hidden_state
+            scored = hidden[
+                torch.tensor(scored_rows, device=self.device), torch.tensor(scored_cols, device=self.device)
+            ]
             del hidden
             target = torch.tensor([tok for t in targets for tok in t], device=self.device)
             token_lp, greedy = [], []
@@ -194,8 +208,9 @@ class FastHFLM(HFLM):
         to true positions, as in an unpacked forward); others take a single 4D mask.
         """
         q, k = (slice(None), slice(None), None), (slice(None), None, slice(None))
-        allowed = ((seg[q] == seg[k]) & (seg[q] >= 0) & ((branch[k] == 0) | (branch[k] == branch[q]))
-                   & (pos[k] <= pos[q]))
+        allowed = (
+            (seg[q] == seg[k]) & (seg[q] >= 0) & ((branch[k] == 0) | (branch[k] == branch[q])) & (pos[k] <= pos[q])
+        )
         allowed |= torch.eye(seg.shape[1], dtype=torch.bool).unsqueeze(0)  # padding sees itself
         dtype = self.model.dtype if self.mixed_precision_dtype is None else self.mixed_precision_dtype
 
@@ -247,7 +262,7 @@ def _answers(token_lp: torch.Tensor, greedy: torch.Tensor, targets: list[list[in
     answers, offset = [], 0
     for t in targets:
         n = len(t)
-        answers.append((float(token_lp[offset:offset + n].sum()), bool(greedy[offset:offset + n].all())))
+        answers.append((float(token_lp[offset : offset + n].sum()), bool(greedy[offset : offset + n].all())))
         offset += n
     return answers
 

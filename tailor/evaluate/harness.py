@@ -55,8 +55,11 @@ def _task_manager(include_path: str = ""):
         raise EvalSetupError(f"eval.include_path={include_path!r} is not a folder of lm-eval task YAMLs")
     files = ()
     if include_path:
-        files = tuple(sorted((str(f), f.stat().st_mtime_ns, f.stat().st_size)
-                             for f in Path(include_path).rglob("*") if f.is_file()))
+        files = tuple(
+            sorted(
+                (str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in Path(include_path).rglob("*") if f.is_file()
+            )
+        )
     return _indexed_tasks(str(Path(include_path).resolve()) if include_path else "", files)
 
 
@@ -78,18 +81,22 @@ def check_tasks(tasks: tuple[str, ...], data: DataConfig, include_path: str = ""
     for task in tasks:
         if task not in known:
             close = difflib.get_close_matches(task, sorted(known), n=5)
-            raise EvalSetupError(f"eval.tasks: unknown lm-eval task {task!r}"
-                                 + (f"; close matches: {', '.join(close)}" if close else ""))
+            raise EvalSetupError(
+                f"eval.tasks: unknown lm-eval task {task!r}" + (f"; close matches: {', '.join(close)}" if close else "")
+            )
         if data.mode == "offline" and task in OFFLINE_SPLITS:
             _check_offline_file(task, Path(data.data_dir) / OFFLINE_SPLITS[task][0])
         elif data.mode == "offline" and not _from_include_path(manager, task, include_path):
             raise EvalSetupError(
                 f"eval.tasks: {task!r} has no offline data (data.mode=offline covers {', '.join(OFFLINE_SPLITS)}); "
-                "give it a task YAML with local data_files in eval.include_path, or set data.mode=hub")
+                "give it a task YAML with local data_files in eval.include_path, or set data.mode=hub"
+            )
         metrics = _reported_metrics(manager, task)
         if metrics is not None and not metrics & set(REPORTED_METRICS):
-            raise EvalSetupError(f"eval.tasks: {task!r} reports {sorted(metrics)}, none of {list(REPORTED_METRICS)} "
-                                 "that the report, the healing check and the gate read; choose another task")
+            raise EvalSetupError(
+                f"eval.tasks: {task!r} reports {sorted(metrics)}, none of {list(REPORTED_METRICS)} "
+                "that the report, the healing check and the gate read; choose another task"
+            )
 
 
 def _from_include_path(manager, task: str, include_path: str) -> bool:
@@ -109,8 +116,10 @@ def _reported_metrics(manager, task: str) -> set[str] | None:
 
 def _check_offline_file(task: str, path: Path) -> None:
     if not path.exists():
-        raise EvalSetupError(f"data.data_dir: {path} is missing for task {task!r}; "
-                             "run `tailor data pull` or point data.data_dir at an offline data folder")
+        raise EvalSetupError(
+            f"data.data_dir: {path} is missing for task {task!r}; "
+            "run `tailor data pull` or point data.data_dir at an offline data folder"
+        )
     rows = 0
     with path.open(encoding="utf-8") as fh:
         for line_no, line in enumerate(fh, 1):
@@ -144,11 +153,13 @@ def task_specs(tasks: tuple[str, ...], data: DataConfig, manager=None) -> list[A
         for key in ("training_split", "validation_split", "test_split", "fewshot_split"):
             if spec.get(key) != split:
                 spec[key] = None
-        spec.update({
-            "dataset_path": "json",
-            "dataset_name": None,
-            "dataset_kwargs": {"data_files": {split: str(Path(data.data_dir) / rel)}},
-        })
+        spec.update(
+            {
+                "dataset_path": "json",
+                "dataset_name": None,
+                "dataset_kwargs": {"data_files": {split: str(Path(data.data_dir) / rel)}},
+            }
+        )
         specs.append(spec)
     return specs
 
@@ -167,10 +178,12 @@ def evaluation_signature(cfg: EvalConfig, data: DataConfig) -> str:
     """What a model's scores depend on besides its weights: the tasks and how they are scored,
     the bytes of the offline data and of ``include_path``'s task files, and lm-eval's version.
     Two evaluations with the same signature are comparable document by document."""
-    h = hashlib.sha256(json.dumps([list(cfg.tasks), cfg.limit, cfg.backend, cfg.dtype, data.mode,
-                                   _lm_eval_version()]).encode())
-    files = [Path(data.data_dir) / OFFLINE_SPLITS[t][0] for t in cfg.tasks
-             if data.mode == "offline" and t in OFFLINE_SPLITS]
+    h = hashlib.sha256(
+        json.dumps([list(cfg.tasks), cfg.limit, cfg.backend, cfg.dtype, data.mode, _lm_eval_version()]).encode()
+    )
+    files = [
+        Path(data.data_dir) / OFFLINE_SPLITS[t][0] for t in cfg.tasks if data.mode == "offline" and t in OFFLINE_SPLITS
+    ]
     if cfg.include_path:
         files += sorted(p for p in Path(cfg.include_path).rglob("*") if p.is_file())
     for f in files:
@@ -196,11 +209,17 @@ def evaluation_datasets(cfg: EvalConfig, data: DataConfig) -> list[dict[str, str
 def evaluation_file(ref: CheckpointRef, cfg: EvalConfig, data: DataConfig, work_dir: str) -> Path:
     """Where a checkpoint's evaluation under these settings and data is kept (and found again)."""
     return WorkDir(work_dir).evals / (
-        f"{stable_hash(ref.fingerprint, cfg.model_dump(), data.cache_identity(), evaluation_signature(cfg, data))}.json")
+        f"{stable_hash(ref.fingerprint, cfg.model_dump(), data.cache_identity(), evaluation_signature(cfg, data))}.json"
+    )
 
 
-def evaluate_checkpoint(ref: CheckpointRef, cfg: EvalConfig, data: DataConfig, out_file: Path,
-                        on_progress: Callable[[int, int], None] | None = None) -> dict:
+def evaluate_checkpoint(
+    ref: CheckpointRef,
+    cfg: EvalConfig,
+    data: DataConfig,
+    out_file: Path,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> dict:
     """Evaluate a checkpoint; write and return {"metrics", "items", "limit", ...}.
 
     An existing ``out_file`` (from an interrupted earlier run) is reused. ``on_progress``
@@ -223,9 +242,15 @@ def _git_hash_quietly() -> str | None:
         return None
 
 
-def evaluate_model(model, tokenizer, cfg: EvalConfig, data: DataConfig,
-                   on_progress: Callable[[int, int], None] | None = None, lm_eval_dir: Path | None = None,
-                   model_name: str = "") -> dict:
+def evaluate_model(
+    model,
+    tokenizer,
+    cfg: EvalConfig,
+    data: DataConfig,
+    on_progress: Callable[[int, int], None] | None = None,
+    lm_eval_dir: Path | None = None,
+    model_name: str = "",
+) -> dict:
     """Score ``model`` on ``cfg.tasks`` with lm-eval; returns {"metrics", "items", ...}.
 
     ``lm_eval_dir``: also write lm-eval's own files there (results JSON and per-sample
@@ -255,9 +280,18 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, data: DataConfig,
         tracker = EvaluationTracker(output_path=str(lm_eval_dir))
     with third_party_prints():
         out = lm_eval.simple_evaluate(
-            model=lm, tasks=task_specs(cfg.tasks, data, manager), task_manager=manager, num_fewshot=0,
-            limit=cfg.limit, log_samples=True, bootstrap_iters=cfg.bootstrap_iters, random_seed=0,
-            numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0, evaluation_tracker=tracker,
+            model=lm,
+            tasks=task_specs(cfg.tasks, data, manager),
+            task_manager=manager,
+            num_fewshot=0,
+            limit=cfg.limit,
+            log_samples=True,
+            bootstrap_iters=cfg.bootstrap_iters,
+            random_seed=0,
+            numpy_random_seed=0,
+            torch_random_seed=0,
+            fewshot_random_seed=0,
+            evaluation_tracker=tracker,
         )
     if tracker is not None:
         tracker.general_config_tracker.model_name = model_name
@@ -292,8 +326,10 @@ def _task_metrics(raw: dict) -> dict[str, dict]:
         key = f"{metric},none"
         if key in raw:
             err = raw.get(f"{metric}_stderr,none")
-            scores[metric] = {"value": float(raw[key]),
-                              "stderr": float(err) if isinstance(err, (int, float)) and math.isfinite(err) else None}
+            scores[metric] = {
+                "value": float(raw[key]),
+                "stderr": float(err) if isinstance(err, (int, float)) and math.isfinite(err) else None,
+            }
     return scores
 
 
@@ -307,8 +343,10 @@ def _item_scores(samples: list[dict]) -> dict[str, dict[str, float]]:
 
 def _responses(sample: dict) -> list[list]:
     """The raw (loglikelihood, is_greedy) answer of each request of one document."""
-    return [[float(r[0][0]), bool(r[0][1])] if isinstance(r[0], (list, tuple)) else [float(r[0]), None]
-            for r in sample["resps"]]
+    return [
+        [float(r[0][0]), bool(r[0][1])] if isinstance(r[0], (list, tuple)) else [float(r[0]), None]
+        for r in sample["resps"]
+    ]
 
 
 def _lm_eval_version() -> str:

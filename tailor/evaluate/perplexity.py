@@ -33,16 +33,15 @@ def sample_nll(model, samples: dict[str, torch.Tensor], batch_size: int = 8) -> 
     counts: list[int] = []
     try:
         for start in range(0, ids.shape[0], batch_size):
-            b_ids = ids[start:start + batch_size].to(model.device)
-            b_mask = mask[start:start + batch_size].to(model.device)
+            b_ids = ids[start : start + batch_size].to(model.device)
+            b_mask = mask[start : start + batch_size].to(model.device)
             with bfloat16_autocast(bf16, model.device):
-                hidden = model.get_decoder()(input_ids=b_ids, attention_mask=b_mask,
-                                             use_cache=False).last_hidden_state
+                hidden = model.get_decoder()(input_ids=b_ids, attention_mask=b_mask, use_cache=False).last_hidden_state
             for row, row_ids, row_mask in zip(hidden, b_ids, b_mask):
                 n = int(row_mask.sum())
                 # One sequence through the head at a time: [seq, V] logits, never [B, seq, V].
                 with bfloat16_autocast(bf16, model.device):
-                    logits = output_logits(model, row[:n - 1]).float()
+                    logits = output_logits(model, row[: n - 1]).float()
                 sums.append(float(F.cross_entropy(logits, row_ids[1:n], reduction="sum")))
                 counts.append(n - 1)
     finally:
@@ -58,8 +57,11 @@ def heldout_perplexity(model, heldout: dict[str, dict[str, torch.Tensor]]) -> di
         per_source[source] = math.exp(sum(sums) / sum(counts))
         total_nll += sum(sums)
         total_tokens += sum(counts)
-    return {"perplexity": math.exp(total_nll / total_tokens) if total_tokens else None,
-            "sources": per_source, "tokens": total_tokens}
+    return {
+        "perplexity": math.exp(total_nll / total_tokens) if total_tokens else None,
+        "sources": per_source,
+        "tokens": total_tokens,
+    }
 
 
 def checkpoint_heldout_perplexity(ref: CheckpointRef, heldout: TokensRef) -> dict:

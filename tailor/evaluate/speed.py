@@ -26,8 +26,9 @@ def _one_run(model, tokenizer, cfg: SpeedConfig) -> tuple[float, int]:
     start = time.perf_counter()
     for prompt in cfg.prompts:
         enc = tokenizer(prompt, return_tensors="pt").to(model.device)
-        out = model.generate(**enc, max_new_tokens=cfg.max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(
+            **enc, max_new_tokens=cfg.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
         new_tokens += out.shape[1] - enc["input_ids"].shape[1]
     return time.perf_counter() - start, new_tokens
 
@@ -45,10 +46,14 @@ def time_interleaved(models: dict[str, tuple], cfg: SpeedConfig) -> dict[str, di
     out = {}
     for name, timed in runs.items():
         times = [t for t, _ in timed]
-        out[name] = {"run_times_s": times, "gen_time_mean_s": statistics.fmean(times),
-                     "gen_time_std_s": statistics.stdev(times) if len(times) > 1 else 0.0,
-                     "tokens_per_s": sum(n for _, n in timed) / sum(times),
-                     "new_tokens_per_run": sum(n for _, n in timed) / len(timed), "timed_runs": len(timed)}
+        out[name] = {
+            "run_times_s": times,
+            "gen_time_mean_s": statistics.fmean(times),
+            "gen_time_std_s": statistics.stdev(times) if len(times) > 1 else 0.0,
+            "tokens_per_s": sum(n for _, n in timed) / sum(times),
+            "new_tokens_per_run": sum(n for _, n in timed) / len(timed),
+            "timed_runs": len(timed),
+        }
     return out
 
 
@@ -63,18 +68,23 @@ def speedup_interval(base_times: list[float], times: list[float], iters: int = 2
 def sample_continuation(model, tokenizer, prompt: str, max_new_tokens: int = 20) -> str:
     enc = tokenizer(prompt, return_tensors="pt").to(model.device)
     with torch.inference_mode():
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def profile_checkpoints(refs: dict[str, CheckpointRef], cfg: SpeedConfig) -> dict[str, dict]:
     """Size, structure, interleaved generation timing and a sample continuation of each checkpoint."""
     models = {name: load_model(ref.verify()) for name, ref in refs.items()}
     timing = time_interleaved(models, cfg)
-    return {name: {"params": count_parameters(model), "layers": int(model.config.num_hidden_layers),
-                   "checkpoint_bytes": folder_size_bytes(refs[name].path), **timing[name],
-                   "sample_prompt": cfg.sample_prompt,
-                   "sample_continuation": sample_continuation(model, tokenizer, cfg.sample_prompt),
-                   "threads": torch.get_num_threads()}
-            for name, (model, tokenizer) in models.items()}
+    return {
+        name: {
+            "params": count_parameters(model),
+            "layers": int(model.config.num_hidden_layers),
+            "checkpoint_bytes": folder_size_bytes(refs[name].path),
+            **timing[name],
+            "sample_prompt": cfg.sample_prompt,
+            "sample_continuation": sample_continuation(model, tokenizer, cfg.sample_prompt),
+            "threads": torch.get_num_threads(),
+        }
+        for name, (model, tokenizer) in models.items()
+    }

@@ -70,8 +70,10 @@ def to_bfloat16_matmuls(model, token_ids: torch.Tensor) -> None:
     def float32_lookup(module, args, output):
         where = position[args[0]]
         if bool((where < 0).any()):
-            raise ValueError("the bfloat16 teacher keeps float32 embedding rows only for the distillation "
-                             "samples' tokens, and was given another token")
+            raise ValueError(
+                "the bfloat16 teacher keeps float32 embedding rows only for the distillation "
+                "samples' tokens, and was given another token"
+            )
         out = F.embedding(where, rows)
         scale = getattr(module, "embed_scale", None)
         return out * scale.float() if scale is not None else out
@@ -90,16 +92,16 @@ def bfloat16_autocast(enabled: bool, device: str | torch.device) -> ContextManag
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
 
 
-def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 autocast: bool = False) -> torch.Tensor:
+def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, autocast: bool = False) -> torch.Tensor:
     """The decoder's last hidden states (the output head's input), in float32.
 
     A model prepared by ``to_bfloat16_matmuls`` always runs under bfloat16 autocast;
     ``autocast`` asks for it on a float32 model (the student's optional mixed precision).
     """
     with bfloat16_autocast(autocast or has_bfloat16_matmuls(model), input_ids.device):
-        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                     use_cache=False).last_hidden_state
+        hidden = model.get_decoder()(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state
     return hidden.float()
 
 

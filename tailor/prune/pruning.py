@@ -10,11 +10,23 @@ import torch.nn as nn
 
 from tailor.common.layout import WorkDir
 from tailor.config.settings import TailorError
-from tailor.store.checkpoint import (CheckpointRef, count_parameters, load_model, save_model, stable_hash,
-                                     write_checkpoint)
+from tailor.store.checkpoint import (
+    CheckpointRef,
+    count_parameters,
+    load_model,
+    save_model,
+    stable_hash,
+    write_checkpoint,
+)
 
 # Attribute paths under which known architectures keep their decoder layer list.
-_LAYER_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "model.language_model.layers")
+_LAYER_PATHS = (
+    "model.layers",
+    "model.decoder.layers",
+    "transformer.h",
+    "gpt_neox.layers",
+    "model.language_model.layers",
+)
 
 
 class PruneError(TailorError, ValueError):
@@ -34,8 +46,10 @@ def find_layers(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
             continue
         if isinstance(layers, nn.ModuleList):
             return node, rest[0], layers
-    raise PruneError(f"cannot find the decoder layer list of {type(model).__name__}; "
-                     f"supported attribute paths: {', '.join(_LAYER_PATHS)}")
+    raise PruneError(
+        f"cannot find the decoder layer list of {type(model).__name__}; "
+        f"supported attribute paths: {', '.join(_LAYER_PATHS)}"
+    )
 
 
 def resolve_indices(num_layers: int, remove_last: int, indices: Sequence[int] | None) -> list[int]:
@@ -50,8 +64,9 @@ def resolve_indices(num_layers: int, remove_last: int, indices: Sequence[int] | 
             raise PruneError(f"prune.indices would remove all {num_layers} layers; keep at least one")
         return sorted(indices)
     if not 1 <= remove_last < num_layers:
-        raise PruneError(f"prune.num_layers={remove_last} not allowed for a {num_layers}-layer model; "
-                         f"allowed: 1..{num_layers - 1}")
+        raise PruneError(
+            f"prune.num_layers={remove_last} not allowed for a {num_layers}-layer model; allowed: 1..{num_layers - 1}"
+        )
     return list(range(num_layers - remove_last, num_layers))
 
 
@@ -128,7 +143,8 @@ def equal_weights(a: nn.Module, b: nn.Module, as_second: bool = False) -> bool:
     (``as_second``: ``a``'s values rounded to ``b``'s dtypes)."""
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(
-        sa[k].shape == sb[k].shape and torch.equal(sa[k].to(sb[k].dtype) if as_second else sa[k], sb[k]) for k in sa)
+        sa[k].shape == sb[k].shape and torch.equal(sa[k].to(sb[k].dtype) if as_second else sa[k], sb[k]) for k in sa
+    )
 
 
 def removed_layers(pruned: nn.Module, original: nn.Module) -> list[int]:
@@ -139,8 +155,10 @@ def removed_layers(pruned: nn.Module, original: nn.Module) -> list[int]:
         while j < len(theirs) and not equal_weights(layer, theirs[j]):
             j += 1
         if j == len(theirs):
-            raise PruneError("a decoder layer of the pruned model is not among the original's (was it trained?): "
-                             "the removed block cannot be located")
+            raise PruneError(
+                "a decoder layer of the pruned model is not among the original's (was it trained?): "
+                "the removed block cannot be located"
+            )
         kept.append(j)
         j += 1
     return [i for i in range(len(theirs)) if i not in kept]
@@ -156,11 +174,16 @@ def replace_removed_block(pruned: nn.Module, original: nn.Module) -> int:
     if not removed:
         raise PruneError("the pruned model holds every layer of the original: there is no block to replace")
     if removed != list(range(removed[0], removed[-1] + 1)):
-        raise PruneError(f"distill.replacement_layer needs one contiguous removed block; layers {removed} were "
-                         "removed (use prune.strategy last or angular)")
+        raise PruneError(
+            f"distill.replacement_layer needs one contiguous removed block; layers {removed} were "
+            "removed (use prune.strategy last or angular)"
+        )
     first = removed[0]
     n = len(find_layers(original)[2])
-    per_layer = {key: value[first] for key, value in vars(original.config).items()
-                 if isinstance(value, (list, tuple)) and len(value) == n and key != "architectures"}
+    per_layer = {
+        key: value[first]
+        for key, value in vars(original.config).items()
+        if isinstance(value, (list, tuple)) and len(value) == n and key != "architectures"
+    }
     insert_layer(pruned, first, copy.deepcopy(find_layers(original)[2][first]), per_layer)
     return first

@@ -62,15 +62,18 @@ def tail_model(model: nn.Module, start: int) -> nn.Module:
     return tail
 
 
-def tail_hidden(tail: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+def tail_hidden(
+    tail: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
+) -> torch.Tensor:
     """The final normed hidden states of ``tail`` (a ``tail_model``) run from ``hidden``."""
-    return tail(inputs_embeds=hidden, attention_mask=attention_mask, position_ids=position_ids,
-                use_cache=False).last_hidden_state
+    return tail(
+        inputs_embeds=hidden, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
 
 
-def hidden_states_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     depths: tuple[int, ...]) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+def hidden_states_at(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, depths: tuple[int, ...]
+) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
     """({depth: hidden state entering layer ``depth``}, final normed hidden) from one forward.
 
     Depth 0 is the scaled input embedding; depth d > 0 is layer d-1's output.
@@ -80,13 +83,21 @@ def hidden_states_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: 
     hooks = []
     for d in depths:
         if d == 0:
-            hooks.append(model.get_input_embeddings().register_forward_hook(
-                lambda m, args, out, d=d: captured.__setitem__(d, out)))
+            hooks.append(
+                model.get_input_embeddings().register_forward_hook(
+                    lambda m, args, out, d=d: captured.__setitem__(d, out)
+                )
+            )
         else:
-            hooks.append(layers[d - 1].register_forward_hook(
-                lambda m, args, out, d=d: captured.__setitem__(d, out[0] if isinstance(out, tuple) else out)))
+            hooks.append(
+                layers[d - 1].register_forward_hook(
+                    lambda m, args, out, d=d: captured.__setitem__(d, out[0] if isinstance(out, tuple) else out)
+                )
+            )
     try:
-        final = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        final = model.get_decoder()(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state
     finally:
         for h in hooks:
             h.remove()

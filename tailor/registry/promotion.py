@@ -49,10 +49,12 @@ class Decision:
     previous_champion: str | None = None
 
     def as_tags(self) -> dict[str, str]:
-        return {"tailor.promotion.decision": "promoted" if self.promoted else "rejected",
-                "tailor.promotion.reference": self.reference,
-                "tailor.promotion.reasons": "; ".join(self.reasons)[:4900],
-                "tailor.promotion.time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        return {
+            "tailor.promotion.decision": "promoted" if self.promoted else "rejected",
+            "tailor.promotion.reference": self.reference,
+            "tailor.promotion.reasons": "; ".join(self.reasons)[:4900],
+            "tailor.promotion.time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
 
 
 def evaluation_tags(report: dict, eval_signature: str) -> dict[str, str]:
@@ -60,9 +62,12 @@ def evaluation_tags(report: dict, eval_signature: str) -> dict[str, str]:
     the distilled and original models, mean retention, speed-up, and how it was evaluated."""
     distilled, original = report["models"]["distilled"], report["models"]["original"]
     change = report["vs_original"]["distilled"]
-    tags = {"tailor.eval_signature": eval_signature, "tailor.speedup": str(change["speedup"]),
-            # Empty when distillation hurt nowhere (significantly, vs the pruned model).
-            "tailor.harmed_vs_pruned": "; ".join((report.get("healing") or {}).get("harmed", []))}
+    tags = {
+        "tailor.eval_signature": eval_signature,
+        "tailor.speedup": str(change["speedup"]),
+        # Empty when distillation hurt nowhere (significantly, vs the pruned model).
+        "tailor.harmed_vs_pruned": "; ".join((report.get("healing") or {}).get("harmed", [])),
+    }
     if change.get("speedup_ci95"):
         tags["tailor.speedup_ci95_low"], tags["tailor.speedup_ci95_high"] = (str(x) for x in change["speedup_ci95"])
     if change["mean_acc_retention_pct"] is not None:  # None when no task reports accuracy
@@ -74,13 +79,16 @@ def evaluation_tags(report: dict, eval_signature: str) -> dict[str, str]:
             paired = change["tasks"][task]["acc"]
             if "paired_ci95" in paired:
                 tags[f"tailor.acc_delta.{task}"] = ",".join(
-                    str(x) for x in (paired["delta"], *paired["paired_ci95"], paired["n"]))
+                    str(x) for x in (paired["delta"], *paired["paired_ci95"], paired["n"])
+                )
     return tags
 
 
-MODEL_DESCRIPTION = ("A depth-pruned model healed by knowledge distillation from its original, made by llm-tailor. "
-                     "Each version's description says what was removed and how it was healed; its tailor.* tags "
-                     "hold its evaluation; the champion alias marks the version the promotion gate approved.")
+MODEL_DESCRIPTION = (
+    "A depth-pruned model healed by knowledge distillation from its original, made by llm-tailor. "
+    "Each version's description says what was removed and how it was healed; its tailor.* tags "
+    "hold its evaluation; the champion alias marks the version the promotion gate approved."
+)
 
 
 def version_description(report: dict, report_md: str) -> str:
@@ -94,46 +102,75 @@ def version_description(report: dict, report_md: str) -> str:
     speed = f"{change['speedup']:.2f}x"
     if change.get("speedup_ci95"):
         speed += " [{:.2f}, {:.2f}]".format(*change["speedup_ci95"])
-    lines = [f"Depth-pruned from {source}: decoder layers {report['pruning']['removed_layers']} removed "
-             f"({change['params_removed_pct']:.1f}% of the parameters), then distilled from the original: "
-             f"{kd['optimizer_steps']} optimiser steps on {kd['num_samples']} samples of {distill['seq_len']} tokens, "
-             f"lr {distill['learning_rate']}, T={distill['temperature']}, corpus {corpus}.",
-             f"Evaluated on {report['eval_limit'] or 'all'} documents per task. Generation speed-up vs the original: {speed}."]
+    lines = [
+        f"Depth-pruned from {source}: decoder layers {report['pruning']['removed_layers']} removed "
+        f"({change['params_removed_pct']:.1f}% of the parameters), then distilled from the original: "
+        f"{kd['optimizer_steps']} optimiser steps on {kd['num_samples']} samples of {distill['seq_len']} tokens, "
+        f"lr {distill['learning_rate']}, T={distill['temperature']}, corpus {corpus}.",
+        f"Evaluated on {report['eval_limit'] or 'all'} documents per task. "
+        f"Generation speed-up vs the original: {speed}.",
+    ]
     if change["mean_acc_retention_pct"] is not None:
         lines.append(f"Mean accuracy retention vs the original: {change['mean_acc_retention_pct']:.1f}%.")
     pooled = (report.get("healing") or {}).get("pooled")
     if pooled:
         lo, hi = pooled["delta_ci95"]
-        lines.append(f"Distilled - pruned accuracy, pooled over tasks: {pooled['delta_vs_pruned']:+.3f} "
-                     f"[{lo:+.3f}, {hi:+.3f}] (paired 95% interval).")
+        lines.append(
+            f"Distilled - pruned accuracy, pooled over tasks: {pooled['delta_vs_pruned']:+.3f} "
+            f"[{lo:+.3f}, {hi:+.3f}] (paired 95% interval)."
+        )
     lines.append(f"Report: {report_md}")
     return "\n\n".join(lines)
 
 
-def decide(challenger: dict[str, str], champion: dict[str, str] | None, gate: PromotionConfig,
-           champion_version: str | None = None) -> tuple[bool, str, list[str]]:
+def decide(
+    challenger: dict[str, str],
+    champion: dict[str, str] | None,
+    gate: PromotionConfig,
+    champion_version: str | None = None,
+) -> tuple[bool, str, list[str]]:
     """(passes, reference, reasons) from two versions' tags."""
     reasons: list[str] = []
     ok = True
     retention = float(challenger["tailor.mean_acc_retention_pct"])
-    checks = [(retention >= gate.min_mean_retention_pct,
-               f"mean retention {retention:.1f}% {'>=' if retention >= gate.min_mean_retention_pct else '<'} "
-               f"{gate.min_mean_retention_pct:.1f}%"),
-              _speed_check(challenger, gate.min_speedup)]
+    checks = [
+        (
+            retention >= gate.min_mean_retention_pct,
+            f"mean retention {retention:.1f}% {'>=' if retention >= gate.min_mean_retention_pct else '<'} "
+            f"{gate.min_mean_retention_pct:.1f}%",
+        ),
+        _speed_check(challenger, gate.min_speedup),
+    ]
     harmed = challenger.get("tailor.harmed_vs_pruned", "")
-    checks.append((not harmed, f"distillation significantly worse than the pruned model on: {harmed}" if harmed
-                   else "distillation not significantly worse than the pruned model on any task"))
+    checks.append(
+        (
+            not harmed,
+            f"distillation significantly worse than the pruned model on: {harmed}"
+            if harmed
+            else "distillation not significantly worse than the pruned model on any task",
+        )
+    )
     acc = _task_values(challenger, "tailor.acc.")
     if champion is not None and champion.get("tailor.eval_signature") != challenger["tailor.eval_signature"]:
         reference = f"champion v{champion_version}"
-        checks.append((False, f"{reference} was evaluated differently (tasks, limit or data); "
-                              "not comparable, promote by hand with --force after checking"))
+        checks.append(
+            (
+                False,
+                f"{reference} was evaluated differently (tasks, limit or data); "
+                "not comparable, promote by hand with --force after checking",
+            )
+        )
     else:
         if champion is not None:
             reference, ref_acc = f"champion v{champion_version}", _task_values(champion, "tailor.acc.")
             mean_new, mean_old = _mean(acc.values()), _mean(ref_acc.values())
-            checks.append((mean_new >= mean_old, f"mean accuracy {mean_new:.4f} "
-                                                 f"{'>=' if mean_new >= mean_old else '<'} {reference}'s {mean_old:.4f}"))
+            checks.append(
+                (
+                    mean_new >= mean_old,
+                    f"mean accuracy {mean_new:.4f} "
+                    f"{'>=' if mean_new >= mean_old else '<'} {reference}'s {mean_old:.4f}",
+                )
+            )
         else:
             reference, ref_acc = "original", _task_values(challenger, "tailor.original_acc.")
         intervals = _task_intervals(challenger) if champion is None else {}
@@ -144,8 +181,13 @@ def decide(challenger: dict[str, str], champion: dict[str, str] | None, gate: Pr
             drop = ref_acc.get(task, value) - value
             # A drop equal to the threshold passes: 0.40 - 0.35 is 0.05000000000000004 in floats.
             within = drop <= gate.max_task_drop + _ROUNDING
-            checks.append((within, f"{task} accuracy {value:.4f} vs {reference} {ref_acc.get(task, value):.4f}: "
-                                   f"drop {drop:+.4f} {'<=' if within else '>'} {gate.max_task_drop}"))
+            checks.append(
+                (
+                    within,
+                    f"{task} accuracy {value:.4f} vs {reference} {ref_acc.get(task, value):.4f}: "
+                    f"drop {drop:+.4f} {'<=' if within else '>'} {gate.max_task_drop}",
+                )
+            )
     for passed, reason in checks:
         ok &= passed
         reasons.append(("pass: " if passed else "FAIL: ") + reason)
@@ -172,8 +214,11 @@ def _non_inferior(task: str, delta: float, low: float, high: float, n: int, marg
     if high < -margin:
         return False, f"{shown}: worse than -{margin}"
     half, distance = (high - low) / 2, abs(delta + margin)
-    needed = f"about {math.ceil(n * (half / distance) ** 2):,} documents would decide it" if distance > 1e-9 \
+    needed = (
+        f"about {math.ceil(n * (half / distance) ** 2):,} documents would decide it"
+        if distance > 1e-9
         else "the change sits on the margin"
+    )
     return False, f"{shown}: inconclusive, the interval holds -{margin} (not promoted; {needed})"
 
 
@@ -193,18 +238,21 @@ def _speed_check(challenger: dict[str, str], min_speedup: float) -> tuple[bool, 
     return False, f"{shown}: inconclusive, the interval holds {min_speedup:.3f}x (not promoted; more speed.timed_runs)"
 
 
-def promote(client: MlflowClient, model_name: str, version: str, gate: PromotionConfig, force: bool = False) -> Decision:
+def promote(
+    client: MlflowClient, model_name: str, version: str, gate: PromotionConfig, force: bool = False
+) -> Decision:
     """Run the gate on ``version`` and move the champion alias when it passes (or ``force``)."""
     challenger = _version_tags(client, model_name, version)
     current = _alias_version(client, model_name, gate.champion_alias)
     judged = "tailor.mean_acc_retention_pct" in challenger
     if not judged and not force:
-        raise PromotionError(f"version {version} of {model_name!r} carries no llm-tailor accuracy tags "
-                             "(registered outside a tailor run, or none of its tasks reports accuracy); "
-                             "promote it with --force")
+        raise PromotionError(
+            f"version {version} of {model_name!r} carries no llm-tailor accuracy tags "
+            "(registered outside a tailor run, or none of its tasks reports accuracy); "
+            "promote it with --force"
+        )
     if current == str(version):
-        decision = Decision(str(version), False, f"champion v{current}",
-                            [f"already {gate.champion_alias}"], current)
+        decision = Decision(str(version), False, f"champion v{current}", [f"already {gate.champion_alias}"], current)
     elif not judged:
         decision = Decision(str(version), True, "none", ["forced by hand: no evaluation tags to check"], current)
         client.set_registered_model_alias(model_name, gate.champion_alias, str(version))
@@ -231,8 +279,10 @@ def _version_tags(client: MlflowClient, model_name: str, version: str) -> dict[s
         return dict(client.get_model_version(model_name, str(version)).tags)
     except MlflowException:
         existing = _existing_versions(client, model_name)
-        raise PromotionError(f"version {version} of registered model {model_name!r} does not exist; "
-                             f"existing versions: {', '.join(existing) or 'none'}") from None
+        raise PromotionError(
+            f"version {version} of registered model {model_name!r} does not exist; "
+            f"existing versions: {', '.join(existing) or 'none'}"
+        ) from None
 
 
 def _existing_versions(client: MlflowClient, model_name: str) -> list[str]:
@@ -253,8 +303,9 @@ def _alias_version(client: MlflowClient, model_name: str, alias: str) -> str | N
     except MlflowException as exc:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST" or "not found" in str(exc).lower():
             return None
-        raise PromotionError(f"cannot read alias {alias!r} of {model_name!r} from the registry ({exc}); "
-                             "not promoting") from exc
+        raise PromotionError(
+            f"cannot read alias {alias!r} of {model_name!r} from the registry ({exc}); not promoting"
+        ) from exc
 
 
 def _task_values(tags: dict[str, str], prefix: str) -> dict[str, float]:

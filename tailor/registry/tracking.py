@@ -42,8 +42,10 @@ def check_reachable(tracking_uri: str) -> None:
     try:
         client_for(tracking_uri).search_experiments(max_results=1)
     except Exception as exc:  # MLflow raises many types for an unreachable store
-        raise TrackingError(f"MLflow tracking store {tracking_uri!r} is not reachable "
-                            f"(tracking.tracking_uri / MLFLOW_TRACKING_URI): {exc}") from None
+        raise TrackingError(
+            f"MLflow tracking store {tracking_uri!r} is not reachable "
+            f"(tracking.tracking_uri / MLFLOW_TRACKING_URI): {exc}"
+        ) from None
     finally:
         for key, value in saved.items():
             if value is None:
@@ -60,8 +62,9 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_root: Path | Non
     # Model development, not a GenAI app. MLflow 3.x's UI goes by its own workflow switch (a URL
     # parameter, else the browser's choice, GenAI by default) rather than this tag: links say
     # which view to open (flows.stages.run_link).
-    return client.create_experiment(name, artifact_location=location,
-                                    tags={"mlflow.experimentKind": "custom_model_development"})
+    return client.create_experiment(
+        name, artifact_location=location, tags={"mlflow.experimentKind": "custom_model_development"}
+    )
 
 
 def log_datasets(client: MlflowClient, run_id: str, datasets: Iterable[dict[str, str]]) -> None:
@@ -69,15 +72,26 @@ def log_datasets(client: MlflowClient, run_id: str, datasets: Iterable[dict[str,
     (context: "evaluation" or "distillation"), so the UI shows what the run read and its digest."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
-    client.log_inputs(run_id, datasets=[
-        DatasetInput(Dataset(name=d["name"], digest=d["digest"][:16], source_type="local",
-                             source=json.dumps({"uri": d["source"]})),
-                     tags=[InputTag("mlflow.data.context", d["context"])])
-        for d in datasets])
+    client.log_inputs(
+        run_id,
+        datasets=[
+            DatasetInput(
+                Dataset(
+                    name=d["name"],
+                    digest=d["digest"][:16],
+                    source_type="local",
+                    source=json.dumps({"uri": d["source"]}),
+                ),
+                tags=[InputTag("mlflow.data.context", d["context"])],
+            )
+            for d in datasets
+        ],
+    )
 
 
-def start_parent_run(tracking_uri: str, experiment: str, work_dir: str, run_name: str,
-                     tags: dict[str, str]) -> tuple[MlflowClient, str, str]:
+def start_parent_run(
+    tracking_uri: str, experiment: str, work_dir: str, run_name: str, tags: dict[str, str]
+) -> tuple[MlflowClient, str, str]:
     """(client, experiment id, run id) of a flow's parent run; a local sqlite store keeps
     its artifacts under ``work_dir``/mlartifacts."""
     client = client_for(tracking_uri)
@@ -96,8 +110,13 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def start_run(client: MlflowClient, experiment_id: str, name: str, parent_id: str | None = None,
-              tags: dict[str, str] | None = None) -> str:
+def start_run(
+    client: MlflowClient,
+    experiment_id: str,
+    name: str,
+    parent_id: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> str:
     all_tags = dict(tags or {})
     if parent_id:
         all_tags["mlflow.parentRunId"] = parent_id
@@ -116,8 +135,11 @@ def _param_value(v: Any) -> str:
 
 def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
     now = int(time.time() * 1000)
-    items = [Metric(k, float(v), now, step) for k, v in flatten(metrics).items()
-             if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    items = [
+        Metric(k, float(v), now, step)
+        for k, v in flatten(metrics).items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    ]
     _log_in_batches(client, run_id, "metrics", items, 500)
 
 
@@ -131,16 +153,23 @@ def log_series(client: MlflowClient, run_id: str, key: str, points: Iterable[tup
 def _log_in_batches(client: MlflowClient, run_id: str, kind: str, items: list, size: int) -> None:
     # MLflow caps the entries one log_batch call may carry (100 params, 1000 metrics).
     for i in range(0, len(items), size):
-        client.log_batch(run_id, **{kind: items[i:i + size]})
+        client.log_batch(run_id, **{kind: items[i : i + size]})
 
 
 def end_run(client: MlflowClient, run_id: str, failed: bool = False) -> None:
     client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED if failed else RunStatus.FINISHED))
 
 
-def log_stage_run(client: MlflowClient, experiment_id: str, parent_id: str, stage: str, params: dict,
-                  metrics: dict, series: dict[str, list[tuple[int, float]]] | None = None,
-                  artifacts: list[str] | None = None) -> str:
+def log_stage_run(
+    client: MlflowClient,
+    experiment_id: str,
+    parent_id: str,
+    stage: str,
+    params: dict,
+    metrics: dict,
+    series: dict[str, list[tuple[int, float]]] | None = None,
+    artifacts: list[str] | None = None,
+) -> str:
     """One child run under the parent holding a stage's params, metrics, curves and files; returns its id.
     A child that fails half-way is ended FAILED, so a retry leaves no run stuck RUNNING."""
     run_id = start_run(client, experiment_id, stage, parent_id, tags={"tailor.stage": stage})
@@ -159,9 +188,17 @@ def log_stage_run(client: MlflowClient, experiment_id: str, parent_id: str, stag
     return run_id
 
 
-def register_checkpoint(tracking_uri: str, run_id: str, checkpoint_path: str, fingerprint: str,
-                        model_name: str, alias: str, tags: dict[str, str], description: str = "",
-                        model_description: str = "") -> str:
+def register_checkpoint(
+    tracking_uri: str,
+    run_id: str,
+    checkpoint_path: str,
+    fingerprint: str,
+    model_name: str,
+    alias: str,
+    tags: dict[str, str],
+    description: str = "",
+    model_description: str = "",
+) -> str:
     """Log the checkpoint with the transformers flavour, register it, set the alias.
 
     Idempotent: a version already holding this checkpoint fingerprint is reused, and its
@@ -178,8 +215,10 @@ def register_checkpoint(tracking_uri: str, run_id: str, checkpoint_path: str, fi
         model, tokenizer = load_model(CheckpointRef(checkpoint_path, fingerprint))
         with _fluent_store(tracking_uri), mlflow.start_run(run_id=run_id), _requirements_without_torchvision():
             info = mlflow.transformers.log_model(
-                transformers_model={"model": model, "tokenizer": tokenizer}, name="model",
-                task="text-generation", registered_model_name=model_name,
+                transformers_model={"model": model, "tokenizer": tokenizer},
+                name="model",
+                task="text-generation",
+                registered_model_name=model_name,
                 # (input, params): the signature then accepts generation settings at serving time.
                 input_example=("The capital of France is", {"max_new_tokens": 32}),
             )
@@ -210,11 +249,16 @@ def registered_version(tracking_uri: str, model_uri: str) -> tuple[str, str, str
     spec = model_uri.removeprefix("models:/")
     name, alias = spec.split("@", 1) if "@" in spec else (spec.rsplit("/", 1)[0], None)
     if not name or (alias is None and "/" not in spec):
-        raise TailorError(f"{model_uri!r} is not a registered model URI; allowed: models:/NAME@ALIAS or models:/NAME/VERSION")
+        raise TailorError(
+            f"{model_uri!r} is not a registered model URI; allowed: models:/NAME@ALIAS or models:/NAME/VERSION"
+        )
     client = client_for(tracking_uri)
     try:
-        version = (client.get_model_version_by_alias(name, alias) if alias is not None
-                   else client.get_model_version(name, spec.rsplit("/", 1)[1]))
+        version = (
+            client.get_model_version_by_alias(name, alias)
+            if alias is not None
+            else client.get_model_version(name, spec.rsplit("/", 1)[1])
+        )
     except MlflowException as exc:
         raise TailorError(f"{model_uri!r} is not in the registry at the configured tracking store: {exc}") from None
     return name, str(version.version), version.tags.get("checkpoint_fingerprint")
@@ -270,7 +314,8 @@ def _requirements_without_torchvision():
 
     original = flavour.get_default_pip_requirements
     flavour.get_default_pip_requirements = lambda model: [
-        _get_pinned_requirement(p) for p in ("transformers", "torch", "accelerate") if importlib.util.find_spec(p)]
+        _get_pinned_requirement(p) for p in ("transformers", "torch", "accelerate") if importlib.util.find_spec(p)
+    ]
     try:
         yield
     finally:

@@ -25,8 +25,11 @@ def retention_pct(metric: str, original: float, value: float) -> float | None:
 
 def mean_acc_retention(original: dict[str, dict], model: dict[str, dict]) -> float | None:
     """Mean over the tasks reporting accuracy of ``retention_pct``; metrics keyed task -> metric."""
-    values = [retention_pct("acc", original[t]["acc"]["value"], model[t]["acc"]["value"])
-              for t in original if "acc" in original[t]]
+    values = [
+        retention_pct("acc", original[t]["acc"]["value"], model[t]["acc"]["value"])
+        for t in original
+        if "acc" in original[t]
+    ]
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
 
@@ -73,8 +76,13 @@ def build_report(profiles: dict[str, dict], evals: dict[str, dict], extra: dict)
             "params_removed": base["params"] - m["params"],
             "params_removed_pct": 100.0 * (base["params"] - m["params"]) / base["params"],
         }
-    return {"models": models, "vs_original": changes, "healing": healing_summary(evals),
-            "speed_tie": speed_tie(models), **extra}
+    return {
+        "models": models,
+        "vs_original": changes,
+        "healing": healing_summary(evals),
+        "speed_tie": speed_tie(models),
+        **extra,
+    }
 
 
 def _speedup(base: dict, model: dict) -> dict:
@@ -111,26 +119,48 @@ def write_figures(report: dict, out_dir: Path, layer_scores_png: str | None = No
     if tasks:
         scores = {n: [models[n]["metrics"][t]["acc"] for t in tasks] for n in MODELS}
         intervals = {n: [score_interval(s) for s in scores[n]] for n in MODELS}
-        grouped_bars_png(tasks, {n: [s["value"] for s in scores[n]] for n in MODELS}, "accuracy",
-                         "Accuracy per task (error bars: 95% interval, ±1.96 standard errors)",
-                         out_dir / "accuracy.png", intervals=intervals)
+        grouped_bars_png(
+            tasks,
+            {n: [s["value"] for s in scores[n]] for n in MODELS},
+            "accuracy",
+            "Accuracy per task (error bars: 95% interval, ±1.96 standard errors)",
+            out_dir / "accuracy.png",
+            intervals=intervals,
+        )
         figures["Accuracy per task"] = "accuracy.png"
     losses = report.get("distillation", {}).get("losses")
     if losses:
-        lines_png("optimiser step", "distillation loss", {"loss": (list(range(1, len(losses) + 1)), losses)},
-                  "Distillation loss", out_dir / "kd_loss.png")
+        lines_png(
+            "optimiser step",
+            "distillation loss",
+            {"loss": (list(range(1, len(losses) + 1)), losses)},
+            "Distillation loss",
+            out_dir / "kd_loss.png",
+        )
         figures["Distillation loss"] = "kd_loss.png"
     curve = report.get("distillation", {}).get("heldout_curve")
     if curve:
         held = report.get("heldout_perplexity", {})
-        references = {f"{n} (held-out)": ([curve[0][0], curve[-1][0]], [held[n]["perplexity"]] * 2)
-                      for n in ("original", "pruned") if n in held}
-        lines_png("optimiser step", "held-out perplexity",
-                  {"student": ([s for s, _ in curve], [v for _, v in curve]), **references},
-                  "Healing curve: held-out corpus perplexity", out_dir / "healing_curve.png")
+        references = {
+            f"{n} (held-out)": ([curve[0][0], curve[-1][0]], [held[n]["perplexity"]] * 2)
+            for n in ("original", "pruned")
+            if n in held
+        }
+        lines_png(
+            "optimiser step",
+            "held-out perplexity",
+            {"student": ([s for s, _ in curve], [v for _, v in curve]), **references},
+            "Healing curve: held-out corpus perplexity",
+            out_dir / "healing_curve.png",
+        )
         figures["Healing curve"] = "healing_curve.png"
-    grouped_bars_png(["tokens/s"], {n: [models[n]["tokens_per_s"]] for n in MODELS}, "generated tokens/s",
-                     "Generation speed (greedy)", out_dir / "speed.png")
+    grouped_bars_png(
+        ["tokens/s"],
+        {n: [models[n]["tokens_per_s"]] for n in MODELS},
+        "generated tokens/s",
+        "Generation speed (greedy)",
+        out_dir / "speed.png",
+    )
     figures["Generation speed"] = "speed.png"
     if layer_scores_png:
         shutil.copyfile(layer_scores_png, out_dir / "layer_scores.png")
@@ -156,9 +186,17 @@ def comparison_table(report: dict) -> list[dict]:
 def render_markdown(report: dict, figure_dir: Path | None = None) -> str:
     """The report as markdown; with ``figure_dir`` the figures are embedded inline (for UIs
     that cannot read files beside the report)."""
-    sections = [title_markdown(report), models_markdown(report), task_metrics_markdown(report),
-                healing_markdown(report), pruning_markdown(report), continuations_markdown(report),
-                figures_markdown(report, figure_dir), promotion_markdown(report), stage_costs_markdown(report)]
+    sections = [
+        title_markdown(report),
+        models_markdown(report),
+        task_metrics_markdown(report),
+        healing_markdown(report),
+        pruning_markdown(report),
+        continuations_markdown(report),
+        figures_markdown(report, figure_dir),
+        promotion_markdown(report),
+        stage_costs_markdown(report),
+    ]
     return "\n".join(line for section in sections for line in section) + "\n"
 
 
@@ -167,8 +205,11 @@ def title_markdown(report: dict) -> list[str]:
     lines = [f"# llm-tailor report: profile `{report.get('profile', '?')}`", ""]
     harmed = (report.get("healing") or {}).get("harmed")
     if harmed:
-        lines += [f"> **Warning: distillation made the model significantly worse than the pruned one on "
-                  f"{', '.join(harmed)}** (paired 95% interval below zero). The promotion gate refuses it.", ""]
+        lines += [
+            f"> **Warning: distillation made the model significantly worse than the pruned one on "
+            f"{', '.join(harmed)}** (paired 95% interval below zero). The promotion gate refuses it.",
+            "",
+        ]
     return lines
 
 
@@ -185,35 +226,52 @@ def models_markdown(report: dict) -> list[str]:
     ]
     for label, fn in rows:
         lines.append(f"| {label} | " + " | ".join(fn(models[n]) for n in MODELS) + " |")
-    lines.append("| speed-up vs original (median of interleaved rounds [95% CI]) | 1.00x | " + " | ".join(
-        f"{changes[n]['speedup']:.2f}x" + (" [{:.2f}, {:.2f}]".format(*changes[n]["speedup_ci95"])
-                                           if changes[n].get("speedup_ci95") else "") for n in MODELS[1:]) + " |")
+    lines.append(
+        "| speed-up vs original (median of interleaved rounds [95% CI]) | 1.00x | "
+        + " | ".join(
+            f"{changes[n]['speedup']:.2f}x"
+            + (" [{:.2f}, {:.2f}]".format(*changes[n]["speedup_ci95"]) if changes[n].get("speedup_ci95") else "")
+            for n in MODELS[1:]
+        )
+        + " |"
+    )
     tie = report.get("speed_tie")
     if tie and tie["noisy"]:
         lo, hi = tie["ci95"]
-        lines += ["", f"**Speed measurement noisy:** the pruned and distilled models have the same architecture "
-                      f"but timed {tie['distilled_vs_pruned']:.2f}x apart [{lo:.2f}, {hi:.2f}]; read the speed-ups "
-                      "as uncertain by at least that much, or re-run with more `speed.timed_runs`."]
+        lines += [
+            "",
+            f"**Speed measurement noisy:** the pruned and distilled models have the same architecture "
+            f"but timed {tie['distilled_vs_pruned']:.2f}x apart [{lo:.2f}, {hi:.2f}]; read the speed-ups "
+            "as uncertain by at least that much, or re-run with more `speed.timed_runs`.",
+        ]
     return lines
 
 
 def task_metrics_markdown(report: dict) -> list[str]:
     """Every task metric of the three models with the changes, their intervals and retention."""
     models, changes = report["models"], report["vs_original"]
-    lines = ["", "## Task metrics", "",
-             "Value ± standard error; for the pruned and distilled models also the change vs the original "
-             "with its paired bootstrap 95% interval over the same documents (**bold** = significant: the "
-             "interval excludes zero), and the retention (for perplexity, lower is better and retention is "
-             "original / model).", "",
-             "| task | metric | original | pruned | Δ [95% CI] | retention | distilled | Δ [95% CI] | retention |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "",
+        "## Task metrics",
+        "",
+        "Value ± standard error; for the pruned and distilled models also the change vs the original "
+        "with its paired bootstrap 95% interval over the same documents (**bold** = significant: the "
+        "interval excludes zero), and the retention (for perplexity, lower is better and retention is "
+        "original / model).",
+        "",
+        "| task | metric | original | pruned | Δ [95% CI] | retention | distilled | Δ [95% CI] | retention |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for task, metrics in models["original"]["metrics"].items():
         for metric, score in metrics.items():
             cells = [task, metric, _score(score)]
             for n in MODELS[1:]:
                 c = changes[n]["tasks"][task][metric]
-                cells += [_score(models[n]["metrics"][task][metric]), _delta(c),
-                          _fmt(c['retention_pct'], '.1f') + ("%" if c['retention_pct'] is not None else "")]
+                cells += [
+                    _score(models[n]["metrics"][task][metric]),
+                    _delta(c),
+                    _fmt(c["retention_pct"], ".1f") + ("%" if c["retention_pct"] is not None else ""),
+                ]
             lines.append("| " + " | ".join(cells) + " |")
     return lines + _sensitivity_markdown(report)
 
@@ -222,17 +280,30 @@ def _sensitivity_markdown(report: dict) -> list[str]:
     """What the sample can detect, the mean retention, and how few documents it was."""
     changes = report["vs_original"]
     lines = []
-    detectable = {t: m["acc"]["min_detectable"] for t, m in changes["distilled"]["tasks"].items()
-                  if "min_detectable" in m.get("acc", {})}
+    detectable = {
+        t: m["acc"]["min_detectable"]
+        for t, m in changes["distilled"]["tasks"].items()
+        if "min_detectable" in m.get("acc", {})
+    }
     if detectable:
-        lines += ["", "Smallest accuracy change these documents detect (80% power, 5% level, paired): "
-                  + ", ".join(f"{t} {v:.3f}" for t, v in detectable.items())
-                  + ". A smaller true change can hide behind \"not significant\"."]
-    lines += ["", "Mean accuracy retention: " + ", ".join(
-        f"{n} {_fmt(changes[n]['mean_acc_retention_pct'], '.1f')}%" for n in MODELS[1:]), ""]
+        lines += [
+            "",
+            "Smallest accuracy change these documents detect (80% power, 5% level, paired): "
+            + ", ".join(f"{t} {v:.3f}" for t, v in detectable.items())
+            + '. A smaller true change can hide behind "not significant".',
+        ]
+    lines += [
+        "",
+        "Mean accuracy retention: "
+        + ", ".join(f"{n} {_fmt(changes[n]['mean_acc_retention_pct'], '.1f')}%" for n in MODELS[1:]),
+        "",
+    ]
     if report.get("eval_limit") is not None:
-        lines += [f"Evaluated on the first {report['eval_limit']} documents per task: small limits are noisy, "
-                  "read the standard errors before drawing conclusions.", ""]
+        lines += [
+            f"Evaluated on the first {report['eval_limit']} documents per task: small limits are noisy, "
+            "read the standard errors before drawing conclusions.",
+            "",
+        ]
     return lines
 
 
@@ -241,34 +312,50 @@ def pruning_markdown(report: dict) -> list[str]:
     changes = report["vs_original"]
     lines = ["## Pruning and distillation", ""]
     prune = report.get("pruning", {})
-    lines.append(f"- removed decoder layers: {prune.get('removed_layers')} "
-                 f"({changes['pruned']['params_removed']:,} parameters, {changes['pruned']['params_removed_pct']:.2f}%)")
+    lines.append(
+        f"- removed decoder layers: {prune.get('removed_layers')} "
+        f"({changes['pruned']['params_removed']:,} parameters, {changes['pruned']['params_removed_pct']:.2f}%)"
+    )
     kd = report.get("distillation", {})
     if kd:
         if "loss" in kd:
             lines.append(f"- distillation objective: {objective_text(kd['loss'])}")
         if "trainable_parameters" in kd:
             distill_cfg = report.get("config", {}).get("distill", {})
-            what = (f"the last {distill_cfg['train_last_layers']} decoder layers and the final norm"
-                    if distill_cfg.get("train_last_layers") else "every decoder layer and the final norm")
+            what = (
+                f"the last {distill_cfg['train_last_layers']} decoder layers and the final norm"
+                if distill_cfg.get("train_last_layers")
+                else "every decoder layer and the final norm"
+            )
             if distill_cfg.get("replacement_layer"):
                 what += ", with one new layer in the removed block's place"
             if distill_cfg.get("freeze_embeddings"):
                 what += "; embedding and output head fixed"
-            lines.append(f"- trained: {kd['trainable_parameters']:,} parameters ({what})"
-                         + (f"; the first {kd['shared_trunk_layers']} layers run once for teacher and student"
-                            if kd.get("shared_trunk_layers") else ""))
+            lines.append(
+                f"- trained: {kd['trainable_parameters']:,} parameters ({what})"
+                + (
+                    f"; the first {kd['shared_trunk_layers']} layers run once for teacher and student"
+                    if kd.get("shared_trunk_layers")
+                    else ""
+                )
+            )
             if distill_cfg.get("corpus_mix"):
-                lines.append("- data: " + ", ".join(f"{src} (weight {w:g})"
-                                                    for src, w in distill_cfg["corpus_mix"].items()))
+                lines.append(
+                    "- data: " + ", ".join(f"{src} (weight {w:g})" for src, w in distill_cfg["corpus_mix"].items())
+                )
         if "teacher" in kd:
-            student = ("bfloat16 autocast" if kd.get("bf16_autocast") else "float32") \
-                + (", gradient checkpointing" if kd.get("gradient_checkpointing") else "")
-            lines.append(f"- KD mode: teacher {kd['teacher']}; student {student}"
-                         + (f"; {kd['world_size']} data-parallel processes" if kd.get("world_size", 1) > 1 else ""))
-        lines.append(f"- distillation: {kd['optimizer_steps']} optimiser steps on {kd['num_samples']} samples, "
-                     f"{kd['train_tokens']:,} tokens in {kd['train_seconds']:.1f} s "
-                     f"({kd['train_tokens_per_s']:.1f} tokens/s); loss {kd['losses'][0]:.4f} → {kd['losses'][-1]:.4f}")
+            student = ("bfloat16 autocast" if kd.get("bf16_autocast") else "float32") + (
+                ", gradient checkpointing" if kd.get("gradient_checkpointing") else ""
+            )
+            lines.append(
+                f"- KD mode: teacher {kd['teacher']}; student {student}"
+                + (f"; {kd['world_size']} data-parallel processes" if kd.get("world_size", 1) > 1 else "")
+            )
+        lines.append(
+            f"- distillation: {kd['optimizer_steps']} optimiser steps on {kd['num_samples']} samples, "
+            f"{kd['train_tokens']:,} tokens in {kd['train_seconds']:.1f} s "
+            f"({kd['train_tokens_per_s']:.1f} tokens/s); loss {kd['losses'][0]:.4f} → {kd['losses'][-1]:.4f}"
+        )
     return lines
 
 
@@ -299,9 +386,14 @@ def promotion_markdown(report: dict) -> list[str]:
     if not report.get("promotion"):
         return []
     d = report["promotion"]
-    lines = ["", "## Promotion", "",
-             f"Version {d['version']} vs {d['reference']}: **{'promoted' if d['promoted'] else 'not promoted'}**"
-             + (f" (champion was v{d['previous_champion']})" if d.get("previous_champion") else ""), ""]
+    lines = [
+        "",
+        "## Promotion",
+        "",
+        f"Version {d['version']} vs {d['reference']}: **{'promoted' if d['promoted'] else 'not promoted'}**"
+        + (f" (champion was v{d['previous_champion']})" if d.get("previous_champion") else ""),
+        "",
+    ]
     return lines + [f"- {r}" for r in d["reasons"]]
 
 
@@ -309,11 +401,18 @@ def stage_costs_markdown(report: dict) -> list[str]:
     """Compute seconds and peak memory of each stage."""
     if not report.get("stages"):
         return []
-    lines = ["", "## Where the time went", "",
-             "Compute seconds of each stage when it ran, and the process's peak resident memory by its end.",
-             "", "| stage | seconds | peak RSS (GiB) |", "|---|---|---|"]
-    return lines + [f"| {k} | {v['seconds']:.1f} | {_fmt(v.get('peak_rss_gib'), '.2f')} |"
-                    for k, v in report["stages"].items()]
+    lines = [
+        "",
+        "## Where the time went",
+        "",
+        "Compute seconds of each stage when it ran, and the process's peak resident memory by its end.",
+        "",
+        "| stage | seconds | peak RSS (GiB) |",
+        "|---|---|---|",
+    ]
+    return lines + [
+        f"| {k} | {v['seconds']:.1f} | {_fmt(v.get('peak_rss_gib'), '.2f')} |" for k, v in report["stages"].items()
+    ]
 
 
 def healing_markdown(report: dict) -> list[str]:
@@ -322,32 +421,53 @@ def healing_markdown(report: dict) -> list[str]:
     if not healing or not healing.get("pooled"):
         return []
     metric = healing["metric"]
-    lines = ["## Healing: what distillation recovered", "",
-             f"Distilled − pruned {metric} with its paired bootstrap 95% interval, and the recovered share "
-             "(distilled − pruned) / (original − pruned) with its interval: 0% = no healing, 100% = the original's "
-             "quality back. The share is printed only where pruning's own damage is significant; elsewhere the "
-             "sample cannot tell. Pooled weighs every task equally.", "",
-             "| task | pruned − original [95% CI] | distilled − pruned [95% CI] | verdict | recovered share [95% CI] | docs |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "## Healing: what distillation recovered",
+        "",
+        f"Distilled − pruned {metric} with its paired bootstrap 95% interval, and the recovered share "
+        "(distilled − pruned) / (original − pruned) with its interval: 0% = no healing, 100% = the original's "
+        "quality back. The share is printed only where pruning's own damage is significant; elsewhere the "
+        "sample cannot tell. Pooled weighs every task equally.",
+        "",
+        "| task | pruned − original [95% CI] | distilled − pruned [95% CI] | verdict "
+        "| recovered share [95% CI] | docs |",
+        "|---|---|---|---|---|---|",
+    ]
     for task, r in [*healing["per_task"].items(), ("**pooled**", healing["pooled"])]:
-        lines.append(f"| {task} | {_ci(-r['damage'], [-r['damage_ci95'][1], -r['damage_ci95'][0]])} | "
-                     f"{_ci(r['delta_vs_pruned'], r['delta_ci95'])} | {_verdict(r)} | {_share(r)} | {r['n']} |")
+        lines.append(
+            f"| {task} | {_ci(-r['damage'], [-r['damage_ci95'][1], -r['damage_ci95'][0]])} | "
+            f"{_ci(r['delta_vs_pruned'], r['delta_ci95'])} | {_verdict(r)} | {_share(r)} | {r['n']} |"
+        )
     ppl = healing.get("perplexity")
     if ppl:
-        verdict = ("**significantly worse**" if ppl["significant_harm"] else
-                   "better" if ppl["distilled_over_pruned_ci95"][1] < 1 else "cannot tell")
-        share = ("cannot tell (pruning's perplexity increase is not significant)" if ppl["recovered_share"] is None
-                 else f"{ppl['recovered_share']:.0%} [{ppl['recovered_share_ci95'][0]:.0%}, "
-                      f"{ppl['recovered_share_ci95'][1]:.0%}]")
+        verdict = (
+            "**significantly worse**"
+            if ppl["significant_harm"]
+            else "better"
+            if ppl["distilled_over_pruned_ci95"][1] < 1
+            else "cannot tell"
+        )
+        share = (
+            "cannot tell (pruning's perplexity increase is not significant)"
+            if ppl["recovered_share"] is None
+            else f"{ppl['recovered_share']:.0%} [{ppl['recovered_share_ci95'][0]:.0%}, "
+            f"{ppl['recovered_share_ci95'][1]:.0%}]"
+        )
         lo, hi = ppl["distilled_over_pruned_ci95"]
-        lines += ["", f"{ppl['task']} perplexity: original {ppl['original']:.2f}, pruned {ppl['pruned']:.2f}, "
-                      f"distilled {ppl['distilled']:.2f} (distilled / pruned {ppl['distilled_over_pruned']:.3f} "
-                      f"[{lo:.3f}, {hi:.3f}]: {verdict}); recovered share {share}."]
+        lines += [
+            "",
+            f"{ppl['task']} perplexity: original {ppl['original']:.2f}, pruned {ppl['pruned']:.2f}, "
+            f"distilled {ppl['distilled']:.2f} (distilled / pruned {ppl['distilled_over_pruned']:.3f} "
+            f"[{lo:.3f}, {hi:.3f}]: {verdict}); recovered share {share}.",
+        ]
     held = report.get("heldout_perplexity")
     if held and all(n in held for n in MODELS):
-        lines += ["", "Held-out corpus perplexity (documents of the distillation corpus that training never saw): "
-                  + ", ".join(f"{n} {held[n]['perplexity']:.2f}" for n in MODELS)
-                  + f" ({held['original']['tokens']:,} tokens per model)."]
+        lines += [
+            "",
+            "Held-out corpus perplexity (documents of the distillation corpus that training never saw): "
+            + ", ".join(f"{n} {held[n]['perplexity']:.2f}" for n in MODELS)
+            + f" ({held['original']['tokens']:,} tokens per model).",
+        ]
     return lines + [""]
 
 

@@ -26,8 +26,7 @@ def _aligned(evals: dict[str, dict], task: str, metric: str) -> np.ndarray | Non
     items = [evals[m].get("items", {}).get(task) for m in ("original", "pruned", "distilled")]
     if not all(items):
         return None
-    shared = sorted(set.intersection(*(set(k for k, v in i.items() if metric in v) for i in items)),
-                    key=doc_order)
+    shared = sorted(set.intersection(*(set(k for k, v in i.items() if metric in v) for i in items)), key=doc_order)
     if not shared:
         return None
     return np.array([[i[k][metric] for k in shared] for i in items], dtype=np.float64)
@@ -59,9 +58,13 @@ def recovery(groups: list[np.ndarray], seed: int = 0) -> dict:
     with np.errstate(divide="ignore", invalid="ignore"):
         shares = (boot[:, 2] - boot[:, 1]) / (boot[:, 0] - boot[:, 1])
     return {
-        "delta_vs_pruned": float(delta), "delta_ci95": delta_ci,
-        "significant_gain": delta_ci[0] > 0, "significant_harm": delta_ci[1] < 0,
-        "damage": float(damage), "damage_ci95": damage_ci, "damage_significant": share_defined,
+        "delta_vs_pruned": float(delta),
+        "delta_ci95": delta_ci,
+        "significant_gain": delta_ci[0] > 0,
+        "significant_harm": delta_ci[1] < 0,
+        "damage": float(damage),
+        "damage_ci95": damage_ci,
+        "damage_significant": share_defined,
         "recovered_share": float(delta / damage) if share_defined else None,
         "recovered_share_ci95": _interval(shares) if share_defined else None,
         "n": int(sum(g.shape[1] for g in groups)),
@@ -93,11 +96,17 @@ def perplexity_recovery(ll: np.ndarray, seed: int = 0) -> dict:
     with np.errstate(divide="ignore", invalid="ignore"):
         shares = (boot[:, 1] - boot[:, 2]) / (boot[:, 1] - boot[:, 0])
     ratio_ci = _interval(boot[:, 2] / boot[:, 1])
-    return {"original": float(ppl[0]), "pruned": float(ppl[1]), "distilled": float(ppl[2]),
-            "recovered_share": float((ppl[1] - ppl[2]) / (ppl[1] - ppl[0])) if defined else None,
-            "recovered_share_ci95": _interval(shares) if defined else None,
-            "distilled_over_pruned": float(ppl[2] / ppl[1]), "distilled_over_pruned_ci95": ratio_ci,
-            "significant_harm": ratio_ci[0] > 1, "n": int(n)}
+    return {
+        "original": float(ppl[0]),
+        "pruned": float(ppl[1]),
+        "distilled": float(ppl[2]),
+        "recovered_share": float((ppl[1] - ppl[2]) / (ppl[1] - ppl[0])) if defined else None,
+        "recovered_share_ci95": _interval(shares) if defined else None,
+        "distilled_over_pruned": float(ppl[2] / ppl[1]),
+        "distilled_over_pruned_ci95": ratio_ci,
+        "significant_harm": ratio_ci[0] > 1,
+        "n": int(n),
+    }
 
 
 def healing_summary(evals: dict[str, dict], metric: str = "acc") -> dict:
@@ -109,8 +118,12 @@ def healing_summary(evals: dict[str, dict], metric: str = "acc") -> dict:
         if scores is not None:
             per_task[task] = recovery([scores])
     groups = [g for g in (_aligned(evals, t, metric) for t in per_task) if g is not None]
-    summary = {"metric": metric, "per_task": per_task, "pooled": recovery(groups) if groups else None,
-               "perplexity": None}
+    summary = {
+        "metric": metric,
+        "per_task": per_task,
+        "pooled": recovery(groups) if groups else None,
+        "perplexity": None,
+    }
     ll = lambada_loglikelihoods(evals)
     if ll is not None:
         summary["perplexity"] = {"task": "lambada_openai", **perplexity_recovery(ll)}
@@ -125,4 +138,3 @@ def harmed_metrics(summary: dict) -> list[str]:
     if ppl and ppl["significant_harm"]:
         harmed.append(f"{ppl['task']} perplexity")
     return harmed
-

@@ -12,9 +12,11 @@ matplotlib.use("Agg")  # no display on servers and workers
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-STRATEGY_LABELS = {"block_influence": "block influence (1 - cos in/out)",
-                   "angular": "angular distance of an n-layer block starting here",
-                   "leave_one_out": "calibration perplexity increase when skipped"}
+STRATEGY_LABELS = {
+    "block_influence": "block influence (1 - cos in/out)",
+    "angular": "angular distance of an n-layer block starting here",
+    "leave_one_out": "calibration perplexity increase when skipped",
+}
 
 
 def layer_scores_png(series: dict[str, list[float]], removed: dict[str, list[int]], path: Path) -> Path:
@@ -32,8 +34,9 @@ def layer_scores_png(series: dict[str, list[float]], removed: dict[str, list[int
     return _save(fig, path)
 
 
-def lines_png(x_label: str, y_label: str, lines: dict[str, tuple[list[float], list[float]]], title: str,
-              path: Path) -> Path:
+def lines_png(
+    x_label: str, y_label: str, lines: dict[str, tuple[list[float], list[float]]], title: str, path: Path
+) -> Path:
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for label, (xs, ys) in lines.items():
         ax.plot(xs, ys, marker="o", label=label)
@@ -46,16 +49,29 @@ def lines_png(x_label: str, y_label: str, lines: dict[str, tuple[list[float], li
     return _save(fig, path)
 
 
-def grouped_bars_png(groups: list[str], bars: dict[str, list[float]], y_label: str, title: str, path: Path,
-                     intervals: dict[str, list[tuple[float, float] | None]] | None = None) -> Path:
+def grouped_bars_png(
+    groups: list[str],
+    bars: dict[str, list[float]],
+    y_label: str,
+    title: str,
+    path: Path,
+    intervals: dict[str, list[tuple[float, float] | None]] | None = None,
+) -> Path:
     """One bar per (group, series); ``intervals`` (low, high) per bar, same keys and order, draw
     error bars (None: that bar has none)."""
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.8 / max(1, len(bars))
     for k, (label, values) in enumerate(bars.items()):
         yerr = _error_offsets(values, intervals[label]) if intervals and label in intervals else None
-        ax.bar([i + k * width for i in range(len(groups))], values, width, label=label, yerr=yerr, capsize=3,
-               error_kw={"elinewidth": 1})
+        ax.bar(
+            [i + k * width for i in range(len(groups))],
+            values,
+            width,
+            label=label,
+            yerr=yerr,
+            capsize=3,
+            error_kw={"elinewidth": 1},
+        )
     ax.set_xticks([i + width * (len(bars) - 1) / 2 for i in range(len(groups))])
     ax.set_xticklabels(groups, fontsize=8)
     ax.set_ylabel(y_label)

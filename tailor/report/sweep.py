@@ -14,8 +14,9 @@ from tailor.common.stats import paired_bootstrap, paired_values
 from tailor.report.compare import mean_acc_retention
 from tailor.report.plots import lines_png
 
-BEST_RULE = ("among the combinations removing the most layers, the highest mean accuracy retention "
-             "(ties: the higher speed-up)")
+BEST_RULE = (
+    "among the combinations removing the most layers, the highest mean accuracy retention (ties: the higher speed-up)"
+)
 
 
 def sweep_rows(original: dict, combos: list[dict]) -> list[dict]:
@@ -37,14 +38,19 @@ def sweep_rows(original: dict, combos: list[dict]) -> list[dict]:
                 model_pool += other
         pooled = paired_bootstrap(base_pool, model_pool) if base_pool else None
         base_params = original["profile"]["params"]
-        rows.append({
-            "strategy": c["strategy"], "num_layers": c["num_layers"], "removed_layers": c["removed_layers"],
-            "params": c["profile"]["params"],
-            "params_saved_pct": 100.0 * (base_params - c["profile"]["params"]) / base_params,
-            "speedup": original["profile"]["gen_time_mean_s"] / c["profile"]["gen_time_mean_s"],
-            "mean_acc_retention_pct": mean_acc_retention(original["metrics"], c["metrics"]),
-            "acc_delta_pooled": pooled, "acc_delta_per_task": per_task,
-        })
+        rows.append(
+            {
+                "strategy": c["strategy"],
+                "num_layers": c["num_layers"],
+                "removed_layers": c["removed_layers"],
+                "params": c["profile"]["params"],
+                "params_saved_pct": 100.0 * (base_params - c["profile"]["params"]) / base_params,
+                "speedup": original["profile"]["gen_time_mean_s"] / c["profile"]["gen_time_mean_s"],
+                "mean_acc_retention_pct": mean_acc_retention(original["metrics"], c["metrics"]),
+                "acc_delta_pooled": pooled,
+                "acc_delta_per_task": per_task,
+            }
+        )
     return rows
 
 
@@ -60,30 +66,45 @@ def table(rows: list[dict]) -> list[dict]:
     out = []
     for r in rows:
         pooled = r["acc_delta_pooled"] or {}
-        out.append({
-            "strategy": r["strategy"], "layers removed": r["num_layers"],
-            "which": " ".join(map(str, r["removed_layers"])),
-            "params saved %": round(r["params_saved_pct"], 2), "speed-up": round(r["speedup"], 3),
-            "mean acc retention %": None if r["mean_acc_retention_pct"] is None else round(r["mean_acc_retention_pct"], 2),
-            "Δacc pooled": None if not pooled else round(pooled["delta"], 4),
-            "95% CI": None if not pooled else f"[{pooled['ci_low']:+.4f}, {pooled['ci_high']:+.4f}]",
-            "significant": None if not pooled else pooled["significant"],
-        })
+        out.append(
+            {
+                "strategy": r["strategy"],
+                "layers removed": r["num_layers"],
+                "which": " ".join(map(str, r["removed_layers"])),
+                "params saved %": round(r["params_saved_pct"], 2),
+                "speed-up": round(r["speedup"], 3),
+                "mean acc retention %": None
+                if r["mean_acc_retention_pct"] is None
+                else round(r["mean_acc_retention_pct"], 2),
+                "Δacc pooled": None if not pooled else round(pooled["delta"], 4),
+                "95% CI": None if not pooled else f"[{pooled['ci_low']:+.4f}, {pooled['ci_high']:+.4f}]",
+                "significant": None if not pooled else pooled["significant"],
+            }
+        )
     return out
 
 
 def render_markdown(rows: list[dict], best: dict, plot_markdown: str = "") -> str:
     flat = table(rows)
     head = list(flat[0])
-    lines = ["# llm-tailor pruning sweep", "",
-             "Accuracy retention vs the original over the same documents; Δacc is the paired difference "
-             "pooled over every document of every task with its bootstrap 95% interval (significant when "
-             "it excludes zero).", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [
+        "# llm-tailor pruning sweep",
+        "",
+        "Accuracy retention vs the original over the same documents; Δacc is the paired difference "
+        "pooled over every document of every task with its bootstrap 95% interval (significant when "
+        "it excludes zero).",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     for row in flat:
         lines.append("| " + " | ".join("" if row[k] is None else str(row[k]) for k in head) + " |")
-    lines += ["", f"**Best** ({BEST_RULE}): `{best['strategy']}` removing {best['num_layers']} layers "
-                  f"{best['removed_layers']}, mean retention {best['mean_acc_retention_pct']:.1f}%.", ""]
+    lines += [
+        "",
+        f"**Best** ({BEST_RULE}): `{best['strategy']}` removing {best['num_layers']} layers "
+        f"{best['removed_layers']}, mean retention {best['mean_acc_retention_pct']:.1f}%.",
+        "",
+    ]
     if plot_markdown:
         lines += [plot_markdown, ""]
     return "\n".join(lines)
@@ -96,5 +117,10 @@ def retention_plot(rows: list[dict], path: Path) -> Path:
         xs, ys = lines.setdefault(r["strategy"], ([], []))
         xs.append(r["num_layers"])
         ys.append(r["mean_acc_retention_pct"])
-    return lines_png("decoder layers removed", "mean accuracy retention (%)", lines,
-                     "Pruning sweep: accuracy kept vs layers removed", path)
+    return lines_png(
+        "decoder layers removed",
+        "mean accuracy retention (%)",
+        lines,
+        "Pruning sweep: accuracy kept vs layers removed",
+        path,
+    )

@@ -111,11 +111,15 @@ class CheckpointError(TailorError, RuntimeError):
 
 
 def check_checkpoint_target(folder: Path) -> None:
-    """Before any work: a checkpoint can be written at ``folder``. A non-empty folder without a FINGERPRINT was not written by us (ours appear complete,
-    by rename): it is the user's, and is never deleted or overwritten."""
+    """Before any work: a checkpoint can be written at ``folder``.
+
+    A non-empty folder without a FINGERPRINT was not written by us (ours appear complete, by
+    rename): it is the user's, and is never deleted or overwritten."""
     if folder.is_dir() and any(folder.iterdir()):
-        raise CheckpointError(f"{folder} exists and is not an llm-tailor checkpoint (no {FINGERPRINT_FILE} file); "
-                              "it is left untouched: choose another output folder or move it away")
+        raise CheckpointError(
+            f"{folder} exists and is not an llm-tailor checkpoint (no {FINGERPRINT_FILE} file); "
+            "it is left untouched: choose another output folder or move it away"
+        )
     if folder.exists() and not folder.is_dir():
         raise CheckpointError(f"{folder} exists and is a file, not a checkpoint folder; it is left untouched")
 

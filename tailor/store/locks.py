@@ -44,8 +44,9 @@ def file_lock(path: Path, timeout_s: float = 600.0, poll_s: float = 0.2) -> Iter
                 if time.monotonic() >= deadline:
                     handle.seek(0)
                     holder = handle.read().strip() or "unknown"
-                    raise LockTimeout(f"{path} has been held by another process ({holder}) for more than "
-                                      f"{timeout_s:.0f} s") from None
+                    raise LockTimeout(
+                        f"{path} has been held by another process ({holder}) for more than {timeout_s:.0f} s"
+                    ) from None
                 time.sleep(poll_s)
         try:
             # Who holds it, for the timeout message of a process that waits.
