@@ -56,8 +56,10 @@ def pytest_addoption(parser):
 
 
 def pytest_collection_modifyitems(config, items):
-    """The unit tier by default; ``--all-tiers`` (or an explicit ``-m``) selects more."""
-    if config.getoption("--all-tiers") or config.getoption("markexpr"):
+    """The unit tier by default; ``--all-tiers``, an explicit ``-m``, or tests named on the
+    command line (files, folders, node ids: they run whatever their tier) select more."""
+    named = config.args_source == pytest.Config.ArgsSource.ARGS
+    if config.getoption("--all-tiers") or config.getoption("markexpr") or named:
         return
     heavy = [i for i in items if i.get_closest_marker("integration") or i.get_closest_marker("slow")]
     if heavy:
