@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tailor.config.settings import DataConfig, DistillConfig, ModelConfig, PruneConfig, TailorError, load_config
+from tailor.config.settings import DataConfig, TailorError, load_config
 from tailor.distill import data_parallel, distributed
 from tailor.distill.trainer import DistillError, distill_checkpoint
 
@@ -20,32 +20,10 @@ from tailor.distill.trainer import DistillError, distill_checkpoint
 @pytest.fixture(scope="module")
 def distilled(tmp_path_factory):
     """A tiny teacher, its pruned student, their tokens and one finished distillation of them."""
-    from tailor.data.tokenised import tokenise_corpus
-    from tailor.models.sources import materialize
-    from tailor.prune.pruning import prune_checkpoint
+    from unit_data import tiny_distillation_inputs
 
     root = tmp_path_factory.mktemp("distill-out")
-    data = root / "data"
-    (data / "corpus").mkdir(parents=True)
-    (data / "corpus" / "c.jsonl").write_text(
-        "".join(f'{{"text": "document {i} about cats and dogs"}}\n' for i in range(12))
-    )
-    base = materialize(ModelConfig(source="tiny"), str(root))
-    pruned = prune_checkpoint(base, [3], str(root))[0]
-    cfg = DistillConfig(
-        corpus_mix={"corpus/c.jsonl": 1},
-        heldout_docs=2,
-        num_samples=8,
-        batch_size=4,
-        grad_accum=1,
-        seq_len=16,
-        epochs=1,
-        learning_rate=1e-3,
-        checkpoint_every=0,
-    )
-    tokens = tokenise_corpus(
-        base, cfg, PruneConfig(calibration_samples=4, calibration_seq_len=8), DataConfig(data_dir=str(data)), root
-    )
+    base, pruned, cfg, tokens = tiny_distillation_inputs(root, checkpoint_every=0)
     ref, _ = distill_checkpoint(base, pruned, cfg, tokens["train"], root / "done", heldout=tokens["heldout"])
     return root, base, pruned, cfg, tokens, ref
 

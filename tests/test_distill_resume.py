@@ -66,32 +66,11 @@ def test_killed_distillation_resumes_to_identical_weights(tmp_path):
 
 
 def test_a_resume_state_of_another_run_is_never_read(tmp_path):
-    from tailor.config.settings import DataConfig, DistillConfig, ModelConfig, PruneConfig
-    from tailor.data.tokenised import tokenise_corpus
-    from tailor.distill.trainer import distill_checkpoint, resume_path
-    from tailor.models.sources import materialize
-    from tailor.prune.pruning import prune_checkpoint
+    from unit_data import tiny_distillation_inputs
 
-    data = tmp_path / "data"
-    (data / "corpus").mkdir(parents=True)
-    (data / "corpus" / "c.jsonl").write_text(
-        "".join(f'{{"text": "document {i} about cats and dogs"}}\n' for i in range(12))
-    )
-    base = materialize(ModelConfig(source="tiny"), str(tmp_path))
-    pruned = prune_checkpoint(base, [3], str(tmp_path))[0]
-    cfg = DistillConfig(
-        corpus_mix={"corpus/c.jsonl": 1},
-        heldout_docs=2,
-        num_samples=8,
-        batch_size=4,
-        grad_accum=1,
-        seq_len=16,
-        epochs=1,
-        learning_rate=1e-3,
-    )
-    tokens = tokenise_corpus(
-        base, cfg, PruneConfig(calibration_samples=4, calibration_seq_len=8), DataConfig(data_dir=str(data)), tmp_path
-    )
+    from tailor.distill.trainer import distill_checkpoint, resume_path
+
+    base, pruned, cfg, tokens = tiny_distillation_inputs(tmp_path)
     out = tmp_path / "distilled"
     other = resume_path(out, cfg.model_copy(update={"learning_rate": 5e-3}), base, pruned, tokens["train"], None, 1)
     assert other != resume_path(out, cfg, base, pruned, tokens["train"], None, 1)

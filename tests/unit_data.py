@@ -127,3 +127,35 @@ def write_unit_data(folder: Path) -> Path:
         sums.append(f"{hashlib.sha256(path.read_bytes()).hexdigest()}  {rel}\n")
     (folder / "SHA256SUMS").write_text("".join(sums))
     return folder
+
+
+def tiny_distillation_inputs(root: Path, **distill: object) -> tuple:
+    """A tiny teacher, its student with layer 3 removed, a 12-document corpus, 8-sample settings
+    (``distill`` overrides them) and the tokens: (base, pruned, cfg, tokens)."""
+    from tailor.config.settings import DataConfig, DistillConfig, ModelConfig, PruneConfig
+    from tailor.data.tokenised import tokenise_corpus
+    from tailor.models.sources import materialize
+    from tailor.prune.pruning import prune_checkpoint
+
+    data = root / "data"
+    (data / "corpus").mkdir(parents=True)
+    (data / "corpus" / "c.jsonl").write_text(
+        "".join(f'{{"text": "document {i} about cats and dogs"}}\n' for i in range(12))
+    )
+    base = materialize(ModelConfig(source="tiny"), str(root))
+    pruned = prune_checkpoint(base, [3], str(root))[0]
+    settings = dict(
+        corpus_mix={"corpus/c.jsonl": 1},
+        heldout_docs=2,
+        num_samples=8,
+        batch_size=4,
+        grad_accum=1,
+        seq_len=16,
+        epochs=1,
+        learning_rate=1e-3,
+    )
+    cfg = DistillConfig(**{**settings, **distill})
+    tokens = tokenise_corpus(
+        base, cfg, PruneConfig(calibration_samples=4, calibration_seq_len=8), DataConfig(data_dir=str(data)), root
+    )
+    return base, pruned, cfg, tokens
