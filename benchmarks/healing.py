@@ -24,11 +24,12 @@ from pathlib import Path
 import torch
 from _common import SHARED_DATA, default_work_dir, print_summary
 
+from tailor.common.layout import WorkDir
 from tailor.config.settings import REFERENCE_TASKS, DataConfig, DistillConfig, EvalConfig, ModelConfig, load_config
 from tailor.data.corpus import heldout_samples, pad_rows, read_documents, training_samples
 from tailor.distill.record import TrainingRecord
 from tailor.distill.trainer import Distiller
-from tailor.evaluate.harness import evaluate_checkpoint, evaluation_file
+from tailor.evaluate.joint import evaluate_checkpoints
 from tailor.evaluate.perplexity import heldout_perplexity
 from tailor.models.precision import load_teacher
 from tailor.models.sources import materialize, source_num_layers
@@ -157,7 +158,7 @@ def distilled_checkpoint(name: str, cfg: DistillConfig, base, pruned, data: Data
         if name == "quick_as_shipped_before"
         else training_samples(tokenizer, cfg, data)
     )
-    teacher = load_teacher(base, cfg.teacher_dtype, samples["input_ids"])
+    teacher = load_teacher(base, cfg.teacher_dtype, samples["input_ids"], probe_dir=WorkDir(work).probes)
     # The healing curve (held-out perplexity every heldout_every steps), as the flow records it.
     curve = heldout_samples(tokenizer, cfg, data) if cfg.heldout_every else None
     started = time.perf_counter()
@@ -166,7 +167,9 @@ def distilled_checkpoint(name: str, cfg: DistillConfig, base, pruned, data: Data
         if step % 16 == 0:
             print(f"  step {step}: loss {loss:.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
 
-    record = Distiller(teacher, student, samples, cfg, heldout=curve, on_step=on_step).fit()
+    record = Distiller(
+        teacher, student, samples, cfg, heldout=curve, on_step=on_step, probe_dir=WorkDir(work).probes
+    ).fit()
     del teacher
 
     def save(tmp: Path) -> None:
@@ -209,11 +212,17 @@ def main() -> None:
     layers = source_num_layers(ModelConfig(source="embedded"))
     pruned = prune_checkpoint(base, list(range(layers - args.remove_last, layers)), str(work))[0]
 
-    def evaluate(ref) -> dict:
+    def evaluate(refs: dict) -> dict[str, dict]:
+        """Every model on the same documents, in one pass: the layers they share with the original
+        run once, and answers stored by earlier runs (the original's, the pruned model's) are reused."""
         start = time.perf_counter()
-        result = evaluate_checkpoint(ref, eval_cfg, data, evaluation_file(ref, eval_cfg, data, str(work)))
-        print(f"  evaluated {Path(ref.path).name} in {time.perf_counter() - start:.0f} s", flush=True)
-        return result
+        joint = evaluate_checkpoints(refs, eval_cfg, data, str(work))[0]
+        print(
+            f"  evaluated {', '.join(refs)} in {time.perf_counter() - start:.0f} s "
+            f"({joint.scored_requests} requests scored; shared layers {joint.trunk_depths})",
+            flush=True,
+        )
+        return joint.results
 
     heldout_cfg = DistillConfig(corpus_mix={TS: 1, WIKI: 1, C4: 1}, heldout_docs=16)
     heldout = heldout_samples(load_tokenizer(base), heldout_cfg, data)
@@ -221,14 +230,16 @@ def main() -> None:
     def heldout_ppl(ref) -> float:
         return heldout_perplexity(load_model(ref)[0], heldout)["perplexity"]
 
-    fixed = {"original": evaluate(base), "pruned": evaluate(pruned)}
     fixed_ppl = {"original": heldout_ppl(base), "pruned": heldout_ppl(pruned)}
-    rows = {}
+    distilled = {}
     for name in args.variants:
-        cfg = DistillConfig(**VARIANTS[name])
         print(f"variant {name}", flush=True)
-        ref, record = distilled_checkpoint(name, cfg, base, pruned, data, work)
-        summary = healing_summary({**fixed, "distilled": evaluate(ref)})
+        distilled[name] = distilled_checkpoint(name, DistillConfig(**VARIANTS[name]), base, pruned, data, work)
+    results = evaluate({"original": base, "pruned": pruned, **{name: ref for name, (ref, _) in distilled.items()}})
+    fixed = {"original": results["original"], "pruned": results["pruned"]}
+    rows = {}
+    for name, (ref, record) in distilled.items():
+        summary = healing_summary({**fixed, "distilled": results[name]})
         rows[name] = {
             "healing": summary,
             "heldout_ppl": heldout_ppl(ref),

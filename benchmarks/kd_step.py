@@ -18,8 +18,8 @@ Modes:
   against the mean of the two: its speed moves with the machine's memory state.
 - ``exact_defaults``: ours, through the product's training loop (``tailor.distill.distill``)
   with the book-compatible loss switch on and everything else at its default, including
-  the teacher's precision (``auto``: bfloat16 matmul weights where the CPU multiplies
-  bfloat16 natively, float32 elsewhere).
+  the teacher's precision (``auto``: bfloat16 matmul weights where this machine's precision
+  probe finds bfloat16 matmuls faster, float32 elsewhere; the probe's figures are printed).
 - ``exact_checkpointing``: the same with gradient checkpointing.
 - ``exact_fp32_teacher``: gradient checkpointing and a float32 teacher: the book's loss
   to float32 rounding.
@@ -45,17 +45,19 @@ import argparse
 import ctypes
 import gc
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from _common import SHARED_DATA, default_work_dir, matmul_gflops, print_summary
 
+from tailor.common.layout import WorkDir
 from tailor.config.settings import DataConfig, DistillConfig, ModelConfig
 from tailor.data.corpus import training_samples
 from tailor.distill.kd_loss import TopKTeacher
 from tailor.distill.teacher_cache import compute_topk
 from tailor.distill.trainer import Distiller
-from tailor.models.precision import load_teacher, resolve_teacher_dtype
+from tailor.models.precision import bfloat16_is_faster, load_teacher, resolve_teacher_dtype
 from tailor.models.sources import materialize
 from tailor.prune.pruning import prune_layers
 from tailor.store.checkpoint import count_parameters, load_model
@@ -110,13 +112,19 @@ def run_book(ref, samples, steps: int) -> dict:
     return {"losses": losses, "stamps": stamps}
 
 
-def run_ours(ref, samples, steps: int, cfg: DistillConfig, topk: TopKTeacher | None = None) -> dict:
+def run_ours(ref, samples, steps: int, cfg: DistillConfig, probes: Path, topk: TopKTeacher | None = None) -> dict:
     student = load_model(ref)[0]
-    teacher = None if topk is not None else load_teacher(ref, cfg.teacher_dtype, samples["input_ids"])
+    teacher = None if topk is not None else load_teacher(ref, cfg.teacher_dtype, samples["input_ids"], probe_dir=probes)
     prune_layers(student, REMOVED)
     stamps = [time.perf_counter()]
     record = Distiller(
-        teacher, student, samples, cfg, topk=topk, on_step=lambda step, loss: stamps.append(time.perf_counter())
+        teacher,
+        student,
+        samples,
+        cfg,
+        topk=topk,
+        on_step=lambda step, loss: stamps.append(time.perf_counter()),
+        probe_dir=probes,
     ).fit()
     return {"losses": record.losses, "stamps": stamps}
 
@@ -173,11 +181,14 @@ def main() -> None:
         "topk_defaults": base.model_copy(update={"teacher_topk": TOPK}),
         "topk_bf16_autocast": base.model_copy(update={"teacher_topk": TOPK, "bf16_autocast": True}),
     }
-    teacher_dtype = resolve_teacher_dtype(base.teacher_dtype, "cpu")
+    probes = WorkDir(args.work_dir).probes
+    teacher_dtype = resolve_teacher_dtype(base.teacher_dtype, "cpu", probes)
+    probe = bfloat16_is_faster("cpu", probes)
     print(
         f"batch {args.batch} x {args.seq} ({tokens} real tokens), {args.steps} steps per mode, "
         f"{torch.get_num_threads()} threads; default teacher precision here: {teacher_dtype}"
     )
+    print(f"precision probe: {probe.describe()}")
 
     first_book = measure("book", lambda: run_book(ref, samples, args.steps), tokens)
     results = {}
@@ -188,9 +199,9 @@ def main() -> None:
         "exact_bf16_autocast",
         "exact_bf16_frozen_embeddings",
     ):
-        results[mode] = measure(mode, lambda: run_ours(ref, samples, args.steps, configs[mode]), tokens)
+        results[mode] = measure(mode, lambda: run_ours(ref, samples, args.steps, configs[mode], probes), tokens)
 
-    teacher = load_teacher(ref, base.teacher_dtype, samples["input_ids"])
+    teacher = load_teacher(ref, base.teacher_dtype, samples["input_ids"], probe_dir=probes)
     start = time.perf_counter()
     cache = compute_topk(teacher, samples, TOPK, TEMPERATURE, batch_size=args.batch)
     cache_seconds = time.perf_counter() - start
@@ -198,7 +209,7 @@ def main() -> None:
     print(f"top-{TOPK} cache: {cache_seconds:.1f} s for {tokens} tokens (once per sample, not per epoch)")
     topk = TopKTeacher(cache["values"], cache["indices"], cache["rest_logsumexp"], TEMPERATURE)
     for mode in ("topk_defaults", "topk_bf16_autocast"):
-        results[mode] = measure(mode, lambda: run_ours(ref, samples, args.steps, configs[mode], topk), tokens)
+        results[mode] = measure(mode, lambda: run_ours(ref, samples, args.steps, configs[mode], probes, topk), tokens)
 
     # The book's step is dominated by faulting in 1 GiB tensors, whose cost moves with the
     # machine's memory state (28-40 tokens/s between runs here): it runs first and last,
@@ -228,6 +239,7 @@ def main() -> None:
         "tokens_per_step": tokens,
         "topk_k": TOPK,
         "teacher_dtype": teacher_dtype,
+        "precision_probe": probe.to_dict(),
         "matmul_gflops": gflops,
         "float32_floor_tokens_per_s": floor,
         "float32_floor_speedup_vs_book": floor / book["tokens_per_s"],

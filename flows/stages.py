@@ -39,10 +39,6 @@ class RunContext:
     signature: str
     """``evaluation_signature`` of the run's evaluation settings, computed once."""
 
-    def evaluate(self, name: str, ref: CheckpointRef):
-        """Start (or run) the evaluation of one model with its stage lines; see ``evaluate_stage``."""
-        return evaluate_stage(self.cfg, self.signature, name, ref, self.stages)
-
     @contextmanager
     def stage(self, name: str) -> Iterator[Stage]:
         """``with run.stage("prune") as stage: ...; stage.detail = "..."``: the stage's start and
@@ -182,7 +178,7 @@ def evaluate_stage(cfg: TailorConfig, signature: str, name: str, ref: Checkpoint
     if stages is None:
         return launch(cfg, task, *args)
     if cfg.runner.concurrent:
-        # Its end line comes when the flow collects the result (collect_evaluations).
+        # Its end line comes when the flow collects the result.
         stages.start(stage_name)
         return launch(cfg, task, *args)
     with stages.stage(stage_name) as stage:

@@ -1,8 +1,8 @@
 """The tailoring DAG: evaluate, prune, distil, compare, register, promote.
 
-    materialize ─┬─ evaluate(original) ───────────────────────────┐
-                 └─ prune ─┬─ evaluate(pruned) ───────────────────┤
-                           └─ distill ─ evaluate(distilled) ──────┼─ measure-speed ─ compare ─ register ─ promote
+    materialize ─ tokenise ─ prune ─ distill ─ evaluate(original, pruned, distilled) ─ measure-speed
+                  ─ compare ─ register ─ promote
+The three models are evaluated together, on the same documents, their shared layers run once.
 No maths here: the flow reads the config, opens the MLflow parent run and wires tasks.
 """
 
@@ -16,12 +16,10 @@ from pathlib import Path
 from prefect import flow
 from prefect.artifacts import create_link_artifact
 from prefect.context import get_run_context
-from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.stages import (
     FAILURE_HOOKS,
-    Done,
     RunContext,
     accuracy_summary,
     metric_values,
@@ -36,12 +34,13 @@ from tailor.config.settings import TEACHER_SOURCE, TailorConfig, load_config
 from tailor.data.corpus import corpus_datasets
 from tailor.data.tokenised import TokensRef
 from tailor.evaluate.harness import evaluation_datasets, evaluation_signature
+from tailor.evaluate.joint import StopRule
 from tailor.preflight import preflight
 from tailor.prune.importance import SCORED_STRATEGIES
 from tailor.registry import tracking
 from tailor.registry.promotion import evaluation_tags, version_description
 from tailor.store.checkpoint import CheckpointRef
-from tasks.measure import measure_speed, score_heldout
+from tasks.measure import evaluate_models, measure_speed, score_heldout
 from tasks.models import (
     cache_teacher_topk,
     distill_model,
@@ -54,7 +53,7 @@ from tasks.models import (
 from tasks.promotion import promote_model
 from tasks.records import (
     Distilled,
-    Evaluation,
+    Evaluations,
     HeldoutScore,
     Materialized,
     Pruned,
@@ -76,7 +75,6 @@ class Models:
     distilled: Distilled
     teacher_cache: TeacherCache | None = None
     heldout: dict[str, HeldoutScore] = field(default_factory=dict)
-    evals: dict[str, PrefectFuture | Done] = field(default_factory=dict)
 
     @property
     def refs(self) -> dict[str, CheckpointRef]:
@@ -92,7 +90,7 @@ def tailor_flow(profile: str = "quick", overrides: list[str] | None = None, out_
     preflight(cfg, out_dir)  # the report folder too: it is written last
     run = open_run(cfg)  # a failure from here on is closed in MLflow by FAILURE_HOOKS
     models = build_models(run)
-    results = collect_evaluations(run, models.evals)
+    results = evaluate_all(run, models.refs)
     speed = time_models(run, models.refs)
     report = compare(run, models, results, speed, out_dir, time.perf_counter() - start)
     version, decision = register_and_promote(run, models.distilled.ref, report)
@@ -135,17 +133,15 @@ def open_run(cfg: TailorConfig) -> RunContext:
 
 
 def build_models(run: RunContext) -> Models:
-    """Materialise, prune and distil; each model's evaluation starts as soon as it exists."""
+    """Materialise, prune and distil, and score each model on the held-out corpus."""
     cfg = run.cfg
     with run.stage("materialize") as stage:
         materialized = run_intact(materialize_model, cfg.model, cfg.work_dir)
         base = materialized.ref
         run.log(stage.name, params=cfg.model.model_dump(), metrics={"seconds": materialized.cost.seconds})
         stage.detail = base.path
-    evals = {"original": run.evaluate("original", base)}
     tokens = tokenise_corpus(run, base)
     pruned = prune(run, base, tokens)
-    evals["pruned"] = run.evaluate("pruned", pruned.ref)
     teacher_cache = None
     if cfg.distill.teacher_topk:
         with run.stage("cache-teacher-topk") as stage:
@@ -180,9 +176,8 @@ def build_models(run: RunContext) -> Models:
             metrics=kd.summary(),
         )
         stage.detail = f"{kd.optimizer_steps} steps, KD loss {kd.losses[0]:.3f} -> {kd.losses[-1]:.3f}"
-    models = Models(materialized, pruned, distilled, teacher_cache, evals=evals)
+    models = Models(materialized, pruned, distilled, teacher_cache)
     models.heldout = score_heldout_all(run, models.refs, tokens.heldout)
-    models.evals["distilled"] = run.evaluate("distilled", distilled.ref)
     return models
 
 
@@ -295,21 +290,40 @@ def score_heldout_all(run: RunContext, refs: dict[str, CheckpointRef], tokens: T
     return heldout
 
 
-def collect_evaluations(run: RunContext, evals: dict) -> dict[str, Evaluation]:
-    """Every evaluation's result, logged to MLflow (a stage line when it ran concurrently)."""
-    results = {}
-    for name, future in evals.items():
-        run.stages.current = f"evaluate-{name}"
-        results[name] = future.result()
-        run.log(
-            run.stages.current,
-            params=run.cfg.eval.model_dump(),
-            metrics=metric_values(results[name].metrics),
-            artifacts=[results[name].items_file],
+def evaluate_all(run: RunContext, refs: dict[str, CheckpointRef]) -> Evaluations:
+    """The three models scored together on the same documents; with ``eval.sequential``, each
+    task until the promotion gate's question for it is answered."""
+    cfg = run.cfg
+    rule = (
+        StopRule("original", "distilled", cfg.promotion.max_task_drop, cfg.eval.sequential_block)
+        if cfg.eval.sequential
+        else None
+    )
+    with run.stage("evaluate") as stage:
+        evals = evaluate_models(refs, cfg.eval, cfg.data, cfg.work_dir, rule, run.signature)
+        if any(not Path(e.items_file).exists() for e in evals.models.values()):
+            # A cached record whose per-document scores were deleted: computed again (from the
+            # stored answers where they are left), not handed to the report to fail there.
+            evals = evaluate_models.with_options(refresh_cache=True)(
+                refs, cfg.eval, cfg.data, cfg.work_dir, rule, run.signature
+            )
+        for name, result in evals.models.items():
+            run.log(
+                f"evaluate-{name}",
+                params=cfg.eval.model_dump(),
+                metrics=metric_values(result.metrics),
+                artifacts=[result.items_file],
+            )
+        stage.detail = "; ".join(
+            [f"{name}: {accuracy_summary(r.metrics)}" for name, r in evals.models.items()]
+            + [stopping_summary(evals.stopping)]
         )
-        if run.cfg.runner.concurrent:
-            run.stages.done(run.stages.current, accuracy_summary(results[name].metrics))
-    return results
+    return evals
+
+
+def stopping_summary(stopping: dict[str, dict]) -> str:
+    """``documents per task: arc_easy 300 (beyond), ...``"""
+    return "documents per task: " + ", ".join(f"{t} {s['documents']} ({s['reason']})" for t, s in stopping.items())
 
 
 def time_models(run: RunContext, refs: dict[str, CheckpointRef]) -> SpeedProfiles:
@@ -330,7 +344,7 @@ def time_models(run: RunContext, refs: dict[str, CheckpointRef]) -> SpeedProfile
 def compare(
     run: RunContext,
     models: Models,
-    results: dict[str, Evaluation],
+    results: Evaluations,
     speed: SpeedProfiles,
     out_dir: str | None,
     seconds_so_far: float,
@@ -343,7 +357,7 @@ def compare(
             else WorkDir(run.cfg.work_dir).reports / get_run_context().flow_run.name
         )
         report = compare_models(
-            speed.profiles, results, report_facts(run, models, results, speed, seconds_so_far), str(out)
+            speed.profiles, results.models, report_facts(run, models, results, speed, seconds_so_far), str(out)
         )
         run.log(
             stage.name,
@@ -359,7 +373,7 @@ def compare(
 
 
 def report_facts(
-    run: RunContext, models: Models, results: dict[str, Evaluation], speed: SpeedProfiles, seconds_so_far: float
+    run: RunContext, models: Models, results: Evaluations, speed: SpeedProfiles, seconds_so_far: float
 ) -> dict:
     """What the report holds besides the models' profiles and evaluations: settings, pruning,
     distillation, held-out scores, stage costs, where things are."""
@@ -388,10 +402,16 @@ def report_facts(
                 **({"cache-teacher-topk": models.teacher_cache} if models.teacher_cache else {}),
                 "distill": models.distilled,
                 **{f"score-heldout-{n}": h for n, h in heldout.items()},
-                **{f"evaluate-{n}": r for n, r in results.items()},
+                "evaluate": results,
                 "measure-speed": speed,
             }
         ),
+        "evaluation": {
+            "stopping": results.stopping,
+            "trunk_depths": results.trunk_depths,
+            "scored_requests": results.scored_requests,
+            "sequential": cfg.eval.sequential,
+        },
         "checkpoints": {k: {"path": r.path, "fingerprint": r.fingerprint} for k, r in models.refs.items()},
         "mlflow": {
             "tracking_uri": cfg.tracking_uri,
@@ -436,16 +456,14 @@ def stage_names(cfg: TailorConfig) -> list[str]:
     """The flow's stages in the order they start, for "stage k of n"."""
     return [
         "materialize",
-        "evaluate-original",
         *(["generate-text"] if TEACHER_SOURCE in cfg.distill.corpus_mix else []),
         "tokenise",
         *(["score-layers"] if cfg.prune.strategy in SCORED_STRATEGIES else []),
         "prune",
-        "evaluate-pruned",
         *(["cache-teacher-topk"] if cfg.distill.teacher_topk else []),
         "distill",
         *(["score-heldout"] if cfg.distill.heldout_docs else []),
-        "evaluate-distilled",
+        "evaluate",
         "measure-speed",
         "compare",
         "register",

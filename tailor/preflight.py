@@ -180,6 +180,6 @@ def preflight(cfg: TailorConfig, out_dir: str | Path | None = None) -> None:
     check_model_limits(cfg, *source_limits(cfg.model))
     ensure_offline_data(cfg)
     check_data_checksums(cfg)
-    check_tasks(cfg.eval.tasks, cfg.data, cfg.eval.include_path)
+    check_tasks(cfg.eval.tasks, cfg.data, cfg.eval.include_path, scored_jointly=True)
     check_corpus(cfg.distill, cfg.data)
     tracking.check_reachable(cfg.tracking_uri)

@@ -112,7 +112,8 @@ def cache_teacher_topk(teacher: CheckpointRef, distill: DistillConfig, train: To
     changes training settings (learning rate, epochs) reuses it even when this task re-runs.
     """
     start = stage_start()
-    path = write_topk_cache(teacher.verify(), distill, train, WorkDir(work_dir).teacher_cache)
+    work = WorkDir(work_dir)
+    path = write_topk_cache(teacher.verify(), distill, train, work.teacher_cache, work.probes)
     return TeacherCache(str(path), path.stat().st_size / 2**20, stage_cost(start))
 
 
@@ -131,7 +132,9 @@ def distill_model(
     ``heldout`` tokens give the healing curve. The result carries the typed ``TrainingRecord``."""
     # The source is part of the cache key: its last sentence keeps results cached while the
     # record was a plain dict from being read back.
-    # "auto" precisions resolve per machine, and the result depends on what they became.
+    # "auto" precisions resolve per machine (its probe in the work folder), and the result
+    # depends on what they became.
+    probes = WorkDir(work_dir).probes
     key = stable_hash(
         teacher.fingerprint,
         student.fingerprint,
@@ -139,8 +142,8 @@ def distill_model(
         train.fingerprint,
         heldout.fingerprint,
         topk_cache,
-        teacher_numerics(distill.teacher_dtype, "cpu"),
-        resolve_bf16_autocast(distill.bf16_autocast, "cpu"),
+        teacher_numerics(distill.teacher_dtype, "cpu", probes),
+        resolve_bf16_autocast(distill.bf16_autocast, "cpu", probes),
     )
     out = WorkDir(work_dir).checkpoints / f"distilled-{key}"
     progress = create_progress_artifact(
@@ -171,6 +174,7 @@ def distill_model(
             out,
             Path(topk_cache) if topk_cache else None,
             unkeyed_ok=True,
+            probe_dir=probes,
         )
     else:
         # unkeyed_ok: ``out`` is named by the inputs' key, so a checkpoint there written before
@@ -186,5 +190,6 @@ def distill_model(
             on_step=on_step,
             on_heldout=on_heldout,
             unkeyed_ok=True,
+            probe_dir=probes,
         )
     return Distilled(ref, record, stage_cost(start))

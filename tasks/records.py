@@ -86,6 +86,20 @@ class Evaluation:
 
 
 @dataclass(frozen=True)
+class Evaluations:
+    """The models evaluated together on the same documents (``tailor.evaluate.joint``)."""
+
+    models: dict[str, Evaluation]
+    stopping: dict[str, dict]
+    """Per task: documents used and why scoring stopped (``limit``, or the stop rule's answer)."""
+    trunk_depths: dict[str, int]
+    """Per model, the leading layers it shared with the first model (run once for both)."""
+    scored_requests: dict[str, int]
+    """Per model, requests scored in this stage; 0 for a model whose answers were stored by an earlier run."""
+    cost: StageCost
+
+
+@dataclass(frozen=True)
 class HeldoutScore:
     perplexity: float
     sources: dict[str, float]
@@ -97,5 +111,6 @@ class HeldoutScore:
 @dataclass(frozen=True)
 class SpeedProfiles:
     profiles: dict[str, dict]
-    """Per model: ``tailor.evaluate.speed.profile_checkpoints``'s figures (tokens/s, intervals, sizes)."""
+    """Per model: ``tailor.evaluate.speed.profile_checkpoints``'s figures (tokens/s, run times, sizes,
+    multiply-adds per token; ``timed_as``: models of one architecture share one timing)."""
     cost: StageCost

@@ -104,3 +104,47 @@ def test_error_offsets_are_distances_below_and_above_each_bar():
     below, above = plots._error_offsets([0.5, 0.2], [(0.4, 0.7), None])
     assert below[0] == pytest.approx(0.1) and above[0] == pytest.approx(0.2)
     assert math.isnan(below[1]) and math.isnan(above[1])
+
+
+def _timed(profile: dict, times: list[float], timed_as: str, macs: int) -> dict:
+    return {**profile, "run_times_s": times, "timed_as": timed_as, "macs_per_token": macs, "architecture": timed_as}
+
+
+def test_models_of_one_architecture_share_one_timing_in_the_report():
+    base_times, pruned_times = [5.0, 5.5, 5.2, 5.1, 5.3], [4.0, 4.4, 4.16, 4.08, 4.24]
+    profiles = {
+        "original": _timed(_profile(1000, 18, 5.2), base_times, "original", 800_000_000),
+        "pruned": _timed(_profile(900, 16, 4.2), pruned_times, "pruned", 700_000_000),
+        "distilled": _timed(_profile(900, 16, 4.2), pruned_times, "pruned", 700_000_000),
+    }
+    report = build_report(
+        profiles,
+        {"original": _eval(0.6, 10.0), "pruned": _eval(0.3, 20.0), "distilled": _eval(0.45, 12.5)},
+        {"pruning": {"removed_layers": [16, 17]}},
+    )
+    pruned, distilled = report["vs_original"]["pruned"], report["vs_original"]["distilled"]
+    assert pruned["speedup"] == pytest.approx(1.25) and distilled["speedup"] == pruned["speedup"]
+    assert distilled["speedup_ci95"] == pruned["speedup_ci95"]
+    assert distilled["timed_as"] == "pruned"
+    assert distilled["macs_ratio"] == pytest.approx(8 / 7)
+    assert distilled["params_ratio"] == pytest.approx(1000 / 900)
+    assert report["timing_groups"] == {"pruned": ["pruned", "distilled"]}
+    assert report["speed_tie"] is None
+    md = render_markdown(report)
+    assert "pruned and distilled share one architecture and one timing (of pruned)" in md
+    assert "| multiply-adds per token (M) | 800.0 | 700.0 | 700.0 |" in md
+    assert "| multiply-adds ratio (original / model) | 1.00x | 1.14x | 1.14x |" in md
+    assert "| parameter ratio (original / model) | 1.00x | 1.11x | 1.11x |" in md
+    assert "attention's score products" in md and "noisy" not in md
+
+
+def test_a_report_without_multiply_adds_or_shared_timing_says_neither():
+    report = build_report(
+        {"original": _profile(1000, 18, 5.0), "pruned": _profile(900, 16, 4.0), "distilled": _profile(900, 16, 4.0)},
+        {"original": _eval(0.6, 10.0), "pruned": _eval(0.3, 20.0), "distilled": _eval(0.45, 12.5)},
+        {},
+    )
+    assert report["timing_groups"] == {} and report["vs_original"]["pruned"]["macs_ratio"] is None
+    md = render_markdown(report)
+    assert "| multiply-adds ratio (original / model) | 1.00x | n/a | n/a |" in md
+    assert "share one" not in md and "attention's score products" not in md

@@ -14,9 +14,7 @@ HEAVY = (
     "materialize-model",
     "prune-model",
     "distill-model",
-    "evaluate-original",
-    "evaluate-pruned",
-    "evaluate-distilled",
+    "evaluate-models",
     "score-heldout-original",
     "score-heldout-pruned",
     "score-heldout-distilled",
@@ -207,21 +205,29 @@ def test_a_cached_stage_whose_checkpoint_was_deleted_is_recomputed(first_run, sh
     assert states["materialize-model"] == states["distill-model"] == "Cached"
 
 
+def test_deleted_evaluations_are_computed_again_not_served(first_run, shared_data):
+    import shutil
+
+    work, _, _ = first_run
+    before = json.loads((work / "out" / "report.json").read_text())
+    shutil.rmtree(work / "evals")  # per-document scores and every stored answer
+    _run(work, shared_data)
+    after = json.loads((work / "out" / "report.json").read_text())
+    assert after["models"] == before["models"]
+    assert all(n > 0 for n in after["evaluation"]["scored_requests"].values())
+
+
 def test_changing_a_distillation_setting_reruns_only_what_follows(first_run, shared_data):
     work, _, _ = first_run
     states = _task_states(_run(work, shared_data, "distill.learning_rate=0.002"))
-    unchanged = (
-        "materialize-model",
-        "prune-model",
-        "evaluate-original",
-        "evaluate-pruned",
-        "score-heldout-original",
-        "score-heldout-pruned",
-    )
+    unchanged = ("materialize-model", "prune-model", "score-heldout-original", "score-heldout-pruned")
     assert {s: states[s] for s in unchanged} == dict.fromkeys(unchanged, "Cached")
-    assert {s: states[s] for s in ("distill-model", "evaluate-distilled", "measure-speed")} == dict.fromkeys(
-        ("distill-model", "evaluate-distilled", "measure-speed"), "Completed"
+    assert {s: states[s] for s in ("distill-model", "evaluate-models", "measure-speed")} == dict.fromkeys(
+        ("distill-model", "evaluate-models", "measure-speed"), "Completed"
     )
+    # The original's and the pruned model's answers were kept per model: only the new one is scored.
+    scored = json.loads((work / "out" / "report.json").read_text())["evaluation"]["scored_requests"]
+    assert scored["original"] == scored["pruned"] == 0 < scored["distilled"]
 
 
 def test_failed_stage_marks_runs_failed_and_keeps_earlier_stages(first_run, shared_data):

@@ -33,6 +33,16 @@ RECORD = {
     "shared_trunk_layers": 0,
     "heldout_curve": [[0, 40.0], [2, 30.0]],
     "loss": {"objective": "hidden", "hidden_loss": "mse"},
+    "precision_probe": {
+        "device": "cpu: Some CPU (avx512_bf16)",
+        "torch_version": "2.0",
+        "threads": 2,
+        "supported": True,
+        "gflops": {"512x640x2048": {"float32": 288.0, "bfloat16": 161.0}},
+        "choice": "float32",
+        "rule": "bfloat16 when its matmuls are at least 1.2x float32's GFLOP/s on every probed shape",
+        "seconds": 0.5,
+    },
 }
 
 
@@ -56,6 +66,11 @@ def test_the_record_file_is_a_plain_json_object_with_the_field_names(tmp_path):
 def test_a_record_from_before_the_shared_trunk_reads_as_sharing_none():
     old = {k: v for k, v in RECORD.items() if k != "shared_trunk_layers"}
     assert TrainingRecord.from_dict(old).shared_trunk_layers == 0
+
+
+def test_a_record_from_before_the_precision_probe_reads_as_none_probed():
+    old = {k: v for k, v in RECORD.items() if k != "precision_probe"}
+    assert TrainingRecord.from_dict(old).precision_probe is None
 
 
 @pytest.mark.parametrize(

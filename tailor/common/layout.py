@@ -10,6 +10,7 @@ read the layout off this class instead of from a dozen call sites::
     evals/           per-document scores         plots/           layer-score figures
     reports/         flow reports (no --out)     sweeps/          sweep reports (no --out)
     locks/           promotion locks             prefect-home/    local Prefect state
+    probes/          each machine's bfloat16-or-float32 probe (what ``auto`` precision became there)
     mlflow.db, mlartifacts/                      the local MLflow store
 """
 
@@ -65,6 +66,10 @@ class WorkDir:
     @property
     def locks(self) -> Path:
         return self.root / "locks"
+
+    @property
+    def probes(self) -> Path:
+        return self.root / "probes"
 
     @property
     def prefect_home(self) -> Path:

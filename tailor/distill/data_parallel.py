@@ -36,11 +36,13 @@ def distill_data_parallel(
     topk_cache: Path | None = None,
     *,
     unkeyed_ok: bool = False,
+    probe_dir: Path | None = None,
 ) -> tuple[CheckpointRef, TrainingRecord]:
     """``distill_checkpoint``'s result, trained by ``cfg.nproc_per_node`` processes under torchrun
     on the tokenised corpus ``train`` belongs to (its folder's held-out set gives the curve).
     A finished checkpoint in ``out_dir`` is handed back only for these settings and inputs, as
-    the processes themselves would decide (``finished_distillation``), without starting them."""
+    the processes themselves would decide (``finished_distillation``), without starting them.
+    ``probe_dir`` is where the processes keep and find the machine's precision probe."""
     check_distill_out(out_dir, teacher, student)
     sets = tokens_in(Path(train.verify().path).parent)  # the processes' own view of the tokens
     key = inputs_key(cfg, teacher, student, sets["train"], sets["heldout"], topk_cache, cfg.nproc_per_node)
@@ -74,6 +76,7 @@ def distill_data_parallel(
                 "--tokens",
                 str(Path(train.verify().path).parent),
                 *(["--topk-cache", str(topk_cache)] if topk_cache else []),
+                *(["--probe-dir", str(probe_dir)] if probe_dir else []),
             ]
             returncode, stderr = _run_group(cmd, launch_timeout(cfg))
         if returncode != 0:

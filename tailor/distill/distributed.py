@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from tailor.common.console import setup_console
+from tailor.common.layout import WorkDir
 from tailor.config.settings import TailorConfig, TailorError, load_config
 from tailor.data.tokenised import tokenise_corpus, tokens_in
 from tailor.distill.generated import teacher_text_for
@@ -41,6 +42,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tokens",
         default=None,
         help="a tokenised corpus folder (default: tokenise the profile's corpus into its work_dir)",
+    )
+    parser.add_argument(
+        "--probe-dir",
+        default=None,
+        help="folder of this machine's bfloat16-or-float32 probe, which decides auto precisions "
+        "(default: the profile's work_dir/probes)",
     )
 
 
@@ -80,6 +87,7 @@ def distill_folders(
     *,
     tokens: str | Path | None = None,
     topk_cache: str | Path | None = None,
+    probe_dir: str | Path | None = None,
 ) -> tuple[CheckpointRef, TrainingRecord]:
     """Distil the ``student`` checkpoint folder from the ``teacher`` one into ``out``.
 
@@ -113,6 +121,7 @@ def distill_folders(
             heldout=sets["heldout"],
             device=device,
             topk_cache=Path(topk_cache) if topk_cache else None,
+            probe_dir=Path(probe_dir) if probe_dir else WorkDir(cfg.work_dir).probes,
         )
 
 
@@ -123,7 +132,13 @@ def run(args: argparse.Namespace) -> int:
     """
     cfg = load_config(args.profile, args.set)
     ref, record = distill_folders(
-        args.teacher, args.student, args.out, cfg, tokens=args.tokens, topk_cache=args.topk_cache
+        args.teacher,
+        args.student,
+        args.out,
+        cfg,
+        tokens=args.tokens,
+        topk_cache=args.topk_cache,
+        probe_dir=args.probe_dir,
     )
     if int(os.environ.get("RANK", "0")) == 0:
         print(

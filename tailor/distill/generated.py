@@ -31,29 +31,39 @@ GENERATED_FILE = "teacher_text.safetensors"
 _NUCLEUS_CANDIDATES = 4096
 
 
-def generated_folder(teacher: CheckpointRef, cfg: GenerateConfig, count: int, seq_len: int, root: Path) -> Path:
-    """Named by what the text depends on, the precision as it resolves on this machine included."""
+def generated_folder(
+    teacher: CheckpointRef, cfg: GenerateConfig, count: int, seq_len: int, root: Path, probe_dir: Path | None = None
+) -> Path:
+    """Named by what the text depends on, the precision as it resolves on this machine included
+    (``probe_dir`` as in ``bfloat16_is_faster``)."""
     return Path(root) / stable_hash(
-        teacher.fingerprint, cfg.model_dump(), count, seq_len, resolve_teacher_dtype(cfg.dtype, "cpu")
+        teacher.fingerprint, cfg.model_dump(), count, seq_len, resolve_teacher_dtype(cfg.dtype, "cpu", probe_dir)
     )
 
 
 def generate_corpus(
-    teacher_ref: CheckpointRef, cfg: GenerateConfig, count: int, seq_len: int, root: Path, on_batch=None
+    teacher_ref: CheckpointRef,
+    cfg: GenerateConfig,
+    count: int,
+    seq_len: int,
+    root: Path,
+    on_batch=None,
+    probe_dir: Path | None = None,
 ) -> TokensRef:
     """``count`` teacher-sampled sequences of ``seq_len`` tokens (BOS first) as a ``TokensRef``; resumable."""
-    folder = generated_folder(teacher_ref, cfg, count, seq_len, root)
+    folder = generated_folder(teacher_ref, cfg, count, seq_len, root, probe_dir)
     final = folder / GENERATED_FILE
     if final.exists():
         return TokensRef(str(final), sha256_file(final))
     model, tokenizer = load_model(teacher_ref)
     model.eval().requires_grad_(False)
     batches = -(-count // cfg.batch_size)
+    bf16 = resolve_teacher_dtype(cfg.dtype, "cpu", probe_dir) == "bfloat16"
     for b in range(batches):
         shard = folder / f"shard-{b:05d}.safetensors"
         if not shard.exists():
             rows = min(cfg.batch_size, count - b * cfg.batch_size)
-            with bfloat16_autocast(resolve_teacher_dtype(cfg.dtype, "cpu") == "bfloat16", "cpu"):
+            with bfloat16_autocast(bf16, "cpu"):
                 ids, mask = sample_batch(model, tokenizer, rows, seq_len, cfg, seed=cfg.seed + b)
             write_file_atomically(
                 shard,
@@ -140,6 +150,7 @@ def teacher_text_for(cfg: TailorConfig, teacher_ref: CheckpointRef, on_batch=Non
     if TEACHER_SOURCE not in cfg.distill.corpus_mix:
         return None
     sequences = source_share(cfg.distill, cfg.distill.num_samples)[TEACHER_SOURCE]
+    work = WorkDir(cfg.work_dir)
     return generate_corpus(
-        teacher_ref, cfg.generate, sequences, cfg.distill.seq_len, WorkDir(cfg.work_dir).teacher_text, on_batch=on_batch
+        teacher_ref, cfg.generate, sequences, cfg.distill.seq_len, work.teacher_text, on_batch, work.probes
     )

@@ -79,6 +79,10 @@ class TrainingRecord:
     heldout_curve: list[list[float]]
     loss: dict
     """The objective's settings (``Objective.describe()``)."""
+    # Records written before the probe existed lack it; so do runs whose precisions were all explicit.
+    precision_probe: dict | None = None
+    """What ``auto`` precision was decided by on this machine (``PrecisionProbe.to_dict()``): the
+    float32 and bfloat16 matmul GFLOP/s per probed shape, the choice and its rule."""
 
     # The per-step series; every other field is one figure or setting of the whole run.
     SERIES: ClassVar[tuple[str, ...]] = ("losses", "grad_norms", "heldout_curve")

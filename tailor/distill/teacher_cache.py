@@ -66,24 +66,30 @@ def compute_topk(
     }
 
 
-def topk_cache_key(teacher_ref: CheckpointRef, cfg: DistillConfig, train: TokensRef) -> str:
-    """What the cache depends on: the teacher's fingerprint and precision, the training tokens, k and T."""
+def topk_cache_key(
+    teacher_ref: CheckpointRef, cfg: DistillConfig, train: TokensRef, probe_dir: Path | None = None
+) -> str:
+    """What the cache depends on: the teacher's fingerprint and precision (as ``auto`` resolves on
+    this machine, ``probe_dir`` as in ``bfloat16_is_faster``), the training tokens, k and T."""
     return stable_hash(
         teacher_ref.fingerprint,
         cfg.teacher_topk,
         cfg.temperature,
-        teacher_numerics(cfg.teacher_dtype, "cpu"),
+        teacher_numerics(cfg.teacher_dtype, "cpu", probe_dir),
         train.fingerprint,
     )
 
 
-def write_topk_cache(teacher_ref: CheckpointRef, cfg: DistillConfig, train: TokensRef, out_dir: Path) -> Path:
+def write_topk_cache(
+    teacher_ref: CheckpointRef, cfg: DistillConfig, train: TokensRef, out_dir: Path, probe_dir: Path | None = None
+) -> Path:
     """Compute and store the cache under ``out_dir`` (write, then rename); an existing file is reused."""
-    path = Path(out_dir) / f"teacher-top{cfg.teacher_topk}-{topk_cache_key(teacher_ref, cfg, train)}.pt"
+    key = topk_cache_key(teacher_ref, cfg, train, probe_dir)
+    path = Path(out_dir) / f"teacher-top{cfg.teacher_topk}-{key}.pt"
     if path.exists():
         return path
     samples = train.samples()
-    teacher = load_teacher(teacher_ref, cfg.teacher_dtype, samples["input_ids"])
+    teacher = load_teacher(teacher_ref, cfg.teacher_dtype, samples["input_ids"], probe_dir=probe_dir)
     check_topk(cfg.teacher_topk, teacher.config.vocab_size)
     cache = compute_topk(teacher, samples, cfg.teacher_topk, cfg.temperature, cfg.batch_size)
     write_file_atomically(path, lambda tmp: torch.save(cache, tmp))

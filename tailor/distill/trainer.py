@@ -21,6 +21,7 @@ from tailor.distill.teacher_cache import load_topk_cache
 from tailor.evaluate.perplexity import heldout_perplexity
 from tailor.models.precision import (
     bfloat16_autocast,
+    bfloat16_is_faster,
     final_hidden,
     has_bfloat16_matmuls,
     load_teacher,
@@ -66,6 +67,9 @@ class Distiller:
     With ``heldout`` samples, the student's held-out perplexity is taken before the first
     step, every ``cfg.heldout_every`` optimiser steps and after the last (the healing curve,
     ``on_heldout(step, perplexity)``).
+
+    ``auto`` precisions resolve by ``bfloat16_is_faster`` on the student's device, its answer
+    kept in ``probe_dir``; the record then holds the probe's figures (``precision_probe``).
     """
 
     def __init__(
@@ -81,6 +85,7 @@ class Distiller:
         on_step: Callable[[int, float], None] | None = None,
         on_heldout: Callable[[int, float], None] | None = None,
         share_trunk: bool = True,
+        probe_dir: Path | None = None,
     ) -> None:
         if topk is None and cfg.objective == "logits" and teacher.config.vocab_size != student.config.vocab_size:
             raise DistillError(
@@ -91,6 +96,8 @@ class Distiller:
         self.topk, self.heldout, self.resume_file = topk, heldout, resume_file
         self.on_step, self.on_heldout = on_step, on_heldout
         self.share_trunk = share_trunk
+        self.probe_dir = probe_dir
+        self.probe = None  # the precision probe, when an ``auto`` setting was resolved by it
         self.trunk = 0  # decoder layers the student shares with the teacher and does not train
         self.rank, self.world = _process_group()
         self.num_samples = samples["input_ids"].shape[0]
@@ -110,7 +117,9 @@ class Distiller:
         student.train()
         if cfg.gradient_checkpointing:
             student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        self.autocast = resolve_bf16_autocast(cfg.bf16_autocast, student.device)
+        self.autocast = resolve_bf16_autocast(cfg.bf16_autocast, student.device, self.probe_dir)
+        if cfg.bf16_autocast == "auto" or (self.topk is None and cfg.teacher_dtype == "auto"):
+            self.probe = bfloat16_is_faster(student.device, self.probe_dir)
         # The student's output-head matmuls (logit objectives) follow its autocast setting.
         self.objective = build_objective(cfg, torch.bfloat16 if self.autocast else torch.float32)
         self.optimizer = _adamw(self.trainable, cfg)
@@ -237,7 +246,7 @@ class Distiller:
             teacher=(
                 f"cached top-{cfg.teacher_topk}"
                 if self.topk is not None
-                else f"live ({teacher_numerics(cfg.teacher_dtype, student.device)})"
+                else f"live ({teacher_numerics(cfg.teacher_dtype, student.device, self.probe_dir)})"
             ),
             gradient_checkpointing=cfg.gradient_checkpointing,
             bf16_autocast=self.autocast,
@@ -245,6 +254,7 @@ class Distiller:
             shared_trunk_layers=self.trunk,
             heldout_curve=progress.heldout_curve,
             loss=self.objective.describe(),
+            precision_probe=self.probe.to_dict() if self.probe is not None else None,
         )
 
     # -- state --------------------------------------------------------------------------------
@@ -477,9 +487,11 @@ def distill_checkpoint(
     on_step: Callable[[int, float], None] | None = None,
     on_heldout: Callable[[int, float], None] | None = None,
     unkeyed_ok: bool = False,
+    probe_dir: Path | None = None,
 ) -> tuple[CheckpointRef, TrainingRecord]:
     """Distil the student checkpoint from the teacher checkpoint (or its top-k cache) on the
     ``train`` tokens and save the result; with ``heldout`` tokens it records the healing curve.
+    ``auto`` precisions resolve by the machine's probe kept in ``probe_dir`` (``bfloat16_is_faster``).
 
     A finished checkpoint already in ``out_dir`` is handed back only when it records this
     run's settings and inputs (``finished_distillation``; ``unkeyed_ok`` as there).
@@ -498,11 +510,11 @@ def distill_checkpoint(
     if topk_cache is not None:
         teacher, topk = None, load_topk_cache(topk_cache, samples, cfg)
     else:
-        teacher, topk = load_teacher(teacher_ref, cfg.teacher_dtype, samples["input_ids"], device), None
+        teacher, topk = load_teacher(teacher_ref, cfg.teacher_dtype, samples["input_ids"], device, probe_dir), None
     resume_file = resume_path(out_dir, cfg, teacher_ref, student_ref, train, topk_cache, _process_group()[1])
     rank, world = _process_group()
     if rank != 0:
-        Distiller(teacher, student, samples, cfg, topk=topk, resume_file=resume_file).fit()
+        Distiller(teacher, student, samples, cfg, topk=topk, resume_file=resume_file, probe_dir=probe_dir).fit()
         _barrier(world)
         done = existing_checkpoint(out_dir)
         return done, training_record(done)
@@ -518,6 +530,7 @@ def distill_checkpoint(
             resume_file=resume_file,
             on_step=on_step,
             on_heldout=on_heldout,
+            probe_dir=probe_dir,
         ).fit()
         save_model(student, tokenizer, tmp)
         write_training_record(tmp, record)

@@ -25,6 +25,8 @@ line with the model registered: ``tailor-lm-eval run --model tailor-fast ...``.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -53,6 +55,20 @@ class _Segment:
 
     def __len__(self) -> int:
         return len(self.prefix) + sum(len(b) for b in self.branches)
+
+
+@dataclass
+class _PackedBatch:
+    """One forward pass's inputs and where in its output each request is scored."""
+
+    ids: torch.Tensor
+    pos: torch.Tensor
+    masks: torch.Tensor | dict[str, torch.Tensor]
+    scored_rows: torch.Tensor
+    scored_cols: torch.Tensor
+    targets: list[list[int]]
+    owners: list[int]
+    """The request index each entry of ``targets`` answers."""
 
 
 def _common_prefix_length(a: list[int], b: list[int]) -> int:
@@ -149,6 +165,28 @@ class FastHFLM(HFLM):
         return segments
 
     def _score_rows(self, rows: list[list[_Segment]]) -> list[tuple[int, tuple[float, bool]]]:
+        batch = self._packed(rows)
+        with self._scoring_context():
+            hidden = self.model.get_decoder()(
+                input_ids=batch.ids, position_ids=batch.pos, attention_mask=batch.masks, use_cache=False
+            ).last_hidden_state
+            return self._answers_from_hidden(self.model, hidden, batch)
+
+    @contextmanager
+    def _scoring_context(self) -> Iterator[None]:
+        """No gradients, and the mixed precision lm-eval was asked for (``mixed_precision_dtype``)."""
+        with (
+            torch.no_grad(),
+            torch.autocast(
+                device_type=self.device.type,
+                dtype=self.mixed_precision_dtype,
+                enabled=self.mixed_precision_dtype is not None,
+            ),
+        ):
+            yield
+
+    def _packed(self, rows: list[list[_Segment]]) -> _PackedBatch:
+        """Token ids, true positions and block masks of packed rows, and where each request is scored."""
         width = max(sum(len(s) for s in row) for row in rows)
         ids = torch.zeros((len(rows), width), dtype=torch.long)
         # Per column: segment number, branch number (0 = prefix) and true position; padding
@@ -176,30 +214,30 @@ class FastHFLM(HFLM):
                     targets.append(continuation)
                     owners.append(i)
                 col += len(segment)
-        masks = self._attention_masks(seg, branch, pos)
-        with (
-            torch.no_grad(),
-            torch.autocast(
-                device_type=self.device.type,
-                dtype=self.mixed_precision_dtype,
-                enabled=self.mixed_precision_dtype is not None,
-            ),
-        ):
-            hidden = self.model.get_decoder()(
-                input_ids=ids.to(self.device), position_ids=pos.to(self.device), attention_mask=masks, use_cache=False
-            ).last_hidden_state
-            scored = hidden[
-                torch.tensor(scored_rows, device=self.device), torch.tensor(scored_cols, device=self.device)
-            ]
-            del hidden
-            target = torch.tensor([tok for t in targets for tok in t], device=self.device)
-            token_lp, greedy = [], []
-            for start in range(0, len(target), self.score_chunk_tokens):
-                chunk = slice(start, start + self.score_chunk_tokens)
-                logprobs = F.log_softmax(output_logits(self.model, scored[chunk]).float(), dim=-1)
-                token_lp.append(logprobs.gather(1, target[chunk].unsqueeze(1)).squeeze(1))
-                greedy.append(logprobs.argmax(dim=-1) == target[chunk])
-        return list(zip(owners, _answers(torch.cat(token_lp), torch.cat(greedy), targets)))
+        return _PackedBatch(
+            ids=ids.to(self.device),
+            pos=pos.to(self.device),
+            masks=self._attention_masks(seg, branch, pos),
+            scored_rows=torch.tensor(scored_rows, device=self.device),
+            scored_cols=torch.tensor(scored_cols, device=self.device),
+            targets=targets,
+            owners=owners,
+        )
+
+    def _answers_from_hidden(
+        self, model, hidden: torch.Tensor, batch: _PackedBatch
+    ) -> list[tuple[int, tuple[float, bool]]]:
+        """(request index, (loglikelihood, is_greedy)) from a model's final hidden states of a packed batch:
+        the output head at the scored positions only, a bounded chunk at a time."""
+        scored = hidden[batch.scored_rows, batch.scored_cols]
+        target = torch.tensor([tok for t in batch.targets for tok in t], device=self.device)
+        token_lp, greedy = [], []
+        for start in range(0, len(target), self.score_chunk_tokens):
+            chunk = slice(start, start + self.score_chunk_tokens)
+            logprobs = F.log_softmax(output_logits(model, scored[chunk]).float(), dim=-1)
+            token_lp.append(logprobs.gather(1, target[chunk].unsqueeze(1)).squeeze(1))
+            greedy.append(logprobs.argmax(dim=-1) == target[chunk])
+        return list(zip(batch.owners, _answers(torch.cat(token_lp), torch.cat(greedy), batch.targets)))
 
     def _attention_masks(self, seg: torch.Tensor, branch: torch.Tensor, pos: torch.Tensor):
         """Additive [B, 1, T, T] masks: same segment, prefix or own branch, causal in true positions.

@@ -18,10 +18,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tailor.common.console import third_party_prints
-from tailor.common.layout import WorkDir
 from tailor.config.settings import DataConfig, EvalConfig, TailorError
 from tailor.data.offline import sha256_file
-from tailor.store.checkpoint import CheckpointRef, load_model, stable_hash, write_file_atomically
 
 # Offline file and the split name the stock task reads it as.
 OFFLINE_SPLITS: dict[str, tuple[str, str]] = {
@@ -70,11 +68,14 @@ def _indexed_tasks(include_path: str, files: tuple) -> Any:
     return TaskManager(include_path=include_path or None)
 
 
-def check_tasks(tasks: tuple[str, ...], data: DataConfig, include_path: str = "", manager=None) -> None:
+def check_tasks(
+    tasks: tuple[str, ...], data: DataConfig, include_path: str = "", manager=None, scored_jointly: bool = False
+) -> None:
     """Fail fast on unknown task names and missing or malformed offline files.
 
     In offline mode the reference tasks read the offline data folder; any other task
-    (stock or from ``include_path``) runs on the dataset its own YAML names.
+    (stock or from ``include_path``) runs on the dataset its own YAML names. ``scored_jointly``
+    (the flow's evaluation of several models in one pass): tasks that generate text are refused.
     """
     manager = manager or _task_manager(include_path)
     known = set(manager.all_tasks)
@@ -91,6 +92,11 @@ def check_tasks(tasks: tuple[str, ...], data: DataConfig, include_path: str = ""
                 f"eval.tasks: {task!r} has no offline data (data.mode=offline covers {', '.join(OFFLINE_SPLITS)}); "
                 "give it a task YAML with local data_files in eval.include_path, or set data.mode=hub"
             )
+        if scored_jointly and _output_type(manager, task) == "generate_until":
+            raise EvalSetupError(
+                f"eval.tasks: {task!r} generates text; the flow scores its models together on loglikelihood tasks "
+                "(multiple choice, LAMBADA, perplexity): choose another task, or score it with `tailor eval`"
+            )
         metrics = _reported_metrics(manager, task)
         if metrics is not None and not metrics & set(REPORTED_METRICS):
             raise EvalSetupError(
@@ -103,6 +109,13 @@ def _from_include_path(manager, task: str, include_path: str) -> bool:
     entry = manager.task_index.get(task)
     path = getattr(entry, "yaml_path", None)
     return bool(include_path and path and Path(path).resolve().is_relative_to(Path(include_path).resolve()))
+
+
+def _output_type(manager, task: str) -> str | None:
+    """A YAML task's ``output_type`` (None for groups and Python tasks: not checked)."""
+    if getattr(manager.task_index.get(task), "yaml_path", None) is None:
+        return None
+    return _stock_config(manager, task).get("output_type")
 
 
 def _reported_metrics(manager, task: str) -> set[str] | None:
@@ -206,33 +219,6 @@ def evaluation_datasets(cfg: EvalConfig, data: DataConfig) -> list[dict[str, str
     return out
 
 
-def evaluation_file(ref: CheckpointRef, cfg: EvalConfig, data: DataConfig, work_dir: str) -> Path:
-    """Where a checkpoint's evaluation under these settings and data is kept (and found again)."""
-    return WorkDir(work_dir).evals / (
-        f"{stable_hash(ref.fingerprint, cfg.model_dump(), data.cache_identity(), evaluation_signature(cfg, data))}.json"
-    )
-
-
-def evaluate_checkpoint(
-    ref: CheckpointRef,
-    cfg: EvalConfig,
-    data: DataConfig,
-    out_file: Path,
-    on_progress: Callable[[int, int], None] | None = None,
-) -> dict:
-    """Evaluate a checkpoint; write and return {"metrics", "items", "limit", ...}.
-
-    An existing ``out_file`` (from an interrupted earlier run) is reused. ``on_progress``
-    gets (requests scored, requests in this pass) as scoring goes (fast backend).
-    """
-    if out_file.exists():
-        return json.loads(out_file.read_text())
-    model, tokenizer = load_model(ref, dtype=cfg.dtype)
-    result = evaluate_model(model, tokenizer, cfg, data, on_progress)
-    write_file_atomically(out_file, lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
-    return result
-
-
 def _git_hash_quietly() -> str | None:
     """What lm-eval records as ``git_hash`` (``git describe`` of the working directory),
     without git's "fatal: not a git repository" on the terminal outside a repository."""
@@ -256,18 +242,12 @@ def evaluate_model(
     ``lm_eval_dir``: also write lm-eval's own files there (results JSON and per-sample
     JSONL, as ``lm_eval --output_path --log_samples`` does), under ``model_name``.
     """
-    import lm_eval
-    import lm_eval.evaluator
     from lm_eval.models.huggingface import HFLM
 
     from tailor.evaluate.fast_lm import FastHFLM
 
     manager = _task_manager(cfg.include_path)
     check_tasks(cfg.tasks, data, cfg.include_path, manager)
-    lm_eval.evaluator.get_git_commit_hash = _git_hash_quietly
-    # lm-eval's bootstrap forks a process pool; forking a threaded process (a Prefect
-    # task runner) can deadlock, so bootstrap in-process.
-    os.environ["DISABLE_MULTIPROC"] = "1"
     lm_class = FastHFLM if cfg.backend == "fast" else HFLM
     lm = lm_class(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size)
     if isinstance(lm, FastHFLM):
@@ -278,21 +258,7 @@ def evaluate_model(
         from lm_eval.loggers import EvaluationTracker
 
         tracker = EvaluationTracker(output_path=str(lm_eval_dir))
-    with third_party_prints():
-        out = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=task_specs(cfg.tasks, data, manager),
-            task_manager=manager,
-            num_fewshot=0,
-            limit=cfg.limit,
-            log_samples=True,
-            bootstrap_iters=cfg.bootstrap_iters,
-            random_seed=0,
-            numpy_random_seed=0,
-            torch_random_seed=0,
-            fewshot_random_seed=0,
-            evaluation_tracker=tracker,
-        )
+    out = run_lm_eval(lm, task_specs(cfg.tasks, data, manager), manager, cfg, cfg.limit, tracker)
     if tracker is not None:
         tracker.general_config_tracker.model_name = model_name
         tracker.general_config_tracker.model_name_sanitized = folder_name(model_name)
@@ -301,11 +267,42 @@ def evaluate_model(
         for task in cfg.tasks:
             tracker.save_results_samples(task_name=task, samples=samples[task])
         out["samples"] = samples
+    return summarise(out, cfg.tasks, cfg, data)
+
+
+def run_lm_eval(lm, tasks: list, manager, cfg: EvalConfig, limit: int | None, tracker=None) -> dict:
+    """``lm_eval.simple_evaluate`` zero-shot with per-sample logs, seeded, bootstrapped in-process."""
+    import lm_eval
+    import lm_eval.evaluator
+
+    lm_eval.evaluator.get_git_commit_hash = _git_hash_quietly
+    # lm-eval's bootstrap forks a process pool; forking a threaded process (a Prefect
+    # task runner) can deadlock, so bootstrap in-process.
+    os.environ["DISABLE_MULTIPROC"] = "1"
+    with third_party_prints():
+        return lm_eval.simple_evaluate(
+            model=lm,
+            tasks=tasks,
+            task_manager=manager,
+            num_fewshot=0,
+            limit=limit,
+            log_samples=True,
+            bootstrap_iters=cfg.bootstrap_iters,
+            random_seed=0,
+            numpy_random_seed=0,
+            torch_random_seed=0,
+            fewshot_random_seed=0,
+            evaluation_tracker=tracker,
+        )
+
+
+def summarise(out: dict, tasks: tuple[str, ...] | list[str], cfg: EvalConfig, data: DataConfig) -> dict:
+    """What the product keeps of lm-eval's output for ``tasks``: metrics, per-document scores and answers."""
     return {
-        "metrics": {task: _task_metrics(out["results"][task]) for task in cfg.tasks},
-        "items": {task: _item_scores(out["samples"][task]) for task in cfg.tasks},
-        "n_samples": {task: len(out["samples"][task]) for task in cfg.tasks},
-        "requests": {task: [_responses(s) for s in out["samples"][task]] for task in cfg.tasks},
+        "metrics": {task: _task_metrics(out["results"][task]) for task in tasks},
+        "items": {task: _item_scores(out["samples"][task]) for task in tasks},
+        "n_samples": {task: len(out["samples"][task]) for task in tasks},
+        "requests": {task: [_responses(s) for s in out["samples"][task]] for task in tasks},
         "limit": cfg.limit,
         "backend": cfg.backend,
         "dtype": cfg.dtype,

@@ -72,7 +72,11 @@ def tail_hidden(
 
 
 def hidden_states_at(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, depths: tuple[int, ...]
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | dict[str, torch.Tensor],
+    depths: tuple[int, ...],
+    position_ids: torch.Tensor | None = None,
 ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
     """({depth: hidden state entering layer ``depth``}, final normed hidden) from one forward.
 
@@ -96,9 +100,56 @@ def hidden_states_at(
             )
     try:
         final = model.get_decoder()(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state
     finally:
         for h in hooks:
             h.remove()
     return captured, final
+
+
+# Config fields that differ between models sharing a trunk without changing what the trunk computes.
+_PER_MODEL_CONFIG = {"num_hidden_layers", "layer_types", "_name_or_path", "architectures", "transformers_version"}
+
+
+def same_trunk_settings(a, b) -> bool:
+    """Two configs that agree on everything but their layer count and per-layer lists (vocabulary,
+    widths, attention windows, rotary tables): the precondition for sharing any layers."""
+
+    def shaping(config) -> dict:
+        return {k: v for k, v in config.to_dict().items() if k not in _PER_MODEL_CONFIG}
+
+    return shaping(a) == shaping(b)
+
+
+def shared_depths(models: list[nn.Module]) -> list[int]:
+    """Per model, the leading layers it shares with ``models[0]`` (0 for the first itself): the
+    pruned model may share all its layers with the original, a distilled one that trained its
+    last layers fewer. Checked on the weights and the settings, never assumed."""
+    first = models[0]
+    return [0] + [shared_prefix(m, first) if same_trunk_settings(first.config, m.config) else 0 for m in models[1:]]
+
+
+def final_hidden_states(
+    models: list[nn.Module],
+    depths: list[int],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | dict[str, torch.Tensor],
+    position_ids: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
+    """Each model's final normed hidden states for one batch, every shared layer run once: the
+    first model runs its whole forward, and model j > 0 runs its own layers from the first's
+    hidden state after ``depths[j]`` layers (``shared_depths``; 0: its whole forward)."""
+    wanted = tuple(sorted({d for d in depths[1:] if d > 0}))
+    captured, final = hidden_states_at(models[0], input_ids, attention_mask, wanted, position_ids)
+    hidden = [final]
+    for model, depth in zip(models[1:], depths[1:]):
+        if depth == 0:
+            hidden.append(
+                model.get_decoder()(
+                    input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+                ).last_hidden_state
+            )
+        else:
+            hidden.append(tail_hidden(tail_model(model, depth), captured[depth], attention_mask, position_ids))
+    return hidden

@@ -72,12 +72,20 @@ def evaluation_tags(report: dict, eval_signature: str) -> dict[str, str]:
         tags["tailor.speedup_ci95_low"], tags["tailor.speedup_ci95_high"] = (str(x) for x in change["speedup_ci95"])
     if change["mean_acc_retention_pct"] is not None:  # None when no task reports accuracy
         tags["tailor.mean_acc_retention_pct"] = str(change["mean_acc_retention_pct"])
+    stopping = (report.get("evaluation") or {}).get("stopping", {})
     for task, metrics in distilled["metrics"].items():
         if "acc" in metrics:
             tags[f"tailor.acc.{task}"] = str(metrics["acc"]["value"])
             tags[f"tailor.original_acc.{task}"] = str(original["metrics"][task]["acc"]["value"])
             paired = change["tasks"][task]["acc"]
-            if "paired_ci95" in paired:
+            stop = stopping.get(task, {})
+            if stop.get("interval"):
+                # Scored until decided: the stop rule's interval (its level spends the error rate
+                # over the looks) is the one whose error rate holds, not a plain 95% one.
+                tags[f"tailor.acc_delta.{task}"] = ",".join(
+                    str(x) for x in (stop["delta"], *stop["interval"], stop["documents"])
+                )
+            elif "paired_ci95" in paired:
                 tags[f"tailor.acc_delta.{task}"] = ",".join(
                     str(x) for x in (paired["delta"], *paired["paired_ci95"], paired["n"])
                 )

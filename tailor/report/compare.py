@@ -8,7 +8,9 @@ from pathlib import Path
 
 from tailor.common.stats import paired_item_deltas, score_interval
 from tailor.evaluate.speed import speedup_interval
+from tailor.report.evaluation import evaluation_markdown
 from tailor.report.healing import healing_summary
+from tailor.report.precision import precision_markdown
 from tailor.store.checkpoint import write_file_atomically
 
 MODELS = ("original", "pruned", "distilled")
@@ -71,8 +73,13 @@ def build_report(profiles: dict[str, dict], evals: dict[str, dict], extra: dict)
         changes[name] = {
             "tasks": per_task,
             "mean_acc_retention_pct": mean_acc_retention(base["metrics"], m["metrics"]),
-            **_speedup(base, m),
+            **_speedup(_timing(models, "original"), _timing(models, name)),
             "tokens_per_s_ratio": m["tokens_per_s"] / base["tokens_per_s"],
+            "timed_as": m.get("timed_as", name),
+            "macs_per_token": m.get("macs_per_token"),
+            # Original / model, like the speed-up: above 1 = fewer multiply-adds, fewer parameters.
+            "macs_ratio": _ratio(base.get("macs_per_token"), m.get("macs_per_token")),
+            "params_ratio": _ratio(base["params"], m["params"]),
             "params_removed": base["params"] - m["params"],
             "params_removed_pct": 100.0 * (base["params"] - m["params"]) / base["params"],
         }
@@ -80,9 +87,27 @@ def build_report(profiles: dict[str, dict], evals: dict[str, dict], extra: dict)
         "models": models,
         "vs_original": changes,
         "healing": healing_summary(evals),
+        "timing_groups": timing_groups(models),
         "speed_tie": speed_tie(models),
         **extra,
     }
+
+
+def _ratio(base: float | None, value: float | None) -> float | None:
+    return base / value if base and value else None
+
+
+def _timing(models: dict[str, dict], name: str) -> dict:
+    """The profile whose run times stand for ``name``'s: the model it was timed as, else its own."""
+    return models.get(models[name].get("timed_as"), models[name])
+
+
+def timing_groups(models: dict[str, dict]) -> dict[str, list[str]]:
+    """The models that share one timing, keyed by the model timed for them; only groups of two or more."""
+    groups: dict[str, list[str]] = {}
+    for name in MODELS:
+        groups.setdefault(models[name].get("timed_as", name), []).append(name)
+    return {rep: names for rep, names in groups.items() if len(names) > 1}
 
 
 def _speedup(base: dict, model: dict) -> dict:
@@ -93,10 +118,26 @@ def _speedup(base: dict, model: dict) -> dict:
     return {"speedup": base["gen_time_mean_s"] / model["gen_time_mean_s"], "speedup_ci95": None}
 
 
+def _same_architecture(a: dict, b: dict) -> bool:
+    if a.get("architecture") and b.get("architecture"):
+        return a["architecture"] == b["architecture"]
+    # Profiles from before architectures were recorded: the closest they allow telling.
+    return a.get("params") == b.get("params") and a.get("layers") == b.get("layers")
+
+
 def speed_tie(models: dict[str, dict]) -> dict | None:
-    """Pruned vs distilled (the same architecture): their speed ratio's interval should hold 1."""
+    """Pruned vs distilled timed separately although of one architecture: their speed ratio's
+    interval should hold 1, else the timing is noisy.
+
+    None when there is nothing to compare: the speed stage times each architecture once, so
+    pruned and distilled of one architecture share a single timing and cannot disagree; and
+    models of different architectures need not tie. Only timings made separately (profiles
+    without ``timed_as``, or from different measurements) are checked.
+    """
     a, b = models["pruned"], models["distilled"]
     if not (a.get("run_times_s") and b.get("run_times_s")):
+        return None
+    if a.get("timed_as", "pruned") == b.get("timed_as", "distilled") or not _same_architecture(a, b):
         return None
     s = speedup_interval(a["run_times_s"], b["run_times_s"])
     return {"distilled_vs_pruned": s["median"], "ci95": s["ci95"], "noisy": not s["ci95"][0] <= 1 <= s["ci95"][1]}
@@ -190,6 +231,7 @@ def render_markdown(report: dict, figure_dir: Path | None = None) -> str:
         title_markdown(report),
         models_markdown(report),
         task_metrics_markdown(report),
+        evaluation_markdown(report),
         healing_markdown(report),
         pruning_markdown(report),
         continuations_markdown(report),
@@ -214,13 +256,15 @@ def title_markdown(report: dict) -> list[str]:
 
 
 def models_markdown(report: dict) -> list[str]:
-    """The three models side by side: size, speed, speed-up, and a warning when timing was noisy."""
+    """The three models side by side: size, multiply-adds, speed, speed-up beside the multiply-add and
+    parameter ratios, which models share one timing, and a warning when timing was noisy."""
     models, changes = report["models"], report["vs_original"]
     lines = ["## Models", "", "| | " + " | ".join(MODELS) + " |", "|---|" + "---|" * len(MODELS)]
     rows = [
         ("parameters", lambda m: f"{m['params']:,}"),
         ("decoder layers", lambda m: str(m["layers"])),
         ("checkpoint size (MB)", lambda m: f"{m['checkpoint_bytes'] / 1e6:,.1f}"),
+        ("multiply-adds per token (M)", lambda m: _millions(m.get("macs_per_token"))),
         ("generation time per run (s)", lambda m: f"{m['gen_time_mean_s']:.3f} ± {m['gen_time_std_s']:.3f}"),
         ("tokens/s", lambda m: f"{m['tokens_per_s']:.1f}"),
     ]
@@ -235,6 +279,28 @@ def models_markdown(report: dict) -> list[str]:
         )
         + " |"
     )
+    for label, key in (
+        ("multiply-adds ratio (original / model)", "macs_ratio"),
+        ("parameter ratio (original / model)", "params_ratio"),
+    ):
+        lines.append(f"| {label} | 1.00x | " + " | ".join(_times(changes[n].get(key)) for n in MODELS[1:]) + " |")
+    if any(models[n].get("macs_per_token") for n in MODELS):
+        lines += [
+            "",
+            "Multiply-adds per generated token at short context: every linear layer of the decoder layers and the "
+            "output head; attention's score products, which grow with the context, are left out.",
+        ]
+    groups = report.get("timing_groups") or {}
+    if groups:
+        lines += [
+            "",
+            "Timed once per architecture: "
+            + "; ".join(
+                f"{' and '.join(names)} share one architecture and one timing (of {rep})"
+                for rep, names in groups.items()
+            )
+            + ", so their speed-ups are one measurement, not independent ones.",
+        ]
     tie = report.get("speed_tie")
     if tie and tie["noisy"]:
         lo, hi = tie["ci95"]
@@ -245,6 +311,14 @@ def models_markdown(report: dict) -> list[str]:
             "as uncertain by at least that much, or re-run with more `speed.timed_runs`.",
         ]
     return lines
+
+
+def _millions(x: int | None) -> str:
+    return "n/a" if x is None else f"{x / 1e6:,.1f}"
+
+
+def _times(ratio: float | None) -> str:
+    return "n/a" if ratio is None else f"{ratio:.2f}x"
 
 
 def task_metrics_markdown(report: dict) -> list[str]:
@@ -351,6 +425,7 @@ def pruning_markdown(report: dict) -> list[str]:
                 f"- KD mode: teacher {kd['teacher']}; student {student}"
                 + (f"; {kd['world_size']} data-parallel processes" if kd.get("world_size", 1) > 1 else "")
             )
+            lines += precision_markdown(kd)
         lines.append(
             f"- distillation: {kd['optimizer_steps']} optimiser steps on {kd['num_samples']} samples, "
             f"{kd['train_tokens']:,} tokens in {kd['train_seconds']:.1f} s "
