@@ -46,8 +46,9 @@ def evaluation_markdown(report: dict) -> list[str]:
         lines += [
             "",
             "Evaluated together: "
-            + ", ".join(f"{name} shared its first {depth} layers with the original" for name, depth in shared.items())
-            + " (checked on the weights; those layers ran once for both).",
+            + ", ".join(f"{name} shared its first {depth} layers" for name, depth in shared.items())
+            + " with the deepest model scored beside it, usually the original (checked on the weights; those layers"
+            " ran once for both).",
         ]
     scored = evaluation.get("scored_requests", {})
     reused = [name for name, n in scored.items() if n == 0]
