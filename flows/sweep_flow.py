@@ -33,8 +33,9 @@ from flows.tailor_flow import tailor_flow
 from tailor.common.console import Stages
 from tailor.common.layout import WorkDir
 from tailor.config.settings import TEACHER_SOURCE, PruneConfig, TailorConfig, load_config
+from tailor.data.corpus import corpus_fingerprint
 from tailor.evaluate.harness import evaluation_signature
-from tailor.models.sources import source_num_layers
+from tailor.models.sources import source_fingerprint, source_num_layers
 from tailor.preflight import check_prune, preflight
 from tailor.prune.importance import SCORED_STRATEGIES, per_layer_series
 from tailor.registry import tracking
@@ -55,14 +56,16 @@ def sweep_flow(profile: str = "quick", overrides: list[str] | None = None, out_d
     preflight(cfg, out_dir)  # the report folder too: it is written last
     combos = combinations(cfg)
     run = open_sweep_run(cfg)  # a failure from here on is closed in MLflow by FAILURE_HOOKS
-    base = materialize_model(cfg.model, cfg.work_dir).ref
+    # A local model folder's and the corpus files' content are task inputs: their cache keys.
+    base = run_intact(materialize_model, cfg.model, cfg.work_dir, source_fingerprint(cfg.model)).ref
     original_eval = evaluate_stage(cfg, run.signature, "original", base)
     scored = tuple(s for s in cfg.sweep.strategies if s in SCORED_STRATEGIES)
     scores = None
     if scored:
         teacher_text = generate_teacher_text(base, cfg).tokens if TEACHER_SOURCE in cfg.distill.corpus_mix else None
+        corpus = corpus_fingerprint(cfg.distill, cfg.data)
         calibration = run_intact(
-            tokenise, base, cfg.distill, cfg.prune, cfg.data, cfg.work_dir, teacher_text
+            tokenise, base, cfg.distill, cfg.prune, cfg.data, cfg.work_dir, corpus, teacher_text
         ).calibration
         scores = score_layers(base, cfg.prune, scored, calibration, cfg.work_dir).scores
     # Each combination's pruning and evaluation are tasks of their own: on Dask workers with

@@ -31,10 +31,11 @@ from flows.stages import (
 from tailor.common.console import LOGGER, Stages
 from tailor.common.layout import WorkDir
 from tailor.config.settings import TEACHER_SOURCE, TailorConfig, load_config
-from tailor.data.corpus import corpus_datasets
+from tailor.data.corpus import corpus_datasets, corpus_fingerprint
 from tailor.data.tokenised import TokensRef
 from tailor.evaluate.harness import evaluation_datasets, evaluation_signature
 from tailor.evaluate.joint import StopRule
+from tailor.models.sources import source_fingerprint
 from tailor.preflight import preflight
 from tailor.prune.importance import SCORED_STRATEGIES
 from tailor.registry import tracking
@@ -135,11 +136,8 @@ def open_run(cfg: TailorConfig) -> RunContext:
 def build_models(run: RunContext) -> Models:
     """Materialise, prune and distil, and score each model on the held-out corpus."""
     cfg = run.cfg
-    with run.stage("materialize") as stage:
-        materialized = run_intact(materialize_model, cfg.model, cfg.work_dir)
-        base = materialized.ref
-        run.log(stage.name, params=cfg.model.model_dump(), metrics={"seconds": materialized.cost.seconds})
-        stage.detail = base.path
+    materialized = materialize_base(run)
+    base = materialized.ref
     tokens = tokenise_corpus(run, base)
     pruned = prune(run, base, tokens)
     teacher_cache = None
@@ -181,6 +179,16 @@ def build_models(run: RunContext) -> Models:
     return models
 
 
+def materialize_base(run: RunContext) -> Materialized:
+    """The base checkpoint; a local model folder's content is one of the task's inputs (its cache key)."""
+    cfg = run.cfg
+    with run.stage("materialize") as stage:
+        materialized = run_intact(materialize_model, cfg.model, cfg.work_dir, source_fingerprint(cfg.model))
+        run.log(stage.name, params=cfg.model.model_dump(), metrics={"seconds": materialized.cost.seconds})
+        stage.detail = materialized.ref.path
+    return materialized
+
+
 def tokenise_corpus(run: RunContext, base: CheckpointRef) -> Tokenised:
     """The corpus tokenised once for layer scoring, the teacher cache, distillation and held-out scoring."""
     cfg = run.cfg
@@ -193,6 +201,8 @@ def tokenise_corpus(run: RunContext, base: CheckpointRef) -> Tokenised:
             cfg.prune,
             cfg.data,
             cfg.work_dir,
+            # The corpus files' content, so the task's cache key changes when one is edited.
+            corpus_fingerprint(cfg.distill, cfg.data),
             teacher_text.tokens if teacher_text else None,
         )
         run.log(
@@ -442,7 +452,7 @@ def register_and_promote(run: RunContext, distilled: CheckpointRef, report: dict
     if not cfg.promotion.enabled:
         return version, None
     with run.stage("promote") as stage:
-        decision = promote_model(cfg.tracking_uri, cfg.tracking.registered_model, version, cfg.promotion, cfg.work_dir)
+        decision = promote_model(cfg.tracking_uri, cfg.tracking.registered_model, version, cfg.promotion)
         record_promotion(report["report_json"], decision)
         run.client.set_tag(run.parent_id, "tailor.promotion", "promoted" if decision["promoted"] else "rejected")
         stage.detail = (

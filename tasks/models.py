@@ -25,17 +25,19 @@ from tailor.models.sources import materialize
 from tailor.prune.importance import SCORED_STRATEGIES, choose_layers, layer_scores, per_layer_series
 from tailor.prune.pruning import prune_checkpoint
 from tailor.report.plots import layer_scores_png
-from tailor.store.checkpoint import CheckpointRef, load_model, stable_hash, write_file_atomically
+from tailor.store.checkpoint import CheckpointRef, code_identity, load_model, stable_hash, write_file_atomically
 
 from ._common import CACHED
 from .records import Distilled, LayerScores, Materialized, Pruned, TeacherCache, TeacherText, Tokenised
 
 
 @task(name="materialize-model", cache_policy=CACHED, persist_result=True, retries=2, retry_delay_seconds=[10, 30])
-def materialize_model(model: ModelConfig, work_dir: str) -> Materialized:
-    """The base checkpoint. Retried: a hub download can fail transiently."""
+def materialize_model(model: ModelConfig, work_dir: str, source: str | None) -> Materialized:
+    """The base checkpoint. ``source`` is ``source_fingerprint(model)``, the content of a local
+    model folder (None for other sources): an input, so the cache key changes with the folder's
+    files. Retried: a hub download can fail transiently."""
     start = stage_start()
-    ref = materialize(model, work_dir)
+    ref = materialize(model, work_dir, source)
     return Materialized(ref, stage_cost(start))
 
 
@@ -57,12 +59,21 @@ def tokenise(
     prune: PruneConfig,
     data: DataConfig,
     work_dir: str,
+    corpus: str,
     teacher_text: TokensRef | None = None,
 ) -> Tokenised:
-    """The distillation corpus tokenised once: training samples, calibration windows, held-out documents."""
+    """The distillation corpus tokenised once: training samples, calibration windows, held-out
+    documents. ``corpus`` is ``corpus_fingerprint(distill, data)``, the corpus files' content:
+    an input, so the cache key changes when a file is edited."""
     start = stage_start()
     sets = tokenise_corpus(
-        base.verify(), distill, prune, data, work_dir, teacher_text.verify() if teacher_text is not None else None
+        base.verify(),
+        distill,
+        prune,
+        data,
+        work_dir,
+        teacher_text.verify() if teacher_text is not None else None,
+        corpus,
     )
     return Tokenised(sets["train"], sets["calibration"], sets["heldout"], stage_cost(start))
 
@@ -73,9 +84,10 @@ def score_layers(
 ) -> LayerScores:
     """Layer-importance scores on the calibration windows of the distillation corpus."""
     start = stage_start()
-    out = WorkDir(work_dir).importance / (
-        f"{stable_hash(base.fingerprint, prune.calibration_batch_size, strategies, calibration.fingerprint)}.json"
+    key = stable_hash(
+        base.fingerprint, prune.calibration_batch_size, strategies, calibration.fingerprint, code_identity()
     )
+    out = WorkDir(work_dir).importance / f"{key}.json"
     # The task's cache key also holds settings the scores do not depend on (num_layers,
     # strategy); the file is keyed by what they do depend on, so it is reused across those.
     if out.exists():
@@ -117,6 +129,34 @@ def cache_teacher_topk(teacher: CheckpointRef, distill: DistillConfig, train: To
     return TeacherCache(str(path), path.stat().st_size / 2**20, stage_cost(start))
 
 
+def distilled_folder(
+    teacher: CheckpointRef,
+    student: CheckpointRef,
+    distill: DistillConfig,
+    train: TokensRef,
+    heldout: TokensRef,
+    work_dir: str,
+    topk_cache: str | None = None,
+) -> Path:
+    """Where ``distill_model`` writes: named by both checkpoints, the settings, the token files,
+    the teacher cache, the code's versions (the KD loss, the libraries) and what "auto"
+    precisions resolve to on this machine (its probe in the work folder): the result depends
+    on what they became."""
+    probes = WorkDir(work_dir).probes
+    key = stable_hash(
+        code_identity(),
+        teacher.fingerprint,
+        student.fingerprint,
+        distill.model_dump(),
+        train.fingerprint,
+        heldout.fingerprint,
+        topk_cache,
+        teacher_numerics(distill.teacher_dtype, "cpu", probes),
+        resolve_bf16_autocast(distill.bf16_autocast, "cpu", probes),
+    )
+    return WorkDir(work_dir).checkpoints / f"distilled-{key}"
+
+
 @task(name="distill-model", cache_policy=CACHED, persist_result=True)
 def distill_model(
     teacher: CheckpointRef,
@@ -132,20 +172,8 @@ def distill_model(
     ``heldout`` tokens give the healing curve. The result carries the typed ``TrainingRecord``."""
     # The source is part of the cache key: its last sentence keeps results cached while the
     # record was a plain dict from being read back.
-    # "auto" precisions resolve per machine (its probe in the work folder), and the result
-    # depends on what they became.
     probes = WorkDir(work_dir).probes
-    key = stable_hash(
-        teacher.fingerprint,
-        student.fingerprint,
-        distill.model_dump(),
-        train.fingerprint,
-        heldout.fingerprint,
-        topk_cache,
-        teacher_numerics(distill.teacher_dtype, "cpu", probes),
-        resolve_bf16_autocast(distill.bf16_autocast, "cpu", probes),
-    )
-    out = WorkDir(work_dir).checkpoints / f"distilled-{key}"
+    out = distilled_folder(teacher, student, distill, train, heldout, work_dir, topk_cache)
     progress = create_progress_artifact(
         progress=0.0, key="distillation-progress", description="Distillation: share of optimiser steps done"
     )

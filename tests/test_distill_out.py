@@ -46,15 +46,17 @@ def test_a_checkpoint_that_records_no_inputs_is_not_handed_back_as_this_runs(dis
     """One written before distillations recorded their inputs: ``tailor distill`` cannot tell
     what it was trained with; the flow, whose folder names are keyed by the inputs, may reuse it."""
     from tailor.distill.trainer import INPUTS_FILE
+    from tailor.store.checkpoint import FINGERPRINT_FILE, fingerprint_dir
 
     root, base, pruned, cfg, tokens, done = distilled
     out = tmp_path / "old"
     shutil.copytree(done.path, out)
     (out / INPUTS_FILE).unlink()
+    (out / FINGERPRINT_FILE).write_text(fingerprint_dir(out) + "\n")  # as such a checkpoint was written
     with pytest.raises(DistillError, match="records no distillation inputs"):
         distill_checkpoint(base, pruned, cfg, tokens["train"], out, heldout=tokens["heldout"])
     ref, _ = distill_checkpoint(base, pruned, cfg, tokens["train"], out, heldout=tokens["heldout"], unkeyed_ok=True)
-    assert ref.fingerprint == done.fingerprint
+    assert ref.fingerprint == fingerprint_dir(out) != done.fingerprint  # handed back, not trained again
 
 
 @pytest.mark.parametrize("role", ["student", "teacher"])

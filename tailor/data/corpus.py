@@ -50,7 +50,8 @@ def read_documents(path: Path) -> list[str]:
 
 
 def corpus_signature(cfg: DistillConfig) -> dict:
-    """The settings that decide which text becomes samples (for cache keys)."""
+    """The settings that decide which text becomes samples (for cache keys; the text itself is
+    ``corpus_fingerprint``)."""
     return {
         "corpus": cfg.corpus,
         "mix": cfg.corpus_mix,
@@ -58,6 +59,23 @@ def corpus_signature(cfg: DistillConfig) -> dict:
         "windows_per_doc": cfg.windows_per_doc,
         "sample_format": "bos-first-windows",
     }
+
+
+def corpus_fingerprint(cfg: DistillConfig, data: DataConfig) -> str:
+    """sha256 of what the samples are read from, for cache keys: offline, every corpus_mix file's
+    name and bytes (an edited file is a new corpus); hub, the streamed dataset's name only (no
+    revision is pinned, so what the hub serves under the name is not part of the key)."""
+    if data.mode == "hub":
+        parts: object = {"hub": cfg.corpus}
+    else:
+        parts = {src: _digest(Path(data.data_dir) / src) for src in sorted(file_sources(cfg))}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _digest(path: Path) -> str:
+    if not path.is_file():
+        raise CorpusError(f"distill.corpus_mix: {path} does not exist")
+    return sha256_file(path)
 
 
 def corpus_datasets(cfg: DistillConfig, data: DataConfig) -> list[dict[str, str]]:

@@ -17,13 +17,21 @@ from safetensors.torch import load_file, save_file
 
 from tailor.common.layout import WorkDir
 from tailor.config.settings import DataConfig, DistillConfig, PruneConfig
-from tailor.data.corpus import corpus_signature, heldout_samples, heldout_settings, training_samples
+from tailor.data.corpus import (
+    corpus_fingerprint,
+    corpus_signature,
+    heldout_samples,
+    heldout_settings,
+    training_samples,
+)
 from tailor.data.offline import sha256_file
-from tailor.store.checkpoint import CheckpointRef, load_tokenizer, stable_hash, write_file_atomically
+from tailor.store.checkpoint import CheckpointRef, code_identity, load_tokenizer, stable_hash, write_file_atomically
 
 SETS = ("train", "calibration", "heldout")
 # Held-out windows are kept per source: "<source>/input_ids", "<source>/attention_mask".
 _SEP = "/"
+# Beside each set's file: the sha256 it had when written.
+_DIGEST_SUFFIX = ".sha256"
 
 
 @dataclass(frozen=True)
@@ -61,9 +69,12 @@ def tokenised_folder(
     data: DataConfig,
     work_dir: str | Path,
     teacher_text: TokensRef | None = None,
+    corpus: str | None = None,
 ) -> Path:
-    """Where the sets live: named by the tokenizer's checkpoint, the corpus and data (the teacher's
-    text by its content), and every shape."""
+    """Where the sets live: named by the tokenizer's checkpoint, the corpus settings and the
+    corpus files' content (``corpus_fingerprint``; the teacher's text by its content), the data
+    settings, every shape and the code's versions. ``corpus``: ``corpus_fingerprint`` when the
+    caller has taken it already (the files are hashed here otherwise)."""
     shapes = {
         "train": [distill.num_samples, distill.seq_len, distill.windows_per_doc],
         "calibration": [prune.calibration_samples, prune.calibration_seq_len],
@@ -72,8 +83,10 @@ def tokenised_folder(
     key = stable_hash(
         base.fingerprint,
         corpus_signature(distill),
+        corpus or corpus_fingerprint(distill, data),
         shapes,
         data.cache_identity(),
+        code_identity(),
         *([teacher_text.fingerprint] if teacher_text is not None else []),
     )
     return WorkDir(work_dir).tokenised / key
@@ -86,12 +99,16 @@ def tokenise_corpus(
     data: DataConfig,
     work_dir: str | Path,
     teacher_text: TokensRef | None = None,
+    corpus: str | None = None,
 ) -> dict[str, TokensRef]:
-    """The three sets (``SETS``) as files, tokenised once; existing files are reused. ``teacher_text``
-    is the teacher's sampled text when ``distill.corpus_mix`` names it."""
-    folder = tokenised_folder(base, distill, prune, data, work_dir, teacher_text)
+    """The three sets (``SETS``) as files, tokenised once; existing files are reused while they
+    match the sha256 recorded when they were written (an edited or deleted one is written
+    again). ``teacher_text`` is the teacher's sampled text when ``distill.corpus_mix`` names it;
+    ``corpus`` as for ``tokenised_folder``."""
+    folder = tokenised_folder(base, distill, prune, data, work_dir, teacher_text, corpus)
     paths = _set_files(folder)
-    if not all(p.exists() for p in paths.values()):
+    stale = [name for name, path in paths.items() if not _intact(path)]
+    if stale:
         tokenizer = load_tokenizer(base)
         generated = teacher_text.samples() if teacher_text is not None else None
         built = {
@@ -105,21 +122,43 @@ def tokenise_corpus(
                 for name, t in s.items()
             },
         }
-        for name, tensors in built.items():
-            if not paths[name].exists():
-                write_file_atomically(
-                    paths[name], lambda tmp, t=tensors: save_file({k: v.contiguous() for k, v in t.items()}, str(tmp))
-                )
+        for name in stale:
+            _write_set(paths[name], built[name])
     return tokens_in(folder)
 
 
 def tokens_in(folder: str | Path) -> dict[str, TokensRef]:
-    """The sets of a folder ``tokenise_corpus`` wrote (fingerprinted as they are now)."""
+    """The sets of a folder ``tokenise_corpus`` wrote, with the sha256 recorded when each was
+    written (not hashed now: a file edited since fails its ``verify``)."""
     paths = _set_files(Path(folder))
-    missing = [str(p) for p in paths.values() if not p.exists()]
+    missing = [str(p) for path in paths.values() for p in (path, _digest_file(path)) if not p.exists()]
     if missing:
         raise FileNotFoundError(f"{folder} is not a tokenised corpus folder: missing {', '.join(missing)}")
-    return {name: TokensRef(str(p), sha256_file(p)) for name, p in paths.items()}
+    return {name: TokensRef(str(p), _digest_file(p).read_text().strip()) for name, p in paths.items()}
+
+
+def _write_set(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """The set's file, then its recorded sha256, each written atomically. The old record goes
+    first: a kill in between leaves a file without one, which counts as not written."""
+    _digest_file(path).unlink(missing_ok=True)
+    digest = {}
+
+    def write(tmp: Path) -> None:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        digest["sha256"] = sha256_file(tmp)
+
+    write_file_atomically(path, write)
+    write_file_atomically(_digest_file(path), lambda tmp: tmp.write_text(digest["sha256"] + "\n"))
+
+
+def _intact(path: Path) -> bool:
+    """The set's file is there and still has the sha256 recorded when it was written."""
+    record = _digest_file(path)
+    return path.is_file() and record.is_file() and sha256_file(path) == record.read_text().strip()
+
+
+def _digest_file(path: Path) -> Path:
+    return path.with_name(path.name + _DIGEST_SUFFIX)
 
 
 def _set_files(folder: Path) -> dict[str, Path]:

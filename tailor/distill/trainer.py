@@ -34,6 +34,7 @@ from tailor.store.checkpoint import (
     CheckpointRef,
     check_checkpoint_target,
     existing_checkpoint,
+    intact_checkpoint,
     load_model,
     save_model,
     stable_hash,
@@ -494,14 +495,16 @@ def distill_checkpoint(
     ``auto`` precisions resolve by the machine's probe kept in ``probe_dir`` (``bfloat16_is_faster``).
 
     A finished checkpoint already in ``out_dir`` is handed back only when it records this
-    run's settings and inputs (``finished_distillation``; ``unkeyed_ok`` as there).
+    run's settings and inputs and its files are as written (``finished_distillation``;
+    ``unkeyed_ok`` as there); one whose files were edited since is distilled again and replaced.
     In a process group every rank trains; rank 0 writes the checkpoint and the others wait for it.
     """
     check_distill_out(out_dir, teacher_ref, student_ref)
     key = inputs_key(cfg, teacher_ref, student_ref, train, heldout, topk_cache, _process_group()[1])
     if (done := finished_distillation(out_dir, key, unkeyed_ok=unkeyed_ok)) is not None:
         return done, training_record(done)
-    check_checkpoint_target(out_dir)
+    if existing_checkpoint(out_dir) is None:  # one of ours that was edited is replaced by write_checkpoint
+        check_checkpoint_target(out_dir)
     student, tokenizer = load_model(student_ref, device=device)
     if cfg.replacement_layer:
         replace_removed_block(student, load_model(teacher_ref, device=device)[0])
@@ -570,27 +573,27 @@ def inputs_key(
 
 def finished_distillation(out_dir: Path, key: str, *, unkeyed_ok: bool = False) -> CheckpointRef | None:
     """The finished checkpoint in ``out_dir`` when it was distilled with the inputs ``key`` names;
-    None when there is none yet. One of other settings or inputs is an error, as is one that
-    records no inputs (written before they were recorded, or not a distillation) unless
-    ``unkeyed_ok``: the flow's folder names are themselves keyed by the inputs."""
-    done = existing_checkpoint(out_dir)
-    if done is None:
+    None when there is none yet, or when it is this run's but its files were edited since it was
+    written (ours, and damaged: distilled again). One of other settings or inputs is an error,
+    as is one that records no inputs (written before they were recorded, or not a distillation)
+    unless ``unkeyed_ok``: the flow's folder names are themselves keyed by the inputs. Reads
+    every file of this run's checkpoint (about 2 s per GB)."""
+    if existing_checkpoint(out_dir) is None:
         return None
     stored = Path(out_dir) / INPUTS_FILE
     if not stored.is_file():
-        if unkeyed_ok:
-            return done
-        raise DistillError(
-            f"{out_dir} holds a checkpoint that records no distillation inputs ({INPUTS_FILE}), so "
-            "it cannot be told to be this run's; it is left untouched: choose another --out"
-        )
-    recorded = str(json.loads(stored.read_text()).get("key"))
-    if recorded != key:
+        if not unkeyed_ok:
+            raise DistillError(
+                f"{out_dir} holds a checkpoint that records no distillation inputs ({INPUTS_FILE}), so "
+                "it cannot be told to be this run's; it is left untouched: choose another --out"
+            )
+    elif (recorded := str(json.loads(stored.read_text()).get("key"))) != key:
         raise DistillError(
             f"{out_dir} holds a distillation of other settings or inputs (key {recorded[:12]}, this "
             f"run's {key[:12]}); it is left untouched: choose another --out or move it away"
         )
-    return done
+    # This run's (or may be): handed back only as it was written.
+    return intact_checkpoint(out_dir)
 
 
 def check_distill_out(out_dir: Path, teacher_ref: CheckpointRef, student_ref: CheckpointRef) -> None:

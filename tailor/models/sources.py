@@ -11,7 +11,15 @@ from pathlib import Path
 
 from tailor.common.layout import WorkDir
 from tailor.config.settings import ModelConfig, TailorError
-from tailor.store.checkpoint import CheckpointRef, save_model, stable_hash, torch_dtype, write_checkpoint
+from tailor.store.checkpoint import (
+    CheckpointRef,
+    code_identity,
+    fingerprint_dir,
+    save_model,
+    stable_hash,
+    torch_dtype,
+    write_checkpoint,
+)
 
 EMBEDDED_NUM_LAYERS = 18
 # The embedded package pins one file by sha256 (gemma-3-270m): its vocabulary and context.
@@ -23,8 +31,26 @@ class ModelSourceError(TailorError, ValueError):
     """The configured model source cannot be used."""
 
 
-def checkpoint_dir(cfg: ModelConfig, work_dir: str) -> Path:
-    return WorkDir(work_dir).checkpoints / f"base-{cfg.source}-{stable_hash(cfg.model_dump())}"
+def checkpoint_dir(cfg: ModelConfig, work_dir: str, source: str | None = None) -> Path:
+    """Where the base checkpoint goes: named by the settings, the code's versions and, for a
+    local Hugging Face folder, its files' content instead of its path (a model retrained into
+    the same folder is a new base model). A hub id is named by the id: what the hub serves
+    under it is not read before the download. ``source``: ``source_fingerprint(cfg)`` when the
+    caller has taken it already (it is hashed here otherwise)."""
+    settings = cfg.model_dump()
+    if (content := source or source_fingerprint(cfg)) is not None:
+        settings["name_or_path"] = {"content": content}
+    return WorkDir(work_dir).checkpoints / f"base-{cfg.source}-{stable_hash(settings, code_identity())}"
+
+
+def source_fingerprint(cfg: ModelConfig) -> str | None:
+    """sha256 of a local Hugging Face folder's files (None for any other source): what
+    ``from_pretrained`` reads, the files directly in it (subfolders such as training
+    checkpoints are not read, so not hashed). Reads every file, about 2 s per GB."""
+    if cfg.source != "hf":
+        return None
+    folder = Path(cfg.name_or_path).expanduser()
+    return fingerprint_dir(folder, recursive=False) if folder.is_dir() else None
 
 
 def check_source(cfg: ModelConfig) -> None:
@@ -50,9 +76,11 @@ def check_source(cfg: ModelConfig) -> None:
                 )
 
 
-def materialize(cfg: ModelConfig, work_dir: str) -> CheckpointRef:
+def materialize(cfg: ModelConfig, work_dir: str, source: str | None = None) -> CheckpointRef:
+    """The base checkpoint of ``cfg`` in ``work_dir``, written once (again if its files were
+    edited since); ``source`` as for ``checkpoint_dir``."""
     check_source(cfg)
-    return write_checkpoint(checkpoint_dir(cfg, work_dir), lambda tmp: _write_source(cfg, tmp))
+    return write_checkpoint(checkpoint_dir(cfg, work_dir, source), lambda tmp: _write_source(cfg, tmp))
 
 
 def _write_source(cfg: ModelConfig, out: Path) -> None:

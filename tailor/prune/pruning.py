@@ -12,6 +12,7 @@ from tailor.common.layout import WorkDir
 from tailor.config.settings import TailorError
 from tailor.store.checkpoint import (
     CheckpointRef,
+    code_identity,
     count_parameters,
     load_model,
     save_model,
@@ -95,11 +96,11 @@ def prune_layers(model: nn.Module, remove: Sequence[int]) -> nn.Module:
 
 def prune_checkpoint(base: CheckpointRef, remove: Sequence[int], work_dir: str) -> tuple[CheckpointRef, int, int]:
     """The base checkpoint without the ``remove`` layers, saved once under ``work_dir``
-    (named by base fingerprint and layers); returns (ref, parameters before, after)."""
+    (named by base fingerprint, layers and the code's versions); returns (ref, parameters before, after)."""
     model, tokenizer = load_model(base.verify())
     before = count_parameters(model)
     prune_layers(model, remove)
-    name = f"pruned-{stable_hash(base.fingerprint, sorted(remove))}"
+    name = f"pruned-{stable_hash(base.fingerprint, sorted(remove), code_identity())}"
     ref = write_checkpoint(WorkDir(work_dir).checkpoints / name, lambda tmp: save_model(model, tokenizer, tmp))
     return ref, before, count_parameters(model)
 

@@ -1,1 +1,1 @@
-"""Checkpoints on disk: content fingerprints, atomic writes, checkpoint references, file locks."""
+"""Checkpoints on disk: content fingerprints, atomic writes, checkpoint references, the registry's promotion lock."""

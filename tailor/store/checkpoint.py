@@ -3,7 +3,8 @@
 A stage writes its checkpoint into a temporary sibling folder, records the
 fingerprint in ``FINGERPRINT`` and renames the folder into place, so a folder at
 its final path is always complete. Stages exchange ``CheckpointRef`` (path +
-fingerprint), never model objects.
+fingerprint), never model objects. Folder names are keyed by what a checkpoint was
+computed from, ``code_identity()`` (the product's and its libraries' versions) included.
 """
 
 from __future__ import annotations
@@ -14,12 +15,16 @@ import os
 import shutil
 import tempfile
 import threading
+import uuid
 from dataclasses import dataclass
+from functools import lru_cache
+from importlib.metadata import version
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+import tailor
 from tailor.config.settings import TailorError
 
 FINGERPRINT_FILE = "FINGERPRINT"
@@ -50,10 +55,12 @@ class CheckpointRef:
         return self
 
 
-def fingerprint_dir(folder: Path) -> str:
-    """sha256 over every file's relative name and bytes, in sorted order."""
+def fingerprint_dir(folder: Path, recursive: bool = True) -> str:
+    """sha256 over every file's relative name and bytes, in sorted order (``recursive=False``:
+    the files directly in ``folder`` only)."""
     h = hashlib.sha256()
-    for f in sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.name != FINGERPRINT_FILE):
+    files = Path(folder).rglob("*") if recursive else Path(folder).glob("*")
+    for f in sorted(p for p in files if p.is_file() and p.name != FINGERPRINT_FILE):
         h.update(str(f.relative_to(folder)).encode())
         with f.open("rb") as fh:
             for block in iter(lambda: fh.read(1 << 22), b""):
@@ -67,22 +74,58 @@ def stable_hash(*parts: object) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def code_identity() -> dict[str, str]:
+    """The versions of the code a cached result was computed with: llm-tailor's and those of
+    torch, transformers and lm-eval. Part of every cache key (the Prefect tasks' and the work
+    folder's), so an upgrade computes again instead of serving what older code produced."""
+    return {
+        "tailor": tailor.__version__,
+        "torch": torch.__version__,
+        "transformers": _installed("transformers"),
+        "lm_eval": _installed("lm_eval"),
+    }
+
+
+@lru_cache(maxsize=None)
+def _installed(package: str) -> str:
+    # Reading package metadata scans site-packages; a process does not change its libraries.
+    return version(package)
+
+
 def existing_checkpoint(folder: Path) -> CheckpointRef | None:
+    """The checkpoint at ``folder`` as its FINGERPRINT file names it (its files unread)."""
     stored = Path(folder) / FINGERPRINT_FILE
     if stored.exists():
         return CheckpointRef(str(folder), stored.read_text().strip())
     return None
 
 
+def intact_checkpoint(folder: Path) -> CheckpointRef | None:
+    """The checkpoint at ``folder`` when its files still hash to its FINGERPRINT; None when there
+    is none or one was edited since. Reads every file (about 2 s per GB)."""
+    ref = existing_checkpoint(folder)
+    if ref is None:
+        return None
+    try:
+        return ref.verify(contents=True)
+    except (OSError, RuntimeError):
+        return None
+
+
 def write_checkpoint(folder: Path, writer: Callable[[Path], None]) -> CheckpointRef:
     """Run ``writer(tmp_folder)``, fingerprint the result and move it to ``folder`` atomically.
 
-    If ``folder`` is already complete it is reused (a re-run continues from what exists).
+    If ``folder`` is already complete and its files still match its fingerprint it is reused (a
+    re-run continues from what exists). One of ours (it has a FINGERPRINT) whose files were
+    edited since is written again and replaced: a caller asking for this checkpoint is asking
+    for the content its name stands for. A folder without FINGERPRINT is the user's and is
+    refused (``check_checkpoint_target``).
     """
     folder = Path(folder)
-    if (ref := existing_checkpoint(folder)) is not None:
+    if (ref := intact_checkpoint(folder)) is not None:
         return ref
-    check_checkpoint_target(folder)
+    if existing_checkpoint(folder) is None:
+        check_checkpoint_target(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     # A private temporary folder: two runs writing the same checkpoint at once (a sweep
     # beside a run) must not write into each other's files.
@@ -92,8 +135,10 @@ def write_checkpoint(folder: Path, writer: Callable[[Path], None]) -> Checkpoint
         fp = fingerprint_dir(tmp)
         (tmp / FINGERPRINT_FILE).write_text(fp + "\n")
         with _LOAD_LOCK:
-            if (ref := existing_checkpoint(folder)) is not None:
+            if (ref := intact_checkpoint(folder)) is not None:
                 return ref  # another writer finished first; ours is discarded below
+            if existing_checkpoint(folder) is not None:
+                _set_aside(folder)  # ours, edited since it was written
             check_checkpoint_target(folder)
             try:
                 tmp.rename(folder)
@@ -104,6 +149,14 @@ def write_checkpoint(folder: Path, writer: Callable[[Path], None]) -> Checkpoint
         return CheckpointRef(str(folder), fp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _set_aside(folder: Path) -> None:
+    """Move a damaged checkpoint of ours out of the way, then delete it: a reader sees the old
+    folder or none, never one half deleted."""
+    stale = folder.with_name(f"{folder.name}.stale-{uuid.uuid4().hex[:8]}")
+    folder.rename(stale)
+    shutil.rmtree(stale, ignore_errors=True)
 
 
 class CheckpointError(TailorError, RuntimeError):
