@@ -1,4 +1,4 @@
-"""The promotion gate against a real MLflow registry (sqlite) and, for races, a real Prefect lock."""
+"""The promotion gate against a real MLflow registry (sqlite); for races, Prefect runs sharing only the registry."""
 
 from __future__ import annotations
 
@@ -7,14 +7,13 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from tailor.config.settings import ConfigError, PromotionConfig, load_config
 from tailor.registry.promotion import PromotionError, decide, promote
-from tailor.store.locks import LockTimeout, file_lock, promotion_lock_path
+from tailor.store.locks import LOCK_TAG_PREFIX, registry_lock
 
 NAME = "gate-test"
 GATE = PromotionConfig(min_mean_retention_pct=90, min_speedup=1.05, max_task_drop=0.05)
@@ -179,7 +178,7 @@ from tailor.config.settings import PromotionConfig
 import tailor.registry.promotion as promotion
 from tasks.promotion import promote_model
 
-uri, name, version, work_dir, start_at = sys.argv[1:6]
+uri, name, version, work_dir, gate = sys.argv[1:6]
 real_decide = promotion.decide
 
 def slow_decide(*args, **kwargs):  # widen the window between reading the champion and moving it
@@ -189,84 +188,67 @@ def slow_decide(*args, **kwargs):  # widen the window between reading the champi
 promotion.decide = slow_decide
 
 @flow
-def promote_at_start_time() -> dict:
-    early = float(start_at) - time.time()
-    time.sleep(max(0.0, early))  # both processes call the gate together
-    return {"early_s": early, **promote_model(uri, name, version, PromotionConfig(**json.loads(sys.argv[6])), work_dir)}
+def promote_when_told() -> dict:
+    print("ready", flush=True)  # this run's temporary Prefect server is up
+    sys.stdin.readline()  # both processes call the gate together
+    started = time.time()
+    return {"started": started, **promote_model(uri, name, version, PromotionConfig(**json.loads(gate)))}
 
-print(json.dumps(promote_at_start_time()))
+print(json.dumps(promote_when_told()))
 """
 
 
 @pytest.mark.integration
 def test_two_processes_racing_to_promote_end_with_the_better_model(registry, tmp_path):
-    # Each process has its own temporary Prefect server, as two `tailor run`s do: only the
-    # file lock is shared between them.
+    # Each process has its own temporary Prefect server and work folder, as two `tailor run`s do:
+    # only the registry (and the lock in it) is shared between them.
     uri, client, add = registry
     good = add(_tags({"arc_easy": 0.60, "hellaswag": 0.40}, ORIGINAL, 1.10))
     better = add(_tags({"arc_easy": 0.62, "hellaswag": 0.41}, ORIGINAL, 1.10))
-    start_at = time.time() + 60  # after both temporary servers have started
     racers = []
     for i, version in enumerate((better, good)):
         env = {**os.environ, "PREFECT_HOME": str(tmp_path / f"prefect-{i}")}
+        args = [uri, NAME, version, str(tmp_path / f"work-{i}"), GATE.model_dump_json()]
         racers.append(
             subprocess.Popen(
-                [
-                    sys.executable,
-                    "-c",
-                    _RACER,
-                    uri,
-                    NAME,
-                    version,
-                    str(tmp_path / f"work-{i}"),
-                    str(start_at),
-                    GATE.model_dump_json(),
-                ],
+                [sys.executable, "-c", _RACER, *args],
                 env=env,
+                stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
             )
         )
+    for racer in racers:  # wait until both temporary servers are up ...
+        for line in racer.stdout:
+            if line.strip() == "ready":
+                break
+        else:
+            pytest.fail(f"a racer ended before its flow started: {racer.stderr.read()[-2000:]}")
+    for racer in racers:  # ... then let both go
+        racer.stdin.write("go\n")
+        racer.stdin.flush()
     outputs = [r.communicate(timeout=600) for r in racers]
     assert [r.returncode for r in racers] == [0, 0], [err[-2000:] for _, err in outputs]
     decisions = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
-    assert all(d["early_s"] > 0 for d in decisions), f"a racer came late, the race did not happen: {decisions}"
+    assert abs(decisions[0]["started"] - decisions[1]["started"]) < 1.0, "the racers did not start together"
     assert _champion(client) == better
     assert sorted(d["previous_champion"] is None for d in decisions) == [False, True]
 
 
-def test_a_promotion_killed_while_holding_the_lock_does_not_block_later_ones(tmp_path):
-    path = promotion_lock_path(f"sqlite:///{tmp_path / 'mlflow.db'}", NAME, str(tmp_path / "work"))
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys, time\nfrom pathlib import Path\nfrom tailor.store.locks import file_lock\n"
-            "with file_lock(Path(sys.argv[1])):\n    print('held', flush=True)\n    time.sleep(600)\n",
-            str(path),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(LockTimeout, match=f"pid {holder.pid}"):
-            with file_lock(path, timeout_s=0.5):
-                pass
-    finally:
-        holder.kill()  # SIGKILL: no clean-up code runs in the holder
-        holder.wait()
-    with file_lock(path, timeout_s=5):
-        assert path.exists()
-
-
-def test_the_lock_lives_beside_a_local_store_and_in_the_work_folder_otherwise(tmp_path):
-    db = tmp_path / "store" / "mlflow.db"
-    assert promotion_lock_path(f"sqlite:///{db}", NAME, "w").parent == Path(f"{db}.tailor-locks")
-    assert promotion_lock_path(str(tmp_path / "mlruns"), NAME, "w").parent == tmp_path / "mlruns.tailor-locks"
-    assert promotion_lock_path("http://127.0.0.1:5000", NAME, "w").parent == Path("w") / "locks"
-    assert promotion_lock_path(f"sqlite:///{db}", "a", "w") != promotion_lock_path(f"sqlite:///{db}", "b", "w")
+def test_the_lock_lives_in_the_registry_not_in_a_work_folder_or_beside_the_store(registry, tmp_path):
+    # One mechanism for every tracking URI: a tag on the registered model while held, nothing on disk.
+    _, client, add = registry
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with registry_lock(client, NAME) as lease:
+        held = client.get_registered_model(NAME).tags
+        assert list(held) == [lease.key] and lease.key.startswith(LOCK_TAG_PREFIX)
+        assert json.loads(held[lease.key])["lease_s"] == 120.0
+    assert client.get_registered_model(NAME).tags == {}
+    v = add(_tags({"arc_easy": 0.58, "hellaswag": 0.39}, ORIGINAL, 1.10))
+    assert promote(client, NAME, v, GATE).promoted
+    assert not any(k.startswith(LOCK_TAG_PREFIX) for k in client.get_registered_model(NAME).tags)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no lock file beside mlflow.db
 
 
 def test_an_unreadable_champion_stops_the_promotion_instead_of_counting_as_none(registry):

@@ -9,7 +9,7 @@ read the layout off this class instead of from a dozen call sites::
     importance/      layer scores                teacher-cache/   the teacher's top-k logits
     evals/           per-document scores         plots/           layer-score figures
     reports/         flow reports (no --out)     sweeps/          sweep reports (no --out)
-    locks/           promotion locks             prefect-home/    local Prefect state
+    prefect-home/    local Prefect state
     probes/          each machine's bfloat16-or-float32 probe (what ``auto`` precision became there)
     mlflow.db, mlartifacts/                      the local MLflow store
 """
@@ -62,10 +62,6 @@ class WorkDir:
     @property
     def sweeps(self) -> Path:
         return self.root / "sweeps"
-
-    @property
-    def locks(self) -> Path:
-        return self.root / "locks"
 
     @property
     def probes(self) -> Path:

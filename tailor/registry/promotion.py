@@ -16,13 +16,20 @@ the original model (the challenger's own run) when there is none:
 * against a champion: evaluated the same way (tasks, limit, data), and a mean
   accuracy no lower than the champion's, so the alias never moves to a worse model.
 
-The decision and its reasons are written as tags on the version. Two promotions of
-the same registered model must not interleave: callers hold a lock around ``promote``
-(the Prefect task: a file lock and a global concurrency limit), which reads the champion.
+A promotion is one decision, whatever retries or other promoters do. ``promote`` holds the
+registered model's promotion lock, kept in the registry itself (``tailor.store.locks``), so
+promoters that share only the registry (two work folders, two Prefect servers, two machines on
+one ``mlflow server``) take turns. It writes the decision on the version first (one
+``tailor.promotion.record`` tag, then the readable ``tailor.promotion.*`` tags) and moves the
+alias last, after re-reading it: when it no longer points where the decision saw it, the
+challenger is judged again. A call that finds its own decision recorded (same version, same
+champion, same tags, gate and ``force``) completes that one and returns it, so a retry after a
+failed write reports the same decision, not "already champion".
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -31,6 +38,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from tailor.config.settings import PromotionConfig, TailorError
+from tailor.store.checkpoint import stable_hash
+from tailor.store.locks import registry_lock
 
 # Accuracies are ratios of counts; their differences carry float rounding of this order.
 _ROUNDING = 1e-9
@@ -40,6 +49,16 @@ class PromotionError(TailorError, ValueError):
     """The version to promote does not exist or carries no evaluation."""
 
 
+# The decision in one tag: what a retry reads to know its own decision. Written before the readable tags.
+RECORD_TAG = "tailor.promotion.record"
+# Judgements of one call when the alias keeps moving under it (only a writer that skips the lock can).
+_ATTEMPTS = 3
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
 @dataclass
 class Decision:
     version: str
@@ -47,14 +66,28 @@ class Decision:
     reference: str
     reasons: list[str] = field(default_factory=list)
     previous_champion: str | None = None
+    time: str = field(default_factory=_now)
+    # Fingerprint of what the decision was computed from: both versions' tags, the gate, force.
+    inputs: str = ""
 
     def as_tags(self) -> dict[str, str]:
         return {
             "tailor.promotion.decision": "promoted" if self.promoted else "rejected",
             "tailor.promotion.reference": self.reference,
             "tailor.promotion.reasons": "; ".join(self.reasons)[:4900],
-            "tailor.promotion.time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "tailor.promotion.time": self.time,
         }
+
+    def record(self) -> str:
+        return json.dumps(
+            {
+                "decision": "promoted" if self.promoted else "rejected",
+                "previous_champion": self.previous_champion,
+                "reference": self.reference,
+                "inputs": self.inputs,
+                "time": self.time,
+            }
+        )
 
 
 def evaluation_tags(report: dict, eval_signature: str) -> dict[str, str]:
@@ -247,11 +280,62 @@ def _speed_check(challenger: dict[str, str], min_speedup: float) -> tuple[bool, 
 
 
 def promote(
-    client: MlflowClient, model_name: str, version: str, gate: PromotionConfig, force: bool = False
+    client: MlflowClient,
+    model_name: str,
+    version: str,
+    gate: PromotionConfig,
+    force: bool = False,
+    *,
+    lease_s: float = 120.0,
+    lock_timeout_s: float = 600.0,
 ) -> Decision:
-    """Run the gate on ``version`` and move the champion alias when it passes (or ``force``)."""
-    challenger = _version_tags(client, model_name, version)
-    current = _alias_version(client, model_name, gate.champion_alias)
+    """Run the gate on ``version`` and move the champion alias when it passes (or ``force``).
+
+    Holds the registry's promotion lock of ``model_name`` (waiting up to ``lock_timeout_s``);
+    writes the decision on the version, then moves the alias if it still points at the champion
+    the decision was made against. Calling it again after a failure part-way returns the same
+    decision (and finishes its writes) while the champion has not moved.
+    """
+    version = str(version)
+    _version_tags(client, model_name, version)  # a missing version fails before any lock
+    with registry_lock(client, model_name, lease_s=lease_s, timeout_s=lock_timeout_s) as lease:
+        for _ in range(_ATTEMPTS):
+            challenger = _version_tags(client, model_name, version)
+            current = _alias_version(client, model_name, gate.champion_alias)
+            decision = _recorded_decision(client, model_name, version, challenger, current, gate, force)
+            if decision is None:
+                if current == version:
+                    # Champion by another decision, or by hand: the version's record stays as it is.
+                    return Decision(version, False, f"champion v{current}", [f"already {gate.champion_alias}"], current)
+                decision = _judge(client, model_name, version, challenger, current, gate, force)
+                lease.check(verify=False)
+                client.set_model_version_tag(model_name, version, RECORD_TAG, decision.record())
+            for key, value in decision.as_tags().items():
+                lease.check(verify=False)
+                client.set_model_version_tag(model_name, version, key, value)
+            if not decision.promoted or current == version:
+                return decision
+            lease.check()  # still ours, with time left for the move
+            # Compare-and-set: move the alias only from the champion the decision was made against.
+            if _alias_version(client, model_name, gate.champion_alias) == current:
+                client.set_registered_model_alias(model_name, gate.champion_alias, version)
+                return decision
+    raise PromotionError(
+        f"alias {gate.champion_alias!r} of {model_name!r} moved {_ATTEMPTS} times while version {version} was "
+        "being judged (by something that does not take the promotion lock); not promoting"
+    )
+
+
+def _judge(
+    client: MlflowClient,
+    model_name: str,
+    version: str,
+    challenger: dict[str, str],
+    current: str | None,
+    gate: PromotionConfig,
+    force: bool,
+) -> Decision:
+    """The gate's decision on ``challenger`` against the version ``current`` (None: no champion)."""
     judged = "tailor.mean_acc_retention_pct" in challenger
     if not judged and not force:
         raise PromotionError(
@@ -259,22 +343,50 @@ def promote(
             "(registered outside a tailor run, or none of its tasks reports accuracy); "
             "promote it with --force"
         )
-    if current == str(version):
-        decision = Decision(str(version), False, f"champion v{current}", [f"already {gate.champion_alias}"], current)
-    elif not judged:
-        decision = Decision(str(version), True, "none", ["forced by hand: no evaluation tags to check"], current)
-        client.set_registered_model_alias(model_name, gate.champion_alias, str(version))
-    else:
-        champion = _version_tags(client, model_name, current) if current else None
-        passed, reference, reasons = decide(challenger, champion, gate, current)
-        if force and not passed:
-            reasons.append("forced by hand: thresholds overridden")
-        decision = Decision(str(version), passed or force, reference, reasons, current)
-        if decision.promoted:
-            client.set_registered_model_alias(model_name, gate.champion_alias, str(version))
-    for key, value in decision.as_tags().items():
-        client.set_model_version_tag(model_name, str(version), key, value)
+    champion = _version_tags(client, model_name, current) if current else None
+    inputs = stable_hash(
+        version, _gate_tags(challenger), current, _gate_tags(champion or {}), gate.model_dump(mode="json"), force
+    )
+    if not judged:
+        return Decision(version, True, "none", ["forced by hand: no evaluation tags to check"], current, inputs=inputs)
+    passed, reference, reasons = decide(challenger, champion, gate, current)
+    if force and not passed:
+        reasons.append("forced by hand: thresholds overridden")
+    return Decision(version, passed or force, reference, reasons, current, inputs=inputs)
+
+
+def _recorded_decision(
+    client: MlflowClient,
+    model_name: str,
+    version: str,
+    challenger: dict[str, str],
+    current: str | None,
+    gate: PromotionConfig,
+    force: bool,
+) -> Decision | None:
+    """The decision recorded on the version when it is this call's own: made from the same tags,
+    gate and ``force`` against the champion that is still in place (or, once promoted, replaced by
+    this version). None when there is none, or the champion or an input has changed since."""
+    try:
+        record = json.loads(challenger[RECORD_TAG])
+        previous, promoted = record["previous_champion"], record["decision"] == "promoted"
+    except (KeyError, ValueError, TypeError):
+        return None
+    if current != previous and not (promoted and current == version):
+        return None
+    try:
+        decision = _judge(client, model_name, version, challenger, previous, gate, force)
+    except PromotionError:  # the recorded champion is gone, or the version lost its tags
+        return None
+    if decision.inputs != record.get("inputs") or decision.promoted != promoted:
+        return None
+    decision.time = record.get("time") or decision.time
     return decision
+
+
+def _gate_tags(tags: dict[str, str]) -> dict[str, str]:
+    """The tags a decision reads: llm-tailor's, without the decisions written on the version."""
+    return {k: v for k, v in tags.items() if k.startswith("tailor.") and not k.startswith("tailor.promotion.")}
 
 
 def check_version(client: MlflowClient, model_name: str, version: str) -> None:
