@@ -147,3 +147,23 @@ def test_a_task_that_generates_text_is_refused_before_any_work():
         check_tasks(("gsm8k",), DataConfig(mode="hub"))
     with pytest.raises(EvalSetupError, match="'gsm8k' generates text"):
         check_tasks(("gsm8k",), DataConfig(mode="hub"), scored_jointly=True)
+
+
+def test_requests_are_built_once_and_every_call_gets_fresh_copies_of_the_first_limit(unit_data):
+    from tailor.evaluate import harness
+    from tailor.evaluate.joint import _built_tasks
+
+    data = DataConfig(data_dir=str(unit_data))
+    manager = harness._task_manager(None)
+    specs = harness.task_specs(("arc_easy", "winogrande"), data, manager)
+    tasks, _ = _built_tasks(specs, manager, 5)
+    fresh, _ = _built_tasks(specs, manager, None)
+    for task, plain in zip(tasks(["arc_easy", "winogrande"]), fresh(["arc_easy", "winogrande"])):
+        for limit in (2, 5, 4):
+            task.build_all_requests(limit=limit)
+            plain.build_all_requests(limit=limit)
+            got = [(i.doc_id, i.idx, i.arguments, i.resps) for i in task.instances]
+            assert got == [(i.doc_id, i.idx, i.arguments, []) for i in plain.instances], (task, limit)
+            # lm-eval writes answers into the requests it is handed: the next call must not see them.
+            for inst in task.instances:
+                inst.resps.append("answer")

@@ -219,13 +219,27 @@ def evaluation_datasets(cfg: EvalConfig, data: DataConfig) -> list[dict[str, str
     return out
 
 
+@functools.cache
 def _git_hash_quietly() -> str | None:
     """What lm-eval records as ``git_hash`` (``git describe`` of the working directory),
-    without git's "fatal: not a git repository" on the terminal outside a repository."""
+    without git's "fatal: not a git repository" on the terminal outside a repository; once per process."""
     try:
         return subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL).strip().decode()
     except (subprocess.CalledProcessError, FileNotFoundError):
         return None
+
+
+_ENV_INFO: dict = {}
+
+
+def _env_info_once(storage: dict) -> None:
+    """lm-eval's ``add_env_info``, computed once per process: torch's environment report runs
+    subprocesses for seconds, and a sequential evaluation calls lm-eval a dozen times or more."""
+    from lm_eval.loggers.utils import add_env_info
+
+    if not _ENV_INFO:
+        add_env_info(_ENV_INFO)
+    storage.update(_ENV_INFO)
 
 
 def evaluate_model(
@@ -276,6 +290,7 @@ def run_lm_eval(lm, tasks: list, manager, cfg: EvalConfig, limit: int | None, tr
     import lm_eval.evaluator
 
     lm_eval.evaluator.get_git_commit_hash = _git_hash_quietly
+    lm_eval.evaluator.add_env_info = _env_info_once
     # lm-eval's bootstrap forks a process pool; forking a threaded process (a Prefect
     # task runner) can deadlock, so bootstrap in-process.
     os.environ["DISABLE_MULTIPROC"] = "1"

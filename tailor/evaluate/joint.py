@@ -14,11 +14,11 @@ again, and an evaluation killed between looks resumes from the answers it saved.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -26,7 +26,7 @@ import torch
 from tailor.config.settings import TailorError
 from tailor.evaluate.fast_lm import FastHFLM, Request, _batches, _pack
 from tailor.prune.trunk import final_hidden_states, same_trunk_settings, shared_depths
-from tailor.store.checkpoint import stable_hash, write_file_atomically
+from tailor.store.checkpoint import code_identity, stable_hash, write_file_atomically
 
 ANSWERS_FORMAT = 1
 """Bumped whenever what a stored answer means or how it is computed changes: older stores are
@@ -48,10 +48,7 @@ def scoring_identity(backend: str, dtype: str, batch_size: int, share_context: b
         "dtype": dtype,
         "batch_size": batch_size,
         "share_context": share_context,
-        "torch": torch.__version__,
-        "transformers": version("transformers"),
-        "lm_eval": version("lm_eval"),
-        "tailor": version("llm-tailor"),
+        **code_identity(),
     }
 
 
@@ -111,15 +108,31 @@ class JointLM(FastHFLM):
 
     def bind(self, participants: list[Participant]) -> None:
         self.participants = participants
+        # Each look and each model's final pass hands lm-eval the same documents again: their
+        # requests are tokenised and keyed once, not once per call.
+        self._encoded: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
+        self._keys: dict[tuple[tuple[int, ...], tuple[int, ...]], str] = {}
         self.scored_requests = {p.name: 0 for p in participants}
         """Per model, requests scored since binding: 0 for a model whose answers were all stored."""
         self.trunk_depths: dict[str, int] = {}
         """Per model scored, the leading layers it shared with the deepest model scored beside it."""
 
+    def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        pair = (context, continuation)
+        if pair not in self._encoded:
+            self._encoded[pair] = super()._encode_pair(context, continuation)
+        return self._encoded[pair]
+
+    def _key(self, context: list[int], continuation: list[int]) -> str:
+        tokens = (tuple(context), tuple(continuation))
+        if tokens not in self._keys:
+            self._keys[tokens] = request_key(context, continuation)
+        return self._keys[tokens]
+
     def _loglikelihood_tokens(
         self, requests: list[Request], disable_tqdm: bool = False, override_bs: int | None = None
     ) -> list[Answer]:
-        keys = [request_key(ctx, cont) for _, ctx, cont in requests]
+        keys = [self._key(ctx, cont) for _, ctx, cont in requests]
         lacking = [p for p in self.participants if any(k not in p.store for k in keys)]
         if lacking:
             todo = sorted({i for i, k in enumerate(keys) if any(k not in p.store for p in lacking)})
@@ -227,7 +240,7 @@ def evaluate_together(
 
     manager = harness._task_manager(cfg.include_path)
     harness.check_tasks(cfg.tasks, data, cfg.include_path, manager, scored_jointly=True)
-    tasks, sizes = _built_tasks(harness.task_specs(cfg.tasks, data, manager), manager)
+    tasks, sizes = _built_tasks(harness.task_specs(cfg.tasks, data, manager), manager, cfg.limit)
 
     # A look needs each document's score only: no bootstrapped standard errors (lambada's perplexity).
     look_cfg = cfg.model_copy(update={"bootstrap_iters": 0})
@@ -295,9 +308,10 @@ def same_tokenizer(a, b) -> bool:
     return backend_a.to_str() == backend_b.to_str() and a.all_special_ids == b.all_special_ids
 
 
-def _built_tasks(specs: list, manager) -> tuple[Callable[[list[str]], list], dict[str, int]]:
-    """Each task built once (its documents read once) and handed to every lm-eval call, and its
-    number of documents; a group (tasks under one name) is rebuilt from its spec each call."""
+def _built_tasks(specs: list, manager, limit: int | None) -> tuple[Callable[[list[str]], list], dict[str, int]]:
+    """Each task built once (its documents read once, its requests built once for up to ``limit``
+    documents) and handed to every lm-eval call, and its number of documents; a group (tasks
+    under one name) is rebuilt from its spec each call."""
     from lm_eval.api.task import Task
     from lm_eval.tasks import get_task_dict
 
@@ -310,7 +324,61 @@ def _built_tasks(specs: list, manager) -> tuple[Callable[[list[str]], list], dic
         by_name[name] = task if isinstance(task, Task) else spec
         if isinstance(task, Task):
             sizes[name] = len(task.eval_docs)
+            _build_requests_once(task, limit)
     return (lambda names: [by_name[n] for n in names]), sizes
+
+
+def _build_requests_once(task, most: int | None) -> None:
+    """Make ``task`` build its requests once, for the ``most`` documents any call will ask for
+    (None: all), and hand each call with the same options the requests of its first ``limit``.
+
+    Each look and each model's final pass asks lm-eval for the same documents again; building a
+    document's requests (its templates) costs more than answering it from the stores, and looks
+    at n, 2n, ... documents would rebuild every earlier block each time. lm-eval writes answers
+    into its requests, so every call gets fresh copies. A call for more documents than were
+    built builds again; chosen samples or another rank build as lm-eval does.
+    """
+    build = task.build_all_requests
+    built: dict[str, _DocumentRequests] = {}
+
+    def build_all_requests(*, limit=None, samples=None, rank=0, world_size=1, **options) -> None:
+        if samples is not None or rank or world_size != 1:
+            return build(limit=limit, samples=samples, rank=rank, world_size=world_size, **options)
+        key = json.dumps(options, sort_keys=True, default=repr)
+        have = built.get(key)
+        if have is None or not have.covers(limit):
+            upto = None if limit is None or most is None else max(limit, most)
+            build(limit=upto, **options)
+            have = built[key] = _DocumentRequests(
+                task.instances, everything=upto is None or upto >= len(task.eval_docs)
+            )
+        task._instances = have.first(limit)
+
+    task.build_all_requests = build_all_requests
+
+
+class _DocumentRequests:
+    """A task's requests grouped by document, in lm-eval's order."""
+
+    def __init__(self, instances: list, everything: bool) -> None:
+        self.by_doc: dict[int, list] = {}
+        for inst in instances:
+            self.by_doc.setdefault(inst.doc_id, []).append(inst)
+        self.everything = everything
+
+    def covers(self, limit: int | None) -> bool:
+        return self.everything or (limit is not None and limit <= len(self.by_doc))
+
+    def first(self, limit: int | None) -> list:
+        groups = list(self.by_doc.values())[:limit]
+        return [_fresh(inst) for group in groups for inst in group]
+
+
+def _fresh(instance):
+    """A copy of a request without the answers an earlier call wrote into it."""
+    out = copy.copy(instance)
+    out.resps, out.filtered_resps = [], {}
+    return out
 
 
 def _asked(stopping: dict[str, dict], task: str) -> list[int]:
