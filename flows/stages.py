@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 from mlflow.tracking import MlflowClient
@@ -139,7 +140,7 @@ def run_intact(task, *args):
     whose files have since been deleted or edited is recomputed instead of handed on (where
     it would fail later, or feed stale data to stages keyed by its fingerprints)."""
     result = task(*args)
-    broken = [ref.path for ref in _references(result) if not _intact(ref)]
+    broken = [ref.path for ref in _references(result) if not _intact(ref)] + _missing_files(result)
     if not broken:
         return result
     get_run_logger().warning(f"{task.name}: cached {', '.join(broken)} missing or changed; recomputing")
@@ -148,6 +149,12 @@ def run_intact(task, *args):
 
 def _references(record) -> list:
     return [value for value in vars(record).values() if isinstance(value, (CheckpointRef, TokensRef))]
+
+
+def _missing_files(record) -> list[str]:
+    """A record that names its file by a plain ``path`` (the teacher's top-k cache): gone?"""
+    path = getattr(record, "path", None)
+    return [path] if isinstance(path, str) and not Path(path).exists() else []
 
 
 def _intact(ref: CheckpointRef | TokensRef) -> bool:

@@ -143,7 +143,7 @@ def build_models(run: RunContext) -> Models:
     teacher_cache = None
     if cfg.distill.teacher_topk:
         with run.stage("cache-teacher-topk") as stage:
-            teacher_cache = cache_teacher_topk(base, cfg.distill, tokens.train, cfg.work_dir)
+            teacher_cache = run_intact(cache_teacher_topk, base, cfg.distill, tokens.train, cfg.work_dir)
             run.log(
                 stage.name,
                 params={"k": cfg.distill.teacher_topk},

@@ -248,3 +248,25 @@ def test_another_code_version_gives_other_keys(corpus_setup, monkeypatch):
     upgraded = keys()
     assert {k for k in now if now[k] != upgraded[k]} == set(now)
     assert FINGERPRINT_FILE in {p.name for p in Path(upgraded["pruned"]).iterdir()}
+
+
+def test_a_data_file_a_task_yaml_names_outside_include_path_is_part_of_the_evaluation_key(tmp_path):
+    from tailor.config.settings import DataConfig, EvalConfig
+    from tailor.evaluate.harness import evaluation_signature, task_data_files
+
+    tasks, data_dir = tmp_path / "tasks", tmp_path / "elsewhere"
+    tasks.mkdir()
+    data_dir.mkdir()
+    (data_dir / "docs.jsonl").write_text('{"q": "one"}\n')
+    (tasks / "mine.yaml").write_text(
+        "task: mine\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data_dir / 'docs.jsonl'}\n"
+        "process_docs: !function utils.process_docs\noutput_type: multiple_choice\n"
+    )
+    cfg = EvalConfig(tasks=("arc_easy",), include_path=str(tasks))
+    data = DataConfig(mode="hub")
+    assert task_data_files(tasks) == [(data_dir / "docs.jsonl").resolve()]
+    before = evaluation_signature(cfg, data)
+    assert evaluation_signature(cfg, data) == before
+    (data_dir / "docs.jsonl").write_text('{"q": "two"}\n')
+    assert evaluation_signature(cfg, data) != before

@@ -104,3 +104,18 @@ def test_tailor_distill_into_a_users_folder_fails_before_training_and_keeps_it(t
     assert code == 2 and (out / "thesis.tex").read_text() == "years of work"
     assert "is not an llm-tailor checkpoint" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["thesis.tex"]
+
+
+def test_the_same_weights_keep_one_fingerprint_however_long_training_took(tmp_path):
+    from tailor.store.checkpoint import TRAINING_RECORD
+
+    folders = []
+    for seconds in (12.5, 99.0):
+        folder = tmp_path / f"run-{seconds}"
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"the same weights")
+        (folder / TRAINING_RECORD).write_text(f'{{"train_seconds": {seconds}}}')
+        folders.append(folder)
+    assert fingerprint_dir(folders[0]) == fingerprint_dir(folders[1])
+    (folders[1] / "model.safetensors").write_bytes(b"other weights")
+    assert fingerprint_dir(folders[0]) != fingerprint_dir(folders[1])

@@ -14,9 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from tailor.store.checkpoint import CheckpointRef
-
-TRAINING_RECORD = "distill_record.json"
+from tailor.store.checkpoint import TRAINING_RECORD, CheckpointRef
 
 
 @dataclass

@@ -142,7 +142,8 @@ class Distiller:
         # After wrapping: DDP would expect a sparse gradient from a sparse lookup, but the tied
         # head's dense gradient is summed into it before any hook sees it.
         self._sparse_before = _sparse_tied_embedding_gradient(student, True)
-        self._score_heldout(self.progress.steps)
+        if self.progress.steps == 0:  # a resumed run's curve already holds the points its schedule asked for
+            self._score_heldout(0)
         self._started = time.perf_counter() - self.progress.seconds
 
     def fit(self) -> TrainingRecord:

@@ -199,10 +199,57 @@ def evaluation_signature(cfg: EvalConfig, data: DataConfig) -> str:
     ]
     if cfg.include_path:
         files += sorted(p for p in Path(cfg.include_path).rglob("*") if p.is_file())
+        files += task_data_files(Path(cfg.include_path))
     for f in files:
         h.update(f.name.encode())
         h.update(hashlib.sha256(f.read_bytes()).digest() if f.exists() else b"missing")
     return h.hexdigest()[:16]
+
+
+def task_data_files(include_path: Path) -> list[Path]:
+    """Local files the task YAMLs under ``include_path`` read their documents from, wherever
+    they lie: ``dataset_kwargs.data_files`` and a ``dataset_path`` that is a local file or
+    folder, relative to the YAML's folder or else to the working directory (as ``datasets``
+    resolves them). Hub datasets are named, not read, here."""
+    import yaml
+
+    class _Loader(yaml.SafeLoader):
+        pass
+
+    # lm-eval's YAMLs carry tags such as ``!function utils.process_docs``: not data files.
+    _Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    found: set[Path] = set()
+    for spec in sorted(include_path.rglob("*.y*ml")):
+        try:
+            doc = yaml.load(spec.read_text(encoding="utf-8"), Loader=_Loader)
+        except (yaml.YAMLError, UnicodeDecodeError):
+            continue
+        if not isinstance(doc, dict):
+            continue
+        kwargs = doc.get("dataset_kwargs") if isinstance(doc.get("dataset_kwargs"), dict) else {}
+        named = [doc.get("dataset_path"), *_strings(kwargs.get("data_files")), kwargs.get("data_dir")]
+        for name in (n for n in named if isinstance(n, str) and n):
+            for base in (spec.parent, Path.cwd()):
+                path = (base / name).expanduser()
+                if path.is_file():
+                    found.add(path.resolve())
+                    break
+                if path.is_dir():
+                    found.update(p.resolve() for p in path.rglob("*") if p.is_file())
+                    break
+    inside = include_path.resolve()
+    return sorted(p for p in found if not p.is_relative_to(inside))  # those inside are hashed already
+
+
+def _strings(value) -> list[str]:
+    """The file names of a ``data_files`` value: a name, a list of names, or a dict of either."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, (list, tuple)):
+        return [s for v in value for s in _strings(v)]
+    return []
 
 
 def evaluation_datasets(cfg: EvalConfig, data: DataConfig) -> list[dict[str, str]]:

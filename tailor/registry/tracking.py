@@ -219,11 +219,13 @@ def register_checkpoint(
                 name="model",
                 task="text-generation",
                 registered_model_name=model_name,
+                # Set as the version is created, not after: a run killed in between would leave
+                # a version no re-run can find, and the re-run would register a second one.
+                tags={"checkpoint_fingerprint": fingerprint},
                 # (input, params): the signature then accepts generation settings at serving time.
                 input_example=("The capital of France is", {"max_new_tokens": 32}),
             )
         existing = str(info.registered_model_version)
-        client.set_model_version_tag(model_name, existing, "checkpoint_fingerprint", fingerprint)
     else:
         # The version now stands for this evaluation only: an earlier evaluation's figures
         # (a task no longer reported, an old promotion decision) must not stay beside it.

@@ -28,6 +28,11 @@ import tailor
 from tailor.config.settings import TailorError
 
 FINGERPRINT_FILE = "FINGERPRINT"
+TRAINING_RECORD = "distill_record.json"
+"""Written beside a distilled model: how it was trained, timings and speeds included."""
+# Not part of a checkpoint's fingerprint: the fingerprint itself, and records of how long
+# the checkpoint took to make; the same weights keep one fingerprint however fast they came.
+UNHASHED = frozenset({FINGERPRINT_FILE, TRAINING_RECORD})
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # transformers initialises models under process-global patches (meta device), which
 # breaks when two threads load at once; stages run in a thread pool.
@@ -56,11 +61,11 @@ class CheckpointRef:
 
 
 def fingerprint_dir(folder: Path, recursive: bool = True) -> str:
-    """sha256 over every file's relative name and bytes, in sorted order (``recursive=False``:
-    the files directly in ``folder`` only)."""
+    """sha256 over every file's relative name and bytes, in sorted order, ``UNHASHED`` left out
+    (``recursive=False``: the files directly in ``folder`` only)."""
     h = hashlib.sha256()
     files = Path(folder).rglob("*") if recursive else Path(folder).glob("*")
-    for f in sorted(p for p in files if p.is_file() and p.name != FINGERPRINT_FILE):
+    for f in sorted(p for p in files if p.is_file() and p.name not in UNHASHED):
         h.update(str(f.relative_to(folder)).encode())
         with f.open("rb") as fh:
             for block in iter(lambda: fh.read(1 << 22), b""):
