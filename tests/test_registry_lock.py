@@ -224,7 +224,7 @@ promotion.decide = slow_decide
 print("ready", flush=True)
 sys.stdin.readline()  # both processes call the gate together
 started = time.time()
-decision = promote_model.fn(uri, name, version, PromotionConfig(**json.loads(gate)), work_dir)
+decision = promote_model.fn(uri, name, version, PromotionConfig(**json.loads(gate)))
 print(json.dumps({"started": started, **decision}))
 """
 
