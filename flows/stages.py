@@ -21,6 +21,7 @@ from tailor.config.settings import TailorConfig
 from tailor.data.tokenised import TokensRef
 from tailor.registry import tracking
 from tailor.store.checkpoint import CheckpointRef
+from tailor.store.digested import is_intact
 from tasks.measure import evaluate_model
 
 T = TypeVar("T")
@@ -140,7 +141,7 @@ def run_intact(task, *args):
     whose files have since been deleted or edited is recomputed instead of handed on (where
     it would fail later, or feed stale data to stages keyed by its fingerprints)."""
     result = task(*args)
-    broken = [ref.path for ref in _references(result) if not _intact(ref)] + _missing_files(result)
+    broken = [ref.path for ref in _references(result) if not _intact(ref)] + _broken_files(result)
     if not broken:
         return result
     get_run_logger().warning(f"{task.name}: cached {', '.join(broken)} missing or changed; recomputing")
@@ -151,10 +152,11 @@ def _references(record) -> list:
     return [value for value in vars(record).values() if isinstance(value, (CheckpointRef, TokensRef))]
 
 
-def _missing_files(record) -> list[str]:
-    """A record that names its file by a plain ``path`` (the teacher's top-k cache): gone?"""
+def _broken_files(record) -> list[str]:
+    """A record that names its file by a plain ``path`` (the teacher's top-k cache): gone, or
+    no longer the bytes recorded when it was written?"""
     path = getattr(record, "path", None)
-    return [path] if isinstance(path, str) and not Path(path).exists() else []
+    return [path] if isinstance(path, str) and not is_intact(Path(path)) else []
 
 
 def _intact(ref: CheckpointRef | TokensRef) -> bool:

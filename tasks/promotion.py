@@ -26,9 +26,10 @@ def promote_model(
     model_name: str,
     version: str,
     gate: PromotionConfig,
+    *,
     force: bool = False,
 ) -> dict:
     """Judge ``version`` against the champion and move the alias when it passes; returns the decision."""
     client = tracking.client_for(tracking_uri)
-    decision = promote(client, model_name, version, gate, force, lease_s=LOCK_LEASE_S, lock_timeout_s=LOCK_WAIT_S)
+    decision = promote(client, model_name, version, gate, force=force, lease_s=LOCK_LEASE_S, lock_timeout_s=LOCK_WAIT_S)
     return asdict(decision)

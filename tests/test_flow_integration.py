@@ -35,8 +35,9 @@ def _run(work, shared_data, *overrides, expect_failure=False):
     return state
 
 
-def _task_states(state) -> dict[str, str]:
-    """Final state name of each stage task in a flow run, keyed by stage name."""
+def _task_runs(state, stages: tuple[str, ...] = HEAVY) -> dict[str, list[str]]:
+    """The state names of every run of each of ``stages`` in a flow run, keyed by stage name
+    (a cached stage whose files were lost runs twice: served from cache, then recomputed)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
@@ -44,12 +45,17 @@ def _task_states(state) -> dict[str, str]:
         runs = client.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
         )
-    names = {}
+    names: dict[str, list[str]] = {}
     for run in runs:
-        stage = next((h for h in HEAVY if run.name.startswith(h)), None)
+        stage = next((h for h in stages if run.name.startswith(h)), None)
         if stage:
-            names[stage] = run.state.name
+            names.setdefault(stage, []).append(run.state.name)
     return names
+
+
+def _task_states(state) -> dict[str, str]:
+    """The final state name of each heavy stage in a flow run, keyed by stage name."""
+    return {stage: "Completed" if "Completed" in s else s[-1] for stage, s in _task_runs(state).items()}
 
 
 @pytest.fixture(scope="module")
@@ -215,6 +221,34 @@ def test_deleted_evaluations_are_computed_again_not_served(first_run, shared_dat
     after = json.loads((work / "out" / "report.json").read_text())
     assert after["models"] == before["models"]
     assert all(n > 0 for n in after["evaluation"]["scored_requests"].values())
+
+
+def test_a_deleted_or_edited_teacher_cache_is_computed_again(first_run, shared_data):
+    import torch
+
+    work, _, _ = first_run
+    topk = "distill.teacher_topk=4"
+
+    def teacher_cache_runs() -> list[str]:
+        runs = _task_runs(_run(work, shared_data, topk), stages=("cache-teacher-topk",))
+        return sorted(runs["cache-teacher-topk"])
+
+    def contents(path: Path) -> dict:  # torch.save's bytes name the file they were first written as
+        return torch.load(path, weights_only=True)
+
+    assert teacher_cache_runs() == ["Completed"]
+    (cache,) = (work / "teacher-cache").glob("teacher-top4-*.pt")
+    written = contents(cache)
+    assert teacher_cache_runs() == ["Cached"]
+
+    cache.unlink()
+    assert teacher_cache_runs() == ["Cached", "Completed"]  # its record served, its file found gone
+    assert contents(cache).keys() == written.keys()
+    assert all(torch.equal(contents(cache)[k], v) for k, v in written.items() if isinstance(v, torch.Tensor))
+
+    cache.write_bytes(cache.read_bytes()[: cache.stat().st_size // 2])  # truncated, as by a full disk
+    assert teacher_cache_runs() == ["Cached", "Completed"]
+    assert all(torch.equal(contents(cache)[k], v) for k, v in written.items() if isinstance(v, torch.Tensor))
 
 
 def test_changing_a_distillation_setting_reruns_only_what_follows(first_run, shared_data):

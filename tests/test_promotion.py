@@ -162,7 +162,7 @@ def test_two_runs_racing_to_promote_end_with_the_better_model(registry, monkeypa
 
     @flow(task_runner=ThreadPoolTaskRunner(max_workers=2))
     def race() -> list[dict]:
-        futures = [promote_model.submit(uri, NAME, v, GATE, str(tmp_path)) for v in (good, better)]
+        futures = [promote_model.submit(uri, NAME, v, GATE) for v in (good, better)]
         return [f.result() for f in futures]
 
     decisions = race()

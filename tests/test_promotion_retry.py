@@ -176,7 +176,7 @@ def test_the_prefect_task_retrying_a_failed_tag_write_reports_the_promotion(regi
 
     @flow
     def promote_with_quick_retries() -> dict:
-        return promote_model.with_options(retry_delay_seconds=0)(uri, NAME, v, GATE, str(tmp_path / "work"))
+        return promote_model.with_options(retry_delay_seconds=0)(uri, NAME, v, GATE)
 
     decision = promote_with_quick_retries()
     assert failing.failed == 1

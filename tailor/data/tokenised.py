@@ -25,13 +25,12 @@ from tailor.data.corpus import (
     training_samples,
 )
 from tailor.data.offline import sha256_file
-from tailor.store.checkpoint import CheckpointRef, code_identity, load_tokenizer, stable_hash, write_file_atomically
+from tailor.store.checkpoint import CheckpointRef, code_identity, load_tokenizer, stable_hash
+from tailor.store.digested import digest_file, is_intact, recorded_digest, write_digested
 
 SETS = ("train", "calibration", "heldout")
 # Held-out windows are kept per source: "<source>/input_ids", "<source>/attention_mask".
 _SEP = "/"
-# Beside each set's file: the sha256 it had when written.
-_DIGEST_SUFFIX = ".sha256"
 
 
 @dataclass(frozen=True)
@@ -107,7 +106,7 @@ def tokenise_corpus(
     ``corpus`` as for ``tokenised_folder``."""
     folder = tokenised_folder(base, distill, prune, data, work_dir, teacher_text, corpus)
     paths = _set_files(folder)
-    stale = [name for name, path in paths.items() if not _intact(path)]
+    stale = [name for name, path in paths.items() if not is_intact(path)]
     if stale:
         tokenizer = load_tokenizer(base)
         generated = teacher_text.samples() if teacher_text is not None else None
@@ -131,34 +130,14 @@ def tokens_in(folder: str | Path) -> dict[str, TokensRef]:
     """The sets of a folder ``tokenise_corpus`` wrote, with the sha256 recorded when each was
     written (not hashed now: a file edited since fails its ``verify``)."""
     paths = _set_files(Path(folder))
-    missing = [str(p) for path in paths.values() for p in (path, _digest_file(path)) if not p.exists()]
+    missing = [str(p) for path in paths.values() for p in (path, digest_file(path)) if not p.exists()]
     if missing:
         raise FileNotFoundError(f"{folder} is not a tokenised corpus folder: missing {', '.join(missing)}")
-    return {name: TokensRef(str(p), _digest_file(p).read_text().strip()) for name, p in paths.items()}
+    return {name: TokensRef(str(p), recorded_digest(p)) for name, p in paths.items()}
 
 
 def _write_set(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """The set's file, then its recorded sha256, each written atomically. The old record goes
-    first: a kill in between leaves a file without one, which counts as not written."""
-    _digest_file(path).unlink(missing_ok=True)
-    digest = {}
-
-    def write(tmp: Path) -> None:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-        digest["sha256"] = sha256_file(tmp)
-
-    write_file_atomically(path, write)
-    write_file_atomically(_digest_file(path), lambda tmp: tmp.write_text(digest["sha256"] + "\n"))
-
-
-def _intact(path: Path) -> bool:
-    """The set's file is there and still has the sha256 recorded when it was written."""
-    record = _digest_file(path)
-    return path.is_file() and record.is_file() and sha256_file(path) == record.read_text().strip()
-
-
-def _digest_file(path: Path) -> Path:
-    return path.with_name(path.name + _DIGEST_SUFFIX)
+    write_digested(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)))
 
 
 def _set_files(folder: Path) -> dict[str, Path]:

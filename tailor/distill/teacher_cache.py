@@ -23,7 +23,8 @@ from tailor.models.precision import (
     load_teacher,
     teacher_numerics,
 )
-from tailor.store.checkpoint import CheckpointRef, stable_hash, write_file_atomically
+from tailor.store.checkpoint import CheckpointRef, stable_hash
+from tailor.store.digested import is_intact, write_digested
 
 
 class TeacherCacheError(TailorError, ValueError):
@@ -83,16 +84,17 @@ def topk_cache_key(
 def write_topk_cache(
     teacher_ref: CheckpointRef, cfg: DistillConfig, train: TokensRef, out_dir: Path, probe_dir: Path | None = None
 ) -> Path:
-    """Compute and store the cache under ``out_dir`` (write, then rename); an existing file is reused."""
+    """Compute and store the cache under ``out_dir`` with its sha256 recorded; an existing file
+    is reused while it still matches that record (an edited or truncated one is computed again)."""
     key = topk_cache_key(teacher_ref, cfg, train, probe_dir)
     path = Path(out_dir) / f"teacher-top{cfg.teacher_topk}-{key}.pt"
-    if path.exists():
+    if is_intact(path):
         return path
     samples = train.samples()
     teacher = load_teacher(teacher_ref, cfg.teacher_dtype, samples["input_ids"], probe_dir=probe_dir)
     check_topk(cfg.teacher_topk, teacher.config.vocab_size)
     cache = compute_topk(teacher, samples, cfg.teacher_topk, cfg.temperature, cfg.batch_size)
-    write_file_atomically(path, lambda tmp: torch.save(cache, tmp))
+    write_digested(path, lambda tmp: torch.save(cache, tmp))
     return path
 
 

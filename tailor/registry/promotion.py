@@ -284,8 +284,8 @@ def promote(
     model_name: str,
     version: str,
     gate: PromotionConfig,
-    force: bool = False,
     *,
+    force: bool = False,
     lease_s: float = 120.0,
     lock_timeout_s: float = 600.0,
 ) -> Decision:

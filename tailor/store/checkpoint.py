@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import threading
 import uuid
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import torch
 
 import tailor
 from tailor.config.settings import TailorError
+from tailor.store.temporary import claimed_file, claimed_folder, stale_prefix
 
 FINGERPRINT_FILE = "FINGERPRINT"
 TRAINING_RECORD = "distill_record.json"
@@ -60,12 +60,17 @@ class CheckpointRef:
         return self
 
 
+def _content_files(folder: Path, recursive: bool = True) -> list[Path]:
+    """The files that make a checkpoint what it is, in sorted order: ``UNHASHED`` left out."""
+    files = Path(folder).rglob("*") if recursive else Path(folder).glob("*")
+    return sorted(p for p in files if p.is_file() and p.name not in UNHASHED)
+
+
 def fingerprint_dir(folder: Path, recursive: bool = True) -> str:
-    """sha256 over every file's relative name and bytes, in sorted order, ``UNHASHED`` left out
+    """sha256 over every content file's relative name and bytes, in sorted order
     (``recursive=False``: the files directly in ``folder`` only)."""
     h = hashlib.sha256()
-    files = Path(folder).rglob("*") if recursive else Path(folder).glob("*")
-    for f in sorted(p for p in files if p.is_file() and p.name not in UNHASHED):
+    for f in _content_files(folder, recursive):
         h.update(str(f.relative_to(folder)).encode())
         with f.open("rb") as fh:
             for block in iter(lambda: fh.read(1 << 22), b""):
@@ -134,8 +139,7 @@ def write_checkpoint(folder: Path, writer: Callable[[Path], None]) -> Checkpoint
     folder.parent.mkdir(parents=True, exist_ok=True)
     # A private temporary folder: two runs writing the same checkpoint at once (a sweep
     # beside a run) must not write into each other's files.
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f"{folder.name}.partial-"))
-    try:
+    with claimed_folder(folder) as tmp:
         writer(tmp)
         fp = fingerprint_dir(tmp)
         (tmp / FINGERPRINT_FILE).write_text(fp + "\n")
@@ -152,14 +156,12 @@ def write_checkpoint(folder: Path, writer: Callable[[Path], None]) -> Checkpoint
                     raise
                 return ref
         return CheckpointRef(str(folder), fp)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _set_aside(folder: Path) -> None:
     """Move a damaged checkpoint of ours out of the way, then delete it: a reader sees the old
     folder or none, never one half deleted."""
-    stale = folder.with_name(f"{folder.name}.stale-{uuid.uuid4().hex[:8]}")
+    stale = folder.with_name(f"{stale_prefix(folder)}{uuid.uuid4().hex[:8]}")
     folder.rename(stale)
     shutil.rmtree(stale, ignore_errors=True)
 
@@ -189,16 +191,11 @@ def write_file_atomically(path: Path, writer: Callable[[Path], None]) -> None:
     if the writer fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    os.close(fd)
-    tmp = Path(name)
-    try:
+    with claimed_file(path) as tmp:
         writer(tmp)
         with tmp.open("rb+") as fh:
             os.fsync(fh.fileno())
         tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_model(model, tokenizer, folder: Path) -> None:
@@ -234,4 +231,6 @@ def count_parameters(model) -> int:
 
 
 def folder_size_bytes(folder: str | Path) -> int:
-    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+    """Bytes of the content a fingerprint covers: the same weights have the same size however
+    long their training took (the training record's times are not part of the model)."""
+    return sum(f.stat().st_size for f in _content_files(Path(folder)))
