@@ -28,12 +28,12 @@ from tailor.common.layout import WorkDir
 from tailor.config.settings import REFERENCE_TASKS, DataConfig, DistillConfig, EvalConfig, ModelConfig, load_config
 from tailor.data.corpus import heldout_samples, pad_rows, read_documents, training_samples
 from tailor.distill.record import TrainingRecord
-from tailor.distill.trainer import Distiller
+from tailor.distill.trainer import Distiller, fill_removed_block
 from tailor.evaluate.joint import evaluate_checkpoints
 from tailor.evaluate.perplexity import heldout_perplexity
 from tailor.models.precision import load_teacher
 from tailor.models.sources import materialize, source_num_layers
-from tailor.prune.pruning import prune_checkpoint, replace_removed_block
+from tailor.prune.pruning import prune_checkpoint
 from tailor.report.healing import healing_summary
 from tailor.store.checkpoint import (
     existing_checkpoint,
@@ -120,6 +120,10 @@ VARIANTS: dict[str, dict] = {
     "hidden_mse_replacement": dict(HIDDEN, replacement_layer=True, train_last_layers=1),
     "hidden_cosine_last4": dict(HIDDEN, train_last_layers=4, hidden_loss="cosine"),
     "logits_last4": dict(HIDDEN, train_last_layers=4, objective="logits"),
+    # Training-free: a least-squares linear map in place of the removed block, fitted on the
+    # teacher's activations over 256 training samples (TinyStories and Wikipedia, no evaluation
+    # data) and folded into the last layer before the cut (tailor.prune.linear_map).
+    "linear_map_alone": dict(HIDDEN, linear_map=True, linear_map_samples=256, num_samples=256, epochs=0),
     # Precision: the quick recipe with every matmul in float32 (what a CPU without native
     # bfloat16 runs): does bfloat16 change what the recipe heals, and what does it save?
     "quick_profile_float32": dict(
@@ -151,13 +155,12 @@ def distilled_checkpoint(name: str, cfg: DistillConfig, base, pruned, data: Data
     if (done := existing_checkpoint(out)) is not None:
         return done, TrainingRecord.from_dict(json.loads((out / "record.json").read_text()))
     student, tokenizer = load_model(pruned)
-    if cfg.replacement_layer:
-        replace_removed_block(student, load_model(base)[0])
     samples = (
         windowed_samples_before_fix(tokenizer, data, cfg.seq_len, cfg.num_samples)
         if name == "quick_as_shipped_before"
         else training_samples(tokenizer, cfg, data)
     )
+    fill_removed_block(student, base, cfg, samples)
     teacher = load_teacher(base, cfg.teacher_dtype, samples["input_ids"], probe_dir=WorkDir(work).probes)
     # The healing curve (held-out perplexity every heldout_every steps), as the flow records it.
     curve = heldout_samples(tokenizer, cfg, data) if cfg.heldout_every else None
@@ -247,7 +250,7 @@ def main() -> None:
             "train_tokens": record.train_tokens,
             "trainable_parameters": record.trainable_parameters,
             "optimizer_steps": record.optimizer_steps,
-            "final_loss": record.losses[-1],
+            "final_loss": record.losses[-1] if record.losses else None,
         }
         print_row(name, rows[name])
 

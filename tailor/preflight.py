@@ -76,14 +76,16 @@ def check_trainable_layers(cfg: TailorConfig, num_layers: int) -> None:
     """distill.train_last_layers fits the student the pruning leaves."""
     removed = len(cfg.prune.indices) if cfg.prune.strategy == "indices" else cfg.prune.num_layers
     left = num_layers - removed + (1 if cfg.distill.replacement_layer else 0)
-    if cfg.prune.strategy == "indices" and cfg.distill.replacement_layer:
-        kept = sorted(cfg.prune.indices)
-        if kept != list(range(kept[0], kept[-1] + 1)):
-            raise ConfigError(
-                f"distill.replacement_layer=true needs one contiguous removed block; prune.indices="
-                f"{list(cfg.prune.indices)} is not (allowed: consecutive indices, or "
-                "prune.strategy last or angular)"
-            )
+    for setting in ("replacement_layer", "linear_map"):
+        if cfg.prune.strategy == "indices" and getattr(cfg.distill, setting):
+            kept = sorted(cfg.prune.indices)
+            if kept != list(range(kept[0], kept[-1] + 1)) or (setting == "linear_map" and kept[0] == 0):
+                raise ConfigError(
+                    f"distill.{setting}=true needs one contiguous removed block"
+                    f"{' after the first layer' if setting == 'linear_map' else ''}; prune.indices="
+                    f"{list(cfg.prune.indices)} is not (allowed: consecutive indices, or "
+                    "prune.strategy last or angular)"
+                )
     if cfg.distill.train_last_layers > left:
         raise ConfigError(
             f"distill.train_last_layers={cfg.distill.train_last_layers} exceeds the {left} decoder "

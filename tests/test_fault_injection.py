@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from tailor.data.offline import sha256_file
+from tailor.store.digested import sha256_file
 
 # The whole flow several times through Prefect and MLflow: the integration tier. The pyproject
 # timeout (1200 s) is for one flow; this is fifteen of them, each bounded by RUN_TIMEOUT_S.

@@ -251,6 +251,20 @@ def test_a_deleted_or_edited_teacher_cache_is_computed_again(first_run, shared_d
     assert all(torch.equal(contents(cache)[k], v) for k, v in written.items() if isinstance(v, torch.Tensor))
 
 
+def test_a_linear_map_alone_heals_with_no_training_step(tmp_path, shared_data):
+    _run(tmp_path, shared_data, "distill.linear_map=true", "distill.epochs=0")
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    kd = report["distillation"]
+    assert kd["optimizer_steps"] == 0 and kd["losses"] == []
+    assert kd["linear_map"]["replaced"] == [3] and kd["linear_map"]["layer"] == 2
+    assert 0 < kd["linear_map"]["explained"] <= 1
+    # Nothing added: the healed model has the pruned model's shape.
+    assert report["models"]["distilled"]["params"] == report["models"]["pruned"]["params"]
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "- linear map in place of layers [3], folded into layer 2 (no parameters added)" in markdown
+    assert "- distillation: no optimiser step (distill.epochs=0)" in markdown
+
+
 def test_changing_a_distillation_setting_reruns_only_what_follows(first_run, shared_data):
     work, _, _ = first_run
     states = _task_states(_run(work, shared_data, "distill.learning_rate=0.002"))

@@ -7,6 +7,7 @@ import pytest
 from tailor.config.settings import ConfigError, load_config
 from tailor.data import offline
 from tailor.preflight import check_data_checksums, ensure_offline_data
+from tailor.store.digested import sha256_file
 
 pytestmark = pytest.mark.integration
 
@@ -73,7 +74,7 @@ def test_a_data_file_that_differs_from_its_recorded_checksum_stops_the_run_befor
 def test_sha256sums_files_are_read_like_sha256sum_writes_them(tmp_path):
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / "a.jsonl").write_text('{"text": "x"}\n')
-    digest = offline.sha256_file(tmp_path / "corpus" / "a.jsonl")
+    digest = sha256_file(tmp_path / "corpus" / "a.jsonl")
     (tmp_path / "SHA256SUMS").write_text(f"{digest}  corpus/a.jsonl\n{'0' * 64} *corpus/b.jsonl\n")
     assert offline.recorded_checksums(tmp_path) == {"corpus/a.jsonl": digest, "corpus/b.jsonl": "0" * 64}
     (tmp_path / "corpus" / "a.jsonl").write_text('{"text": "y"}\n')

@@ -33,6 +33,7 @@ RECORD = {
     "shared_trunk_layers": 0,
     "heldout_curve": [[0, 40.0], [2, 30.0]],
     "loss": {"objective": "hidden", "hidden_loss": "mse"},
+    "linear_map": {"layer": 13, "replaced": [14, 15, 16, 17], "tokens": 5723, "explained": 0.8},
     "precision_probe": {
         "device": "cpu: Some CPU (avx512_bf16)",
         "torch_version": "2.0",
@@ -66,6 +67,11 @@ def test_the_record_file_is_a_plain_json_object_with_the_field_names(tmp_path):
 def test_a_record_from_before_the_shared_trunk_reads_as_sharing_none():
     old = {k: v for k, v in RECORD.items() if k != "shared_trunk_layers"}
     assert TrainingRecord.from_dict(old).shared_trunk_layers == 0
+
+
+def test_a_record_from_before_the_linear_map_reads_as_none_fitted():
+    old = {k: v for k, v in RECORD.items() if k != "linear_map"}
+    assert TrainingRecord.from_dict(old).linear_map is None
 
 
 def test_a_record_from_before_the_precision_probe_reads_as_none_probed():

@@ -197,8 +197,8 @@ class DistillConfig(_Section):
     """Micro-batches per optimiser step."""
     seq_len: int = 128
     """Tokens per sample (padded or truncated)."""
-    epochs: int = Field(3, ge=1)
-    """Passes over the distillation samples."""
+    epochs: int = Field(3, ge=0)
+    """Passes over the distillation samples; 0 trains nothing (a linear_map alone)."""
     num_samples: int = Field(15000, ge=1)
     """Distillation samples drawn from the corpus."""
     corpus: str = "DKYoon/SlimPajama-6B"
@@ -225,6 +225,13 @@ class DistillConfig(_Section):
     before training: the distilled model has one layer more than the pruned one (the report states its parameters). With
     a last-N cut, train_last_layers=1 trains only it and the final norm.
     """
+    linear_map: bool = False
+    """Before training, fit a linear map in place of the removed block by least squares on the teacher's activations
+    over the first linear_map_samples training samples (ReplaceMe, adapted to Gemma's post-norms) and fold it into the
+    last layer before the cut: no extra parameters, a stock checkpoint. With epochs=0 the map is the whole healing.
+    """
+    linear_map_samples: int = Field(256, ge=1)
+    """linear_map: training samples whose activations the map is fitted on."""
     max_grad_norm: float = Field(1.0, gt=0)
     """Gradient-norm clipping threshold."""
     loss_chunk_tokens: int = Field(128, ge=1)
@@ -303,6 +310,12 @@ class DistillConfig(_Section):
         if v < 2:
             raise ValueError("distill.seq_len must be >= 2 (the loss needs a next token)")
         return v
+
+    @model_validator(mode="after")
+    def _one_way_into_the_removed_block(self):
+        if self.linear_map and self.replacement_layer:
+            raise ValueError("distill.linear_map and distill.replacement_layer both fill the removed block; choose one")
+        return self
 
     @model_validator(mode="after")
     def _topk_needs_logits(self):

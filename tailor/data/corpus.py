@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from tailor.config.settings import TEACHER_SOURCE, DataConfig, DistillConfig, TailorError
-from tailor.data.offline import sha256_file
+from tailor.store.digested import sha256_file
 
 
 class CorpusError(TailorError, ValueError):

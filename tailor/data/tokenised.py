@@ -24,9 +24,8 @@ from tailor.data.corpus import (
     heldout_settings,
     training_samples,
 )
-from tailor.data.offline import sha256_file
 from tailor.store.checkpoint import CheckpointRef, code_identity, load_tokenizer, stable_hash
-from tailor.store.digested import digest_file, is_intact, recorded_digest, write_digested
+from tailor.store.digested import digest_file, is_intact, recorded_digest, sha256_file, write_digested
 
 SETS = ("train", "calibration", "heldout")
 # Held-out windows are kept per source: "<source>/input_ids", "<source>/attention_mask".

@@ -22,10 +22,10 @@ from safetensors.torch import load_file, save_file
 from tailor.common.layout import WorkDir
 from tailor.config.settings import TEACHER_SOURCE, GenerateConfig, TailorConfig
 from tailor.data.corpus import source_share
-from tailor.data.offline import sha256_file
 from tailor.data.tokenised import TokensRef
 from tailor.models.precision import bfloat16_autocast, resolve_teacher_dtype
 from tailor.store.checkpoint import CheckpointRef, load_model, stable_hash, write_file_atomically
+from tailor.store.digested import sha256_file
 
 GENERATED_FILE = "teacher_text.safetensors"
 _NUCLEUS_CANDIDATES = 4096

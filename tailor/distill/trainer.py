@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import random
@@ -28,6 +29,7 @@ from tailor.models.precision import (
     resolve_bf16_autocast,
     teacher_numerics,
 )
+from tailor.prune.linear_map import fit_linear_map
 from tailor.prune.pruning import replace_removed_block
 from tailor.prune.trunk import decoder_layers, hidden_states_at, shared_prefix, tail_hidden, tail_model
 from tailor.store.checkpoint import (
@@ -507,9 +509,8 @@ def distill_checkpoint(
     if existing_checkpoint(out_dir) is None:  # one of ours that was edited is replaced by write_checkpoint
         check_checkpoint_target(out_dir)
     student, tokenizer = load_model(student_ref, device=device)
-    if cfg.replacement_layer:
-        replace_removed_block(student, load_model(teacher_ref, device=device)[0])
     samples = train.samples()
+    fitted_map = fill_removed_block(student, teacher_ref, cfg, samples, device)
     heldout_sets = heldout.per_source() if heldout is not None else None
     if topk_cache is not None:
         teacher, topk = None, load_topk_cache(topk_cache, samples, cfg)
@@ -536,6 +537,7 @@ def distill_checkpoint(
             on_heldout=on_heldout,
             probe_dir=probe_dir,
         ).fit()
+        record = dataclasses.replace(record, linear_map=fitted_map)
         save_model(student, tokenizer, tmp)
         write_training_record(tmp, record)
         (tmp / INPUTS_FILE).write_text(json.dumps({"key": key}) + "\n")
@@ -544,6 +546,22 @@ def distill_checkpoint(
     resume_file.unlink(missing_ok=True)
     _barrier(world)
     return ref, training_record(ref)
+
+
+def fill_removed_block(
+    student, teacher_ref: CheckpointRef, cfg: DistillConfig, samples: dict[str, torch.Tensor], device: str = "cpu"
+) -> dict | None:
+    """What stands in the removed block before training, as the settings ask: a new decoder layer
+    (``replacement_layer``), a linear map folded into the layer before it (``linear_map``; its
+    fit is returned), or nothing."""
+    if not (cfg.replacement_layer or cfg.linear_map):
+        return None
+    original = load_model(teacher_ref, device=device)[0]
+    if cfg.replacement_layer:
+        replace_removed_block(student, original)
+        return None
+    first = {k: v[: cfg.linear_map_samples] for k, v in samples.items()}
+    return fit_linear_map(student, original, first, batch_size=cfg.batch_size).to_dict()
 
 
 # Beside the weights: the key of the settings and inputs the checkpoint was distilled with.

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from tailor.common.console import third_party_prints
 from tailor.config.settings import DataConfig, EvalConfig, TailorError
-from tailor.data.offline import sha256_file
+from tailor.store.digested import sha256_file
 
 # Offline file and the split name the stock task reads it as.
 OFFLINE_SPLITS: dict[str, tuple[str, str]] = {

@@ -394,7 +394,14 @@ def pruning_markdown(report: dict) -> list[str]:
     if kd:
         if "loss" in kd:
             lines.append(f"- distillation objective: {objective_text(kd['loss'])}")
-        if "trainable_parameters" in kd:
+        if kd.get("linear_map"):
+            fit = kd["linear_map"]
+            lines.append(
+                f"- linear map in place of layers {fit['replaced']}, folded into layer {fit['layer']} "
+                f"(no parameters added): fitted on {fit['tokens']:,} tokens, where it takes back "
+                f"{100 * fit['explained']:.1f}% of the residual stream's squared error after the cut"
+            )
+        if "trainable_parameters" in kd and kd.get("optimizer_steps", 1):
             distill_cfg = report.get("config", {}).get("distill", {})
             what = (
                 f"the last {distill_cfg['train_last_layers']} decoder layers and the final norm"
@@ -426,11 +433,14 @@ def pruning_markdown(report: dict) -> list[str]:
                 + (f"; {kd['world_size']} data-parallel processes" if kd.get("world_size", 1) > 1 else "")
             )
             lines += precision_markdown(kd)
-        lines.append(
-            f"- distillation: {kd['optimizer_steps']} optimiser steps on {kd['num_samples']} samples, "
-            f"{kd['train_tokens']:,} tokens in {kd['train_seconds']:.1f} s "
-            f"({kd['train_tokens_per_s']:.1f} tokens/s); loss {kd['losses'][0]:.4f} → {kd['losses'][-1]:.4f}"
-        )
+        if kd.get("losses"):
+            lines.append(
+                f"- distillation: {kd['optimizer_steps']} optimiser steps on {kd['num_samples']} samples, "
+                f"{kd['train_tokens']:,} tokens in {kd['train_seconds']:.1f} s "
+                f"({kd['train_tokens_per_s']:.1f} tokens/s); loss {kd['losses'][0]:.4f} → {kd['losses'][-1]:.4f}"
+            )
+        else:
+            lines.append("- distillation: no optimiser step (distill.epochs=0)")
     return lines
 
 

@@ -6,13 +6,21 @@ deleted since, without a fingerprint of its own in the file."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Callable
 
-from tailor.data.offline import sha256_file
 from tailor.store.checkpoint import write_file_atomically
 
 DIGEST_SUFFIX = ".sha256"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def digest_file(path: Path) -> Path:
