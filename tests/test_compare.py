@@ -117,10 +117,11 @@ def test_models_of_one_architecture_share_one_timing_in_the_report():
         "pruned": _timed(_profile(900, 16, 4.2), pruned_times, "pruned", 700_000_000),
         "distilled": _timed(_profile(900, 16, 4.2), pruned_times, "pruned", 700_000_000),
     }
+    speed = {"prompts": ["The capital of France is"], "max_new_tokens": 24, "warmup_runs": 1, "timed_runs": 5}
     report = build_report(
         profiles,
         {"original": _eval(0.6, 10.0), "pruned": _eval(0.3, 20.0), "distilled": _eval(0.45, 12.5)},
-        {"pruning": {"removed_layers": [16, 17]}},
+        {"pruning": {"removed_layers": [16, 17]}, "config": {"speed": speed}},
     )
     pruned, distilled = report["vs_original"]["pruned"], report["vs_original"]["distilled"]
     assert pruned["speedup"] == pytest.approx(1.25) and distilled["speedup"] == pruned["speedup"]
@@ -136,6 +137,8 @@ def test_models_of_one_architecture_share_one_timing_in_the_report():
     assert "| multiply-adds ratio (original / model) | 1.00x | 1.14x | 1.14x |" in md
     assert "| parameter ratio (original / model) | 1.00x | 1.11x | 1.11x |" in md
     assert "attention's score products" in md and "noisy" not in md
+    # What was timed: a speed-up holds for generation of that length.
+    assert "Timed on 1 prompt(s) x 24 new tokens (greedy), 5 interleaved rounds after 1 warm-up" in md
 
 
 def test_a_report_without_multiply_adds_or_shared_timing_says_neither():
@@ -147,4 +150,4 @@ def test_a_report_without_multiply_adds_or_shared_timing_says_neither():
     assert report["timing_groups"] == {} and report["vs_original"]["pruned"]["macs_ratio"] is None
     md = render_markdown(report)
     assert "| multiply-adds ratio (original / model) | 1.00x | n/a | n/a |" in md
-    assert "share one" not in md and "attention's score products" not in md
+    assert "share one" not in md and "attention's score products" not in md and "Timed on" not in md

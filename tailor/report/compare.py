@@ -290,6 +290,14 @@ def models_markdown(report: dict) -> list[str]:
             "Multiply-adds per generated token at short context: every linear layer of the decoder layers and the "
             "output head; attention's score products, which grow with the context, are left out.",
         ]
+    speed = report.get("config", {}).get("speed")
+    if speed:
+        lines += [
+            "",
+            f"Timed on {len(speed['prompts'])} prompt(s) x {speed['max_new_tokens']} new tokens (greedy), "
+            f"{speed['timed_runs']} interleaved rounds after {speed['warmup_runs']} warm-up: a speed-up holds for "
+            "generation of that length.",
+        ]
     groups = report.get("timing_groups") or {}
     if groups:
         lines += [
