@@ -173,17 +173,10 @@ def build_models(run: RunContext) -> Models:
             },
             metrics=kd.summary(),
         )
-        stage.detail = (
-            ", ".join(
-                ([f"linear map in place of layers {kd.linear_map['replaced']}"] if kd.linear_map else [])
-                + (
-                    [f"{kd.optimizer_steps} steps, KD loss {kd.losses[0]:.3f} -> {kd.losses[-1]:.3f}"]
-                    if kd.losses
-                    else []
-                )
-            )
-            or "nothing trained"
-        )
+        done = [f"linear map in place of layers {kd.linear_map['replaced']}"] if kd.linear_map else []
+        if kd.losses:
+            done.append(f"{kd.optimizer_steps} steps, KD loss {kd.losses[0]:.3f} -> {kd.losses[-1]:.3f}")
+        stage.detail = ", ".join(done) or "nothing trained"
     models = Models(materialized, pruned, distilled, teacher_cache)
     models.heldout = score_heldout_all(run, models.refs, tokens.heldout)
     return models

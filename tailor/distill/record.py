@@ -77,9 +77,9 @@ class TrainingRecord:
     heldout_curve: list[list[float]]
     loss: dict
     """The objective's settings (``Objective.describe()``)."""
-    # Records written before the probe existed lack it; so do runs whose precisions were all explicit.
     linear_map: dict | None = None
     """The map fitted in the removed block's place before training (``LinearMapFit.to_dict()``), if any."""
+    # Records written before the probe existed lack it; so do runs whose precisions were all explicit.
     precision_probe: dict | None = None
     """What ``auto`` precision was decided by on this machine (``PrecisionProbe.to_dict()``): the
     float32 and bfloat16 matmul GFLOP/s per probed shape, the choice and its rule."""

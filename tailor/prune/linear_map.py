@@ -58,10 +58,13 @@ def _post_norm(layer: nn.Module) -> nn.Module | None:
 def _gain(norm: nn.Module, size: int, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-channel gain g, what the weight adds to it): read off the module by feeding it
     a vector of RMS 1, so Gemma's ``1 + weight`` and Llama's ``weight`` both come out right."""
-    eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 0.0)))
     with torch.no_grad():
-        g = norm(torch.ones(1, size, dtype=norm.weight.dtype)).double().squeeze(0) * (1.0 + eps) ** 0.5
+        g = norm(torch.ones(1, size, dtype=norm.weight.dtype)).double().squeeze(0) * (1.0 + _eps(norm)) ** 0.5
     return g.to(dtype), (g - norm.weight.double()).to(dtype)
+
+
+def _eps(norm: nn.Module) -> float:
+    return float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 0.0)))
 
 
 def _unit(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -90,28 +93,25 @@ def fit_linear_map(
         t_layers[k].register_forward_hook(lambda m, i, o: seen.__setitem__("Yk", _output(o))),
         t_layers[last].register_forward_hook(lambda m, i, o: seen.__setitem__("Yn", _output(o))),
     ]
-    if norm is not None:
-        hooks.append(norm.register_forward_hook(lambda m, i, o: seen.__setitem__("M", o)))
     was_training = teacher.training
     teacher.eval()
-    D_all, tgt_all = [], []
+    D_all, delta_all = [], []
     try:
         for b in range(0, samples["input_ids"].shape[0], batch_size):
             ids, mask = samples["input_ids"][b : b + batch_size], samples["attention_mask"][b : b + batch_size]
             teacher(input_ids=ids.to(teacher.device), attention_mask=mask.to(teacher.device))
             keep = mask.bool().to(teacher.device)
-            D = seen["D"][keep].double()
-            M = seen["M"][keep].double() if norm is not None else D
-            # What the MLP's contribution must be for the residual stream to match the block's output.
-            tgt = seen["Yn"][keep].double() - (seen["Yk"][keep].double() - M)
-            D_all.append(D.float())
-            tgt_all.append(tgt.float())
+            D_all.append(seen["D"][keep].float())
+            # What the block adds to the residual stream: all a pruned model misses.
+            delta_all.append((seen["Yn"][keep] - seen["Yk"][keep]).float())
     finally:
         for h in hooks:
             h.remove()
         teacher.train(was_training)
-    D, tgt = torch.cat(D_all).double(), torch.cat(tgt_all).double()
+    D, delta = torch.cat(D_all).double(), torch.cat(delta_all).double()
     M = _contribution(D, norm)
+    # What the MLP's contribution must be for the residual stream to match the block's output.
+    tgt = M + delta
     xtx, xty = M.T @ M, M.T @ tgt
     T = torch.linalg.solve(xtx + RIDGE * xtx.diagonal().mean() * torch.eye(len(xtx), dtype=xtx.dtype), xty)
 
@@ -123,14 +123,14 @@ def fit_linear_map(
         A = torch.diag(g) @ T @ torch.diag(1.0 / g)
     down.weight.copy_((A.T @ down.weight.double()).to(down.weight.dtype))
     if norm is not None:
-        eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 0.0)))
-        u = _unit(D @ A, eps)
+        u = _unit(D @ A, _eps(norm))
         gain = (u * tgt).sum(0) / (u * u).sum(0).clamp_min(torch.finfo(torch.float64).tiny)
         s_norm = _post_norm(s_layer)
         s_norm.weight.copy_((gain - offset).to(s_norm.weight.dtype))
-    new = _contribution(D @ A, _post_norm(s_layer))
-    before, after = (tgt - M).pow(2).sum().item(), (tgt - new).pow(2).sum().item()
-    return LinearMapFit(layer=k, replaced=tuple(removed), tokens=len(D), explained=1.0 - after / before)
+    after = (tgt - _contribution(D @ A, _post_norm(s_layer))).pow(2).sum().item()
+    return LinearMapFit(
+        layer=k, replaced=tuple(removed), tokens=len(D), explained=1.0 - after / delta.pow(2).sum().item()
+    )
 
 
 def _contribution(D: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
@@ -138,5 +138,4 @@ def _contribution(D: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
     if norm is None:
         return D
     g, _ = _gain(norm, D.shape[1])
-    eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 0.0)))
-    return _unit(D, eps) * g
+    return _unit(D, _eps(norm)) * g
