@@ -308,7 +308,13 @@ def evaluate_all(run: RunContext, refs: dict[str, CheckpointRef]) -> Evaluations
     task until the promotion gate's question for it is answered."""
     cfg = run.cfg
     rule = (
-        StopRule("original", "distilled", cfg.promotion.max_task_drop, cfg.eval.sequential_block)
+        StopRule(
+            "original",
+            "distilled",
+            cfg.promotion.max_task_drop,
+            cfg.eval.sequential_block,
+            futility=cfg.eval.sequential_futility,
+        )
         if cfg.eval.sequential
         else None
     )

@@ -12,7 +12,9 @@ import pytest
 from tailor.common.stats import paired_bootstrap
 from tailor.evaluate.sequential import (
     ALPHA,
+    FUTILITY_FROM,
     RHO,
+    conditional_power,
     critical_values,
     decide,
     documents_to_decide,
@@ -269,3 +271,52 @@ def test_clear_cases_are_decided_and_a_clearly_fine_task_stops_early():
     assert beyond.beyond >= 0.9, str(beyond)
     fine = simulate(0.0, 0.15, **plan, seed=6)
     assert fine.within >= 0.9 and fine.mean_documents < 0.6 * 2000, str(fine)
+
+
+# Stopping for futility (eval.sequential_futility): no more wrong claims, fewer documents on the margin.
+
+
+@pytest.mark.parametrize("discordance", [0.05, 0.2, 0.3])
+def test_stopping_for_futility_keeps_each_wrong_claim_under_alpha_over_2(discordance):
+    row = simulate(-MARGIN, discordance, MARGIN, limit=800, block=100, reps=REPS, seed=21, futility=0.1)
+    assert row.within <= NOMINAL + SLACK and row.beyond <= NOMINAL + SLACK, str(row)
+
+
+def test_futility_stops_a_change_on_the_margin_long_before_the_cap():
+    plain = simulate(-0.045, 0.25, MARGIN, limit=1200, block=150, reps=1000, seed=22)
+    futile = simulate(-0.045, 0.25, MARGIN, limit=1200, block=150, reps=1000, seed=22, futility=0.1)
+    assert plain.mean_documents > 1150 and futile.mean_documents < 0.6 * plain.mean_documents, (plain, futile)
+
+
+def test_with_futility_and_a_higher_cap_a_clear_drop_is_decided_as_often_as_at_800_without():
+    # The trade the quick profile makes: 1200 documents with futility 0.1 against 800 without.
+    at_800 = simulate(-0.092, 0.25, MARGIN, limit=800, block=100, reps=REPS, seed=23)
+    futile = simulate(-0.092, 0.25, MARGIN, limit=1200, block=150, reps=REPS, seed=23, futility=0.1)
+    assert futile.beyond >= at_800.beyond - 3 * math.sqrt(0.25 / REPS) and futile.within == 0, (at_800, futile)
+
+
+def test_conditional_power_is_the_chance_the_last_look_decides_on_the_trend():
+    # No trend at half the information: Z_K ~ N(0, 0.5), so P(|Z_K| > 1.96) = 2 * Phi(-1.96 / sqrt(0.5)).
+    assert conditional_power(0.0, 0.5, 1.96) == pytest.approx(2 * NormalDist().cdf(-1.96 / math.sqrt(0.5)))
+    assert conditional_power(4.0, 0.5, 1.96) > 0.99 and conditional_power(-4.0, 0.5, 1.96) > 0.99
+    with pytest.raises(ValueError, match="information fraction"):
+        conditional_power(1.0, 1.0, 1.96)
+
+
+def test_no_task_stops_for_futility_before_its_share_of_the_cap():
+    looks = look_schedule(800, 100)
+    on_margin = _diffs(losses=80, gains=40, n=800)  # -0.05 overall, in a shuffled order
+    rng = np.random.default_rng(0)
+    rng.shuffle(on_margin)
+    early = [k for k, n in enumerate(looks) if n / 800 < FUTILITY_FROM]
+    for k in early:
+        assert decide(on_margin, MARGIN, looks, k, futility=0.99).outcome == "continue"
+    first = len(early)
+    look = decide(on_margin, MARGIN, looks, first, futility=0.99)
+    assert look.outcome == "futile" and 0 <= look.conditional_power < 0.99
+    assert "stopped for futility" in explain(look, MARGIN)
+
+
+def test_a_futility_threshold_outside_0_1_is_refused():
+    with pytest.raises(ValueError, match="eval.sequential_futility"):
+        decide(np.zeros(200), MARGIN, [100, 200], 1, futility=1.0)

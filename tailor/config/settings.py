@@ -97,6 +97,11 @@ class EvalConfig(_Section):
     """
     sequential_block: int = Field(100, ge=1)
     """eval.sequential: documents per task between two looks at the gate's question."""
+    sequential_futility: float = Field(0.0, ge=0, lt=1)
+    """eval.sequential: from a quarter of eval.limit on, stop a task undecided ("futile") once the last look would
+    decide it with less than this probability if the trend so far went on (conditional power); 0 = never. Saves the
+    documents of a change that sits on the margin; costs some power on the others (docs/evaluation.md).
+    """
 
     @field_validator("limit")
     @classmethod
@@ -520,6 +525,11 @@ class TailorConfig(_Section):
             )
         if self.eval.sequential and self.eval.limit is None:
             raise ValueError("eval.sequential needs eval.limit (the most documents a task may use), not null")
+        if self.eval.sequential_futility and not self.eval.sequential:
+            raise ValueError(
+                "eval.sequential_futility stops a sequential evaluation early; set eval.sequential=true "
+                "or eval.sequential_futility=0"
+            )
         return self
 
     @model_validator(mode="after")

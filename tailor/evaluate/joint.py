@@ -195,6 +195,8 @@ class StopRule:
     margin: float
     block: int
     metric: str = "acc"
+    futility: float = 0.0
+    """Stop an undecided task once the cap would decide it with less than this conditional power (0 = never)."""
 
 
 @dataclass
@@ -271,7 +273,7 @@ def evaluate_together(
                         stopping[task].update(documents=n, reason="limit")
                         open_tasks.remove(task)
                     continue
-                look = sequential.decide(diffs, rule.margin, looks[task], k)
+                look = sequential.decide(diffs, rule.margin, looks[task], k, futility=rule.futility)
                 if look.outcome != "continue":
                     stopping[task].update(documents=n, reason=look.outcome, **_look_fields(look))
                     open_tasks.remove(task)
@@ -402,6 +404,7 @@ def _look_fields(look) -> dict:
         "interval": [float(look.ci_low), float(look.ci_high)],
         "level": float(look.level),
         "documents_to_decide": None if look.documents_to_decide is None else int(look.documents_to_decide),
+        "conditional_power": look.conditional_power,
     }
 
 

@@ -20,6 +20,15 @@ numerical integration (numpy, Simpson's rule), cached per plan. Equivalently, lo
 fixed-sample two-sided interval with the same half-width, ``1 - 2 * (1 - Phi(c_k))``. One look is the
 fixed-sample 95% interval (``c = 1.96``).
 
+Stopping for futility (``futility`` > 0, non-binding): from the look at ``FUTILITY_FROM`` of the cap on, a
+task whose conditional power is below ``futility`` stops without a claim ("futile"), as a task at the cap
+does. Conditional power is the probability that the last look decides either way if the observed trend
+continues: with ``Z_k`` at information ``t_k`` and drift ``theta = Z_k / sqrt(t_k)``, ``Z_K`` is
+``N(theta, 1 - t_k)``, so it is ``P(Z_K > c_K) + P(Z_K < -c_K)`` (Lan, Simon and Halperin's stochastic
+curtailment). Stopping without a claim can only remove paths that might have made a claim, so neither
+wrong claim's probability rises above its ``alpha / 2``; what futility costs is power, which the simulation
+reports beside the documents it saves.
+
 The Brownian-motion model is exact for normal increments with a known sd; here the sd is estimated at
 each look and the differences are in {-1, 0, 1}, so the realised error is checked by simulation
 (``simulate``; ``python -m tailor.evaluate.sequential [--reps N]`` prints the tables).
@@ -48,7 +57,11 @@ smaller rho stops more tasks early at the cost of a wider interval at the cap.""
 ALPHA = 0.05
 """Two-sided error of the whole procedure: matches the gate's fixed-sample 95% intervals."""
 
-Outcome = Literal["within", "beyond", "continue", "cap"]
+FUTILITY_FROM = 0.25
+"""Share of the cap before which no task stops for futility: at the first looks the observed trend rests on
+too few documents to give up on (a clear difference can look marginal over the first hundred)."""
+
+Outcome = Literal["within", "beyond", "continue", "cap", "futile"]
 
 
 @dataclass(frozen=True)
@@ -56,9 +69,11 @@ class SequentialLook:
     """The gate's question asked after ``n`` documents (look ``look_index`` of a plan ending at ``limit``).
 
     ``outcome``: "within" (``ci_low > -margin``), "beyond" (``ci_high < -margin``), "continue" (undecided,
-    more looks planned) or "cap" (undecided at the last look). At the cap ``documents_to_decide`` estimates
-    how many documents a fixed-sample interval at the last look's level would need to exclude ``-margin``
-    if ``delta`` and the sd stayed as observed (None when ``delta`` sits on ``-margin``)."""
+    more looks planned), "cap" (undecided at the last look) or "futile" (undecided, and the last look would
+    decide with conditional power below the rule's ``futility``). When undecided at a stop,
+    ``documents_to_decide`` estimates how many documents a fixed-sample interval at the last look's level
+    would need to exclude ``-margin`` if ``delta`` and the sd stayed as observed (None when ``delta`` sits on
+    ``-margin``); ``conditional_power`` is the futility rule's figure where it was asked."""
 
     n: int
     delta: float
@@ -72,6 +87,7 @@ class SequentialLook:
     look_index: int
     limit: int
     documents_to_decide: int | None = None
+    conditional_power: float | None = None
 
     @property
     def decided(self) -> bool:
@@ -254,39 +270,54 @@ def interval_sd(losses: int, gains: int, n: int, margin: float) -> float:
 
 
 def decide(
-    diffs: np.ndarray, margin: float, looks: list[int], look_index: int, alpha: float = ALPHA, rho: float = RHO
+    diffs: np.ndarray,
+    margin: float,
+    looks: list[int],
+    look_index: int,
+    alpha: float = ALPHA,
+    rho: float = RHO,
+    futility: float = 0.0,
 ) -> SequentialLook:
     """The gate's question at look ``look_index``, over the first ``looks[look_index]`` paired differences.
 
     ``diffs`` holds the paired differences (distilled minus original, per document, in the plan's
-    document order); it may be longer than this look's count, the rest is not read."""
+    document order); it may be longer than this look's count, the rest is not read. ``futility``: the
+    conditional power below which an undecided task stops (0 = never for futility)."""
     _check_margin(margin)
+    _check_futility(futility)
     bounds = critical_values(looks, alpha, rho)
     if not 0 <= look_index < len(looks):
         raise ValueError(f"look_index {look_index} outside the plan's {len(looks)} looks")
     d = _checked(diffs, looks[look_index])
-    return _look(int(np.sum(d < 0)), int(np.sum(d > 0)), margin, looks, look_index, bounds)
+    return _look(int(np.sum(d < 0)), int(np.sum(d > 0)), margin, looks, look_index, bounds, futility)
 
 
 def run_until_decided(
-    diffs: np.ndarray, margin: float, looks: list[int], alpha: float = ALPHA, rho: float = RHO
+    diffs: np.ndarray, margin: float, looks: list[int], alpha: float = ALPHA, rho: float = RHO, futility: float = 0.0
 ) -> SequentialLook:
     """The whole procedure over one array of paired differences: looks at ``diffs[:n_k]`` in turn and
-    returns the first decided look, or the cap's. The same decisions as ``decide`` look by look."""
+    returns the first look that stops (decided, futile or the cap). The same decisions as ``decide``."""
     _check_margin(margin)
+    _check_futility(futility)
     bounds = critical_values(looks, alpha, rho)
     d = _checked(diffs, looks[-1])
     # Counts per prefix in one pass: the simulation runs thousands of these.
     losses, gains = np.cumsum(d < 0), np.cumsum(d > 0)
     for k, n in enumerate(looks):
-        look = _look(int(losses[n - 1]), int(gains[n - 1]), margin, looks, k, bounds)
+        look = _look(int(losses[n - 1]), int(gains[n - 1]), margin, looks, k, bounds, futility)
         if look.outcome != "continue":
             return look
     raise AssertionError("the last look is never 'continue'")
 
 
 def _look(
-    losses: int, gains: int, margin: float, looks: list[int], look_index: int, bounds: tuple[float, ...]
+    losses: int,
+    gains: int,
+    margin: float,
+    looks: list[int],
+    look_index: int,
+    bounds: tuple[float, ...],
+    futility: float = 0.0,
 ) -> SequentialLook:
     n = looks[look_index]
     delta = (gains - losses) / n
@@ -294,16 +325,22 @@ def _look(
     z = bounds[look_index]
     half = z * sd / math.sqrt(n)
     low, high = delta - half, delta + half
-    needed = None
+    needed = power = None
+    t = n / looks[-1]
     if low > -margin:
         outcome: Outcome = "within"
     elif high < -margin:
         outcome = "beyond"
-    elif look_index < len(looks) - 1:
-        outcome = "continue"
-    else:
+    elif look_index == len(looks) - 1:
         outcome = "cap"
-        needed = documents_to_decide(delta, sd, margin, z, n)
+        needed = documents_to_decide(delta, sd, margin, bounds[-1], n)
+    elif futility > 0 and t >= FUTILITY_FROM:
+        power = conditional_power((delta + margin) / (sd / math.sqrt(n)), t, bounds[-1])
+        outcome = "futile" if power < futility else "continue"
+        if outcome == "futile":
+            needed = documents_to_decide(delta, sd, margin, bounds[-1], n)
+    else:
+        outcome = "continue"
     return SequentialLook(
         n=n,
         delta=delta,
@@ -314,7 +351,17 @@ def _look(
         look_index=look_index,
         limit=looks[-1],
         documents_to_decide=needed,
+        conditional_power=power,
     )
+
+
+def conditional_power(z: float, t: float, last_bound: float) -> float:
+    """Probability that the last look decides (``|Z_K| > last_bound``) if the drift seen so far goes on:
+    ``Z_K ~ N(z / sqrt(t), 1 - t)`` given ``Z = z`` at information fraction ``t`` (0 < t < 1)."""
+    if not 0 < t < 1:
+        raise ValueError(f"conditional power needs an information fraction in (0, 1) (got {t})")
+    normal, drift, spread = NormalDist(), z / math.sqrt(t), math.sqrt(1 - t)
+    return normal.cdf((drift - last_bound) / spread) + normal.cdf((-last_bound - drift) / spread)
 
 
 def _checked(diffs: np.ndarray, n: int) -> np.ndarray:
@@ -352,6 +399,16 @@ def explain(look: SequentialLook, margin: float) -> str:
         return f"stopped after {used}: {shown} shown beyond -{margin}"
     if look.outcome == "continue":
         return f"undecided after {used}: {shown} holds -{margin}, continuing"
+    if look.outcome == "futile":
+        needed = (
+            f"about {look.documents_to_decide:,} documents would decide it"
+            if look.documents_to_decide is not None
+            else "the change sits on the margin"
+        )
+        return (
+            f"stopped for futility after {used}: {shown} holds -{margin}, and the cap would decide it with "
+            f"probability {look.conditional_power:.0%} at this trend ({needed})"
+        )
     needed = (
         f"about {look.documents_to_decide:,} documents would decide it"
         if look.documents_to_decide is not None
@@ -370,6 +427,7 @@ class SimulationRow:
     within: float
     beyond: float
     cap: float
+    """Share stopped undecided: at the cap or, with a futility rule, for futility."""
     mean_documents: float
     wrong: float
     """Rate of the wrong claim: "within" when ``delta < -margin``, "beyond" when ``delta > -margin``, the
@@ -396,12 +454,14 @@ def simulate(
     alpha: float = ALPHA,
     rho: float = RHO,
     seed: int = 0,
+    futility: float = 0.0,
 ) -> SimulationRow:
     """Run the rule on ``reps`` synthetic samples of true mean ``delta`` and count its outcomes."""
     looks = look_schedule(limit, block)
     samples = synthetic_diffs(delta, discordance, (reps, limit), np.random.default_rng(seed))
-    stops = [run_until_decided(s, margin, looks, alpha, rho) for s in samples]
-    rate = {o: sum(s.outcome == o for s in stops) / reps for o in ("within", "beyond", "cap")}
+    stops = [run_until_decided(s, margin, looks, alpha, rho, futility) for s in samples]
+    rate = {o: sum(s.outcome == o for s in stops) / reps for o in ("within", "beyond")}
+    rate["cap"] = 1.0 - rate["within"] - rate["beyond"]
     # Exact float comparison on purpose: callers pass -margin itself for "on the margin".
     if delta < -margin:
         wrong = rate["within"]
@@ -429,6 +489,7 @@ def simulation_table(
     reps: int = 2000,
     alpha: float = ALPHA,
     deltas: tuple[float, ...] | None = None,
+    futility: float = 0.0,
 ) -> str:
     """The simulation as a text table, for quoting: per true delta, the realised rates and mean documents.
     ``deltas`` defaults to ``-margin - 0.04, -margin, -margin + 0.02, 0``."""
@@ -439,14 +500,15 @@ def simulation_table(
         f"margin {margin}, looks {looks}, alpha {alpha} (each wrong claim <= {alpha / 2}), "
         f"rho {RHO}, {reps} replications",
         "boundaries c_k: " + " ".join(f"{c:.3f}" for c in critical_values(looks, alpha)),
-        f"{'delta':>7} {'discord':>7} {'within':>7} {'beyond':>7} {'cap':>7} {'wrong':>7} {'mean docs':>9}",
+        f"futility: {'stop below conditional power ' + str(futility) if futility else 'off'}",
+        f"{'delta':>7} {'discord':>7} {'within':>7} {'beyond':>7} {'undecid':>7} {'wrong':>7} {'mean docs':>9}",
     ]
     cases = [(d, r) for r in discordances for d in deltas]
     # A one-sided pruned model (every discordant document lost) on the margin: the fewest discordances a
     # difference of -margin allows, where the margin's sd matters most.
     cases.append((-margin, margin))
     for seed, (delta, discordance) in enumerate(cases):
-        row = simulate(delta, discordance, margin, limit, block, reps, alpha, seed=seed)
+        row = simulate(delta, discordance, margin, limit, block, reps, alpha, seed=seed, futility=futility)
         lines.append(
             f"{row.delta:>+7.3f} {row.discordance:>7.2f} {row.within:>7.4f} {row.beyond:>7.4f} {row.cap:>7.4f} "
             f"{row.wrong:>7.4f} {row.mean_documents:>9.1f}"
@@ -457,6 +519,11 @@ def simulation_table(
 def _check_margin(margin: float) -> None:
     if not 0 <= margin <= 1:
         raise ValueError(f"promotion.max_task_drop must lie in [0, 1] (got {margin})")
+
+
+def _check_futility(futility: float) -> None:
+    if not 0 <= futility < 1:
+        raise ValueError(f"eval.sequential_futility must lie in [0, 1) (got {futility})")
 
 
 def _check_plan(looks: list[int], alpha: float, rho: float) -> None:

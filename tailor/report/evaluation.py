@@ -8,6 +8,7 @@ REASONS = {
     "within": "shown within the margin",
     "beyond": "shown beyond the margin",
     "cap": "undecided at eval.limit",
+    "futile": "stopped for futility",
 }
 
 
@@ -34,7 +35,9 @@ def evaluation_markdown(report: dict) -> list[str]:
                 interval = f"{stop['delta']:+.4f} [{stop['interval'][0]:+.3f}, {stop['interval'][1]:+.3f}]"
                 level = f"{stop['level']:.2%}"
             reason = REASONS.get(stop["reason"], stop["reason"])
-            if stop["reason"] == "cap":
+            if stop["reason"] == "futile":
+                reason += f" (the cap would decide it with probability {stop['conditional_power']:.0%} at this trend)"
+            if stop["reason"] in ("cap", "futile"):
                 needed = stop.get("documents_to_decide")
                 reason += f"; about {needed:,} documents would decide it" if needed else "; it sits on the margin"
             lines.append(f"| {task} | {stop['documents']} | {reason} | {interval} | {level} |")
