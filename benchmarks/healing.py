@@ -23,10 +23,21 @@ from pathlib import Path
 
 import torch
 from _common import SHARED_DATA, default_work_dir, print_summary
+from safetensors.torch import load_file
 
 from tailor.common.layout import WorkDir
-from tailor.config.settings import REFERENCE_TASKS, DataConfig, DistillConfig, EvalConfig, ModelConfig, load_config
-from tailor.data.corpus import heldout_samples, pad_rows, read_documents, training_samples
+from tailor.config.settings import (
+    REFERENCE_TASKS,
+    TEACHER_SOURCE,
+    DataConfig,
+    DistillConfig,
+    EvalConfig,
+    GenerateConfig,
+    ModelConfig,
+    load_config,
+)
+from tailor.data.corpus import heldout_samples, pad_rows, read_documents, source_share, training_samples
+from tailor.distill.generated import generate_corpus
 from tailor.distill.record import TrainingRecord
 from tailor.distill.trainer import Distiller, fill_removed_block
 from tailor.evaluate.joint import evaluate_checkpoints
@@ -116,6 +127,9 @@ VARIANTS: dict[str, dict] = {
     # by the last remaining layers and the final norm, the embedding/head and every earlier
     # layer fixed, so the student runs from the teacher's own trunk (float32 on both sides).
     "hidden_mse_last2": dict(HIDDEN, train_last_layers=2),
+    # The data source: a quarter of the samples are the teacher's own text, sampled from BOS at
+    # the default generate.* settings (temperature 1, top-p 0.95), written once per teacher.
+    "hidden_mse_last4_teacher_text": dict(HIDDEN, train_last_layers=4, corpus_mix={TEACHER_SOURCE: 1, TS: 1, WIKI: 2}),
     "hidden_mse_last4": dict(HIDDEN, train_last_layers=4),
     "hidden_mse_replacement": dict(HIDDEN, replacement_layer=True, train_last_layers=1),
     "hidden_cosine_last4": dict(HIDDEN, train_last_layers=4, hidden_loss="cosine"),
@@ -144,9 +158,23 @@ def windowed_samples_before_fix(tokenizer, data: DataConfig, seq_len: int, num_s
     return pad_rows(tokenizer, rows, seq_len)
 
 
+def teacher_text(cfg: DistillConfig, base, work: Path) -> dict | None:
+    """The teacher's own text the mix asks for, at the default generate.* settings (made once, resumable)."""
+    if TEACHER_SOURCE not in cfg.corpus_mix:
+        return None
+    count = source_share(cfg, cfg.num_samples)[TEACHER_SOURCE]
+    started = time.perf_counter()
+    layout = WorkDir(work)
+    tokens = generate_corpus(base, GenerateConfig(), count, cfg.seq_len, layout.teacher_text, None, layout.probes)
+    print(f"  teacher text: {count} sequences ready in {time.perf_counter() - started:.0f} s", flush=True)
+    return load_file(tokens.path)
+
+
 def distilled_checkpoint(name: str, cfg: DistillConfig, base, pruned, data: DataConfig, work: Path):
     """The variant's distilled student (cached by everything it depends on) and its training record."""
-    key = stable_hash(cfg.model_dump(), base.fingerprint, pruned.fingerprint)
+    # The teacher's text depends on the generate.* settings too (their defaults here).
+    generated = [GenerateConfig().model_dump()] if TEACHER_SOURCE in cfg.corpus_mix else []
+    key = stable_hash(cfg.model_dump(), base.fingerprint, pruned.fingerprint, *generated)
     # A variant with the same settings under another name (a profile's recipe) shares the checkpoint.
     out = next(
         (p for p in sorted((work / "healing").glob(f"*-{key}")) if existing_checkpoint(p)),
@@ -158,7 +186,7 @@ def distilled_checkpoint(name: str, cfg: DistillConfig, base, pruned, data: Data
     samples = (
         windowed_samples_before_fix(tokenizer, data, cfg.seq_len, cfg.num_samples)
         if name == "quick_as_shipped_before"
-        else training_samples(tokenizer, cfg, data)
+        else training_samples(tokenizer, cfg, data, teacher_text=teacher_text(cfg, base, work))
     )
     fill_removed_block(student, base, cfg, samples)
     teacher = load_teacher(base, cfg.teacher_dtype, samples["input_ids"], probe_dir=WorkDir(work).probes)
