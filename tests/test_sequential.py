@@ -320,3 +320,24 @@ def test_no_task_stops_for_futility_before_its_share_of_the_cap():
 def test_a_futility_threshold_outside_0_1_is_refused():
     with pytest.raises(ValueError, match="eval.sequential_futility"):
         decide(np.zeros(200), MARGIN, [100, 200], 1, futility=1.0)
+
+
+def test_the_report_says_a_task_stopped_for_futility_and_what_would_decide_it():
+    from tailor.evaluate.joint import _look_fields
+    from tailor.report.evaluation import evaluation_markdown
+
+    looks = look_schedule(800, 100)
+    look = decide(_diffs(losses=40, gains=32, n=200), MARGIN, looks, 1, futility=0.99)  # -0.04: near the margin
+    assert look.outcome == "futile"
+
+    report = {
+        "config": {"promotion": {"max_task_drop": MARGIN}, "eval": {"sequential_block": 100}},
+        "eval_limit": 800,
+        "evaluation": {
+            "sequential": True,
+            "stopping": {"hellaswag": {"documents": 200, "reason": "futile", **_look_fields(look)}},
+        },
+    }
+    row = next(line for line in evaluation_markdown(report) if line.startswith("| hellaswag"))
+    assert "stopped for futility" in row and f"{look.conditional_power:.0%}" in row
+    assert f"about {look.documents_to_decide:,} documents would decide it" in row

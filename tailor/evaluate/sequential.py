@@ -553,3 +553,15 @@ if __name__ == "__main__":
     )
     print()
     print(simulation_table(limit=2000, block=250, reps=reps))
+    print()
+    # The quick profile's plan: a higher cap, and stopping for futility below 10% conditional power.
+    print(
+        simulation_table(
+            limit=1200,
+            block=150,
+            discordances=(0.2, 0.3),
+            reps=reps,
+            deltas=(-0.092, -0.044, -0.01, 0.0),
+            futility=0.1,
+        )
+    )
