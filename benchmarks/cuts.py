@@ -9,7 +9,8 @@ layer run once, shared with the original), and answers stored by earlier runs ar
 Per cut: the per-task and pooled accuracy change against the original with paired 95%
 intervals, the mean accuracy retention, LAMBADA perplexity, and, against the first cut
 named (the reference), the change and the share of the reference's damage the cut avoids.
-The last line is JSON.
+First, the cuts the scored strategies would choose (``angular``, ``block_influence``) from
+calibration windows of the distillation corpus. The last line is JSON.
 """
 
 from __future__ import annotations
@@ -20,12 +21,22 @@ from pathlib import Path
 
 from _common import SHARED_DATA, default_work_dir, print_summary
 
-from tailor.config.settings import REFERENCE_TASKS, DataConfig, EvalConfig, ModelConfig
+from tailor.config.settings import REFERENCE_TASKS, DataConfig, DistillConfig, EvalConfig, ModelConfig, PruneConfig
+from tailor.data.corpus import training_samples
 from tailor.evaluate.joint import evaluate_checkpoints
 from tailor.models.sources import materialize, source_num_layers
+from tailor.prune.importance import choose_layers, layer_scores
 from tailor.prune.pruning import prune_checkpoint
 from tailor.report.compare import mean_acc_retention
 from tailor.report.healing import healing_summary
+from tailor.store.checkpoint import load_model
+
+CALIBRATION = DistillConfig(
+    corpus_mix={"corpus/tinystories_sample.jsonl": 1, "corpus/wikipedia_sample.jsonl": 3},
+    seq_len=128,
+    num_samples=128,
+    windows_per_doc=2,
+)
 
 
 def parse_cut(text: str, num_layers: int) -> list[int]:
@@ -54,6 +65,7 @@ def main() -> None:
     base = materialize(ModelConfig(source="embedded"), work)
     num_layers = source_num_layers(ModelConfig(source="embedded"))
     cuts = {c: parse_cut(c, num_layers) for c in args.cuts}
+    print_scored_choices(base, data, {len(layers) for layers in cuts.values()})
     pruned = {c: prune_checkpoint(base, layers, work)[0] for c, layers in cuts.items()}
 
     start = time.perf_counter()
@@ -106,6 +118,23 @@ def main() -> None:
         ]
         print("| " + " | ".join(cells) + " |", flush=True)
     print_summary({"limit": args.limit, "reference": reference, "cuts": rows})
+
+
+def print_scored_choices(base, data: DataConfig, sizes: set[int]) -> None:
+    """What the scored strategies would remove, from 128 calibration windows (no evaluation data)."""
+    model, tokenizer = load_model(base)
+    samples = training_samples(tokenizer, CALIBRATION, data)
+    scores = layer_scores(model, samples, 16, ("block_influence", "angular"))
+    for n in sorted(sizes):
+        for strategy in ("angular", "block_influence"):
+            chosen = choose_layers(PruneConfig(strategy=strategy, num_layers=n), scores["num_layers"], scores)
+            print(f"{strategy} removes {chosen} of {scores['num_layers']} layers", flush=True)
+        distances = {i: scores["angular"][i][i + n] for i in range(scores["num_layers"] - n + 1)}
+        closest = sorted(distances, key=distances.get)[:3]
+        print(
+            f"  angular distance of the closest {n}-blocks: "
+            + ", ".join(f"{i}-{i + n - 1} {distances[i]:.3f}" for i in closest)
+        )
 
 
 if __name__ == "__main__":

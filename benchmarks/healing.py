@@ -127,6 +127,26 @@ VARIANTS: dict[str, dict] = {
     # by the last remaining layers and the final norm, the embedding/head and every earlier
     # layer fixed, so the student runs from the teacher's own trunk (float32 on both sides).
     "hidden_mse_last2": dict(HIDDEN, train_last_layers=2),
+    # The same objective sized for the quick profile (2 layers removed: run with --remove-last 2):
+    # the last 2 of 16 layers, 512 BOS-first TinyStories and Wikipedia windows, 32 steps.
+    "quick_hidden_mse_last2": dict(
+        load_config("quick").distill.model_dump(),
+        objective="hidden",
+        hidden_loss="mse",
+        train_last_layers=2,
+        freeze_embeddings=True,
+        teacher_dtype="float32",
+        bf16_autocast=False,
+        gradient_checkpointing=False,
+        learning_rate=1e-4,
+        warmup_steps=4,
+        lr_schedule="cosine",
+        batch_size=8,
+        grad_accum=2,
+        num_samples=512,
+        windows_per_doc=2,
+        corpus_mix={TS: 1, WIKI: 3},
+    ),
     # The data source: a quarter of the samples are the teacher's own text, sampled from BOS at
     # the default generate.* settings (temperature 1, top-p 0.95), written once per teacher.
     "hidden_mse_last4_teacher_text": dict(HIDDEN, train_last_layers=4, corpus_mix={TEACHER_SOURCE: 1, TS: 1, WIKI: 2}),
