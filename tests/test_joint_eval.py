@@ -138,6 +138,14 @@ def test_scoring_until_decided_stops_each_task_at_a_planned_look(tiny_model, tin
         # Looks at 2, 4 and 5, or up to the task's size when it has fewer documents.
         assert stop["reason"] == "cap" and stop["looks"][:2] == [2, 4] and stop["documents"] == stop["looks"][-1]
         assert stop["interval"][0] <= 0 <= stop["interval"][1]
+    # With a futility rule that gives up below 99% conditional power, the same undecidable question
+    # stops at the first look past a quarter of the cap, with no claim and both models on its documents.
+    rule = StopRule("original", "distilled", 0.0, block=2, futility=0.99)
+    futile = evaluate_together(same, cfg, data, tmp_path, rule)
+    for task, stop in futile.stopping.items():
+        assert stop["reason"] == "futile" and stop["looks"] == [2] and stop["documents"] == 2, task
+        assert 0 <= stop["conditional_power"] < 0.99 and stop["interval"][0] <= 0 <= stop["interval"][1]
+        assert futile.results["original"]["n_samples"][task] == futile.results["distilled"]["n_samples"][task] == 2
 
 
 def test_a_task_that_generates_text_is_refused_before_any_work():
