@@ -285,3 +285,13 @@ def test_against_the_original_each_task_is_judged_by_its_paired_interval(interva
     if word == "inconclusive":
         # half-width 0.06 at a distance 0.01 from the margin: 36 times the 100 documents
         assert "about 3,600 documents would decide it" in line
+
+
+def test_an_undecided_stop_is_told_with_the_stop_rules_own_estimate_of_the_documents_needed():
+    # A task stopped for futility at an early look: its interval is that look's (wide), and the rule's
+    # estimate at the last look's boundary is what the tag carries and the gate repeats.
+    interval = "-0.04,-0.127,0.047,300,8618"
+    tags = {**_tags({"arc_easy": 0.58}, {"arc_easy": 0.60}, 1.10), "tailor.acc_delta.arc_easy": interval}
+    ok, _, reasons = decide(tags, None, GATE)
+    line = next(r for r in reasons if "arc_easy" in r)
+    assert not ok and "inconclusive" in line and "about 8,618 documents would decide it" in line

@@ -114,9 +114,12 @@ def evaluation_tags(report: dict, eval_signature: str) -> dict[str, str]:
             stop = stopping.get(task, {})
             if stop.get("interval"):
                 # Scored until decided: the stop rule's interval (its level spends the error rate
-                # over the looks) is the one whose error rate holds, not a plain 95% one.
+                # over the looks) is the one whose error rate holds, not a plain 95% one. An
+                # undecided stop adds the rule's estimate of the documents that would decide it
+                # (at the last look's boundary: an early look's wider interval would overstate it).
+                needed = [stop["documents_to_decide"]] if stop.get("documents_to_decide") else []
                 tags[f"tailor.acc_delta.{task}"] = ",".join(
-                    str(x) for x in (stop["delta"], *stop["interval"], stop["documents"])
+                    str(x) for x in (stop["delta"], *stop["interval"], stop["documents"], *needed)
                 )
             elif "paired_ci95" in paired:
                 tags[f"tailor.acc_delta.{task}"] = ",".join(
@@ -235,32 +238,35 @@ def decide(
     return ok, reference, reasons
 
 
-def _task_intervals(tags: dict[str, str]) -> dict[str, tuple[float, float, float, int]]:
-    """task -> (accuracy change vs the original, its paired 95% interval, documents), from the tags."""
+def _task_intervals(tags: dict[str, str]) -> dict[str, tuple]:
+    """task -> (accuracy change vs the original, its paired interval, documents, and the documents the
+    stop rule estimated would decide it or None), from the tags."""
     out = {}
     for key, value in tags.items():
         if key.startswith("tailor.acc_delta."):
             task = key.removeprefix("tailor.acc_delta.")
-            delta, low, high, n = value.split(",")
-            out[task] = (float(delta), float(low), float(high), int(n))
+            delta, low, high, n, *needed = value.split(",")
+            out[task] = (float(delta), float(low), float(high), int(n), int(needed[0]) if needed else None)
     return out
 
 
-def _non_inferior(task: str, delta: float, low: float, high: float, n: int, margin: float) -> tuple[bool, str]:
+def _non_inferior(
+    task: str, delta: float, low: float, high: float, n: int, needed: int | None, margin: float
+) -> tuple[bool, str]:
     """Shown not worse than the original by more than ``margin``: the interval's lower bound
-    clears -margin. Undecided intervals say how many documents would decide them."""
+    clears -margin. Undecided intervals say how many documents would decide them (the stop rule's
+    estimate where it made one)."""
     shown = f"{task} accuracy change {delta:+.4f} [{low:+.3f}, {high:+.3f}] over {n} documents"
     if low >= -margin - _ROUNDING:
         return True, f"{shown}: shown within -{margin}"
     if high < -margin:
         return False, f"{shown}: worse than -{margin}"
     half, distance = (high - low) / 2, abs(delta + margin)
-    needed = (
-        f"about {math.ceil(n * (half / distance) ** 2):,} documents would decide it"
-        if distance > 1e-9
-        else "the change sits on the margin"
-    )
-    return False, f"{shown}: inconclusive, the interval holds -{margin} (not promoted; {needed})"
+    if distance <= 1e-9:
+        more = "the change sits on the margin"
+    else:
+        more = f"about {needed or math.ceil(n * (half / distance) ** 2):,} documents would decide it"
+    return False, f"{shown}: inconclusive, the interval holds -{margin} (not promoted; {more})"
 
 
 def _speed_check(challenger: dict[str, str], min_speedup: float) -> tuple[bool, str]:
