@@ -131,21 +131,8 @@ VARIANTS: dict[str, dict] = {
     # the last 2 of 16 layers, 512 BOS-first TinyStories and Wikipedia windows, 32 steps.
     "quick_hidden_mse_last2": dict(
         load_config("quick").distill.model_dump(),
-        objective="hidden",
-        hidden_loss="mse",
-        train_last_layers=2,
-        freeze_embeddings=True,
-        teacher_dtype="float32",
-        bf16_autocast=False,
+        **dict(HIDDEN, train_last_layers=2, num_samples=512, warmup_steps=4, heldout_every=0),
         gradient_checkpointing=False,
-        learning_rate=1e-4,
-        warmup_steps=4,
-        lr_schedule="cosine",
-        batch_size=8,
-        grad_accum=2,
-        num_samples=512,
-        windows_per_doc=2,
-        corpus_mix={TS: 1, WIKI: 3},
     ),
     # The data source: a quarter of the samples are the teacher's own text, sampled from BOS at
     # the default generate.* settings (temperature 1, top-p 0.95), written once per teacher.
