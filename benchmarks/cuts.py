@@ -74,10 +74,15 @@ def main() -> None:
     results = joint.results
     reference = args.cuts[0]
 
-    def interval(r: dict, key: str) -> str:
-        lo, hi = r[f"{key}_ci95"]
-        value = r["delta_vs_pruned"] if key == "delta" else -r["damage"]
-        return f"{value:+.3f} [{lo:+.3f}, {hi:+.3f}]" if key == "delta" else f"{value:+.3f} [{-hi:+.3f}, {-lo:+.3f}]"
+    def change(r: dict) -> str:
+        """The recovery's change against its "pruned" model, with its interval."""
+        lo, hi = r["delta_ci95"]
+        return f"{r['delta_vs_pruned']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+
+    def cost(r: dict) -> str:
+        """The recovery's "damage" (original minus "pruned") as a change against the original."""
+        lo, hi = r["damage_ci95"]
+        return f"{-r['damage']:+.3f} [{-hi:+.3f}, {-lo:+.3f}]"
 
     rows = {}
     header = ["cut", *[f"{t} Δacc vs original" for t in args.tasks], "pooled vs original", "retention"]
@@ -109,11 +114,11 @@ def main() -> None:
         }
         cells = [
             cut,
-            *[interval(r, "damage") for r in own["per_task"].values()],
-            interval(own["pooled"], "damage"),
+            *[cost(r) for r in own["per_task"].values()],
+            cost(own["pooled"]),
             f"{retention:.1f}%" if retention is not None else "n/a",
             f"{rows[cut]['lambada_ppl']:.1f}" if rows[cut]["lambada_ppl"] else "n/a",
-            "" if cut == reference else interval(pooled, "delta"),
+            "" if cut == reference else change(pooled),
             "" if cut == reference else share,
         ]
         print("| " + " | ".join(cells) + " |", flush=True)

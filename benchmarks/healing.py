@@ -34,10 +34,11 @@ from tailor.config.settings import (
     EvalConfig,
     GenerateConfig,
     ModelConfig,
+    TailorConfig,
     load_config,
 )
-from tailor.data.corpus import heldout_samples, pad_rows, read_documents, source_share, training_samples
-from tailor.distill.generated import generate_corpus
+from tailor.data.corpus import heldout_samples, pad_rows, read_documents, training_samples
+from tailor.distill.generated import teacher_text_for
 from tailor.distill.record import TrainingRecord
 from tailor.distill.trainer import Distiller, fill_removed_block
 from tailor.evaluate.joint import evaluate_checkpoints
@@ -167,13 +168,11 @@ def windowed_samples_before_fix(tokenizer, data: DataConfig, seq_len: int, num_s
 
 def teacher_text(cfg: DistillConfig, base, work: Path) -> dict | None:
     """The teacher's own text the mix asks for, at the default generate.* settings (made once, resumable)."""
-    if TEACHER_SOURCE not in cfg.corpus_mix:
-        return None
-    count = source_share(cfg, cfg.num_samples)[TEACHER_SOURCE]
     started = time.perf_counter()
-    layout = WorkDir(work)
-    tokens = generate_corpus(base, GenerateConfig(), count, cfg.seq_len, layout.teacher_text, None, layout.probes)
-    print(f"  teacher text: {count} sequences ready in {time.perf_counter() - started:.0f} s", flush=True)
+    tokens = teacher_text_for(TailorConfig(distill=cfg, work_dir=str(work)), base)
+    if tokens is None:
+        return None
+    print(f"  teacher text ready in {time.perf_counter() - started:.0f} s", flush=True)
     return load_file(tokens.path)
 
 

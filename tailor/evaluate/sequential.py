@@ -399,21 +399,16 @@ def explain(look: SequentialLook, margin: float) -> str:
         return f"stopped after {used}: {shown} shown beyond -{margin}"
     if look.outcome == "continue":
         return f"undecided after {used}: {shown} holds -{margin}, continuing"
-    if look.outcome == "futile":
-        needed = (
-            f"about {look.documents_to_decide:,} documents would decide it"
-            if look.documents_to_decide is not None
-            else "the change sits on the margin"
-        )
-        return (
-            f"stopped for futility after {used}: {shown} holds -{margin}, and the cap would decide it with "
-            f"probability {look.conditional_power:.0%} at this trend ({needed})"
-        )
     needed = (
         f"about {look.documents_to_decide:,} documents would decide it"
         if look.documents_to_decide is not None
         else "the change sits on the margin, no sample size decides it"
     )
+    if look.outcome == "futile":
+        return (
+            f"stopped for futility after {used}: {shown} holds -{margin}, and the cap would decide it with "
+            f"probability {look.conditional_power:.0%} at this trend ({needed})"
+        )
     return f"stopped at the cap, {used}: {shown} holds -{margin} ({needed})"
 
 
