@@ -91,6 +91,9 @@ HIDDEN = dict(
     bf16_autocast=False,
     heldout_every=32,
 )
+# The same on about 2.5 times the tokens: nearly every BOS-first window the TinyStories and
+# Wikipedia files hold (up to 8 per document), 288 optimiser steps.
+WHOLE_CORPUS = dict(HIDDEN, train_last_layers=4, num_samples=4608, windows_per_doc=8, corpus_mix={TS: 1, WIKI: 7})
 # In order of what they answer: the cause, its fix, the corpus domain, what trains, the
 # learning rate, a cross-entropy mix.
 VARIANTS: dict[str, dict] = {
@@ -139,6 +142,9 @@ VARIANTS: dict[str, dict] = {
     # the default generate.* settings (temperature 1, top-p 0.95), written once per teacher.
     "hidden_mse_last4_teacher_text": dict(HIDDEN, train_last_layers=4, corpus_mix={TEACHER_SOURCE: 1, TS: 1, WIKI: 2}),
     "hidden_mse_last4": dict(HIDDEN, train_last_layers=4),
+    "hidden_mse_last4_whole_corpus": WHOLE_CORPUS,
+    # Another distillation seed (another sample order): does the row survive it?
+    "hidden_mse_last4_whole_corpus_seed1": dict(WHOLE_CORPUS, seed=1),
     "hidden_mse_replacement": dict(HIDDEN, replacement_layer=True, train_last_layers=1),
     "hidden_cosine_last4": dict(HIDDEN, train_last_layers=4, hidden_loss="cosine"),
     "logits_last4": dict(HIDDEN, train_last_layers=4, objective="logits"),
