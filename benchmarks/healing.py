@@ -94,6 +94,21 @@ HIDDEN = dict(
 # The same on about 2.5 times the tokens: nearly every BOS-first window the TinyStories and
 # Wikipedia files hold (up to 8 per document), 288 optimiser steps.
 WHOLE_CORPUS = dict(HIDDEN, train_last_layers=4, num_samples=4608, windows_per_doc=8, corpus_mix={TS: 1, WIKI: 7})
+# The heal profile's logit KD until 2026-12-07: two BOS-first windows per TinyStories story,
+# 72 steps at a constant learning rate (the rows docs/healing.md compares against).
+HEAL_LOGIT_KD = dict(
+    learning_rate=5e-5,
+    batch_size=4,
+    grad_accum=2,
+    seq_len=128,
+    epochs=1,
+    num_samples=576,
+    windows_per_doc=2,
+    heldout_every=8,
+    freeze_embeddings=True,
+    bf16_autocast="auto",
+    gradient_checkpointing=True,
+)
 # In order of what they answer: the cause, its fix, the corpus domain, what trains, the
 # learning rate, a cross-entropy mix.
 VARIANTS: dict[str, dict] = {
@@ -119,10 +134,11 @@ VARIANTS: dict[str, dict] = {
     # profile removes 4 layers: run its row with --remove-last 4).
     "quick_profile": load_config("quick").distill.model_dump(),
     "heal_profile": load_config("heal").distill.model_dump(),
-    # What trains: the tied embedding/output head fixed (the heal profile's choice) or trained
-    # with the rest (its recipe before 2026-11-29); the same question for the quick recipe.
-    "heal_profile_frozen_embeddings": dict(load_config("heal").distill.model_dump(), freeze_embeddings=True),
-    "heal_profile_trained_embeddings": dict(load_config("heal").distill.model_dump(), freeze_embeddings=False),
+    # What trains: the tied embedding/output head fixed (the heal profile's logit KD until
+    # 2026-12-07) or trained with the rest (its recipe before 2026-11-29); the same question
+    # for the quick recipe.
+    "heal_profile_frozen_embeddings": dict(HEAL_LOGIT_KD, freeze_embeddings=True),
+    "heal_profile_trained_embeddings": dict(HEAL_LOGIT_KD, freeze_embeddings=False),
     "quick_profile_frozen_embeddings": dict(load_config("quick").distill.model_dump(), freeze_embeddings=True),
     # Training noise: the quick recipe with other sample orders (the paired intervals cover
     # the documents scored, not which run of training produced the model).
