@@ -37,6 +37,22 @@ def test_recovery_of_a_clear_healing_is_significant_with_the_right_share():
     assert 0.35 < low < 0.5 < high < 0.65
 
 
+def test_an_interval_that_touches_zero_is_not_a_significant_gain():
+    # Four tasks whose pooled bootstrap lower end is exactly zero; summed in float it came out
+    # as +5.6e-17 and was reported as a significant gain before the bounds were rounded.
+    rng = np.random.default_rng(84)
+    groups = []
+    for _ in range(4):
+        original, pruned = (rng.random(200) < 0.6).astype(float), (rng.random(200) < 0.4).astype(float)
+        distilled = pruned.copy()
+        flip = rng.random(200) < 0.15
+        distilled[flip] = 1 - distilled[flip]
+        groups.append(np.array([original, pruned, distilled]))
+    r = recovery(groups)
+    assert r["delta_ci95"][0] == 0.0 and r["delta_vs_pruned"] > 0
+    assert not r["significant_gain"] and not r["significant_harm"]
+
+
 def test_share_is_withheld_when_pruning_did_no_significant_damage():
     same = [1, 0] * 50
     r = recovery([np.array([same, same, same], dtype=float)])

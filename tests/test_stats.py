@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from tailor.common.stats import paired_bootstrap, paired_item_deltas, score_interval
+from tailor.common.stats import paired_bootstrap, paired_item_deltas, percentile_interval, score_interval
 
 
 def test_identical_models_have_a_zero_interval():
@@ -37,3 +37,11 @@ def test_score_interval_is_1_96_standard_errors_within_0_and_1():
     assert score_interval({"value": 0.98, "stderr": 0.02}) == (pytest.approx(0.9408), 1.0)
     assert score_interval({"value": 0.5, "stderr": None}) is None
     assert score_interval({"value": 0.5}) is None
+
+
+def test_interval_bounds_off_zero_by_float_rounding_are_zero():
+    # 0.1 + 0.2 - 0.3 is 5.6e-17 in float: a bound that is zero in exact arithmetic.
+    noise = (0.1 + 0.2) - 0.3
+    assert noise != 0.0
+    assert percentile_interval(np.full(100, noise)) == (0.0, 0.0)
+    assert percentile_interval(np.array([np.nan, 0.25, 0.5])) == (0.25625, 0.49375)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tailor.common.stats import doc_order
+from tailor.common.stats import doc_order, percentile_interval
 
 LEVEL = 0.95
 ITERS = 2000
@@ -33,8 +33,7 @@ def _aligned(evals: dict[str, dict], task: str, metric: str) -> np.ndarray | Non
 
 
 def _interval(samples: np.ndarray) -> list[float]:
-    low, high = np.nanquantile(samples, [(1 - LEVEL) / 2, 1 - (1 - LEVEL) / 2])
-    return [float(low), float(high)]
+    return list(percentile_interval(samples, LEVEL))
 
 
 def _bootstrap_means(groups: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
