@@ -96,19 +96,7 @@ HIDDEN = dict(
 WHOLE_CORPUS = dict(HIDDEN, train_last_layers=4, num_samples=4608, windows_per_doc=8, corpus_mix={TS: 1, WIKI: 7})
 # The heal profile's logit KD until 2026-12-07: two BOS-first windows per TinyStories story,
 # 72 steps at a constant learning rate (the rows docs/healing.md compares against).
-HEAL_LOGIT_KD = dict(
-    learning_rate=5e-5,
-    batch_size=4,
-    grad_accum=2,
-    seq_len=128,
-    epochs=1,
-    num_samples=576,
-    windows_per_doc=2,
-    heldout_every=8,
-    freeze_embeddings=True,
-    bf16_autocast="auto",
-    gradient_checkpointing=True,
-)
+HEAL_LOGIT_KD = dict(QUICK_BEFORE, num_samples=576, windows_per_doc=2, heldout_every=8, freeze_embeddings=True)
 # In order of what they answer: the cause, its fix, the corpus domain, what trains, the
 # learning rate, a cross-entropy mix.
 VARIANTS: dict[str, dict] = {
