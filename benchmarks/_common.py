@@ -30,3 +30,15 @@ def matmul_gflops(n: int = 2048, repeats: int = 10, dtype: torch.dtype = torch.f
 def print_summary(summary: dict) -> None:
     """The last line of every benchmark: one JSON object with every figure printed."""
     print(json.dumps(summary, sort_keys=True))
+
+
+def parse_cut(text: str, num_layers: int) -> list[int]:
+    """'14-17' -> [14, 15, 16, 17]; '2,8,9,16' -> [2, 8, 9, 16]."""
+    if "-" in text:
+        first, last = (int(x) for x in text.split("-"))
+        layers = list(range(first, last + 1))
+    else:
+        layers = sorted(int(x) for x in text.split(","))
+    if not layers or min(layers) < 0 or max(layers) >= num_layers or len(set(layers)) != len(layers):
+        raise SystemExit(f"cut {text!r}: layer indices must be distinct and in 0..{num_layers - 1}")
+    return layers

@@ -19,7 +19,7 @@ import argparse
 import time
 from pathlib import Path
 
-from _common import SHARED_DATA, default_work_dir, print_summary
+from _common import SHARED_DATA, default_work_dir, parse_cut, print_summary
 
 from tailor.config.settings import REFERENCE_TASKS, DataConfig, DistillConfig, EvalConfig, ModelConfig, PruneConfig
 from tailor.data.corpus import training_samples
@@ -37,18 +37,6 @@ CALIBRATION = DistillConfig(
     num_samples=128,
     windows_per_doc=2,
 )
-
-
-def parse_cut(text: str, num_layers: int) -> list[int]:
-    """'14-17' -> [14, 15, 16, 17]; '2,8,9,16' -> [2, 8, 9, 16]."""
-    if "-" in text:
-        first, last = (int(x) for x in text.split("-"))
-        layers = list(range(first, last + 1))
-    else:
-        layers = sorted(int(x) for x in text.split(","))
-    if not layers or min(layers) < 0 or max(layers) >= num_layers or len(set(layers)) != len(layers):
-        raise SystemExit(f"--cuts {text!r}: layer indices must be distinct and in 0..{num_layers - 1}")
-    return layers
 
 
 def main() -> None:
