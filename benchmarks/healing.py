@@ -12,7 +12,10 @@ the pruned model on the same documents: per-task accuracy change with its paired
 interval, the pooled change and recovered share, LAMBADA perplexity, and the held-out
 corpus perplexity. The row `quick_as_shipped_before` rebuilds the samples the quick
 profile used before the fix (64 windows cut through documents without BOS, wikipedia
-first) to show the old recipe beside the new sampling. The last line is JSON.
+first) to show the old recipe beside the new sampling. ``--screen`` trains the variants and
+prints only their held-out corpus perplexity and healing curve: recipes are chosen there,
+on documents no training or evaluation reads, and then judged on the tasks. The last line is
+JSON.
 """
 
 from __future__ import annotations
@@ -95,6 +98,8 @@ HIDDEN = dict(
 # The same on about 2.5 times the tokens: nearly every BOS-first window the TinyStories and
 # Wikipedia files hold (up to 8 per document), 288 optimiser steps.
 WHOLE_CORPUS = dict(HIDDEN, train_last_layers=4, num_samples=4608, windows_per_doc=8, corpus_mix={TS: 1, WIKI: 7})
+# The quick profile's logit KD until 2026-12-07: 8 steps on 64 TinyStories document starts.
+QUICK_LOGIT_KD = dict(QUICK_BEFORE, corpus_mix={TS: 1})
 # The heal profile's logit KD until 2026-12-07: two BOS-first windows per TinyStories story,
 # 72 steps at a constant learning rate (the rows docs/healing.md compares against).
 HEAL_LOGIT_KD = dict(QUICK_BEFORE, num_samples=576, windows_per_doc=2, heldout_every=8, freeze_embeddings=True)
@@ -119,8 +124,8 @@ VARIANTS: dict[str, dict] = {
     "ts60_wiki40_lr1e-5": dict(RECIPE, corpus_mix=MIX, learning_rate=1e-5),
     "ts60_wiki40": dict(RECIPE, corpus_mix=MIX),
     "wikipedia_c4_only": dict(RECIPE, corpus_mix={WIKI: 0.6, C4: 0.4}),
-    # The shipped profiles' distillation recipes, read from the profile files (the heal
-    # profile removes 4 layers: run its row with --remove-last 4).
+    # The shipped profiles' distillation recipes, read from the profile files: run each row with
+    # its profile's cut (quick: --cut 15-16, heal: --cut 13-16).
     "quick_profile": load_config("quick").distill.model_dump(),
     "heal_profile": load_config("heal").distill.model_dump(),
     # What trains: the tied embedding/output head fixed (the heal profile's logit KD until
@@ -128,10 +133,10 @@ VARIANTS: dict[str, dict] = {
     # for the quick recipe.
     "heal_profile_frozen_embeddings": dict(HEAL_LOGIT_KD, freeze_embeddings=True),
     "heal_profile_trained_embeddings": dict(HEAL_LOGIT_KD, freeze_embeddings=False),
-    "quick_profile_frozen_embeddings": dict(load_config("quick").distill.model_dump(), freeze_embeddings=True),
+    "quick_profile_frozen_embeddings": dict(QUICK_LOGIT_KD, freeze_embeddings=True),
     # Training noise: the quick recipe with other sample orders (the paired intervals cover
     # the documents scored, not which run of training produced the model).
-    **{f"quick_profile_seed{seed}": dict(load_config("quick").distill.model_dump(), seed=seed) for seed in (1, 2)},
+    **{f"quick_profile_seed{seed}": dict(QUICK_LOGIT_KD, seed=seed) for seed in (1, 2)},
     # Objectives beyond logit KD (4 layers removed): the teacher's final hidden state matched
     # by the last remaining layers and the final norm, the embedding/head and every earlier
     # layer fixed, so the student runs from the teacher's own trunk (float32 on both sides).
@@ -139,7 +144,7 @@ VARIANTS: dict[str, dict] = {
     # The same objective sized for the quick profile (2 layers removed: run with --remove-last 2):
     # the last 2 of 16 layers, 512 BOS-first TinyStories and Wikipedia windows, 32 steps.
     "quick_hidden_mse_last2": dict(
-        load_config("quick").distill.model_dump(),
+        QUICK_LOGIT_KD,
         **dict(HIDDEN, train_last_layers=2, num_samples=512, warmup_steps=4, heldout_every=0),
         gradient_checkpointing=False,
     ),
@@ -153,11 +158,16 @@ VARIANTS: dict[str, dict] = {
     # Capacity: the whole-corpus recipe's relative MSE is still 0.16 at its last steps, with 4
     # layers standing in for the teacher's 8. Twice the trainable layers, on the same samples.
     "hidden_mse_last8_whole_corpus": dict(WHOLE_CORPUS, train_last_layers=8),
-    # The learning rate: at 96 steps of the whole-corpus recipe, 4e-4 brought the held-out corpus
-    # perplexity of the healing curve to 24.7 where 1e-4 reached 30.9 (a screen on the corpus's
-    # held-out documents, no evaluation data). Run it with --remove-last 4, and with --cut 13-16
-    # (the last layer kept: the student's last trainable layer is the teacher's last).
+    # Screens, run with --screen (held-out corpus perplexity only, no task data): the first 96
+    # steps' samples of the whole-corpus recipe at two learning rates, with --remove-last 4 and
+    # with --cut 13-16 (the last layer kept: the student's last trainable layer is the teacher's).
+    "screen_96_steps": dict(WHOLE_CORPUS, num_samples=1536),
+    "screen_96_steps_lr4e-4": dict(WHOLE_CORPUS, num_samples=1536, learning_rate=4e-4),
+    # What the screens chose, on all 288 steps: run it with --cut 13-16.
     "hidden_mse_last4_whole_corpus_lr4e-4": dict(WHOLE_CORPUS, learning_rate=4e-4),
+    # The same recipe sized for the quick profile (2 layers removed): 64 steps, screened with
+    # --remove-last 2 and with --cut 15-16 (the last layer kept).
+    "quick_hidden_mse_last4_lr4e-4": dict(WHOLE_CORPUS, learning_rate=4e-4, num_samples=1024, warmup_steps=4),
     "hidden_mse_replacement": dict(HIDDEN, replacement_layer=True, train_last_layers=1),
     "hidden_cosine_last4": dict(HIDDEN, train_last_layers=4, hidden_loss="cosine"),
     "logits_last4": dict(HIDDEN, train_last_layers=4, objective="logits"),
@@ -165,11 +175,9 @@ VARIANTS: dict[str, dict] = {
     # teacher's activations over 256 training samples (TinyStories and Wikipedia, no evaluation
     # data) and folded into the last layer before the cut (tailor.prune.linear_map).
     "linear_map_alone": dict(HIDDEN, linear_map=True, linear_map_samples=256, num_samples=256, epochs=0),
-    # Precision: the quick recipe with every matmul in float32 (what a CPU without native
+    # Precision: the quick profile's former recipe with every matmul in float32 (what a CPU without native
     # bfloat16 runs): does bfloat16 change what the recipe heals, and what does it save?
-    "quick_profile_float32": dict(
-        load_config("quick").distill.model_dump(), bf16_autocast=False, teacher_dtype="float32"
-    ),
+    "quick_profile_float32": dict(QUICK_LOGIT_KD, bf16_autocast=False, teacher_dtype="float32"),
 }
 
 
@@ -263,6 +271,12 @@ def main() -> None:
         choices=["float32", "bfloat16"],
         help="evaluation precision (every model is scored the same way)",
     )
+    p.add_argument(
+        "--screen",
+        action="store_true",
+        help="train the variants and print their held-out corpus perplexity and healing curve only: "
+        "a choice among recipes that reads no evaluation data",
+    )
     p.add_argument("--data-dir", default=str(SHARED_DATA))
     p.add_argument("--work-dir", default=default_work_dir())
     args = p.parse_args()
@@ -298,6 +312,9 @@ def main() -> None:
     for name in args.variants:
         print(f"variant {name}", flush=True)
         distilled[name] = distilled_checkpoint(name, DistillConfig(**VARIANTS[name]), base, pruned, data, work)
+    if args.screen:
+        print_screen(removed, fixed_ppl, {name: (heldout_ppl(ref), rec) for name, (ref, rec) in distilled.items()})
+        return
     results = evaluate({"original": base, "pruned": pruned, **{name: ref for name, (ref, _) in distilled.items()}})
     fixed = {"original": results["original"], "pruned": results["pruned"]}
     rows = {}
@@ -356,6 +373,24 @@ def main() -> None:
             },
         }
     )
+
+
+def print_screen(removed: list[int], fixed_ppl: dict, screened: dict[str, tuple[float, TrainingRecord]]) -> None:
+    """Each screened recipe's held-out corpus perplexity, its healing curve and its loss by 32 steps."""
+    print(
+        f"\nlayers removed {removed}; held-out perplexity original {fixed_ppl['original']:.2f}, "
+        f"pruned {fixed_ppl['pruned']:.2f}"
+    )
+    print("| variant | held-out ppl | healing curve (step: ppl) | loss, mean of each 32 steps | train s |")
+    print("|---|---|---|---|---|")
+    rows = {}
+    for name, (ppl, record) in screened.items():
+        losses = record.losses
+        means = [sum(losses[i : i + 32]) / len(losses[i : i + 32]) for i in range(0, len(losses), 32)]
+        curve = ", ".join(f"{step}: {p:.2f}" for step, p in record.heldout_curve)
+        print(f"| {name} | {ppl:.2f} | {curve} | {', '.join(f'{m:.3f}' for m in means)} | {record.train_seconds:.0f} |")
+        rows[name] = {"heldout_ppl": ppl, "healing_curve": record.heldout_curve, "loss_means_32": means}
+    print_summary({"removed_layers": removed, "heldout_ppl": fixed_ppl, "screened": rows})
 
 
 def print_row(name: str, row: dict, markdown: bool = False) -> None:
