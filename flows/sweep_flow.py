@@ -118,6 +118,8 @@ def sweep_flow(profile: str = "quick", overrides: list[str] | None = None, out_d
                 *(overrides or []),
                 f"prune.strategy={best['strategy']}",
                 f"prune.num_layers={best['num_layers']}",
+                # The profile may name its own cut (quick removes layers 15-16); the sweep's best replaces it.
+                "prune.indices=null",
             ],
         )
     return result

@@ -27,6 +27,14 @@ def test_overrides_are_typed():
     assert cfg.distill.temperature == 1.5
 
 
+def test_a_profiles_own_cut_must_be_unset_for_another_strategy():
+    # quick names its cut (layers 15-16); another strategy says how to drop it instead of ignoring it.
+    with pytest.raises(ConfigError, match=r"prune.indices=null"):
+        load_config("quick", ["prune.strategy=angular"])
+    cfg = load_config("quick", ["prune.strategy=angular", "prune.num_layers=4", "prune.indices=null"])
+    assert (cfg.prune.strategy, cfg.prune.num_layers, cfg.prune.indices) == ("angular", 4, None)
+
+
 @pytest.mark.parametrize(
     "overrides, needle",
     [

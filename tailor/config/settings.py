@@ -142,7 +142,9 @@ class PruneConfig(_Section):
         if (self.strategy == "indices") != (self.indices is not None):
             raise ValueError(
                 "prune.indices is set exactly when prune.strategy='indices' "
-                f"(got strategy={self.strategy!r}, indices={self.indices})"
+                f"(got strategy={self.strategy!r}, indices={self.indices}"
+                # A profile that names its cut (quick, heal) needs it unset for another strategy.
+                + ("; with another strategy, also set prune.indices=null)" if self.indices is not None else ")")
             )
         return self
 
