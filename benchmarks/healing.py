@@ -175,6 +175,8 @@ VARIANTS: dict[str, dict] = {
     # teacher's activations over 256 training samples (TinyStories and Wikipedia, no evaluation
     # data) and folded into the last layer before the cut (tailor.prune.linear_map).
     "linear_map_alone": dict(HIDDEN, linear_map=True, linear_map_samples=256, num_samples=256, epochs=0),
+    # The combination: the same map as the starting point of hidden_mse_last4's training.
+    "linear_map_then_hidden_mse_last4": dict(HIDDEN, train_last_layers=4, linear_map=True, linear_map_samples=256),
     # Precision: the quick profile's former recipe with every matmul in float32 (what a CPU without native
     # bfloat16 runs): does bfloat16 change what the recipe heals, and what does it save?
     "quick_profile_float32": dict(QUICK_LOGIT_KD, bf16_autocast=False, teacher_dtype="float32"),

@@ -30,7 +30,7 @@ from flows.stages import (
 )
 from tailor.common.console import LOGGER, Stages
 from tailor.common.layout import WorkDir
-from tailor.config.settings import TEACHER_SOURCE, TailorConfig, load_config
+from tailor.config.settings import TEACHER_SOURCE, DistillConfig, TailorConfig, load_config
 from tailor.data.corpus import corpus_datasets, corpus_fingerprint
 from tailor.data.tokenised import TokensRef
 from tailor.evaluate.harness import evaluation_datasets, evaluation_signature
@@ -73,9 +73,14 @@ class Models:
 
     materialized: Materialized
     pruned: Pruned
-    distilled: Distilled
+    phases: list[Distilled]
+    """One per distillation phase (distill.then adds phases); the last one is the distilled model."""
     teacher_cache: TeacherCache | None = None
     heldout: dict[str, HeldoutScore] = field(default_factory=dict)
+
+    @property
+    def distilled(self) -> Distilled:
+        return self.phases[-1]
 
     @property
     def refs(self) -> dict[str, CheckpointRef]:
@@ -120,7 +125,7 @@ def open_run(cfg: TailorConfig) -> RunContext:
     run = track(
         RunContext(cfg, client, exp_id, parent, Stages(stage_names(cfg)), evaluation_signature(cfg.eval, cfg.data))
     )
-    tracking.log_params(client, parent, cfg.model_dump())
+    tracking.log_params(client, parent, cfg.settings_record())
     tracking.log_datasets(
         client, parent, evaluation_datasets(cfg.eval, cfg.data) + corpus_datasets(cfg.distill, cfg.data)
     )
@@ -150,22 +155,50 @@ def build_models(run: RunContext) -> Models:
                 metrics={"seconds": teacher_cache.cost.seconds, "mib": teacher_cache.mib},
             )
             stage.detail = f"{teacher_cache.mib:.0f} MiB"
-    with run.stage("distill") as stage:
+    phases = []
+    student = pruned.ref
+    for i, phase in enumerate(cfg.distill.phases()):
+        phases.append(distill_phase(run, i, base, student, phase, tokens, teacher_cache))
+        student = phases[-1].ref
+    models = Models(materialized, pruned, phases, teacher_cache)
+    models.heldout = score_heldout_all(run, models.refs, tokens.heldout)
+    return models
+
+
+def phase_stage(index: int) -> str:
+    """The stage name of distillation phase ``index`` (0 is the first; distill.then adds the rest)."""
+    return "distill" if index == 0 else f"distill-then-{index}"
+
+
+def distill_phase(
+    run: RunContext,
+    index: int,
+    teacher: CheckpointRef,
+    student: CheckpointRef,
+    phase: DistillConfig,
+    tokens: Tokenised,
+    teacher_cache: TeacherCache | None,
+) -> Distilled:
+    """Distillation phase ``index`` from ``student``; only the first runs from the teacher's top-k cache."""
+    cfg = run.cfg
+    topk = teacher_cache.path if teacher_cache and phase.teacher_topk else None
+    task = distill_model.with_options(task_run_name=f"distill-model-then-{index}") if index else distill_model
+    with run.stage(phase_stage(index)) as stage:
         distilled = run_intact(
-            distill_model,
-            base,
-            pruned.ref,
-            cfg.distill,
+            task,
+            teacher,
+            student,
+            phase,
             cfg.data,
             tokens.train,
             tokens.heldout,
             cfg.work_dir,
-            teacher_cache.path if teacher_cache else None,
+            topk,
         )
         kd = distilled.record
         run.log(
             stage.name,
-            params=cfg.distill.model_dump(),
+            params=phase.model_dump(),
             series={
                 "kd_loss": list(enumerate(kd.losses, 1)),
                 "grad_norm": list(enumerate(kd.grad_norms, 1)),
@@ -175,11 +208,9 @@ def build_models(run: RunContext) -> Models:
         )
         done = [f"linear map in place of layers {kd.linear_map['replaced']}"] if kd.linear_map else []
         if kd.losses:
-            done.append(f"{kd.optimizer_steps} steps, KD loss {kd.losses[0]:.3f} -> {kd.losses[-1]:.3f}")
+            done.append(f"{kd.optimizer_steps} steps, {phase.objective} loss {kd.losses[0]:.3f} -> {kd.losses[-1]:.3f}")
         stage.detail = ", ".join(done) or "nothing trained"
-    models = Models(materialized, pruned, distilled, teacher_cache)
-    models.heldout = score_heldout_all(run, models.refs, tokens.heldout)
-    return models
+    return distilled
 
 
 def materialize_base(run: RunContext) -> Materialized:
@@ -399,7 +430,7 @@ def report_facts(
     cfg, heldout = run.cfg, models.heldout
     return {
         "profile": cfg.profile,
-        "config": cfg.model_dump(),
+        "config": cfg.settings_record(),
         "eval_limit": cfg.eval.limit,
         "pruning": {
             "removed_layers": models.pruned.removed_layers,
@@ -408,7 +439,12 @@ def report_facts(
             "strategy": models.pruned.strategy,
             "plot": models.pruned.plot,
         },
-        "distillation": models.distilled.record.to_dict(),
+        "distillation": models.phases[0].record.to_dict(),
+        # Later phases (distill.then): the settings each changed and what it trained.
+        "distillation_then": [
+            {"settings": changes, **phase.record.to_dict()}
+            for changes, phase in zip(cfg.distill.then, models.phases[1:], strict=True)
+        ],
         "heldout_perplexity": {
             name: {"perplexity": h.perplexity, "sources": h.sources, "tokens": h.tokens} for name, h in heldout.items()
         },
@@ -419,7 +455,7 @@ def report_facts(
                 "materialize": models.materialized,
                 "prune": models.pruned,
                 **({"cache-teacher-topk": models.teacher_cache} if models.teacher_cache else {}),
-                "distill": models.distilled,
+                **{phase_stage(i): phase for i, phase in enumerate(models.phases)},
                 **{f"score-heldout-{n}": h for n, h in heldout.items()},
                 "evaluate": results,
                 "measure-speed": speed,
@@ -480,7 +516,7 @@ def stage_names(cfg: TailorConfig) -> list[str]:
         *(["score-layers"] if cfg.prune.strategy in SCORED_STRATEGIES else []),
         "prune",
         *(["cache-teacher-topk"] if cfg.distill.teacher_topk else []),
-        "distill",
+        *(phase_stage(i) for i in range(len(cfg.distill.phases()))),
         *(["score-heldout"] if cfg.distill.heldout_docs else []),
         "evaluate",
         "measure-speed",

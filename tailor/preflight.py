@@ -86,11 +86,13 @@ def check_trainable_layers(cfg: TailorConfig, num_layers: int) -> None:
                     f"{list(cfg.prune.indices)} is not (allowed: consecutive indices, or "
                     "prune.strategy last or angular)"
                 )
-    if cfg.distill.train_last_layers > left:
-        raise ConfigError(
-            f"distill.train_last_layers={cfg.distill.train_last_layers} exceeds the {left} decoder "
-            f"layers left after pruning; allowed: 0 (all) to {left}"
-        )
+    for i, phase in enumerate(cfg.distill.phases()):
+        if phase.train_last_layers > left:
+            setting = "distill.train_last_layers" if i == 0 else f"distill.then[{i - 1}].train_last_layers"
+            raise ConfigError(
+                f"{setting}={phase.train_last_layers} exceeds the {left} decoder "
+                f"layers left after pruning; allowed: 0 (all) to {left}"
+            )
 
 
 def check_model_limits(cfg: TailorConfig, vocab_size: int, context: int) -> None:

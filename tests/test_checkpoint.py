@@ -106,6 +106,16 @@ def test_tailor_distill_into_a_users_folder_fails_before_training_and_keeps_it(t
     assert [p.name for p in out.iterdir()] == ["thesis.tex"]
 
 
+def test_tailor_distill_runs_one_phase_and_says_how_to_chain_more(tmp_path, capsys):
+    from tailor.cli import main
+
+    out = tmp_path / "out"
+    args = ["--teacher", str(tmp_path), "--student", str(tmp_path), "--out", str(out), "--profile", "smoke"]
+    code = main(["distill", *args, "--set", "distill.then=[{objective: logits}]"])
+    assert code == 2 and not out.exists()
+    assert "tailor distill runs one phase: run it once per phase" in capsys.readouterr().err
+
+
 def test_the_same_weights_keep_one_fingerprint_however_long_training_took(tmp_path):
     from tailor.store.checkpoint import TRAINING_RECORD
 

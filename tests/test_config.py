@@ -35,6 +35,36 @@ def test_a_profiles_own_cut_must_be_unset_for_another_strategy():
     assert (cfg.prune.strategy, cfg.prune.num_layers, cfg.prune.indices) == ("angular", 4, None)
 
 
+def test_later_distillation_phases_change_only_what_they_name():
+    cfg = load_config(
+        "smoke",
+        ["distill.linear_map=true", "distill.objective=hidden", "distill.then=[{objective: logits, num_samples: 4}]"],
+    )
+    first, second = cfg.distill.phases()
+    assert (first.objective, first.linear_map, first.num_samples, first.then) == ("hidden", True, 16, [])
+    # The student the second phase starts from already holds the map: it is not fitted twice.
+    assert (second.objective, second.linear_map, second.num_samples) == ("logits", False, 4)
+    assert second.model_dump() == {**first.model_dump(), "objective": "logits", "linear_map": False, "num_samples": 4}
+    # The first phase's cache keys hash model_dump: a later phase must not enter them.
+    assert "then" not in cfg.distill.model_dump()
+    assert cfg.settings_record()["distill"]["then"] == [{"objective": "logits", "num_samples": 4}]
+    assert len(load_config("smoke").distill.phases()) == 1
+
+
+@pytest.mark.parametrize(
+    "phase, needle",
+    [
+        ("{corpus_mix: {x.jsonl: 1}}", r"then\[0\] sets corpus_mix, which a later phase cannot change; allowed: obj"),
+        ("{num_samples: 17}", r"then\[0\].num_samples=17 is more than the 16 samples"),
+        ("{objective: soft}", r"then\[0\]: objective: Input should be 'logits' or 'hidden'"),
+        ("{learning_rate: 0}", r"then\[0\]: learning_rate: distill.learning_rate must be > 0"),
+    ],
+)
+def test_a_bad_later_phase_is_refused_naming_it(phase, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config("smoke", [f"distill.then=[{phase}]"])
+
+
 @pytest.mark.parametrize(
     "overrides, needle",
     [

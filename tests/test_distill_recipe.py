@@ -101,3 +101,6 @@ def test_training_more_layers_than_pruning_leaves_fails_before_work():
     ):
         check_trainable_layers(cfg, layers)
     check_trainable_layers(load_config("smoke", [f"distill.train_last_layers={layers - 1}"]), layers)
+    later = load_config("smoke", ["distill.then=[{num_samples: 8}, {train_last_layers: 99}]"])
+    with pytest.raises(ConfigError, match=r"distill.then\[1\].train_last_layers=99 exceeds the"):
+        check_trainable_layers(later, layers)

@@ -265,6 +265,37 @@ def test_a_linear_map_alone_heals_with_no_training_step(tmp_path, shared_data):
     assert "- distillation: no optimiser step (distill.epochs=0)" in markdown
 
 
+def test_a_map_then_hidden_state_training_then_a_short_logit_kd(tmp_path, shared_data):
+    recipe = ["distill.linear_map=true", "distill.objective=hidden", "distill.hidden_loss=cosine"]
+    state = _run(tmp_path, shared_data, *recipe, "distill.then=[{objective: logits, num_samples: 8}]")
+    runs = _task_runs(state, ("distill-model-then-1", "distill-model"))
+    assert runs == {"distill-model": ["Completed"], "distill-model-then-1": ["Completed"]}
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    first, (second,) = report["distillation"], report["distillation_then"]
+    assert first["linear_map"]["replaced"] == [3] and first["loss"]["objective"] == "hidden"
+    assert first["num_samples"] == 16 and first["optimizer_steps"] == 2
+    # The second phase trains the first phase's student on the first 8 of the same samples.
+    assert second["settings"] == {"objective": "logits", "num_samples": 8}
+    assert second["loss"]["objective"] == "logits" and second["linear_map"] is None
+    assert (second["num_samples"], second["optimizer_steps"]) == (8, 1)
+    # What is evaluated and registered is the last phase's model.
+    from tailor.distill.record import TRAINING_RECORD
+
+    distilled = Path(report["checkpoints"]["distilled"]["path"])
+    assert json.loads((distilled / TRAINING_RECORD).read_text())["num_samples"] == 8
+    assert report["stages"]["distill-then-1"]["seconds"] > 0
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "- then (phase 2, objective=logits, num_samples=8): logit KD" in markdown
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    version = client.get_model_version("tailor-smoke", state.result()["version"])
+    assert "Then phase 2: objective=logits, num_samples=8: 1 optimiser steps on 8 samples." in version.description
+
+    # Changing the later phase re-runs it alone: the first phase's keys never see it.
+    state = _run(tmp_path, shared_data, *recipe, "distill.then=[{objective: logits, num_samples: 4}]")
+    runs = _task_runs(state, ("distill-model-then-1", "distill-model"))
+    assert runs == {"distill-model": ["Cached"], "distill-model-then-1": ["Completed"]}
+
+
 def test_changing_a_distillation_setting_reruns_only_what_follows(first_run, shared_data):
     work, _, _ = first_run
     states = _task_states(_run(work, shared_data, "distill.learning_rate=0.002"))

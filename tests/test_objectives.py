@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -81,6 +83,20 @@ def test_a_hidden_state_student_trains_toward_the_teacher_without_its_output_hea
     assert record.loss == {"objective": "hidden", "hidden_loss": "mse"}
     assert record.losses[-1] < record.losses[0]
     assert torch.equal(student.get_output_embeddings().weight, head)
+
+
+def test_a_hidden_state_student_may_train_its_tied_embedding(tiny_tokenizer):
+    # Without the head, the tied weight's only gradient is the input lookup's: it must stay dense
+    # for gradient clipping and AdamW (the logit objective's head gradient made it dense before).
+    teacher = build_tiny_gemma3(tiny_tokenizer, num_layers=4, seed=0).eval()
+    student = build_tiny_gemma3(tiny_tokenizer, num_layers=3, seed=1)
+    samples = build_samples(tiny_tokenizer, TEXTS, seq_len=16, num_samples=8)
+    cfg = DistillConfig(objective="hidden", learning_rate=3e-3, batch_size=4, grad_accum=1, seq_len=16, epochs=1)
+    embedding = student.get_input_embeddings().weight.clone()
+    record = Distiller(teacher, student, samples, cfg).fit()
+    assert record.optimizer_steps == 2 and all(math.isfinite(n) and n > 0 for n in record.grad_norms)
+    assert not torch.equal(student.get_input_embeddings().weight, embedding)
+    assert not student.get_input_embeddings().sparse  # as it was before training
 
 
 def test_the_objective_is_chosen_by_settings_and_checked_before_work():

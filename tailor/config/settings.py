@@ -24,6 +24,27 @@ REFERENCE_TASKS = ("arc_easy", "winogrande", "hellaswag", "lambada_openai")
 DEFAULT_CORPUS_MIX = {"corpus/tinystories_sample.jsonl": 1.0}
 # The distill.corpus_mix key that names text the teacher samples itself (settings: generate.*).
 TEACHER_SOURCE = "teacher"
+# What a later distillation phase (distill.then) may change: how it trains, not its data, which
+# stays the first phase's tokenised samples (num_samples takes a prefix of them).
+FOLLOW_ON_SETTINGS = (
+    "objective",
+    "hidden_loss",
+    "temperature",
+    "loss",
+    "alpha",
+    "jsd_beta",
+    "learning_rate",
+    "weight_decay",
+    "warmup_steps",
+    "lr_schedule",
+    "epochs",
+    "num_samples",
+    "train_last_layers",
+    "freeze_embeddings",
+    "max_grad_norm",
+    "seed",
+    "heldout_every",
+)
 BOOK_PROMPTS = ("The capital of France is", "Machine learning is", "Climate change refers to")
 
 
@@ -289,6 +310,18 @@ class DistillConfig(_Section):
     """Learning rate after warm-up: constant, or cosine decay to zero at the last optimiser step."""
     warmup_steps: int = Field(0, ge=0)
     """Optimiser steps of linear learning-rate warm-up from zero."""
+    # Left out of model_dump like launch_timeout_s: the first phase's cache keys must not change
+    # when a later phase does; each later phase is keyed by its own settings (phases()).
+    then: list[dict[str, Any]] = Field(
+        default_factory=list,
+        exclude=True,
+        description="Further training phases after this one, in order, each continuing from the previous phase's "
+        "student on the same samples (a linear map, then hidden-state training, then a short logit KD): a list of "
+        "mappings of the settings that change, e.g. [{objective: logits, num_samples: 512, learning_rate: 1e-5}]; "
+        "every other setting is this phase's. Allowed keys: " + ", ".join(FOLLOW_ON_SETTINGS) + ". num_samples "
+        "takes the first that many of this phase's samples. A later phase never fits a map or adds a layer, and runs "
+        "the live teacher (no teacher_topk cache).",
+    )
 
     @field_validator("temperature")
     @classmethod
@@ -317,6 +350,45 @@ class DistillConfig(_Section):
         if v < 2:
             raise ValueError("distill.seq_len must be >= 2 (the loss needs a next token)")
         return v
+
+    @model_validator(mode="after")
+    def _phases_are_valid(self):
+        for i, phase in enumerate(self.then):
+            unknown = sorted(set(phase) - set(FOLLOW_ON_SETTINGS))
+            if unknown:
+                raise ValueError(
+                    f"distill.then[{i}] sets {', '.join(unknown)}, which a later phase cannot change; "
+                    f"allowed: {', '.join(FOLLOW_ON_SETTINGS)}"
+                )
+            if phase.get("num_samples", 0) > self.num_samples:
+                raise ValueError(
+                    f"distill.then[{i}].num_samples={phase['num_samples']} is more than the "
+                    f"{self.num_samples} samples the first phase tokenises (distill.num_samples)"
+                )
+            try:
+                self._phase(phase)
+            except ValidationError as exc:
+                detail = "; ".join(
+                    f"{'.'.join(str(p) for p in e['loc']) or 'setting'}: {e['msg'].removeprefix('Value error, ')}"
+                    for e in exc.errors()
+                )
+                raise ValueError(f"distill.then[{i}]: {detail}") from None
+        return self
+
+    def _phase(self, changes: dict[str, Any]) -> "DistillConfig":
+        # The student a later phase starts from already holds the map or the new layer.
+        base = {
+            **self.model_dump(),
+            "launch_timeout_s": self.launch_timeout_s,
+            "linear_map": False,
+            "replacement_layer": False,
+            "teacher_topk": 0,
+        }
+        return DistillConfig.model_validate({**base, **changes})
+
+    def phases(self) -> list["DistillConfig"]:
+        """Every training phase in order: this one, then one per ``then`` entry (with no ``then`` of its own)."""
+        return [self.model_copy(update={"then": []}), *(self._phase(changes) for changes in self.then)]
 
     @model_validator(mode="after")
     def _one_way_into_the_removed_block(self):
@@ -545,6 +617,13 @@ class TailorConfig(_Section):
                 "it, also with promotion.enabled=false); use two names"
             )
         return self
+
+    def settings_record(self) -> dict[str, Any]:
+        """Every setting as logged and reported: ``model_dump()`` (what cache keys hash) with
+        ``distill.then``, which it leaves out so a later phase never re-keys the first."""
+        tree = self.model_dump()
+        tree["distill"]["then"] = list(self.distill.then)
+        return tree
 
     @property
     def tracking_uri(self) -> str:

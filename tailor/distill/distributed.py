@@ -22,7 +22,7 @@ import torch
 
 from tailor.common.console import setup_console
 from tailor.common.layout import WorkDir
-from tailor.config.settings import TailorConfig, TailorError, load_config
+from tailor.config.settings import ConfigError, TailorConfig, TailorError, load_config
 from tailor.data.tokenised import tokenise_corpus, tokens_in
 from tailor.distill.generated import teacher_text_for
 from tailor.distill.record import TrainingRecord
@@ -131,6 +131,12 @@ def run(args: argparse.Namespace) -> int:
     Rank 0 prints one JSON line: the checkpoint and the run's main figures.
     """
     cfg = load_config(args.profile, args.set)
+    if cfg.distill.then:
+        raise ConfigError(
+            f"distill.then holds {len(cfg.distill.then)} later phase(s); tailor distill runs one phase: run it once "
+            "per phase (the next one's --student is this one's --out, with that phase's --set), or set "
+            "distill.then=[] here and keep the phases for tailor run"
+        )
     ref, record = distill_folders(
         args.teacher,
         args.student,

@@ -33,6 +33,8 @@ class Objective:
     """A training loss between the student's final hidden states and the teacher's target."""
 
     name = ""
+    uses_output_head = False
+    """Whether the loss runs the student's output head (which, tied, also gives the embedding a dense gradient)."""
 
     def counts(self, attention_mask: torch.Tensor, input_ids: torch.Tensor) -> LossCounts:
         """What the loss averages over in this batch (summed over ranks by data-parallel training)."""
@@ -59,6 +61,7 @@ class LogitKD(Objective):
     """Divergence between the teacher's and the student's softened next-token distributions."""
 
     name = "logits"
+    uses_output_head = True
 
     def __init__(self, spec: LossSpec, chunk_tokens: int, matmul_dtype: torch.dtype) -> None:
         self.spec = spec

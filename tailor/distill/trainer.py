@@ -142,8 +142,10 @@ class Distiller:
             # size so the average is the sum of the global batch's normalised shares.
             self.model = DistributedDataParallel(self.model, gradient_as_bucket_view=True, broadcast_buffers=False)
         # After wrapping: DDP would expect a sparse gradient from a sparse lookup, but the tied
-        # head's dense gradient is summed into it before any hook sees it.
-        self._sparse_before = _sparse_tied_embedding_gradient(student, True)
+        # head's dense gradient is summed into it before any hook sees it. Without the head (a
+        # hidden-state objective) the lookup's gradient would stay sparse, which neither gradient
+        # clipping nor the fused AdamW accepts: it stays dense.
+        self._sparse_before = _sparse_tied_embedding_gradient(student, self.objective.uses_output_head)
         if self.progress.steps == 0:  # a resumed run's curve already holds the points its schedule asked for
             self._score_heldout(0)
         self._started = time.perf_counter() - self.progress.seconds
@@ -509,7 +511,8 @@ def distill_checkpoint(
     if existing_checkpoint(out_dir) is None:  # one of ours that was edited is replaced by write_checkpoint
         check_checkpoint_target(out_dir)
     student, tokenizer = load_model(student_ref, device=device)
-    samples = train.samples()
+    # A later phase of distill.then may take only the first num_samples of the tokenised samples.
+    samples = {name: rows[: cfg.num_samples] for name, rows in train.samples().items()}
     fitted_map = fill_removed_block(student, teacher_ref, cfg, samples, device)
     heldout_sets = heldout.per_source() if heldout is not None else None
     if topk_cache is not None:

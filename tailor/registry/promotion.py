@@ -151,6 +151,11 @@ def version_description(report: dict, report_md: str) -> str:
         f"({change['params_removed_pct']:.1f}% of the parameters), then distilled from the original: "
         f"{kd['optimizer_steps']} optimiser steps on {kd['num_samples']} samples of {distill['seq_len']} tokens, "
         f"lr {distill['learning_rate']}, T={distill['temperature']}, corpus {corpus}.",
+        *(
+            f"Then phase {i}: {', '.join(f'{k}={v}' for k, v in phase['settings'].items())}: "
+            f"{phase['optimizer_steps']} optimiser steps on {phase['num_samples']} samples."
+            for i, phase in enumerate(report.get("distillation_then", []), 2)
+        ),
         f"Evaluated on {report['eval_limit'] or 'all'} documents per task. "
         f"Generation speed-up vs the original: {speed}.",
     ]

@@ -449,6 +449,14 @@ def pruning_markdown(report: dict) -> list[str]:
             )
         else:
             lines.append("- distillation: no optimiser step (distill.epochs=0)")
+    for i, phase in enumerate(report.get("distillation_then", []), 1):
+        changes = ", ".join(f"{k}={v}" for k, v in phase["settings"].items())
+        lines.append(
+            f"- then (phase {i + 1}, {changes}): {objective_text(phase['loss'])}; "
+            f"{phase['trainable_parameters']:,} parameters trained, {phase['optimizer_steps']} optimiser steps on "
+            f"{phase['num_samples']} samples, {phase['train_tokens']:,} tokens in {phase['train_seconds']:.1f} s"
+            + (f"; loss {phase['losses'][0]:.4f} → {phase['losses'][-1]:.4f}" if phase.get("losses") else "")
+        )
     return lines
 
 
