@@ -102,6 +102,9 @@ def test_every_setting_has_help():
     lines = describe_settings().splitlines()
     assert len(lines) > 30
     assert all(line.split(": ", 1)[1].strip() for line in lines), "a setting lacks a doc string"
+    # A default built by a factory is shown as its value.
+    assert any(line.startswith("distill.then (default []): Further training phases") for line in lines)
+    assert not [line for line in lines if "PydanticUndefined" in line]
     assert TailorConfig.model_fields.keys() >= {"model", "data", "eval", "prune", "distill", "tracking"}
 
 

@@ -723,7 +723,7 @@ def describe_settings() -> str:
                 continue
             # Doc strings wrap over several source lines; the help is one line.
             text = " ".join((field.description or "").split())
-            out.append(f"{prefix}{name} (default {field.default!r}): {text}")
+            out.append(f"{prefix}{name} (default {field.get_default(call_default_factory=True)!r}): {text}")
 
     walk(TailorConfig, "")
     return "\n".join(out)
