@@ -516,7 +516,7 @@ def stage_names(cfg: TailorConfig) -> list[str]:
         *(["score-layers"] if cfg.prune.strategy in SCORED_STRATEGIES else []),
         "prune",
         *(["cache-teacher-topk"] if cfg.distill.teacher_topk else []),
-        *(phase_stage(i) for i in range(len(cfg.distill.phases()))),
+        *(phase_stage(i) for i in range(1 + len(cfg.distill.then))),
         *(["score-heldout"] if cfg.distill.heldout_docs else []),
         "evaluate",
         "measure-speed",

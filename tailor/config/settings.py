@@ -368,11 +368,7 @@ class DistillConfig(_Section):
             try:
                 self._phase(phase)
             except ValidationError as exc:
-                detail = "; ".join(
-                    f"{'.'.join(str(p) for p in e['loc']) or 'setting'}: {e['msg'].removeprefix('Value error, ')}"
-                    for e in exc.errors()
-                )
-                raise ValueError(f"distill.then[{i}]: {detail}") from None
+                raise ValueError(f"distill.then[{i}]: " + "; ".join(map(_error_text, exc.errors()))) from None
         return self
 
     def _phase(self, changes: dict[str, Any]) -> "DistillConfig":
@@ -701,14 +697,16 @@ def load_config(profile: str = "quick", overrides: list[str] | tuple[str, ...] =
 
 
 def _format_validation(exc: ValidationError) -> str:
-    lines = ["invalid configuration:"]
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "literal_error":
-            msg = f"{msg} (got {err['input']!r})"
-        lines.append(f"  {loc}: {msg}")
-    return "\n".join(lines)
+    return "\n".join(["invalid configuration:", *(f"  {_error_text(err)}" for err in exc.errors())])
+
+
+def _error_text(err: dict) -> str:
+    """One pydantic error as ``setting.path: message``, with the rejected value of a choice."""
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "literal_error":
+        msg = f"{msg} (got {err['input']!r})"
+    loc = ".".join(str(p) for p in err["loc"])
+    return f"{loc}: {msg}" if loc else msg
 
 
 def describe_settings() -> str:
