@@ -19,6 +19,7 @@ from prefect.logging.handlers import APILogHandler
 from tailor.common.console import LOGGER, Stage, Stages
 from tailor.config.settings import TailorConfig
 from tailor.data.tokenised import TokensRef
+from tailor.distill.activation_cache import ActivationsRef
 from tailor.registry import tracking
 from tailor.store.checkpoint import CheckpointRef
 from tailor.store.digested import is_intact
@@ -149,7 +150,7 @@ def run_intact(task, *args):
 
 
 def _references(record) -> list:
-    return [value for value in vars(record).values() if isinstance(value, (CheckpointRef, TokensRef))]
+    return [value for value in vars(record).values() if isinstance(value, (CheckpointRef, TokensRef, ActivationsRef))]
 
 
 def _broken_files(record) -> list[str]:
@@ -159,7 +160,7 @@ def _broken_files(record) -> list[str]:
     return [path] if isinstance(path, str) and not is_intact(Path(path)) else []
 
 
-def _intact(ref: CheckpointRef | TokensRef) -> bool:
+def _intact(ref: CheckpointRef | TokensRef | ActivationsRef) -> bool:
     try:
         ref.verify(contents=True)
     except (OSError, RuntimeError):

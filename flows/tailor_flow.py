@@ -33,6 +33,7 @@ from tailor.common.layout import WorkDir
 from tailor.config.settings import TEACHER_SOURCE, DistillConfig, TailorConfig, load_config
 from tailor.data.corpus import corpus_datasets, corpus_fingerprint
 from tailor.data.tokenised import TokensRef
+from tailor.distill.activation_cache import uses_activation_cache
 from tailor.evaluate.harness import evaluation_datasets, evaluation_signature
 from tailor.evaluate.joint import StopRule
 from tailor.models.sources import source_fingerprint
@@ -43,6 +44,7 @@ from tailor.registry.promotion import evaluation_tags, version_description
 from tailor.store.checkpoint import CheckpointRef
 from tasks.measure import evaluate_models, measure_speed, score_heldout
 from tasks.models import (
+    cache_activations,
     cache_teacher_topk,
     distill_model,
     generate_teacher_text,
@@ -53,6 +55,7 @@ from tasks.models import (
 )
 from tasks.promotion import promote_model
 from tasks.records import (
+    Activations,
     Distilled,
     Evaluations,
     HeldoutScore,
@@ -76,6 +79,7 @@ class Models:
     phases: list[Distilled]
     """One per distillation phase (distill.then adds phases); the last one is the distilled model."""
     teacher_cache: TeacherCache | None = None
+    activations: Activations | None = None
     heldout: dict[str, HeldoutScore] = field(default_factory=dict)
 
     @property
@@ -145,8 +149,8 @@ def build_models(run: RunContext) -> Models:
     base = materialized.ref
     tokens = tokenise_corpus(run, base)
     pruned = prune(run, base, tokens)
-    teacher_cache = None
-    if cfg.distill.teacher_topk:
+    teacher_cache = activations = None
+    if uses_logit_cache(cfg.distill):
         with run.stage("cache-teacher-topk") as stage:
             teacher_cache = run_intact(cache_teacher_topk, base, cfg.distill, tokens.train, cfg.work_dir)
             run.log(
@@ -155,14 +159,44 @@ def build_models(run: RunContext) -> Models:
                 metrics={"seconds": teacher_cache.cost.seconds, "mib": teacher_cache.mib},
             )
             stage.detail = f"{teacher_cache.mib:.0f} MiB"
+    if uses_activation_cache(cfg.distill):
+        activations = cache_teacher_activations(run, base, pruned.ref, tokens)
     phases = []
     student = pruned.ref
     for i, phase in enumerate(cfg.distill.phases()):
-        phases.append(distill_phase(run, i, base, student, phase, tokens, teacher_cache))
+        phases.append(distill_phase(run, i, base, student, phase, tokens, teacher_cache, activations))
         student = phases[-1].ref
-    models = Models(materialized, pruned, phases, teacher_cache)
+    models = Models(materialized, pruned, phases, teacher_cache, activations)
     models.heldout = score_heldout_all(run, models.refs, tokens.heldout)
     return models
+
+
+def objective_name(distill: DistillConfig) -> str:
+    """``hidden``, or a mix as ``hidden+0.1*topk_logits``."""
+    weights = distill.objective_weights()
+    return "+".join(name if w == 1 else f"{w:g}*{name}" for name, w in weights.items())
+
+
+def uses_logit_cache(distill: DistillConfig) -> bool:
+    """Logit KD from the teacher's cached top-k (``topk_logits`` reads its top-k from the
+    activation cache or the live teacher instead)."""
+    return bool(distill.teacher_topk) and distill.objective == "logits"
+
+
+def cache_teacher_activations(
+    run: RunContext, teacher: CheckpointRef, student: CheckpointRef, tokens: Tokenised
+) -> Activations:
+    """The teacher's targets and the shared trunk's output, once for every epoch of the first phase."""
+    cfg = run.cfg
+    with run.stage("cache-activations") as stage:
+        activations = run_intact(cache_activations, teacher, student, cfg.distill, tokens.train, cfg.work_dir)
+        run.log(
+            stage.name,
+            params={"path": activations.ref.path},
+            metrics={"seconds": activations.cost.seconds, "mib": activations.mib},
+        )
+        stage.detail = f"{activations.mib:.0f} MiB"
+    return activations
 
 
 def phase_stage(index: int) -> str:
@@ -178,10 +212,12 @@ def distill_phase(
     phase: DistillConfig,
     tokens: Tokenised,
     teacher_cache: TeacherCache | None,
+    activations: Activations | None = None,
 ) -> Distilled:
-    """Distillation phase ``index`` from ``student``; only the first runs from the teacher's top-k cache."""
+    """Distillation phase ``index`` from ``student``; only the first runs from the teacher's caches."""
     cfg = run.cfg
-    topk = teacher_cache.path if teacher_cache and phase.teacher_topk else None
+    topk = teacher_cache.path if teacher_cache and index == 0 else None
+    cached = activations.ref if activations and index == 0 else None
     task = distill_model.with_options(task_run_name=f"distill-model-then-{index}") if index else distill_model
     with run.stage(phase_stage(index)) as stage:
         distilled = run_intact(
@@ -194,6 +230,7 @@ def distill_phase(
             tokens.heldout,
             cfg.work_dir,
             topk,
+            cached,
         )
         kd = distilled.record
         run.log(
@@ -208,7 +245,9 @@ def distill_phase(
         )
         done = [f"linear map in place of layers {kd.linear_map['replaced']}"] if kd.linear_map else []
         if kd.losses:
-            done.append(f"{kd.optimizer_steps} steps, {phase.objective} loss {kd.losses[0]:.3f} -> {kd.losses[-1]:.3f}")
+            done.append(
+                f"{kd.optimizer_steps} steps, {objective_name(phase)} loss {kd.losses[0]:.3f} -> {kd.losses[-1]:.3f}"
+            )
         stage.detail = ", ".join(done) or "nothing trained"
     return distilled
 
@@ -455,6 +494,7 @@ def report_facts(
                 "materialize": models.materialized,
                 "prune": models.pruned,
                 **({"cache-teacher-topk": models.teacher_cache} if models.teacher_cache else {}),
+                **({"cache-activations": models.activations} if models.activations else {}),
                 **{phase_stage(i): phase for i, phase in enumerate(models.phases)},
                 **{f"score-heldout-{n}": h for n, h in heldout.items()},
                 "evaluate": results,
@@ -515,7 +555,8 @@ def stage_names(cfg: TailorConfig) -> list[str]:
         "tokenise",
         *(["score-layers"] if cfg.prune.strategy in SCORED_STRATEGIES else []),
         "prune",
-        *(["cache-teacher-topk"] if cfg.distill.teacher_topk else []),
+        *(["cache-teacher-topk"] if uses_logit_cache(cfg.distill) else []),
+        *(["cache-activations"] if uses_activation_cache(cfg.distill) else []),
         *(phase_stage(i) for i in range(1 + len(cfg.distill.then))),
         *(["score-heldout"] if cfg.distill.heldout_docs else []),
         "evaluate",

@@ -87,6 +87,28 @@ def check_trainable_layers(cfg: TailorConfig, num_layers: int) -> None:
                     "prune.strategy last or angular)"
                 )
     for i, phase in enumerate(cfg.distill.phases()):
+        if "span" in phase.objective_weights() and cfg.prune.strategy == "indices":
+            setting = "distill.objective" if i == 0 else f"distill.then[{i - 1}].objective"
+            cut = sorted(cfg.prune.indices)
+            if cut != list(range(cut[0], cut[-1] + 1)):
+                raise ConfigError(
+                    f"{setting} span needs one contiguous removed block; prune.indices={list(cfg.prune.indices)} "
+                    "is not (allowed: consecutive indices, or prune.strategy last)"
+                )
+            # The student's state at the block's end comes from its layer cut[0] - 1 (the new
+            # layer with replacement_layer): a layer the run must train.
+            trained_from = left - phase.train_last_layers if phase.train_last_layers else 0
+            span_layer = cut[0] - 1 + (1 if cfg.distill.replacement_layer else 0)
+            if span_layer < 0:
+                raise ConfigError(
+                    f"{setting} span needs a kept layer before the removed block; prune.indices starts at 0"
+                )
+            if span_layer < trained_from:
+                raise ConfigError(
+                    f"{setting} span compares the student's state after its layer {span_layer}, which "
+                    f"train_last_layers={phase.train_last_layers} leaves frozen; allowed: train_last_layers >= "
+                    f"{left - span_layer} or 0 (all)"
+                )
         if phase.train_last_layers > left:
             setting = "distill.train_last_layers" if i == 0 else f"distill.then[{i - 1}].train_last_layers"
             raise ConfigError(

@@ -16,6 +16,7 @@ from tailor.common.resources import stage_cost, stage_start
 from tailor.config.settings import TEACHER_SOURCE, DataConfig, DistillConfig, ModelConfig, PruneConfig, TailorConfig
 from tailor.data.corpus import source_share
 from tailor.data.tokenised import TokensRef, tokenise_corpus
+from tailor.distill.activation_cache import ActivationsRef, write_activation_cache
 from tailor.distill.data_parallel import distill_data_parallel
 from tailor.distill.generated import teacher_text_for
 from tailor.distill.teacher_cache import write_topk_cache
@@ -28,7 +29,16 @@ from tailor.report.plots import layer_scores_png
 from tailor.store.checkpoint import CheckpointRef, code_identity, load_model, stable_hash, write_file_atomically
 
 from ._common import CACHED
-from .records import Distilled, LayerScores, Materialized, Pruned, TeacherCache, TeacherText, Tokenised
+from .records import (
+    Activations,
+    Distilled,
+    LayerScores,
+    Materialized,
+    Pruned,
+    TeacherCache,
+    TeacherText,
+    Tokenised,
+)
 
 
 @task(name="materialize-model", cache_policy=CACHED, persist_result=True, retries=2, retry_delay_seconds=[10, 30])
@@ -129,6 +139,28 @@ def cache_teacher_topk(teacher: CheckpointRef, distill: DistillConfig, train: To
     return TeacherCache(str(path), path.stat().st_size / 2**20, stage_cost(start))
 
 
+@task(name="cache-activations", cache_policy=CACHED, persist_result=True)
+def cache_activations(
+    teacher: CheckpointRef, student: CheckpointRef, distill: DistillConfig, train: TokensRef, work_dir: str
+) -> Activations:
+    """The teacher's targets and the shared trunk's output for every distillation sample, on
+    disk (``tailor.distill.activation_cache``); a killed run continues at its first missing batch."""
+    start = stage_start()
+    work = WorkDir(work_dir)
+    line = Progress("cache-activations", distill.num_samples, "samples")
+    ref = write_activation_cache(
+        teacher.verify(),
+        student.verify(),
+        distill,
+        train,
+        work.activations,
+        work.probes,
+        on_batch=lambda done, total: line.update(done),
+    )
+    mib = sum(f.stat().st_size for f in Path(ref.path).iterdir()) / 2**20
+    return Activations(ref, mib, stage_cost(start))
+
+
 def distilled_folder(
     teacher: CheckpointRef,
     student: CheckpointRef,
@@ -167,9 +199,12 @@ def distill_model(
     heldout: TokensRef,
     work_dir: str,
     topk_cache: str | None = None,
+    activations: ActivationsRef | None = None,
 ) -> Distilled:
-    """Distil the student from the teacher (or its top-k cache) on the ``train`` tokens; the
-    ``heldout`` tokens give the healing curve. The result carries the typed ``TrainingRecord``."""
+    """Distil the student from the teacher (or its top-k cache, or its activation cache) on the
+    ``train`` tokens; the ``heldout`` tokens give the healing curve. The result carries the typed
+    ``TrainingRecord``. The activation cache does not name the result's folder: training from it
+    is the same to the bit as from the live teacher."""
     # The source is part of the cache key: its last sentence keeps results cached while the
     # record was a plain dict from being read back.
     probes = WorkDir(work_dir).probes
@@ -215,6 +250,7 @@ def distill_model(
             out,
             heldout=heldout,
             topk_cache=Path(topk_cache) if topk_cache else None,
+            activations=activations.verify(contents=False) if activations else None,
             on_step=on_step,
             on_heldout=on_heldout,
             unkeyed_ok=True,

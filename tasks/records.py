@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from tailor.common.resources import StageCost
 from tailor.data.tokenised import TokensRef
+from tailor.distill.activation_cache import ActivationsRef
 from tailor.distill.record import TrainingRecord
 from tailor.store.checkpoint import CheckpointRef
 
@@ -63,6 +64,13 @@ class Pruned:
 @dataclass(frozen=True)
 class TeacherCache:
     path: str
+    mib: float
+    cost: StageCost
+
+
+@dataclass(frozen=True)
+class Activations:
+    ref: ActivationsRef
     mib: float
     cost: StageCost
 

@@ -56,7 +56,7 @@ def test_later_distillation_phases_change_only_what_they_name():
     [
         ("{corpus_mix: {x.jsonl: 1}}", r"then\[0\] sets corpus_mix, which a later phase cannot change; allowed: obj"),
         ("{num_samples: 17}", r"then\[0\].num_samples=17 is more than the 16 samples"),
-        ("{objective: soft}", r"then\[0\]: objective: Input should be 'logits' or 'hidden'"),
+        ("{objective: soft}", r"then\[0\]: objective: distill.objective 'soft' is not one of logits, hidden, span"),
         ("{learning_rate: 0}", r"then\[0\]: learning_rate: distill.learning_rate must be > 0"),
     ],
 )

@@ -10,7 +10,7 @@ import torch
 from tailor.config.settings import ConfigError, DistillConfig, load_config
 from tailor.data.corpus import build_samples
 from tailor.distill.kd_loss import LossCounts
-from tailor.distill.objectives import HiddenStateDistance, build_objective
+from tailor.distill.objectives import HiddenStateDistance, StudentStates, Targets, build_objective
 from tailor.distill.trainer import Distiller
 from tailor.models.tiny import build_tiny_gemma3
 
@@ -44,7 +44,7 @@ def test_hidden_losses_match_a_plain_reference_in_value_and_gradient_and_ignore_
     mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0]])
     ids = torch.zeros_like(mask)
     objective = HiddenStateDistance(loss)
-    value = objective(None, s, (None, t), mask, ids, objective.counts(mask, ids))
+    value = objective(None, StudentStates(s), Targets(final=t), mask, ids, objective.counts(mask, ids))
     (grad,) = torch.autograd.grad(value, s)
     s_ref = s.detach().clone().requires_grad_(True)
     expected = _plain(s_ref, t, mask, loss)
@@ -59,8 +59,8 @@ def test_the_global_batch_counts_normalise_a_micro_batch():
     s, t = torch.randn(1, 4, 8), torch.randn(1, 4, 8)
     mask = torch.ones(1, 4, dtype=torch.long)
     objective = HiddenStateDistance("mse")
-    local = objective(None, s, (None, t), mask, mask, LossCounts(4, 3, 1))
-    half = objective(None, s, (None, t), mask, mask, LossCounts(8, 6, 2))
+    local = objective(None, StudentStates(s), Targets(final=t), mask, mask, LossCounts(4, 3, 1))
+    half = objective(None, StudentStates(s), Targets(final=t), mask, mask, LossCounts(8, 6, 2))
     torch.testing.assert_close(half, local / 2)
 
 
@@ -201,3 +201,145 @@ def test_a_bfloat16_teacher_shares_its_trunk_and_hands_over_the_state_its_matmul
     assert shared.shared_trunk_layers == 2
     # The student's float32 trunk and the teacher's bfloat16 one differ by rounding only.
     torch.testing.assert_close(torch.tensor(shared.losses), torch.tensor(separate.losses), rtol=0.05, atol=0.01)
+
+
+def _plain_sparse_topk(s_hidden, weight, values, indices, rest, mask, temperature):
+    """The sparse top-k loss written out per position: the student's k logits from the head rows
+    at the teacher's ids, both distributions over k + 1 outcomes with the teacher's rest."""
+    total, n = 0.0, 0
+    for b in range(s_hidden.shape[0]):
+        for i in range(s_hidden.shape[1]):
+            if not mask[b, i]:
+                continue
+            s = torch.stack([weight[j] @ s_hidden[b, i] for j in indices[b, i].tolist()]) / temperature
+            t = values[b, i] / temperature
+            p = torch.softmax(torch.cat([t, rest[b, i : i + 1]]), 0)
+            q = torch.softmax(torch.cat([s, rest[b, i : i + 1]]), 0)
+            total = total + (p * (p.log() - q.log())).sum()
+            n += 1
+    return temperature**2 * total / n
+
+
+def test_sparse_topk_logits_match_a_plain_reference_in_value_and_gradient(tiny_tokenizer):
+    from tailor.distill.kd_loss import TopKTeacher
+    from tailor.distill.objectives import SparseTopKKD
+
+    torch.manual_seed(0)
+    student = build_tiny_gemma3(tiny_tokenizer, num_layers=1, seed=0).double()
+    width = student.config.hidden_size
+    s = torch.randn(2, 5, width, dtype=torch.float64, requires_grad=True)
+    teacher_logits = torch.randn(2, 5, student.config.vocab_size, dtype=torch.float64) * 3
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
+    k, temperature = 4, 2.0
+    topk = TopKTeacher.from_logits(teacher_logits, k, temperature)
+    objective = SparseTopKKD(temperature, chunk_tokens=3)  # chunks that split the rows
+    value = objective(student, StudentStates(s), Targets(topk=topk), mask, mask, objective.counts(mask, mask))
+    (grad,) = torch.autograd.grad(value, s)
+    s_ref = s.detach().clone().requires_grad_(True)
+    weight = student.get_output_embeddings().weight.detach()
+    expected = _plain_sparse_topk(
+        s_ref, weight, topk.values.double(), topk.indices, topk.rest_logsumexp.double(), mask, temperature
+    )
+    (grad_ref,) = torch.autograd.grad(expected, s_ref)
+    torch.testing.assert_close(value.double(), expected)
+    torch.testing.assert_close(grad.double(), grad_ref)
+    assert torch.all(grad[mask == 0] == 0)
+    # Zero exactly when the student's logits at the teacher's ids are the teacher's.
+    at_ids = torch.einsum("btd,btkd->btk", s.detach(), weight[topk.indices.long()])
+    same = TopKTeacher(at_ids, topk.indices, topk.rest_logsumexp, temperature)
+    zero = objective(student, StudentStates(s.detach()), Targets(topk=same), mask, mask, objective.counts(mask, mask))
+    assert abs(float(zero.detach())) < 1e-6  # float32 rounding (the loss computes in float32)
+
+
+def test_span_and_a_weighted_mix_match_their_plain_references():
+    from tailor.distill.objectives import SpanEndDistance
+
+    torch.manual_seed(0)
+    final, span = (torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    t_final, t_span = torch.randn(2, 5, 8, dtype=torch.float64), torch.randn(2, 5, 8, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0]])
+    states, targets = StudentStates(final, span), Targets(final=t_final, span=t_span)
+    only_span = SpanEndDistance("mse")
+    counts = only_span.counts(mask, mask)
+    value = only_span(None, states, targets, mask, mask, counts)
+    torch.testing.assert_close(value.double(), _plain(span, t_span, mask, "mse"))
+    (grad_final,) = torch.autograd.grad(value, final, allow_unused=True)
+    assert grad_final is None  # the span objective reads only the span state
+    mix = build_objective(DistillConfig(objective={"hidden": 1.0, "span": 0.25}, hidden_loss="cosine"))
+    assert mix.needs == {"final", "span"} and not mix.uses_output_head
+    value = mix(None, states, targets, mask, mask, counts)
+    expected = _plain(final, t_final, mask, "cosine") + 0.25 * _plain(span, t_span, mask, "cosine")
+    torch.testing.assert_close(value.double(), expected)
+    got = torch.autograd.grad(value, (final, span))
+    want = torch.autograd.grad(expected, (final, span))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w)
+    assert mix.describe() == {
+        "objective": "weighted",
+        "parts": [
+            {"weight": 1.0, "objective": "hidden", "hidden_loss": "cosine"},
+            {"weight": 0.25, "objective": "span", "hidden_loss": "cosine"},
+        ],
+    }
+
+
+def test_objective_mixes_and_topk_logits_are_checked_before_work():
+    assert build_objective(DistillConfig(objective="topk_logits", teacher_topk=8)).needs == {"topk"}
+    with pytest.raises(
+        ConfigError, match="topk_logits compares the teacher's top-k logits and needs distill.teacher_topk"
+    ):
+        load_config("smoke", ["distill.objective=topk_logits"])
+    with pytest.raises(ConfigError, match="logits trains alone"):
+        load_config("smoke", ["distill.objective={logits: 1, hidden: 1}"])
+    with pytest.raises(ConfigError, match="weights must be > 0"):
+        load_config("smoke", ["distill.objective={hidden: 0}"])
+    with pytest.raises(ConfigError, match="'soft' is not one of logits, hidden, span, topk_logits"):
+        load_config("smoke", ["distill.objective={hidden: 1, soft: 1}"])
+    with pytest.raises(ConfigError, match="span needs one contiguous removed block"):
+        from tailor.preflight import check_trainable_layers
+
+        check_trainable_layers(
+            load_config("smoke", ["prune.strategy=indices", "prune.indices=[0,2]", "distill.objective=span"]), 4
+        )
+    with pytest.raises(
+        ConfigError, match="span compares the student's state after its layer 1, which train_last_layers=1"
+    ):
+        check_trainable_layers(
+            load_config(
+                "smoke",
+                [
+                    "prune.strategy=indices",
+                    "prune.indices=[2]",
+                    "distill.objective=span",
+                    "distill.train_last_layers=1",
+                ],
+            ),
+            4,
+        )
+
+
+@pytest.mark.parametrize("objective", ["span", "topk_logits", "mix"])
+def test_each_new_objective_trains_a_pruned_student_toward_the_teacher(tiny_tokenizer, objective):
+    import copy
+
+    from tailor.prune.pruning import prune_layers
+
+    teacher = build_tiny_gemma3(tiny_tokenizer, num_layers=6, seed=0).eval()
+    samples = build_samples(tiny_tokenizer, TEXTS, seq_len=16, num_samples=8)
+    chosen = {"span": "span", "topk_logits": "topk_logits", "mix": {"hidden": 1.0, "span": 0.5, "topk_logits": 0.1}}
+    cfg = DistillConfig(
+        objective=chosen[objective],
+        teacher_topk=0 if objective == "span" else 8,
+        learning_rate=3e-3,
+        batch_size=4,
+        grad_accum=1,
+        seq_len=16,
+        epochs=4,
+        num_samples=8,
+        freeze_embeddings=True,
+        train_last_layers=3,
+    )
+    student = prune_layers(copy.deepcopy(teacher), [3, 4])
+    record = Distiller(teacher, student, samples, cfg).fit()
+    assert record.shared_trunk_layers == 1
+    assert record.losses[-1] < record.losses[0]

@@ -48,6 +48,10 @@ class WorkDir:
         return self.root / "teacher-cache"
 
     @property
+    def activations(self) -> Path:
+        return self.root / "activations"
+
+    @property
     def evals(self) -> Path:
         return self.root / "evals"
 

@@ -194,11 +194,23 @@ class SpeedConfig(_Section):
     """Prompt whose greedy continuation is shown in the report for each model."""
 
 
+OBJECTIVE_NAMES = ("logits", "hidden", "span", "topk_logits")
+# Objectives that read only teacher states and top-k logits, so they mix by weight and train from
+# the activation cache; "logits" runs the teacher's full head (or its own top-k cache) alone.
+MIXABLE_OBJECTIVES = ("hidden", "span", "topk_logits")
+
+
+def _weights(objective) -> dict:
+    return {} if objective is None else {objective: 1.0} if isinstance(objective, str) else dict(objective)
+
+
 class DistillConfig(_Section):
-    objective: Literal["logits", "hidden"] = "logits"
+    objective: str | dict[str, float] = "logits"
     """What the student learns to match: logits (the teacher's softened next-token distribution, through the output
-    head) or hidden (the teacher's final hidden state, the head's input: no output head or 262k softmax for either
-    model, so several times more tokens per second).
+    head), hidden (the teacher's final hidden state, the head's input: no output head or 262k softmax for either
+    model), span (the teacher's state entering the first layer kept after the removed block), topk_logits (forward KL
+    at the teacher's top-k token ids only, k = teacher_topk, the rest as one outcome), or a weighted mix of hidden, span
+    and topk_logits, e.g. {hidden: 1.0, topk_logits: 0.1}.
     """
     hidden_loss: Literal["mse", "cosine"] = "mse"
     """objective=hidden: per-token distance between final hidden states: mse (squared error relative to the teacher's
@@ -288,9 +300,22 @@ class DistillConfig(_Section):
         "micro-batch of each process.",
     )
     teacher_topk: int = Field(0, ge=0)
-    """0: exact KD against the live teacher. k >= 1: compute the teacher's top-k logits (plus the rest's log-sum-exp)
-    once, cache them on disk, and train from the cache (forward_kl only).
+    """objective=logits: 0 is exact KD against the live teacher; k >= 1 computes the teacher's top-k logits (plus the
+    rest's log-sum-exp) once, caches them on disk and trains from the cache (forward_kl only). topk_logits: the k it
+    compares (required).
     """
+    # Left out of model_dump like launch_timeout_s: training from the cache is the same to the
+    # bit as from the live teacher, so it must not change the distillation's cache keys.
+    activation_cache: bool = Field(
+        True,
+        exclude=True,
+        description="hidden, span, topk_logits: compute the teacher's targets once per teacher, student and samples, "
+        "on disk, with the output of the layers the student shares with the teacher and does not train "
+        "(train_last_layers with freeze_embeddings), and read them every epoch: a step then runs only the student's "
+        "trained layers, and the teacher is never loaded while training. The trained weights are the same to the bit "
+        "as from the live teacher. Not used for objective logits, for later phases (distill.then) or with "
+        "nproc_per_node above 1.",
+    )
     teacher_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """The teacher's matmuls (it is never trained): bfloat16 stores its linear and embedding weights in bfloat16 (half
     the memory) and runs them under autocast, residual stream, norms and the samples' embedding rows in float32; auto
@@ -378,7 +403,12 @@ class DistillConfig(_Section):
             "launch_timeout_s": self.launch_timeout_s,
             "linear_map": False,
             "replacement_layer": False,
-            "teacher_topk": 0,
+            # The first phase's caches hold the teacher's answers for its student; a later phase
+            # runs the live teacher (topk_logits keeps its k, computed per batch).
+            "teacher_topk": self.teacher_topk
+            if "topk_logits" in _weights(changes.get("objective", self.objective))
+            else 0,
+            "activation_cache": False,
         }
         return DistillConfig.model_validate({**base, **changes})
 
@@ -392,12 +422,48 @@ class DistillConfig(_Section):
             raise ValueError("distill.linear_map and distill.replacement_layer both fill the removed block; choose one")
         return self
 
+    def objective_weights(self) -> dict[str, float]:
+        """The objective as {name: weight}: one name is itself with weight 1."""
+        return {self.objective: 1.0} if isinstance(self.objective, str) else dict(self.objective)
+
+    @field_validator("objective")
+    @classmethod
+    def _objective_names(cls, v: str | dict[str, float]) -> str | dict[str, float]:
+        unknown = [name for name in ([v] if isinstance(v, str) else v) if name not in OBJECTIVE_NAMES]
+        if unknown:
+            raise ValueError(
+                f"distill.objective {', '.join(map(repr, unknown))} is not one of {', '.join(OBJECTIVE_NAMES)} "
+                f"(or a mix {{name: weight}} of {', '.join(MIXABLE_OBJECTIVES)})"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _objective_mix(self):
+        weights = self.objective_weights()
+        if not weights:
+            raise ValueError("distill.objective: a mix needs at least one objective with a weight > 0")
+        bad = {k: w for k, w in weights.items() if not w > 0}
+        if bad:
+            raise ValueError(f"distill.objective weights must be > 0 (got {bad}); leave an objective out instead")
+        if len(weights) > 1 and "logits" in weights:
+            raise ValueError(
+                "distill.objective: logits trains alone (it runs the teacher's full head); a weighted mix takes "
+                f"{', '.join(MIXABLE_OBJECTIVES)} (for sparse logits in a mix: topk_logits)"
+            )
+        return self
+
     @model_validator(mode="after")
     def _topk_needs_logits(self):
-        if self.teacher_topk and self.objective != "logits":
+        weights = self.objective_weights()
+        if "topk_logits" in weights and not self.teacher_topk:
+            raise ValueError(
+                "distill.objective topk_logits compares the teacher's top-k logits and needs distill.teacher_topk "
+                "= k >= 1 (e.g. 64)"
+            )
+        if self.teacher_topk and "logits" not in weights and "topk_logits" not in weights:
             raise ValueError(
                 f"distill.teacher_topk={self.teacher_topk} caches logits and needs distill.objective="
-                f"'logits' (got {self.objective!r}); set distill.teacher_topk=0"
+                f"'logits' or 'topk_logits' (got {self.objective!r}); set distill.teacher_topk=0"
             )
         return self
 

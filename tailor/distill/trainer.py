@@ -15,23 +15,24 @@ import torch
 
 from tailor.config.settings import DistillConfig, TailorError
 from tailor.data.tokenised import TokensRef
+from tailor.distill.activation_cache import ActivationCache, ActivationsRef
 from tailor.distill.kd_loss import LossCounts, TopKTeacher
-from tailor.distill.objectives import Objective, build_objective
+from tailor.distill.objectives import Objective, StudentStates, Targets, build_objective, objective_needs
 from tailor.distill.record import TrainingProgress, TrainingRecord, training_record, write_training_record
+from tailor.distill.targets import TargetPlan, plan_targets, span_depths, teacher_targets, trunk_digest
 from tailor.distill.teacher_cache import load_topk_cache
 from tailor.evaluate.perplexity import heldout_perplexity
 from tailor.models.precision import (
     bfloat16_autocast,
     bfloat16_is_faster,
     final_hidden,
-    has_bfloat16_matmuls,
     load_teacher,
     resolve_bf16_autocast,
     teacher_numerics,
 )
 from tailor.prune.linear_map import fit_linear_map
 from tailor.prune.pruning import replace_removed_block
-from tailor.prune.trunk import decoder_layers, hidden_states_at, shared_prefix, tail_hidden, tail_model
+from tailor.prune.trunk import decoder_layers, shared_prefix, tail_hidden, tail_model
 from tailor.store.checkpoint import (
     CheckpointRef,
     check_checkpoint_target,
@@ -54,7 +55,12 @@ class Distiller:
 
     ``fit()`` runs the whole lifecycle and returns the training record (losses per optimiser
     step, throughput, the healing curve). The teacher is either a live model or, with
-    ``topk``, its cached top-k logits for these samples (``teacher`` may then be None).
+    ``topk``, its cached top-k logits for these samples, or, with ``activations``, its targets
+    and the shared trunk's output for these samples (``teacher`` may then be None).
+
+    ``span``: the (student, teacher) depths of the removed block's end for the ``span``
+    objective, taken before a layer was added or a map folded into the student
+    (``span_depths``); by default taken from ``student`` and ``teacher`` as given.
 
     With ``resume_file``, ``state_dict()`` (student, optimiser, scheduler, RNG state and data
     position) is saved there, write then rename, every ``cfg.checkpoint_every`` optimiser
@@ -83,6 +89,8 @@ class Distiller:
         cfg: DistillConfig,
         *,
         topk: TopKTeacher | None = None,
+        activations: ActivationCache | None = None,
+        span: tuple[int, int] | None = None,
         heldout: dict[str, dict[str, torch.Tensor]] | None = None,
         resume_file: Path | None = None,
         on_step: Callable[[int, float], None] | None = None,
@@ -90,13 +98,19 @@ class Distiller:
         share_trunk: bool = True,
         probe_dir: Path | None = None,
     ) -> None:
-        if topk is None and cfg.objective == "logits" and teacher.config.vocab_size != student.config.vocab_size:
+        if (
+            topk is None
+            and "logits" in cfg.objective_weights()
+            and teacher.config.vocab_size != student.config.vocab_size
+        ):
             raise DistillError(
                 f"student vocabulary ({student.config.vocab_size}) differs from the "
                 f"teacher's ({teacher.config.vocab_size}); logit distillation needs the same one"
             )
         self.teacher, self.student, self.samples, self.cfg = teacher, student, samples, cfg
         self.topk, self.heldout, self.resume_file = topk, heldout, resume_file
+        self.activations, self.span = activations, span
+        self.plan: TargetPlan | None = None  # which teacher signals each batch needs, and from where
         self.on_step, self.on_heldout = on_step, on_heldout
         self.share_trunk = share_trunk
         self.probe_dir = probe_dir
@@ -121,7 +135,9 @@ class Distiller:
         if cfg.gradient_checkpointing:
             student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.autocast = resolve_bf16_autocast(cfg.bf16_autocast, student.device, self.probe_dir)
-        if cfg.bf16_autocast == "auto" or (self.topk is None and cfg.teacher_dtype == "auto"):
+        if cfg.bf16_autocast == "auto" or (
+            self.topk is None and self.activations is None and cfg.teacher_dtype == "auto"
+        ):
             self.probe = bfloat16_is_faster(student.device, self.probe_dir)
         # The student's output-head matmuls (logit objectives) follow its autocast setting.
         self.objective = build_objective(cfg, torch.bfloat16 if self.autocast else torch.float32)
@@ -133,8 +149,10 @@ class Distiller:
             self.load_state_dict(torch.load(self.resume_file, weights_only=True))
         else:
             torch.manual_seed(cfg.seed)
-        self.trunk = self._shared_trunk() if self.share_trunk else 0
-        self.model = _FinalHidden(student, self.autocast, self.trunk)
+        self.plan = self._plan()
+        self.trunk = self.plan.trunk
+        span_layer = decoder_layers(student)[self.plan.span_student - 1] if self.plan.span_student else None
+        self.model = _FinalHidden(student, self.autocast, self.trunk, span_layer)
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -252,7 +270,8 @@ class Distiller:
             teacher=(
                 f"cached top-{cfg.teacher_topk}"
                 if self.topk is not None
-                else f"live ({teacher_numerics(cfg.teacher_dtype, student.device, self.probe_dir)})"
+                else f"{'activation cache' if self.activations is not None else 'live'} "
+                f"({teacher_numerics(cfg.teacher_dtype, student.device, self.probe_dir)})"
             ),
             gradient_checkpointing=cfg.gradient_checkpointing,
             bf16_autocast=self.autocast,
@@ -301,23 +320,66 @@ class Distiller:
         student, samples = self.student, self.samples
         ids = samples["input_ids"][idx].to(student.device)
         mask = samples["attention_mask"][idx].to(student.device)
-        if self.topk is not None:
+        trunk_hidden, targets = self._targets(idx, ids, mask)
+        # With a shared trunk the student runs only its layers after it, from the teacher's state
+        # at the branch point (the student's own, as its trunk holds the teacher's weights).
+        states = self.model(ids, mask, trunk_hidden)
+        return self.objective(student, states, targets, mask, ids, counts)
+
+    def _targets(self, idx: list[int], ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor | None, Targets]:
+        """(the trunk's output or None, the teacher's targets) of samples ``idx`` on the student's device."""
+        device = self.student.device
+        if self.activations is not None:
+            trunk, targets = self.activations.batch(idx)
+        elif self.topk is not None:
             topk, rows = self.topk, torch.tensor(idx)
-            target = TopKTeacher(topk.values[rows], topk.indices[rows], topk.rest_logsumexp[rows], topk.temperature)
+            trunk = None
+            targets = Targets(
+                topk=TopKTeacher(topk.values[rows], topk.indices[rows], topk.rest_logsumexp[rows], topk.temperature)
+            )
         else:
             teacher = self.teacher
-            with torch.no_grad():
-                if self.trunk:
-                    # One forward of the shared layers: the teacher's state at the branch point is
-                    # the student's own, so the student runs only its remaining layers from it.
-                    with bfloat16_autocast(has_bfloat16_matmuls(teacher), teacher.device):
-                        states, t_hidden = hidden_states_at(teacher, ids, mask, (self.trunk,))
-                    trunk_hidden = states[self.trunk].float()
-                else:
-                    t_hidden = final_hidden(teacher, ids.to(teacher.device), mask.to(teacher.device))
-            target = (teacher, t_hidden.float().to(student.device))
-        s_hidden = self.model(ids, mask, trunk_hidden) if self.trunk else self.model(ids, mask)
-        return self.objective(student, s_hidden, target, mask, ids, counts)
+            trunk, targets = teacher_targets(teacher, ids.to(teacher.device), mask.to(teacher.device), self.plan)
+        return _on(trunk, device), Targets(
+            teacher=targets.teacher,
+            final=_on(targets.final, device),
+            span=_on(targets.span, device),
+            topk=None
+            if targets.topk is None
+            else TopKTeacher(
+                *(t.to(device) for t in (targets.topk.values, targets.topk.indices, targets.topk.rest_logsumexp)),
+                targets.topk.temperature,
+            ),
+        )
+
+    def _plan(self) -> TargetPlan:
+        """What each batch reads: the activation cache's plan (checked against the student), or
+        the live teacher's signals with the shared trunk found on the weights."""
+        needs = self.objective.needs
+        if self.activations is not None:
+            plan = self.activations.plan
+            if plan.needs != needs:
+                raise DistillError(
+                    f"the activation cache holds {sorted(plan.needs)}, the objective needs {sorted(needs)}"
+                )
+            frozen = not self.student.get_input_embeddings().weight.requires_grad and not any(
+                p.requires_grad
+                for layer in list(decoder_layers(self.student))[: plan.trunk]
+                for p in layer.parameters()
+            )
+            if plan.trunk and (not frozen or trunk_digest(self.student, plan.trunk) != self.activations.trunk_digest):
+                raise DistillError(
+                    f"the activation cache's first {plan.trunk} layers are not this student's frozen layers; "
+                    "set distill.activation_cache=false or compute the cache for this student"
+                )
+            return plan
+        if self.topk is not None:
+            return TargetPlan(needs=frozenset({"topk"}))
+        trunk = self._shared_trunk() if self.share_trunk else 0
+        span = self.span
+        if span is None and "span" in needs:
+            span = span_depths(self.student, self.teacher, self.cfg)
+        return plan_targets(self.cfg, needs, trunk, span)
 
     def _shared_trunk(self) -> int:
         """How many leading layers the student runs from the teacher's hidden state instead of its own.
@@ -350,27 +412,46 @@ class Distiller:
 
 
 class _FinalHidden(torch.nn.Module):
-    """The student's decoder as one module whose forward returns the output head's input.
+    """The student's decoder as one module whose forward returns its ``StudentStates``.
 
     The losses apply the (tied) output head themselves, chunk by chunk, so the module that
     ``DistributedDataParallel`` wraps is the part of the model its forward runs; the head's
     weight still belongs to it, and its gradient is reduced like every other.
     """
 
-    def __init__(self, student, autocast: bool, trunk: int = 0) -> None:
+    def __init__(self, student, autocast: bool, trunk: int = 0, span_layer: torch.nn.Module | None = None) -> None:
         super().__init__()
         self.student = student
         self.autocast = autocast
         # Its layers from ``trunk`` on, run from the teacher's state at that depth (shared trunk).
         self.tail = tail_model(student, trunk) if trunk else None
+        # The layer whose output is the student's state at the end of the removed block (span).
+        self.span_layer = span_layer
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, trunk_hidden: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        if trunk_hidden is None:
-            return final_hidden(self.student, input_ids, attention_mask, autocast=self.autocast)
-        with bfloat16_autocast(self.autocast, input_ids.device):
-            return tail_hidden(self.tail, trunk_hidden, attention_mask).float()
+    ) -> StudentStates:
+        captured = {}
+        hook = None
+        if self.span_layer is not None:
+            hook = self.span_layer.register_forward_hook(
+                lambda m, args, out: captured.__setitem__("span", out[0] if isinstance(out, tuple) else out)
+            )
+        try:
+            if trunk_hidden is None:
+                final = final_hidden(self.student, input_ids, attention_mask, autocast=self.autocast)
+            else:
+                with bfloat16_autocast(self.autocast, input_ids.device):
+                    final = tail_hidden(self.tail, trunk_hidden, attention_mask).float()
+        finally:
+            if hook is not None:
+                hook.remove()
+        span = captured.get("span")
+        return StudentStates(final, None if span is None else span.float())
+
+
+def _on(tensor: torch.Tensor | None, device) -> torch.Tensor | None:
+    return None if tensor is None else tensor.to(device)
 
 
 def select_trainable(student, cfg: DistillConfig) -> list[torch.nn.Parameter]:
@@ -489,14 +570,17 @@ def distill_checkpoint(
     *,
     heldout: TokensRef | None = None,
     topk_cache: Path | None = None,
+    activations: ActivationsRef | None = None,
     device: str = "cpu",
     on_step: Callable[[int, float], None] | None = None,
     on_heldout: Callable[[int, float], None] | None = None,
     unkeyed_ok: bool = False,
     probe_dir: Path | None = None,
 ) -> tuple[CheckpointRef, TrainingRecord]:
-    """Distil the student checkpoint from the teacher checkpoint (or its top-k cache) on the
-    ``train`` tokens and save the result; with ``heldout`` tokens it records the healing curve.
+    """Distil the student checkpoint from the teacher checkpoint (or its top-k cache, or its
+    activation cache) on the ``train`` tokens and save the result; with ``heldout`` tokens it
+    records the healing curve. Training from ``activations`` gives the same weights to the bit as
+    from the live teacher, so it is not part of the result's key.
     ``auto`` precisions resolve by the machine's probe kept in ``probe_dir`` (``bfloat16_is_faster``).
 
     A finished checkpoint already in ``out_dir`` is handed back only when it records this
@@ -513,39 +597,40 @@ def distill_checkpoint(
     student, tokenizer = load_model(student_ref, device=device)
     # A later phase of distill.then may take only the first num_samples of the tokenised samples.
     samples = {name: rows[: cfg.num_samples] for name, rows in train.samples().items()}
+    teacher = topk = cache = span = None
+    if activations is not None:
+        cache = ActivationCache(activations, samples)
+    elif topk_cache is not None:
+        topk = load_topk_cache(topk_cache, samples, cfg)
+    else:
+        teacher = load_teacher(teacher_ref, cfg.teacher_dtype, samples["input_ids"], device, probe_dir)
+        # Before a layer is added or a map folded in: the removed block is found on the weights.
+        span = span_depths(student, teacher, cfg) if "span" in objective_needs(cfg) else None
     fitted_map = fill_removed_block(student, teacher_ref, cfg, samples, device)
     heldout_sets = heldout.per_source() if heldout is not None else None
-    if topk_cache is not None:
-        teacher, topk = None, load_topk_cache(topk_cache, samples, cfg)
-    else:
-        teacher, topk = load_teacher(teacher_ref, cfg.teacher_dtype, samples["input_ids"], device, probe_dir), None
     resume_file = resume_path(out_dir, cfg, teacher_ref, student_ref, train, topk_cache, _process_group()[1])
+    teachers = dict(topk=topk, activations=cache, span=span, resume_file=resume_file, probe_dir=probe_dir)
     rank, world = _process_group()
     if rank != 0:
-        Distiller(teacher, student, samples, cfg, topk=topk, resume_file=resume_file, probe_dir=probe_dir).fit()
+        Distiller(teacher, student, samples, cfg, **teachers).fit()
         _barrier(world)
         done = existing_checkpoint(out_dir)
         return done, training_record(done)
 
     def train_and_save(tmp: Path) -> None:
         record = Distiller(
-            teacher,
-            student,
-            samples,
-            cfg,
-            topk=topk,
-            heldout=heldout_sets,
-            resume_file=resume_file,
-            on_step=on_step,
-            on_heldout=on_heldout,
-            probe_dir=probe_dir,
+            teacher, student, samples, cfg, heldout=heldout_sets, on_step=on_step, on_heldout=on_heldout, **teachers
         ).fit()
         record = dataclasses.replace(record, linear_map=fitted_map)
         save_model(student, tokenizer, tmp)
         write_training_record(tmp, record)
         (tmp / INPUTS_FILE).write_text(json.dumps({"key": key}) + "\n")
 
-    ref = write_checkpoint(out_dir, train_and_save)
+    try:
+        ref = write_checkpoint(out_dir, train_and_save)
+    finally:
+        if cache is not None:
+            cache.close()
     resume_file.unlink(missing_ok=True)
     _barrier(world)
     return ref, training_record(ref)

@@ -623,8 +623,21 @@ def write_report(report: dict, out_dir: Path) -> tuple[Path, Path]:
 
 def objective_text(loss: dict) -> str:
     """What the student was trained to match, in words (a training record's ``loss``)."""
-    if loss.get("objective") == "hidden":
+    objective = loss.get("objective")
+    if objective == "weighted":
+        return " + ".join(f"{part['weight']:g} × {objective_text(part)}" for part in loss["parts"])
+    if objective == "hidden":
         return f"the teacher's final hidden state ({loss['hidden_loss']} per token, real tokens only)"
+    if objective == "span":
+        return (
+            "the teacher's state entering the first layer kept after the removed block "
+            f"({loss['hidden_loss']} per token, real tokens only)"
+        )
+    if objective == "topk_logits":
+        return (
+            f"the teacher's top-k logits at T={loss['temperature']} (forward KL over its top-k tokens and the rest, "
+            "the student's logits at those tokens only), real tokens only"
+        )
     if loss["book"]:
         return "the book's logit KD (batchmean KL over padded positions)"
     return f"logit KD, {loss['kind']} at T={loss['temperature']} scaled by T², alpha={loss['alpha']}, real tokens only"
