@@ -38,10 +38,13 @@ from tailor.config.settings import (
     EvalConfig,
     GenerateConfig,
     ModelConfig,
+    PruneConfig,
     TailorConfig,
     load_config,
 )
 from tailor.data.corpus import heldout_samples, pad_rows, read_documents, training_samples
+from tailor.data.tokenised import tokenise_corpus
+from tailor.distill.activation_cache import ActivationCache, uses_activation_cache, write_activation_cache
 from tailor.distill.generated import teacher_text_for
 from tailor.distill.record import TrainingRecord
 from tailor.distill.trainer import Distiller, fill_removed_block
@@ -168,6 +171,14 @@ VARIANTS: dict[str, dict] = {
     # The same recipe sized for the quick profile (2 layers removed): 64 steps, screened with
     # --remove-last 2 and with --cut 15-16 (the last layer kept).
     "quick_hidden_mse_last4_lr4e-4": dict(WHOLE_CORPUS, learning_rate=4e-4, num_samples=1024, warmup_steps=4),
+    # More passes over the same corpus, from the activation cache (run with --cut 13-16): the
+    # heal profile's recipe over 2 and 3 epochs (the cosine schedule spans all of them), and
+    # over 2 epochs with the state at the removed block's end as a second target.
+    "heal_recipe_2_epochs": dict(WHOLE_CORPUS, learning_rate=4e-4, epochs=2),
+    "heal_recipe_3_epochs": dict(WHOLE_CORPUS, learning_rate=4e-4, epochs=3),
+    "heal_recipe_2_epochs_span": dict(
+        WHOLE_CORPUS, learning_rate=4e-4, epochs=2, objective={"hidden": 1.0, "span": 1.0}
+    ),
     "hidden_mse_replacement": dict(HIDDEN, replacement_layer=True, train_last_layers=1),
     "hidden_cosine_last4": dict(HIDDEN, train_last_layers=4, hidden_loss="cosine"),
     "logits_last4": dict(HIDDEN, train_last_layers=4, objective="logits"),
@@ -218,13 +229,26 @@ def distilled_checkpoint(name: str, cfg: DistillConfig, base, pruned, data: Data
     if (done := existing_checkpoint(out)) is not None:
         return done, TrainingRecord.from_dict(json.loads((out / "record.json").read_text()))
     student, tokenizer = load_model(pruned)
-    samples = (
-        windowed_samples_before_fix(tokenizer, data, cfg.seq_len, cfg.num_samples)
-        if name == "quick_as_shipped_before"
-        else training_samples(tokenizer, cfg, data, teacher_text=teacher_text(cfg, base, work))
-    )
+    activations = None
+    if name != "quick_as_shipped_before" and TEACHER_SOURCE not in cfg.corpus_mix and uses_activation_cache(cfg):
+        # As the flow trains: the teacher's targets (and the shared trunk's output) computed once
+        # into the work folder's activation cache, the same weights to the bit as a live teacher.
+        train = tokenise_corpus(base, cfg, PruneConfig(), data, str(work))["train"]
+        samples = {k: v[: cfg.num_samples] for k, v in train.samples().items()}
+        started = time.perf_counter()
+        ref = write_activation_cache(base, pruned, cfg, train, WorkDir(work).activations, WorkDir(work).probes)
+        print(f"  activation cache ready in {time.perf_counter() - started:.0f} s", flush=True)
+        activations = ActivationCache(ref, samples)
+    elif name == "quick_as_shipped_before":
+        samples = windowed_samples_before_fix(tokenizer, data, cfg.seq_len, cfg.num_samples)
+    else:
+        samples = training_samples(tokenizer, cfg, data, teacher_text=teacher_text(cfg, base, work))
     fill_removed_block(student, base, cfg, samples)
-    teacher = load_teacher(base, cfg.teacher_dtype, samples["input_ids"], probe_dir=WorkDir(work).probes)
+    teacher = (
+        None
+        if activations is not None
+        else load_teacher(base, cfg.teacher_dtype, samples["input_ids"], probe_dir=WorkDir(work).probes)
+    )
     # The healing curve (held-out perplexity every heldout_every steps), as the flow records it.
     curve = heldout_samples(tokenizer, cfg, data) if cfg.heldout_every else None
     started = time.perf_counter()
@@ -234,7 +258,14 @@ def distilled_checkpoint(name: str, cfg: DistillConfig, base, pruned, data: Data
             print(f"  step {step}: loss {loss:.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
 
     record = Distiller(
-        teacher, student, samples, cfg, heldout=curve, on_step=on_step, probe_dir=WorkDir(work).probes
+        teacher,
+        student,
+        samples,
+        cfg,
+        activations=activations,
+        heldout=curve,
+        on_step=on_step,
+        probe_dir=WorkDir(work).probes,
     ).fit()
     del teacher
 
