@@ -13,6 +13,12 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from tailor.config.settings import RunnerConfig
 
 
+def frontier_runner(runner: RunnerConfig) -> TaskRunner:
+    """The frontier's candidates at once: the Dask cluster the settings name, else a local one of
+    two worker processes."""
+    return task_runner_for(runner if runner.on_dask else RunnerConfig(concurrent=True, dask_workers=2))
+
+
 def task_runner_for(runner: RunnerConfig) -> TaskRunner:
     """Threads (the flows' default), a local Dask cluster of ``runner.dask_workers`` processes,
     or the Dask cluster at ``runner.dask_address``."""

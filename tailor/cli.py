@@ -43,21 +43,24 @@ def _configured_api_url() -> str:
 
 
 def cmd_flow(args: argparse.Namespace) -> int:
-    """`tailor run` (the whole cycle) and `tailor sweep` (the pruning sweep)."""
+    """`tailor run` (the whole cycle), `tailor sweep` (the pruning sweep) and `tailor frontier`."""
     cfg = load_config(args.profile, args.set)
     # Bad settings and inputs, --out included (written last), fail here, before a Prefect server starts.
     preflight(cfg, out_dir=args.out)
     _prefect_defaults(cfg.work_dir)
+    from flows.runners import frontier_runner, task_runner_for
+
+    runner = task_runner_for(cfg.runner)
     if args.command == "sweep":
         from flows.sweep_flow import sweep_flow as flow
+    elif args.command == "frontier":
+        from flows.frontier_flow import frontier_flow as flow
+
+        runner = frontier_runner(cfg.runner)
     else:
         from flows.tailor_flow import tailor_flow as flow
 
-    from flows.runners import task_runner_for
-
-    result = flow.with_options(task_runner=task_runner_for(cfg.runner))(
-        profile=args.profile, overrides=args.set, out_dir=args.out
-    )
+    result = flow.with_options(task_runner=runner)(profile=args.profile, overrides=args.set, out_dir=args.out)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -177,6 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(sweep, "sweep.num_layers=[2,4]")
     sweep.add_argument("--out", default=None, help="folder for sweep.md, sweep.json and the plots")
     sweep.set_defaults(fn=cmd_flow)
+    frontier = sub.add_parser(
+        "frontier", help="per cut size, the cut that heals best, healed and compared with the original (frontier.*)"
+    )
+    _config_args(frontier, "frontier.sizes=[2,4,6]")
+    frontier.set_defaults(profile="heal")
+    frontier.add_argument("--out", default=None, help="folder for frontier.md, frontier.json and frontier.png")
+    frontier.set_defaults(fn=cmd_flow)
     prom = sub.add_parser("promote", help="move the champion alias to a registered version, through the gate")
     prom.add_argument("--version", required=True, help="registered model version number")
     prom.add_argument("--force", action="store_true", help="promote even when a threshold fails")

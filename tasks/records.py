@@ -76,6 +76,16 @@ class Activations:
 
 
 @dataclass(frozen=True)
+class HealedCut:
+    """One cut healed by ``heal_cut``: the checkpoint, its training record and its held-out perplexity."""
+
+    ref: CheckpointRef
+    record: TrainingRecord
+    heldout_ppl: float
+    cost: StageCost
+
+
+@dataclass(frozen=True)
 class Distilled:
     ref: CheckpointRef
     record: TrainingRecord

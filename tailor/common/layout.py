@@ -52,6 +52,10 @@ class WorkDir:
         return self.root / "activations"
 
     @property
+    def frontiers(self) -> Path:
+        return self.root / "frontiers"
+
+    @property
     def evals(self) -> Path:
         return self.root / "evals"
 

@@ -592,6 +592,29 @@ class SweepConfig(_Section):
         return v
 
 
+class FrontierConfig(_Section):
+    """`tailor frontier`: for each cut size, the contiguous cut that heals best, healed with the profile's recipe."""
+
+    sizes: tuple[int, ...] = (2, 4, 6)
+    """Decoder layers removed, one frontier row each."""
+    candidates: int = Field(3, ge=1)
+    """Contiguous cuts tried per size: the last layers, then the same block one layer earlier (the last layer kept),
+    and so on; each is healed briefly and the one with the lowest held-out perplexity after it is kept.
+    """
+    screen_samples: int = Field(256, ge=1)
+    """Training samples of the short heal that ranks the candidates (the first this many of distill.num_samples)."""
+    max_drop: float = Field(0.05, gt=0, le=1)
+    """The margin: a size is within it when every task's distilled - original accuracy interval stays above -max_drop.
+    """
+
+    @field_validator("sizes")
+    @classmethod
+    def _sizes(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or any(n < 1 for n in v):
+            raise ValueError("frontier.sizes needs at least one layer count, each >= 1")
+        return tuple(sorted(set(v)))
+
+
 class RunnerConfig(_Section):
     concurrent: bool = True
     """Run the sweep's independent stages at once (each combination's pruning and evaluation); faster with spare
@@ -641,6 +664,7 @@ class TailorConfig(_Section):
     tracking: TrackingConfig = TrackingConfig()
     runner: RunnerConfig = RunnerConfig()
     sweep: SweepConfig = SweepConfig()
+    frontier: FrontierConfig = FrontierConfig()
     promotion: PromotionConfig = PromotionConfig()
 
     @model_validator(mode="after")

@@ -87,6 +87,40 @@ def _error_offsets(values: list[float], intervals: list[tuple[float, float] | No
     return [below, above]
 
 
+def errorbar_png(
+    xs: list[int],
+    points: list[tuple[float, float, float]],
+    labels: list[str],
+    levels: dict[str, float],
+    x_label: str,
+    y_label: str,
+    title: str,
+    path: Path,
+) -> Path:
+    """(value, low, high) per x as a line with interval bars, each point labelled; ``levels`` draws
+    labelled horizontal lines (references, margins)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ys = [p[0] for p in points]
+    ax.errorbar(
+        xs,
+        ys,
+        yerr=[[y - p[1] for y, p in zip(ys, points)], [p[2] - y for y, p in zip(ys, points)]],
+        marker="o",
+        capsize=4,
+    )
+    for (label, level), style in zip(levels.items(), ("-", "--", ":")):
+        ax.axhline(level, ls=style, lw=0.8, color="grey" if style == "-" else "tab:red", label=label)
+    for x, y, label in zip(xs, ys, labels):
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=8)
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
+    ax.set_title(title, fontsize=10)
+    ax.set_xticks(xs)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def embed_markdown(path: Path, alt: str) -> str:
     """The PNG inline as a data URI, so a markdown artifact shows it without file access."""
     return f"![{alt}](data:image/png;base64,{base64.b64encode(Path(path).read_bytes()).decode()})"
