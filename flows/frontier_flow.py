@@ -18,20 +18,18 @@ import time
 from pathlib import Path
 
 from prefect import flow
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import get_run_context
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.stages import FAILURE_HOOKS, RunContext, run_intact, run_link, send_console_to_prefect, track
-from tailor.common.console import LOGGER, Stages
+from flows.stages import FAILURE_HOOKS, RunContext, open_parent_run, run_intact, send_console_to_prefect
+from tailor.common.console import LOGGER
 from tailor.common.layout import WorkDir
 from tailor.config.settings import TEACHER_SOURCE, ConfigError, PruneConfig, TailorConfig, load_config
 from tailor.data.corpus import corpus_fingerprint
-from tailor.evaluate.harness import evaluation_signature
 from tailor.models.sources import source_fingerprint, source_num_layers
 from tailor.preflight import preflight
 from tailor.prune.cuts import contiguous_cuts
-from tailor.registry import tracking
 from tailor.report.compare import load_scores
 from tailor.report.frontier import frontier_png, frontier_rows, largest_within, pooled_accuracy, render_markdown
 from tailor.report.plots import embed_markdown
@@ -148,22 +146,8 @@ def candidate_cuts(cfg: TailorConfig) -> dict[int, list[list[int]]]:
 
 def open_frontier_run(cfg: TailorConfig) -> RunContext:
     """The frontier's MLflow parent run, its link in Prefect, its stage lines."""
-    flow_run_name = get_run_context().flow_run.name
-    client, exp_id, parent = tracking.start_parent_run(
-        cfg.tracking_uri,
-        cfg.tracking.experiment,
-        cfg.work_dir,
-        f"frontier-{cfg.profile}-{flow_run_name}",
-        tags={"tailor.profile": cfg.profile, "tailor.kind": "frontier", "prefect.flow_run": flow_run_name},
-    )
-    run = track(RunContext(cfg, client, exp_id, parent, Stages(STAGES), evaluation_signature(cfg.eval, cfg.data)))
-    tracking.log_params(client, parent, cfg.settings_record())
-    create_link_artifact(
-        key="mlflow-frontier-run",
-        link=run_link(cfg.tracking_uri, exp_id, parent),
-        description="MLflow parent run of this frontier",
-    )
-    LOGGER.info(f"frontier of profile {cfg.profile}: sizes {list(cfg.frontier.sizes)}, MLflow run {parent}")
+    run = open_parent_run(cfg, "frontier", STAGES, cfg.settings_record())
+    LOGGER.info(f"frontier of profile {cfg.profile}: sizes {list(cfg.frontier.sizes)}, MLflow run {run.parent_id}")
     return run
 
 

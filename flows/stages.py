@@ -13,6 +13,7 @@ from typing import TypeVar
 
 from mlflow.tracking import MlflowClient
 from prefect import get_run_logger
+from prefect.artifacts import create_link_artifact
 from prefect.context import FlowRunContext, TaskRunContext, get_run_context
 from prefect.logging.handlers import APILogHandler
 
@@ -20,6 +21,7 @@ from tailor.common.console import LOGGER, Stage, Stages
 from tailor.config.settings import TailorConfig
 from tailor.data.tokenised import TokensRef
 from tailor.distill.activation_cache import ActivationsRef
+from tailor.evaluate.harness import evaluation_signature
 from tailor.registry import tracking
 from tailor.store.checkpoint import CheckpointRef
 from tailor.store.digested import is_intact
@@ -67,6 +69,27 @@ class RunContext:
     @property
     def flow_run_id(self) -> str:
         return str(get_run_context().flow_run.id)
+
+
+def open_parent_run(cfg: TailorConfig, kind: str, stage_names: list[str], params: dict) -> RunContext:
+    """The MLflow parent run of a ``kind`` flow (``sweep``, ``frontier``) with ``params``, its link
+    in Prefect (artifact ``mlflow-<kind>-run``) and its stage lines."""
+    flow_run_name = get_run_context().flow_run.name
+    client, exp_id, parent = tracking.start_parent_run(
+        cfg.tracking_uri,
+        cfg.tracking.experiment,
+        cfg.work_dir,
+        f"{kind}-{cfg.profile}-{flow_run_name}",
+        tags={"tailor.profile": cfg.profile, "tailor.kind": kind, "prefect.flow_run": flow_run_name},
+    )
+    run = track(RunContext(cfg, client, exp_id, parent, Stages(stage_names), evaluation_signature(cfg.eval, cfg.data)))
+    tracking.log_params(client, parent, params)
+    create_link_artifact(
+        key=f"mlflow-{kind}-run",
+        link=run_link(cfg.tracking_uri, exp_id, parent),
+        description=f"MLflow parent run of this {kind}",
+    )
+    return run
 
 
 def retried(call: Callable[[], T], delays_s: tuple[float, ...], what: str) -> T:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from prefect import flow
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import get_run_context
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -24,21 +24,17 @@ from flows.stages import (
     RunContext,
     evaluate_stage,
     launch,
+    open_parent_run,
     run_intact,
-    run_link,
     send_console_to_prefect,
-    track,
 )
 from flows.tailor_flow import tailor_flow
-from tailor.common.console import Stages
 from tailor.common.layout import WorkDir
 from tailor.config.settings import TEACHER_SOURCE, PruneConfig, TailorConfig, load_config
 from tailor.data.corpus import corpus_fingerprint
-from tailor.evaluate.harness import evaluation_signature
 from tailor.models.sources import source_fingerprint, source_num_layers
 from tailor.preflight import check_prune, preflight
 from tailor.prune.importance import SCORED_STRATEGIES, per_layer_series
-from tailor.registry import tracking
 from tailor.report.compare import load_scores
 from tailor.report.plots import embed_markdown, layer_scores_png
 from tailor.report.sweep import BEST_RULE, best_row, render_markdown, retention_plot, sweep_rows, table
@@ -140,26 +136,12 @@ def combinations(cfg: TailorConfig) -> dict[tuple[str, int], PruneConfig]:
 
 def open_sweep_run(cfg: TailorConfig) -> RunContext:
     """The sweep's MLflow parent run and its link in Prefect."""
-    flow_run_name = get_run_context().flow_run.name
-    client, exp_id, parent = tracking.start_parent_run(
-        cfg.tracking_uri,
-        cfg.tracking.experiment,
-        cfg.work_dir,
-        f"sweep-{cfg.profile}-{flow_run_name}",
-        tags={"tailor.profile": cfg.profile, "tailor.kind": "sweep", "prefect.flow_run": flow_run_name},
-    )
-    run = track(RunContext(cfg, client, exp_id, parent, Stages([]), evaluation_signature(cfg.eval, cfg.data)))
-    tracking.log_params(
-        client,
-        parent,
+    return open_parent_run(
+        cfg,
+        "sweep",
+        [],
         {"sweep": cfg.sweep.model_dump(), "eval": cfg.eval.model_dump(), "prune": cfg.prune.model_dump()},
     )
-    create_link_artifact(
-        key="mlflow-sweep-run",
-        link=run_link(cfg.tracking_uri, exp_id, parent),
-        description="MLflow parent run of this sweep",
-    )
-    return run
 
 
 def write_sweep_report(
