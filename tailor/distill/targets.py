@@ -21,7 +21,7 @@ from tailor.distill.kd_loss import TopKTeacher
 from tailor.distill.objectives import Targets
 from tailor.models.heads import output_logits
 from tailor.models.precision import bfloat16_autocast, has_bfloat16_matmuls
-from tailor.prune.pruning import removed_layers
+from tailor.prune.pruning import removed_block
 from tailor.prune.trunk import decoder_layers, hidden_states_at, shared_prefix
 
 
@@ -71,7 +71,8 @@ def trainable_trunk(student: nn.Module, teacher: nn.Module, cfg: DistillConfig) 
     frozen = max(0, layers - cfg.train_last_layers)
     shared = shared_prefix(student, teacher)
     if cfg.replacement_layer or cfg.linear_map:
-        first = removed_layers(student, teacher)[0]
+        setting = "distill.linear_map" if cfg.linear_map else "distill.replacement_layer"
+        first = removed_block(student, teacher, setting, after_first=cfg.linear_map)[0]
         shared = min(shared, first - 1 if cfg.linear_map else first)
     return min(frozen, shared)
 
@@ -79,14 +80,7 @@ def trainable_trunk(student: nn.Module, teacher: nn.Module, cfg: DistillConfig) 
 def span_depths(student: nn.Module, teacher: nn.Module, cfg: DistillConfig) -> tuple[int, int]:
     """(student depth, teacher depth) at the end of the removed block: the state the first layer
     kept after the cut expects. ``student`` as in ``trainable_trunk``."""
-    removed = removed_layers(student, teacher)
-    if not removed:
-        raise TargetError("distill.objective span needs a pruned student: no layer was removed")
-    if removed != list(range(removed[0], removed[-1] + 1)):
-        raise TargetError(
-            f"distill.objective span needs one contiguous removed block; layers {removed} were removed "
-            "(use prune.strategy last or indices with one block)"
-        )
+    removed = removed_block(student, teacher, "distill.objective span")
     student_depth = removed[0] + (1 if cfg.replacement_layer else 0)
     if student_depth == 0:
         raise TargetError("distill.objective span needs a kept layer before the removed block; layer 0 was removed")

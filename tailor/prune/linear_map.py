@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
-from tailor.prune.pruning import PruneError, find_layers, removed_layers
+from tailor.prune.pruning import find_layers, removed_block
 
 # Ridge on the normal equations, relative to their mean diagonal: the hidden states of a
 # few thousand tokens leave some directions barely seen.
@@ -78,12 +78,7 @@ def fit_linear_map(
     """Fit the map on the teacher's activations over ``samples`` (token ids and mask) and fold
     it into ``student`` in place. The student is the teacher without one contiguous block of
     layers, with at least one layer before the block."""
-    removed = removed_layers(student, teacher)
-    if not removed or removed != list(range(removed[0], removed[-1] + 1)) or removed[0] == 0:
-        raise PruneError(
-            f"distill.linear_map needs one contiguous removed block after the first layer; layers {removed} "
-            "were removed (use prune.strategy last or angular)"
-        )
+    removed = removed_block(student, teacher, "distill.linear_map", after_first=True)
     k, last = removed[0] - 1, removed[-1]
     t_layers, s_layer = find_layers(teacher)[2], find_layers(student)[2][k]
     norm = _post_norm(t_layers[k])

@@ -165,21 +165,26 @@ def removed_layers(pruned: nn.Module, original: nn.Module) -> list[int]:
     return [i for i in range(len(theirs)) if i not in kept]
 
 
+def removed_block(pruned: nn.Module, original: nn.Module, setting: str, after_first: bool = False) -> list[int]:
+    """The one contiguous block of ``original``'s layers that ``pruned`` lacks (``removed_layers``),
+    or a ``PruneError`` naming ``setting``, what needs it; ``after_first``: the block must keep layer 0."""
+    removed = removed_layers(pruned, original)
+    contiguous = bool(removed) and removed == list(range(removed[0], removed[-1] + 1))
+    if not contiguous or (after_first and removed[0] == 0):
+        raise PruneError(
+            f"{setting} needs one contiguous removed block{' after the first layer' if after_first else ''}; "
+            f"layers {removed} were removed (use prune.strategy last or angular, or indices of one block)"
+        )
+    return removed
+
+
 def replace_removed_block(pruned: nn.Module, original: nn.Module) -> int:
     """Put one decoder layer where ``pruned`` lost a contiguous block of ``original``'s (LLM-Streamline).
 
     The new layer starts as a copy of the block's first layer, which reads the very state the
     block read; training it to produce the block's output is the caller's. Returns its index.
     """
-    removed = removed_layers(pruned, original)
-    if not removed:
-        raise PruneError("the pruned model holds every layer of the original: there is no block to replace")
-    if removed != list(range(removed[0], removed[-1] + 1)):
-        raise PruneError(
-            f"distill.replacement_layer needs one contiguous removed block; layers {removed} were "
-            "removed (use prune.strategy last or angular)"
-        )
-    first = removed[0]
+    first = removed_block(pruned, original, "distill.replacement_layer")[0]
     n = len(find_layers(original)[2])
     per_layer = {
         key: value[first]
