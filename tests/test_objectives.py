@@ -343,3 +343,44 @@ def test_each_new_objective_trains_a_pruned_student_toward_the_teacher(tiny_toke
     record = Distiller(teacher, student, samples, cfg).fit()
     assert record.shared_trunk_layers == 1
     assert record.losses[-1] < record.losses[0]
+
+
+@pytest.mark.parametrize(
+    "loss, says, never",
+    [
+        ({"objective": "hidden", "hidden_loss": "mse"}, "the teacher's final hidden state (mse", "T="),
+        (
+            {"objective": "logits", "kind": "forward_kl", "temperature": 2.0, "alpha": 0.0, "book": False},
+            "logit KD, forward_kl at T=2.0",
+            "hidden state",
+        ),
+        (
+            {"objective": "weighted", "parts": [{"weight": 1.0, "objective": "span", "hidden_loss": "mse"}]},
+            "1 × the teacher's state entering the first layer kept after the removed block",
+            "T=",
+        ),
+    ],
+)
+def test_the_registered_versions_description_names_the_objective_that_trained_it(loss, says, never):
+    from tailor.registry.promotion import version_description
+
+    report = {
+        "config": {
+            "model": {"source": "embedded", "name_or_path": ""},
+            "distill": {"corpus_mix": {"c.jsonl": 1.0}, "seq_len": 128, "learning_rate": 4e-4, "temperature": 2.0},
+            "data": {"mode": "offline"},
+        },
+        "vs_original": {
+            "distilled": {
+                "speedup": 1.1,
+                "speedup_ci95": None,
+                "params_removed_pct": 8.3,
+                "mean_acc_retention_pct": None,
+            }
+        },
+        "distillation": {"optimizer_steps": 576, "num_samples": 4608, "loss": loss},
+        "pruning": {"removed_layers": [13, 14, 15, 16]},
+        "eval_limit": 1000,
+    }
+    text = version_description(report, "report.md")
+    assert says in text and never not in text

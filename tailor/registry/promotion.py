@@ -38,6 +38,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from tailor.config.settings import PromotionConfig, TailorError
+from tailor.report.compare import objective_text
 from tailor.store.checkpoint import stable_hash
 from tailor.store.locks import registry_lock
 
@@ -150,7 +151,7 @@ def version_description(report: dict, report_md: str) -> str:
         f"Depth-pruned from {source}: decoder layers {report['pruning']['removed_layers']} removed "
         f"({change['params_removed_pct']:.1f}% of the parameters), then distilled from the original: "
         f"{kd['optimizer_steps']} optimiser steps on {kd['num_samples']} samples of {distill['seq_len']} tokens, "
-        f"lr {distill['learning_rate']}, T={distill['temperature']}, corpus {corpus}.",
+        f"lr {distill['learning_rate']}, corpus {corpus}; trained to match {objective_text(kd['loss'])}.",
         *(
             f"Then phase {i}: {', '.join(f'{k}={v}' for k, v in phase['settings'].items())}: "
             f"{phase['optimizer_steps']} optimiser steps on {phase['num_samples']} samples."
